@@ -1,0 +1,43 @@
+//! A job that misbehaves on request, for the sandbox tests.
+//!
+//! Each taskunit is a command: `loop` spins forever, `bomb` allocates until
+//! the memory limit stops it, `trap` panics, `big` returns 64 MiB, `exit`
+//! calls `std::process::exit(3)`; anything else is returned upper-cased.
+
+wit_bindgen::generate!({ path: "../../wit", world: "job" });
+
+struct Faulty;
+
+impl Guest for Faulty {
+    fn split() -> Result<bool, String> {
+        Ok(false)
+    }
+
+    fn process(unit: Vec<u8>) -> Result<Vec<u8>, String> {
+        match unit.as_slice() {
+            b"loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            b"bomb" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 16 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            b"trap" => panic!("the faulty job was asked to trap"),
+            b"big" => Ok(vec![b'x'; 64 << 20]),
+            b"exit" => std::process::exit(3),
+            other => Ok(other.to_ascii_uppercase()),
+        }
+    }
+
+    fn combine() -> Result<bool, String> {
+        Ok(false)
+    }
+}
+
+export!(Faulty);

@@ -1,0 +1,124 @@
+//! The command line as typed (clap derive only). `main.rs` turns these into
+//! validated configurations before doing any I/O.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
+
+#[derive(Debug, Parser)]
+#[command(name = "antnest", version, about = "A peer-to-peer compute mesh for split/process/combine jobs in WebAssembly")]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run a peer: join the mesh, work on announced jobs, accept local submissions.
+    Peer(PeerArgs),
+    /// Run a job (this machine's peer is its master) and print the result.
+    Submit(SubmitArgs),
+    /// List the mesh as the local peer sees it.
+    Peers(ControlArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub(crate) struct NetArgs {
+    /// Address to listen on (repeatable). Default: /ip4/0.0.0.0/tcp/0.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub(crate) listen: Vec<Multiaddr>,
+    /// Peer to dial at start (repeatable), e.g. /ip4/10.0.0.5/tcp/4001.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub(crate) bootstrap: Vec<Multiaddr>,
+    /// Bootstrap config file (`{"masters":[{"ip":..,"port":..}]}`).
+    /// Default: config/<hostname>-peer-config.json, if it exists.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Taskunits run at once on this peer. Default: one per core.
+    #[arg(long)]
+    pub(crate) slots: Option<usize>,
+    /// Turn off mDNS LAN discovery.
+    #[arg(long)]
+    pub(crate) no_mdns: bool,
+    /// Private mesh: only peers holding this pre-shared key can connect.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) mesh_key: Option<PathBuf>,
+    /// Where modules and compiled artifacts are cached. Default: ~/.cache/antnest.
+    #[arg(long, value_name = "DIR", env = "ANTNEST_CACHE")]
+    pub(crate) cache_dir: Option<PathBuf>,
+    /// Lease on handed-out taskunits before they are re-issued, e.g. 30s.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub(crate) lease: Duration,
+}
+
+#[derive(Debug, Args, Clone)]
+pub(crate) struct ControlArgs {
+    /// The local peer's control socket. Default: $XDG_RUNTIME_DIR/antnest.sock or /tmp/antnest-$USER.sock.
+    #[arg(long, value_name = "PATH", env = "ANTNEST_CONTROL")]
+    pub(crate) control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PeerArgs {
+    #[command(flatten)]
+    pub(crate) net: NetArgs,
+    #[command(flatten)]
+    pub(crate) control: ControlArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SubmitArgs {
+    /// The job: a .wasm component, a Rust job crate directory, or a .py file.
+    pub(crate) job: PathBuf,
+    /// Input file, or - for stdin (the default when stdin is not a terminal).
+    #[arg(long, short)]
+    pub(crate) input: Option<PathBuf>,
+    /// Write the result here instead of stdout.
+    #[arg(long, short)]
+    pub(crate) output: Option<PathBuf>,
+    /// Write job figures as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) stats_json: Option<PathBuf>,
+    /// Compute time allowed per taskunit, e.g. 500ms, 10s.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub(crate) task_timeout: Duration,
+    /// Memory a taskunit's instance may use, in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub(crate) memory_mb: usize,
+    /// Largest result of one taskunit, in MiB.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) max_output_mb: usize,
+    /// Attempts per taskunit before it counts as failed.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) attempts: u32,
+    /// Combine the successful results even if some taskunits failed.
+    #[arg(long)]
+    pub(crate) keep_going: bool,
+    /// Don't use a running local peer; run this job in a peer of its own.
+    #[arg(long)]
+    pub(crate) standalone: bool,
+    #[command(flatten)]
+    pub(crate) control: ControlArgs,
+    /// Used when no local peer runs (or with --standalone).
+    #[command(flatten)]
+    pub(crate) net: NetArgs,
+}
+
+/// `250ms`, `2s`, `5m`, or plain seconds.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m or h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}

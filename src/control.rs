@@ -1,0 +1,176 @@
+//! The local control socket: how `antnest submit` and `antnest peers` talk
+//! to a peer already running on this machine. A Unix socket; each message
+//! is a 4-byte big-endian length and a CBOR body.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::network::PeerInfo;
+use crate::peer::{JobReport, JobSpec, Peer, SubmitError};
+use crate::scheduler::Progress;
+
+/// Largest control message (a module plus an inline input, or a result).
+const MAX_FRAME: usize = 1 << 30;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlRequest {
+    Submit(Box<JobSpec>),
+    Peers,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlReply {
+    Progress(Progress),
+    Done(Box<JobReport>),
+    Failed {
+        error: String,
+        report: Option<Box<JobReport>>,
+    },
+    Peers {
+        local: String,
+        peers: Vec<PeerInfo>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    #[error("control socket I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed control message: {0}")]
+    Malformed(String),
+    #[error("control message of {0} bytes is too large")]
+    TooLarge(usize),
+}
+
+/// The default control socket: `$ANTNEST_CONTROL`, else
+/// `$XDG_RUNTIME_DIR/antnest.sock`, else `/tmp/antnest-<user>.sock`.
+pub fn default_socket() -> PathBuf {
+    if let Some(p) = std::env::var_os("ANTNEST_CONTROL") {
+        return p.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("antnest.sock");
+    }
+    let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
+    PathBuf::from(format!("/tmp/antnest-{user}.sock"))
+}
+
+pub async fn write_msg<T: Serialize>(s: &mut UnixStream, msg: &T) -> Result<(), ControlError> {
+    let mut body = Vec::new();
+    ciborium::into_writer(msg, &mut body).map_err(|e| ControlError::Malformed(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(ControlError::TooLarge(body.len()));
+    }
+    s.write_all(&(body.len() as u32).to_be_bytes()).await?;
+    s.write_all(&body).await?;
+    s.flush().await?;
+    Ok(())
+}
+
+/// Read one message; `None` on a clean end of stream.
+pub async fn read_msg<T: DeserializeOwned>(s: &mut UnixStream) -> Result<Option<T>, ControlError> {
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(ControlError::TooLarge(len));
+    }
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await?;
+    ciborium::from_reader(body.as_slice())
+        .map(Some)
+        .map_err(|e| ControlError::Malformed(e.to_string()))
+}
+
+/// Bind the control socket, replacing a stale one (no peer answers on it).
+pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("a peer already runs on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path)
+}
+
+/// Serve control connections until `shutdown`.
+pub async fn serve(listener: UnixListener, peer: Peer, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let peer = peer.clone();
+                    conns.spawn(async move {
+                        if let Err(e) = handle(stream, peer).await {
+                            debug!("control connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => warn!("control accept: {e}"),
+            },
+        }
+    }
+    conns.abort_all();
+}
+
+async fn handle(mut stream: UnixStream, peer: Peer) -> Result<(), ControlError> {
+    let Some(request) = read_msg::<ControlRequest>(&mut stream).await? else {
+        return Ok(());
+    };
+    match request {
+        ControlRequest::Peers => {
+            let reply = ControlReply::Peers {
+                local: peer.peer_id().to_string(),
+                peers: peer.peers().await,
+            };
+            write_msg(&mut stream, &reply).await
+        }
+        ControlRequest::Submit(spec) => {
+            let (tx, mut rx) = mpsc::channel(8);
+            let job = peer.submit(*spec, Some(tx));
+            tokio::pin!(job);
+            let result = loop {
+                tokio::select! {
+                    res = &mut job => break res,
+                    Some(p) = rx.recv() => write_msg(&mut stream, &ControlReply::Progress(p)).await?,
+                }
+            };
+            write_msg(&mut stream, &reply_for(result)).await
+        }
+    }
+}
+
+/// The reply that ends a submission.
+pub fn reply_for(result: Result<JobReport, SubmitError>) -> ControlReply {
+    match result {
+        Ok(report) => ControlReply::Done(Box::new(report)),
+        Err(e) => {
+            let report = match &e {
+                SubmitError::TasksFailed { report, .. } => Some(report.clone()),
+                _ => None,
+            };
+            ControlReply::Failed {
+                error: e.to_string(),
+                report,
+            }
+        }
+    }
+}

@@ -1,0 +1,625 @@
+//! The wasm sandbox: compiles job components (once, cached by content hash),
+//! and runs `split`, `process` and `combine` under a time limit, a memory
+//! limit and an output size limit.
+//!
+//! Calls are synchronous and block their thread; callers run them on
+//! `spawn_blocking` or a dedicated thread. A [`TaskRunner`] keeps one
+//! instance alive across taskunits (re-instantiating per call is far
+//! slower) and throws it away after a trap, since a trapped component
+//! instance may not be entered again.
+//!
+//! Deadlines use epoch interruption: one ticker thread per [`Environment`]
+//! bumps the engine epoch every [`TICK`]. The deadline callback compares
+//! against a wall-clock deadline kept in the store, which host calls that
+//! block (a split waiting for workers to take its taskunits) push forward,
+//! so only time spent computing counts.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::wire::ModuleHash;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "wit",
+        world: "job",
+        imports: { default: trappable },
+    });
+}
+
+use bindings::Job;
+
+/// How often the epoch advances; deadlines are accurate to about this much.
+pub const TICK: Duration = Duration::from_millis(10);
+
+/// How much guest stderr is kept to explain a failure.
+const STDERR_CAPTURE: usize = 64 * 1024;
+
+/// Limits applied to every guest call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// Compute time allowed for one call (one taskunit, or the whole split or combine).
+    pub time: Duration,
+    /// Linear memory a guest instance may grow to, in bytes.
+    pub memory: usize,
+    /// Largest result of one taskunit, in bytes (and of the combined output, times 64).
+    pub output: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            time: Duration::from_secs(60),
+            memory: 512 << 20,
+            output: 8 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// The tighter of two sets of limits: a job may ask for less than a peer allows, never more.
+    pub fn min(self, other: Limits) -> Limits {
+        Limits {
+            time: self.time.min(other.time),
+            memory: self.memory.min(other.memory),
+            output: self.output.min(other.output),
+        }
+    }
+
+    pub fn combined_output(&self) -> usize {
+        self.output.saturating_mul(64)
+    }
+}
+
+/// Why a module could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    #[error("invalid job module {hash}: {reason}")]
+    InvalidModule { hash: ModuleHash, reason: String },
+    #[error("module cache at {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why one guest call failed. Every variant is a per-task error, never a crash.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum TaskError {
+    #[error("timed out: used more than {0:?} of compute time")]
+    Timeout(Duration),
+    #[error("out of memory: the guest tried to grow past the {0}-byte limit")]
+    OutOfMemory(usize),
+    #[error("output too large: {size} bytes, limit {limit}")]
+    OutputTooLarge { size: usize, limit: usize },
+    #[error("trap: {0}")]
+    Trap(String),
+    #[error("job error: {0}")]
+    Guest(String),
+    #[error("cannot run: {0}")]
+    Load(String),
+}
+
+/// Cache counters, for the benchmarks and for `--stats-json`.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct CacheStats {
+    /// Components compiled from wasm (each costs a full Cranelift compile).
+    pub compiled: u64,
+    /// Components loaded from the on-disk artifact cache.
+    pub disk_hits: u64,
+    /// Components found already loaded in memory.
+    pub memory_hits: u64,
+}
+
+/// One per peer: the engine, the linker, and the compiled-module cache.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Environment {
+    inner: Arc<EnvInner>,
+}
+
+struct EnvInner {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    cache_dir: Option<PathBuf>,
+    loaded: Mutex<HashMap<ModuleHash, Component>>,
+    compiled: AtomicU64,
+    disk_hits: AtomicU64,
+    memory_hits: AtomicU64,
+}
+
+impl Environment {
+    /// Build the engine and start its epoch ticker. `cache_dir` keeps module
+    /// bytes and compiled artifacts between runs; `None` keeps them in memory only.
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, LoadError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.wasm_component_model(true);
+        let engine = Engine::new(&config).map_err(|e| LoadError::InvalidModule {
+            hash: ModuleHash::of(b""),
+            reason: format!("engine: {e}"),
+        })?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).expect("WASI links once");
+        Job::add_to_linker::<GuestState, HasSelf<GuestState>>(&mut linker, |s| s)
+            .expect("host interface links once");
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir).map_err(|source| LoadError::Cache {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("antnest-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .expect("spawn epoch thread");
+        Ok(Environment {
+            inner: Arc::new(EnvInner {
+                engine,
+                linker,
+                cache_dir,
+                loaded: Mutex::new(HashMap::new()),
+                compiled: AtomicU64::new(0),
+                disk_hits: AtomicU64::new(0),
+                memory_hits: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            compiled: self.inner.compiled.load(Ordering::Relaxed),
+            disk_hits: self.inner.disk_hits.load(Ordering::Relaxed),
+            memory_hits: self.inner.memory_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    fn module_path(&self, hash: &ModuleHash) -> Option<PathBuf> {
+        self.inner
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{hash}.wasm")))
+    }
+
+    fn artifact_path(&self, hash: &ModuleHash) -> Option<PathBuf> {
+        self.inner
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{hash}-{}.cwasm", env!("CARGO_PKG_VERSION"))))
+    }
+
+    /// The module's bytes, if this peer has them on disk.
+    pub fn stored_module(&self, hash: &ModuleHash) -> Option<Vec<u8>> {
+        std::fs::read(self.module_path(hash)?).ok()
+    }
+
+    /// Keep the module's bytes on disk (so this peer can serve them to others).
+    pub fn store_module(&self, hash: &ModuleHash, bytes: &[u8]) -> Result<(), LoadError> {
+        match self.module_path(hash) {
+            Some(path) if !path.exists() => write_atomic(&path, bytes),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the compiled component is available without compiling.
+    pub fn is_compiled(&self, hash: &ModuleHash) -> bool {
+        self.inner.loaded.lock().unwrap().contains_key(hash)
+            || self.artifact_path(hash).is_some_and(|p| p.exists())
+    }
+
+    /// The compiled component for `hash`: from memory, from the artifact
+    /// cache, or compiled from `bytes` (which must hash to `hash`).
+    /// Blocks for the whole compile; call it off the async runtime.
+    pub fn component(
+        &self,
+        hash: &ModuleHash,
+        bytes: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Result<Component, LoadError> {
+        if let Some(c) = self.inner.loaded.lock().unwrap().get(hash) {
+            self.inner.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(c.clone());
+        }
+        let invalid = |reason: String| LoadError::InvalidModule {
+            hash: *hash,
+            reason,
+        };
+        let artifact = self.artifact_path(hash);
+        if let Some(path) = artifact.as_ref().filter(|p| p.exists()) {
+            // SAFETY: artifacts are only ever written by `precompile_component`
+            // below, into our own cache directory, under a name that includes
+            // the module hash and our version; wasmtime also checks that the
+            // artifact matches this engine's configuration.
+            if let Ok(c) = unsafe { Component::deserialize_file(&self.inner.engine, path) } {
+                self.inner.disk_hits.fetch_add(1, Ordering::Relaxed);
+                self.remember(hash, &c);
+                return Ok(c);
+            }
+        }
+        let bytes = bytes()
+            .or_else(|| self.stored_module(hash))
+            .ok_or_else(|| invalid("module bytes not available".into()))?;
+        if ModuleHash::of(&bytes) != *hash {
+            return Err(invalid("bytes do not match the module hash".into()));
+        }
+        let serialized = self
+            .inner
+            .engine
+            .precompile_component(&bytes)
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        self.inner.compiled.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the bytes were produced just now by this engine.
+        let component = unsafe { Component::deserialize(&self.inner.engine, &serialized) }
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        if let Some(path) = artifact {
+            write_atomic(&path, &serialized)?;
+        }
+        self.store_module(hash, &bytes)?;
+        self.remember(hash, &component);
+        Ok(component)
+    }
+
+    fn remember(&self, hash: &ModuleHash, component: &Component) {
+        self.inner
+            .loaded
+            .lock()
+            .unwrap()
+            .insert(*hash, component.clone());
+    }
+
+    fn instantiate(
+        &self,
+        component: &Component,
+        limits: Limits,
+        io: HostIo,
+    ) -> Result<(Store<GuestState>, Job), TaskError> {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let wasi = WasiCtx::builder()
+            .stdout(SinkOutputStream)
+            .stderr(stderr.clone())
+            .build();
+        let state = GuestState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                limit: limits.memory,
+                exceeded: false,
+            },
+            stderr,
+            deadline: Instant::now() + limits.time,
+            io,
+        };
+        let mut store = Store::new(&self.inner.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            let left = ctx.data().deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                Err(Trap::Interrupt.into())
+            } else {
+                Ok(UpdateDeadline::Continue(
+                    (left.as_millis() / TICK.as_millis()).max(1) as u64,
+                ))
+            }
+        });
+        let job = Job::instantiate(&mut store, component, &self.inner.linker)
+            .map_err(|e| TaskError::Load(format!("instantiate: {e:#}")))?;
+        Ok((store, job))
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| LoadError::Cache {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Denies memory growth past the limit and remembers that it did.
+struct MemoryLimiter {
+    limit: usize,
+    exceeded: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.exceeded = true;
+            // Trap rather than return -1 so the error names the cause.
+            return Err(wasmtime::Error::msg("memory limit reached"));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+/// What `split` reads and emits, or what `combine` reads and writes.
+enum HostIo {
+    None,
+    Split {
+        input: Box<dyn Read + Send>,
+        /// Takes one taskunit; returns false when nobody wants more (job cancelled).
+        emit: Box<dyn FnMut(Vec<u8>) -> bool + Send>,
+        emitted: u64,
+    },
+    Combine {
+        results: Box<dyn Iterator<Item = Vec<u8>> + Send>,
+        output: Vec<u8>,
+        limit: usize,
+    },
+}
+
+struct GuestState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    stderr: MemoryOutputPipe,
+    /// Wall-clock compute deadline of the current call; see the module doc.
+    deadline: Instant,
+    io: HostIo,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+fn host_misuse(what: &str) -> wasmtime::Error {
+    wasmtime::Error::msg(format!("host.{what} may not be called here"))
+}
+
+impl bindings::antnest::job::host::Host for GuestState {
+    fn read_input(&mut self, max: u32) -> wasmtime::Result<Vec<u8>> {
+        let HostIo::Split { input, .. } = &mut self.io else {
+            return Err(host_misuse("read-input"));
+        };
+        let started = Instant::now();
+        let mut buf = vec![0; (max as usize).min(4 << 20)];
+        let n = loop {
+            match input.read(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(wasmtime::Error::msg(format!("reading job input: {e}"))),
+            }
+        };
+        buf.truncate(n);
+        self.deadline += started.elapsed();
+        Ok(buf)
+    }
+
+    fn emit(&mut self, unit: Vec<u8>) -> wasmtime::Result<()> {
+        let HostIo::Split { emit, emitted, .. } = &mut self.io else {
+            return Err(host_misuse("emit"));
+        };
+        let started = Instant::now();
+        if !emit(unit) {
+            return Err(wasmtime::Error::msg("job cancelled"));
+        }
+        *emitted += 1;
+        self.deadline += started.elapsed();
+        Ok(())
+    }
+
+    fn next_result(&mut self) -> wasmtime::Result<Option<Vec<u8>>> {
+        let HostIo::Combine { results, .. } = &mut self.io else {
+            return Err(host_misuse("next-result"));
+        };
+        Ok(results.next())
+    }
+
+    fn write_output(&mut self, bytes: Vec<u8>) -> wasmtime::Result<()> {
+        let HostIo::Combine { output, limit, .. } = &mut self.io else {
+            return Err(host_misuse("write-output"));
+        };
+        if output.len() + bytes.len() > *limit {
+            return Err(wasmtime::Error::msg(format!(
+                "combined output exceeds the {limit}-byte limit"
+            )));
+        }
+        output.extend_from_slice(&bytes);
+        Ok(())
+    }
+}
+
+/// Turn a failed call into a [`TaskError`], naming the cause.
+fn classify(err: wasmtime::Error, store: &Store<GuestState>, limits: Limits) -> TaskError {
+    let state = store.data();
+    if state.limiter.exceeded {
+        return TaskError::OutOfMemory(limits.memory);
+    }
+    if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
+        return TaskError::Timeout(limits.time);
+    }
+    let stderr = state.stderr.contents();
+    let stderr = String::from_utf8_lossy(&stderr);
+    let stderr = stderr.trim();
+    let mut msg = format!("{err:#}");
+    if let Some(line) = msg.lines().next() {
+        msg = line.to_string();
+    }
+    if !stderr.is_empty() {
+        let tail: String = stderr
+            .chars()
+            .rev()
+            .take(2000)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        msg = format!("{msg}; guest stderr: {tail}");
+    }
+    TaskError::Trap(msg)
+}
+
+/// Runs `process` for one module, reusing one instance across taskunits.
+pub struct TaskRunner {
+    env: Environment,
+    component: Component,
+    limits: Limits,
+    instance: Option<(Store<GuestState>, Job)>,
+}
+
+impl TaskRunner {
+    pub fn new(env: Environment, component: Component, limits: Limits) -> Self {
+        TaskRunner {
+            env,
+            component,
+            limits,
+            instance: None,
+        }
+    }
+
+    /// Process one taskunit.
+    pub fn process(&mut self, unit: &[u8]) -> Result<Vec<u8>, TaskError> {
+        let (mut store, job) = match self.instance.take() {
+            Some(inst) => inst,
+            None => self
+                .env
+                .instantiate(&self.component, self.limits, HostIo::None)?,
+        };
+        store.data_mut().deadline = Instant::now() + self.limits.time;
+        match job.call_process(&mut store, unit) {
+            Ok(Ok(out)) if out.len() > self.limits.output => {
+                self.instance = Some((store, job));
+                Err(TaskError::OutputTooLarge {
+                    size: out.len(),
+                    limit: self.limits.output,
+                })
+            }
+            Ok(result) => {
+                self.instance = Some((store, job));
+                result.map_err(TaskError::Guest)
+            }
+            // The instance trapped: drop it; the next taskunit gets a fresh one.
+            Err(e) => Err(classify(e, &store, self.limits)),
+        }
+    }
+}
+
+/// What `split` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitOutcome {
+    /// The job emitted this many taskunits itself.
+    Emitted(u64),
+    /// The job asked for the default split (one taskunit per line).
+    Default,
+}
+
+/// Run the job's `split` over `input`, handing each taskunit to `emit`
+/// (which may block, to keep memory bounded, and returns false to cancel).
+/// For [`SplitOutcome::Default`] the caller splits by lines itself.
+pub fn run_split(
+    env: &Environment,
+    component: &Component,
+    limits: Limits,
+    input: Box<dyn Read + Send>,
+    emit: Box<dyn FnMut(Vec<u8>) -> bool + Send>,
+) -> Result<SplitOutcome, TaskError> {
+    let io = HostIo::Split {
+        input,
+        emit,
+        emitted: 0,
+    };
+    let (mut store, job) = env.instantiate(component, limits, io)?;
+    store.data_mut().deadline = Instant::now() + limits.time;
+    let result = job.call_split(&mut store);
+    let emitted = match &store.data().io {
+        HostIo::Split { emitted, .. } => *emitted,
+        _ => 0,
+    };
+    match result {
+        Ok(Ok(true)) => Ok(SplitOutcome::Emitted(emitted)),
+        Ok(Ok(false)) if emitted == 0 => Ok(SplitOutcome::Default),
+        Ok(Ok(false)) => Err(TaskError::Guest(
+            "split emitted taskunits and then asked for the default split".into(),
+        )),
+        Ok(Err(e)) => Err(TaskError::Guest(e)),
+        Err(e) => Err(classify(e, &store, limits)),
+    }
+}
+
+/// Run the job's `combine` over the results (in taskunit order). `None`
+/// means the job asked for the default combine.
+pub fn run_combine(
+    env: &Environment,
+    component: &Component,
+    limits: Limits,
+    results: Box<dyn Iterator<Item = Vec<u8>> + Send>,
+) -> Result<Option<Vec<u8>>, TaskError> {
+    let io = HostIo::Combine {
+        results,
+        output: Vec::new(),
+        limit: limits.combined_output(),
+    };
+    let (mut store, job) = env.instantiate(component, limits, io)?;
+    store.data_mut().deadline = Instant::now() + limits.time;
+    let result = job.call_combine(&mut store);
+    let output = match &mut store.data_mut().io {
+        HostIo::Combine { output, .. } => std::mem::take(output),
+        _ => Vec::new(),
+    };
+    match result {
+        Ok(Ok(true)) => Ok(Some(output)),
+        Ok(Ok(false)) if output.is_empty() => Ok(None),
+        Ok(Ok(false)) => Err(TaskError::Guest(
+            "combine wrote output and then asked for the default combine".into(),
+        )),
+        Ok(Err(e)) => Err(TaskError::Guest(e)),
+        Err(e) => Err(classify(e, &store, limits)),
+    }
+}
+
+/// The default combine: results joined by newlines, in taskunit order.
+pub fn default_combine(results: impl Iterator<Item = Vec<u8>>, limit: usize) -> Result<Vec<u8>, TaskError> {
+    let mut out = Vec::new();
+    for (i, r) in results.enumerate() {
+        if i > 0 {
+            out.push(b'\n');
+        }
+        out.extend_from_slice(&r);
+        if out.len() > limit {
+            return Err(TaskError::OutputTooLarge {
+                size: out.len(),
+                limit,
+            });
+        }
+    }
+    Ok(out)
+}

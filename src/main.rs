@@ -1,0 +1,257 @@
+//! The `antnest` binary: parse the command line, build validated
+//! configurations, run. `anyhow` lives only here.
+
+mod cli;
+
+use std::io::{IsTerminal, Read, Write};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+use antnest::config::{self, ConfigFile};
+use antnest::control::{self, ControlReply, ControlRequest};
+use antnest::executor::Limits;
+use antnest::network::NetConfig;
+use antnest::peer::{self, InputSpec, JobReport, JobSpec, PeerConfig};
+use antnest::wire::ByteBuf;
+use cli::{Cli, Command, NetArgs, SubmitArgs};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("antnest: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("antnest: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Peer(args) => run_peer(args).await,
+        Command::Submit(args) => submit(args).await,
+        Command::Peers(args) => list_peers(args).await,
+    }
+}
+
+/// The validated peer configuration for these flags.
+fn peer_config(net: &NetArgs) -> Result<PeerConfig> {
+    let mut bootstrap = net.bootstrap.clone();
+    let (path, explicit) = match &net.config {
+        Some(p) => (p.clone(), true),
+        None => (config::default_path(), false),
+    };
+    if explicit || path.exists() {
+        let file = ConfigFile::load(&path)?;
+        bootstrap.extend(file.bootstrap_addrs(&path)?);
+    }
+    let psk = match &net.mesh_key {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading mesh key {}", p.display()))?;
+            Some(text.parse().map_err(|e| anyhow::anyhow!("mesh key {}: {e}", p.display()))?)
+        }
+        None => None,
+    };
+    let mut cfg = PeerConfig {
+        net: NetConfig {
+            listen: if net.listen.is_empty() {
+                NetConfig::default().listen
+            } else {
+                net.listen.clone()
+            },
+            bootstrap,
+            mdns: !net.no_mdns,
+            psk,
+            ..NetConfig::default()
+        },
+        lease: net.lease,
+        ..PeerConfig::default()
+    };
+    if let Some(slots) = net.slots {
+        if slots == 0 {
+            bail!("--slots must be at least 1");
+        }
+        cfg.slots = slots;
+    }
+    if net.cache_dir.is_some() {
+        cfg.cache_dir = net.cache_dir.clone();
+    }
+    Ok(cfg)
+}
+
+async fn run_peer(args: cli::PeerArgs) -> Result<ExitCode> {
+    let cfg = peer_config(&args.net)?;
+    let socket = args.control.control.unwrap_or_else(control::default_socket);
+    let listener = control::bind(&socket)
+        .await
+        .with_context(|| format!("control socket {}", socket.display()))?;
+    let running = peer::start(cfg).await?;
+    let id = running.peer.peer_id().to_string();
+    println!("peer id: {id}");
+    for addr in &running.listen_addrs {
+        println!("listening on: {addr}/p2p/{id}");
+    }
+    println!("control socket: {}", socket.display());
+    std::io::stdout().flush()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(control::serve(listener, running.peer.clone(), async {
+        let _ = stop_rx.await;
+    }));
+    shutdown_signal().await;
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    running.shutdown().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn list_peers(args: cli::ControlArgs) -> Result<ExitCode> {
+    let socket = args.control.unwrap_or_else(control::default_socket);
+    let mut stream = tokio::net::UnixStream::connect(&socket)
+        .await
+        .with_context(|| format!("no peer runs on {} (start one with `antnest peer`)", socket.display()))?;
+    control::write_msg(&mut stream, &ControlRequest::Peers).await?;
+    match control::read_msg::<ControlReply>(&mut stream).await? {
+        Some(ControlReply::Peers { local, peers }) => {
+            println!("local {local}");
+            for p in peers {
+                let state = if p.connected { "connected" } else { "known" };
+                println!("{} {state} {}", p.peer_id, p.addresses.join(" "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => bail!("unexpected reply from the peer: {other:?}"),
+    }
+}
+
+async fn submit(args: SubmitArgs) -> Result<ExitCode> {
+    let cfg = peer_config(&args.net)?;
+    let job_path = args.job.clone();
+    let cache = cfg.cache_dir.clone();
+    let module = tokio::task::spawn_blocking(move || antnest::source::load(&job_path, cache.as_deref()))
+        .await?
+        .with_context(|| format!("loading job {}", args.job.display()))?;
+    let input = match &args.input {
+        Some(p) if p.as_os_str() != "-" => {
+            let p = std::fs::canonicalize(p).with_context(|| format!("input {}", p.display()))?;
+            InputSpec::Path(p)
+        }
+        Some(_) => InputSpec::Bytes(ByteBuf::from(read_stdin()?)),
+        None if !std::io::stdin().is_terminal() => InputSpec::Bytes(ByteBuf::from(read_stdin()?)),
+        None => InputSpec::Bytes(ByteBuf::new()),
+    };
+    let spec = JobSpec {
+        module: ByteBuf::from(module),
+        input,
+        limits: Some(Limits {
+            time: args.task_timeout,
+            memory: args.memory_mb << 20,
+            output: args.max_output_mb << 20,
+        }),
+        max_attempts: args.attempts,
+        keep_going: args.keep_going,
+    };
+    let socket = args.control.control.clone().unwrap_or_else(control::default_socket);
+    let stream = if args.standalone {
+        None
+    } else {
+        tokio::net::UnixStream::connect(&socket).await.ok()
+    };
+    let reply = match stream {
+        Some(mut stream) => {
+            control::write_msg(&mut stream, &ControlRequest::Submit(Box::new(spec))).await?;
+            loop {
+                match control::read_msg::<ControlReply>(&mut stream).await? {
+                    Some(ControlReply::Progress(_)) => continue,
+                    Some(reply) => break reply,
+                    None => bail!("the local peer closed the connection before the job ended"),
+                }
+            }
+        }
+        None => {
+            let running = peer::start(cfg).await?;
+            let result = running.peer.submit(spec, None).await;
+            running.shutdown().await;
+            control::reply_for(result)
+        }
+    };
+    finish(&args, reply)
+}
+
+fn read_stdin() -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
+    Ok(buf)
+}
+
+fn write_stats(args: &SubmitArgs, report: &JobReport) -> Result<()> {
+    if let Some(path) = &args.stats_json {
+        let json = serde_json::to_vec_pretty(&report.stats)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn finish(args: &SubmitArgs, reply: ControlReply) -> Result<ExitCode> {
+    match reply {
+        ControlReply::Done(report) => {
+            for (index, error) in &report.failures {
+                eprintln!("antnest: taskunit {index} failed: {error}");
+            }
+            write_stats(args, &report)?;
+            match &args.output {
+                Some(path) => std::fs::write(path, &report.output)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&report.output)?;
+                    if !report.output.ends_with(b"\n") && std::io::stdout().is_terminal() {
+                        out.write_all(b"\n")?;
+                    }
+                    out.flush()?;
+                }
+            }
+            Ok(if report.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        ControlReply::Failed { error, report } => {
+            if let Some(report) = &report {
+                for (index, error) in &report.failures {
+                    eprintln!("antnest: taskunit {index} failed: {error}");
+                }
+                write_stats(args, report)?;
+            }
+            eprintln!("antnest: job failed: {error}");
+            Ok(ExitCode::from(1))
+        }
+        other => bail!("unexpected reply from the peer: {other:?}"),
+    }
+}

@@ -1,0 +1,518 @@
+//! Everything libp2p. One [`EventLoop`] owns the `Swarm`; the rest of the
+//! peer talks to it through a cloneable [`Client`] (commands with oneshot
+//! replies) and receives [`Event`]s on a bounded channel. The loop ends
+//! when every `Client` is dropped or `shutdown` fires.
+//!
+//! Discovery: bootstrap addresses are dialed at start; mDNS finds LAN peers
+//! (queried every few seconds, not the default five minutes); identify feeds
+//! listen addresses into Kademlia, which runs in server mode. Jobs are
+//! announced over gossipsub; taskunits, results and modules travel by
+//! request-response with the cbor codec and raised size limits.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::core::transport::upgrade::Version;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, Transport, gossipsub, identify, identity, kad, mdns,
+    noise, pnet, tcp, yamux,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::wire::{Announce, JOBS_TOPIC, MAX_REQUEST, MAX_RESPONSE, PROTOCOL, Request, Response};
+
+/// How the swarm is set up.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    /// Zero-config LAN discovery.
+    pub mdns: bool,
+    /// Pre-shared key: peers without it cannot connect (private mesh).
+    pub psk: Option<pnet::PreSharedKey>,
+    /// How long one request may take, including a module fetch.
+    pub request_timeout: Duration,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            listen: vec!["/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr")],
+            bootstrap: Vec::new(),
+            mdns: true,
+            psk: None,
+            request_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    #[error("network setup: {0}")]
+    Setup(String),
+    #[error("request to {peer} failed: {reason}")]
+    Request { peer: PeerId, reason: String },
+    #[error("the network event loop has stopped")]
+    Stopped,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    gossipsub: gossipsub::Behaviour,
+    rr: request_response::cbor::Behaviour<Request, Response>,
+}
+
+/// What the network tells the peer.
+#[derive(Debug)]
+pub enum Event {
+    InboundRequest {
+        peer: PeerId,
+        request: Request,
+        channel: ResponseChannel<Response>,
+    },
+    Announced {
+        from: PeerId,
+        announce: Announce,
+    },
+    /// The last connection to this peer closed.
+    PeerGone(PeerId),
+}
+
+/// A peer as the local peer sees it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PeerInfo {
+    pub peer_id: String,
+    pub addresses: Vec<String>,
+    pub connected: bool,
+    pub agent: Option<String>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Request {
+        peer: PeerId,
+        request: Request,
+        reply: oneshot::Sender<Result<Response, NetError>>,
+    },
+    Respond {
+        channel: ResponseChannel<Response>,
+        response: Response,
+    },
+    Publish(Vec<u8>),
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+}
+
+/// The handle to the network. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    tx: mpsc::Sender<Command>,
+    local: PeerId,
+}
+
+impl Client {
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local
+    }
+
+    /// Send a request and wait for its response.
+    pub async fn request(&self, peer: PeerId, request: Request) -> Result<Response, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Request {
+                peer,
+                request,
+                reply,
+            })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    pub async fn respond(&self, channel: ResponseChannel<Response>, response: Response) {
+        let _ = self.tx.send(Command::Respond { channel, response }).await;
+    }
+
+    /// Gossip a job announcement (best effort).
+    pub async fn announce(&self, announce: &Announce) {
+        let mut bytes = Vec::new();
+        ciborium::into_writer(announce, &mut bytes).expect("announce encodes");
+        let _ = self.tx.send(Command::Publish(bytes)).await;
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Peers(tx))
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::ListenAddrs(tx))
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+}
+
+/// Owns the swarm. Run it with [`EventLoop::run`].
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    topic: gossipsub::IdentTopic,
+    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, NetError>>>,
+    listen_addrs: Vec<Multiaddr>,
+    known: HashMap<PeerId, HashSet<Multiaddr>>,
+    agents: HashMap<PeerId, String>,
+}
+
+fn setup_err(e: impl std::fmt::Display) -> NetError {
+    NetError::Setup(e.to_string())
+}
+
+fn build_transport(
+    key: &identity::Keypair,
+    psk: Option<pnet::PreSharedKey>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetError> {
+    let noise = noise::Config::new(key).map_err(setup_err)?;
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    Ok(match psk {
+        Some(psk) => tcp
+            .and_then(move |socket, _| pnet::PnetConfig::new(psk).handshake(socket))
+            .upgrade(Version::V1)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(Duration::from_secs(20))
+            .boxed(),
+        None => tcp
+            .upgrade(Version::V1)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(Duration::from_secs(20))
+            .boxed(),
+    })
+}
+
+/// Build the swarm and start listening. Returns the handle, the event
+/// stream and the loop to spawn.
+pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), NetError> {
+    let key = identity::Keypair::generate_ed25519();
+    let local = key.public().to_peer_id();
+    let transport = build_transport(&key, config.psk)?;
+    let mdns_enabled = config.mdns;
+    let request_timeout = config.request_timeout;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(|_| transport)
+        .map_err(setup_err)?
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let mdns = if mdns_enabled {
+                let cfg = mdns::Config {
+                    query_interval: Duration::from_secs(2),
+                    ttl: Duration::from_secs(30),
+                    ..Default::default()
+                };
+                Some(mdns::tokio::Behaviour::new(cfg, peer_id)?)
+            } else {
+                None
+            };
+            let mut kad = kad::Behaviour::with_config(
+                peer_id,
+                kad::store::MemoryStore::new(peer_id),
+                kad::Config::new(StreamProtocol::new("/antnest/kad/1")),
+            );
+            kad.set_mode(Some(kad::Mode::Server));
+            let gossip_cfg = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(500))
+                .max_transmit_size(64 * 1024)
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossip_cfg,
+            )?;
+            let codec = request_response::cbor::codec::Codec::default()
+                .set_request_size_maximum(MAX_REQUEST)
+                .set_response_size_maximum(MAX_RESPONSE);
+            let rr = request_response::cbor::Behaviour::with_codec(
+                codec,
+                [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(request_timeout),
+            );
+            Ok(Behaviour {
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/antnest/1".into(),
+                    key.public(),
+                ).with_agent_version(format!("antnest/{}", env!("CARGO_PKG_VERSION")))),
+                mdns: mdns.into(),
+                kad,
+                gossipsub,
+                rr,
+            })
+        })
+        .map_err(setup_err)?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+
+    let topic = gossipsub::IdentTopic::new(JOBS_TOPIC);
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&topic)
+        .map_err(setup_err)?;
+    for addr in &config.listen {
+        swarm.listen_on(addr.clone()).map_err(setup_err)?;
+    }
+    for addr in &config.bootstrap {
+        if let Err(e) = swarm.dial(addr.clone()) {
+            warn!(%addr, "cannot dial bootstrap peer: {e}");
+        }
+    }
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (ev_tx, ev_rx) = mpsc::channel(256);
+    Ok((
+        Client { tx: cmd_tx, local },
+        ev_rx,
+        EventLoop {
+            swarm,
+            commands: cmd_rx,
+            events: ev_tx,
+            topic,
+            pending: HashMap::new(),
+            listen_addrs: Vec::new(),
+            known: HashMap::new(),
+            agents: HashMap::new(),
+        },
+    ))
+}
+
+impl EventLoop {
+    /// Wait until the swarm listens on every configured address (so the
+    /// caller can print them), at most `timeout`.
+    pub async fn wait_listening(&mut self, expected: usize, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.listen_addrs.len() < expected {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.handle_swarm_event(ev).await,
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        &self.listen_addrs
+    }
+
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                ev = self.swarm.select_next_some() => self.handle_swarm_event(ev).await,
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.handle_command(cmd),
+                    None => break,
+                },
+            }
+        }
+        debug!("network event loop stopped");
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self.swarm.behaviour_mut().rr.send_request(&peer, request);
+                self.pending.insert(id, reply);
+            }
+            Command::Respond { channel, response } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    debug!("response dropped: the requester went away");
+                }
+            }
+            Command::Publish(bytes) => {
+                let topic = self.topic.clone();
+                if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
+                    // InsufficientPeers just means nobody is around yet.
+                    debug!("announce not published: {e}");
+                }
+            }
+            Command::Peers(reply) => {
+                let connected: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
+                let mut ids: Vec<PeerId> = self.known.keys().chain(connected.iter()).copied().collect();
+                ids.sort();
+                ids.dedup();
+                let peers = ids
+                    .into_iter()
+                    .map(|p| PeerInfo {
+                        peer_id: p.to_string(),
+                        addresses: self
+                            .known
+                            .get(&p)
+                            .map(|a| a.iter().map(|a| a.to_string()).collect())
+                            .unwrap_or_default(),
+                        connected: connected.contains(&p),
+                        agent: self.agents.get(&p).cloned(),
+                    })
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.listen_addrs.clone());
+            }
+        }
+    }
+
+    fn learn(&mut self, peer: PeerId, addr: Multiaddr) {
+        self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        self.known.entry(peer).or_default().insert(addr);
+    }
+
+    async fn emit(&mut self, event: Event) {
+        if self.events.send(event).await.is_err() {
+            debug!("event dropped: nobody listens");
+        }
+    }
+
+    async fn handle_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.listen_addrs.push(address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                debug!(%peer_id, "connected");
+                if endpoint.is_dialer() {
+                    self.learn(peer_id, endpoint.get_remote_address().clone());
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                debug!(%peer_id, "disconnected");
+                self.emit(Event::PeerGone(peer_id)).await;
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(?peer_id, "dial failed: {error}");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    self.learn(peer, addr.clone());
+                    if peer != *self.swarm.local_peer_id() {
+                        let opts = DialOpts::peer_id(peer)
+                            .addresses(vec![addr])
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                self.agents.insert(peer_id, info.agent_version.clone());
+                for addr in info.listen_addrs {
+                    self.learn(peer_id, addr);
+                }
+                if self.known.len() == 1 {
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message,
+                ..
+            })) => match ciborium::from_reader::<Announce, _>(message.data.as_slice()) {
+                Ok(announce) => {
+                    let from = message.source.unwrap_or(propagation_source);
+                    self.emit(Event::Announced { from, announce }).await;
+                }
+                Err(e) => debug!(%propagation_source, "malformed announcement ignored: {e}"),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Rr(event)) => self.handle_rr(event).await,
+            _ => {}
+        }
+    }
+
+    async fn handle_rr(&mut self, event: request_response::Event<Request, Response>) {
+        use request_response::{Event as E, Message};
+        match event {
+            E::Message {
+                peer,
+                message: Message::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                self.emit(Event::InboundRequest {
+                    peer,
+                    request,
+                    channel,
+                })
+                .await;
+            }
+            E::Message {
+                message: Message::Response {
+                    request_id,
+                    response,
+                },
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            E::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            E::InboundFailure { peer, error, .. } => {
+                debug!(%peer, "inbound request failed: {error}");
+            }
+            E::ResponseSent { .. } => {}
+        }
+    }
+}

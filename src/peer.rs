@@ -1,0 +1,820 @@
+//! A running peer: the network, the wasm environment, the worker slots and
+//! the jobs this peer is master of.
+//!
+//! Every peer works: each of its `slots` is a loop that asks for a batch of
+//! taskunits (from its own jobs first, then from jobs other peers announced),
+//! runs the batch on a blocking thread with a reused instance, and returns
+//! the results. A peer that submits a job becomes its master: it splits,
+//! leases, re-issues and combines (see [`crate::scheduler`]).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::executor::{self, Environment, Limits, SplitOutcome, TaskError, TaskRunner};
+use crate::network::{self, Client, Event, NetConfig, PeerInfo};
+use crate::scheduler::{JobBook, Progress};
+use crate::wire::{
+    Announce, ByteBuf, JobId, MAX_MODULE, MAX_TASKUNIT, ModuleHash, Request, Response,
+    TaskOutcome,
+};
+
+/// How a peer runs.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub net: NetConfig,
+    /// Taskunits this peer runs at once (default: one per core).
+    pub slots: usize,
+    /// The most any job may use per taskunit on this peer.
+    pub limits: Limits,
+    /// Where modules and compiled artifacts are kept; `None`: memory only.
+    pub cache_dir: Option<PathBuf>,
+    /// How long a worker holds leased taskunits before they are re-issued.
+    pub lease: Duration,
+    /// How often a master re-announces a job that still has work.
+    pub announce_every: Duration,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        PeerConfig {
+            net: NetConfig::default(),
+            slots: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            limits: Limits::default(),
+            cache_dir: default_cache_dir(),
+            lease: Duration::from_secs(30),
+            announce_every: Duration::from_millis(500),
+        }
+    }
+}
+
+/// `$ANTNEST_CACHE`, else `$XDG_CACHE_HOME/antnest`, else `~/.cache/antnest`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("ANTNEST_CACHE") {
+        return Some(d.into());
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("antnest"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/antnest"))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    #[error(transparent)]
+    Net(#[from] network::NetError),
+    #[error(transparent)]
+    Load(#[from] executor::LoadError),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    #[error("the job module is not usable: {0}")]
+    InvalidModule(String),
+    #[error("module is {size} bytes, more than the {max}-byte limit")]
+    ModuleTooLarge { size: usize, max: usize },
+    #[error("split failed: {0}")]
+    Split(String),
+    #[error("combine failed: {0}")]
+    Combine(String),
+    #[error("{failed} of {tasks} taskunits failed; first: taskunit {index}: {error}")]
+    TasksFailed {
+        tasks: u64,
+        failed: u64,
+        index: u64,
+        error: TaskError,
+        report: Box<JobReport>,
+    },
+    #[error("the peer is shutting down")]
+    ShuttingDown,
+}
+
+/// Where a job's input comes from. Re-openable, so the default split can
+/// read it after the job's own split declined.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum InputSpec {
+    Path(PathBuf),
+    Bytes(ByteBuf),
+}
+
+impl InputSpec {
+    fn open(&self) -> std::io::Result<Box<dyn std::io::Read + Send>> {
+        Ok(match self {
+            InputSpec::Path(p) => Box::new(std::io::BufReader::new(std::fs::File::open(p)?)),
+            InputSpec::Bytes(b) => Box::new(std::io::Cursor::new(b.clone().into_vec())),
+        })
+    }
+}
+
+/// A job as submitted.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct JobSpec {
+    pub module: ByteBuf,
+    pub input: InputSpec,
+    /// Tighter limits than the peer's, if wanted.
+    pub limits: Option<Limits>,
+    /// Attempts per taskunit before it counts as failed.
+    pub max_attempts: u32,
+    /// Combine the successful results even if some taskunits failed.
+    pub keep_going: bool,
+}
+
+/// Figures about a finished job (`--stats-json`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct JobStats {
+    pub job_id: String,
+    pub module: String,
+    pub tasks: u64,
+    pub failed: u64,
+    pub wall_ms: u64,
+    /// Taskunits completed by each peer (by peer id).
+    pub per_peer: std::collections::BTreeMap<String, u64>,
+    /// Components compiled by the master for this job (0 on a cache hit).
+    pub compiled: u64,
+}
+
+/// What a finished job gives back.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct JobReport {
+    pub output: ByteBuf,
+    pub stats: JobStats,
+    /// Taskunits that failed every attempt (only with `keep_going`).
+    pub failures: Vec<(u64, String)>,
+}
+
+/// A job this peer is master of.
+struct MasterJob {
+    module: ModuleHash,
+    bytes: Arc<Vec<u8>>,
+    limits: Limits,
+    book: Mutex<JobBook>,
+}
+
+/// A job some other peer announced.
+struct RemoteJob {
+    master: PeerId,
+    module: ModuleHash,
+    limits: Limits,
+    seen: Instant,
+    /// Don't ask before this (after an error or an empty answer).
+    retry_at: Instant,
+}
+
+struct Shared {
+    env: Environment,
+    client: Client,
+    config: PeerConfig,
+    local: String,
+    masters: Mutex<HashMap<JobId, Arc<MasterJob>>>,
+    remotes: Mutex<HashMap<JobId, RemoteJob>>,
+    /// Serializes module fetches, so each module is fetched once.
+    fetching: tokio::sync::Mutex<()>,
+    /// Woken when there may be new work.
+    work: Notify,
+    /// Woken when a master job may have finished.
+    progress: Notify,
+}
+
+/// A handle on a running peer. Cheap to clone.
+#[derive(Clone)]
+pub struct Peer {
+    shared: Arc<Shared>,
+}
+
+/// A started peer, with the tasks that make it up.
+pub struct RunningPeer {
+    pub peer: Peer,
+    pub listen_addrs: Vec<libp2p::Multiaddr>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl RunningPeer {
+    /// Stop every task of the peer and wait for them.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        self.peer.shared.work.notify_waiters();
+        while let Some(res) = self.tasks.join_next().await {
+            if let Err(e) = res {
+                warn!("peer task ended badly: {e}");
+            }
+        }
+    }
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Start a peer: network, event handling and worker slots.
+pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
+    let env = Environment::new(config.cache_dir.clone())?;
+    let expected_listeners = config.net.listen.len();
+    let (client, events, mut event_loop) = network::new(config.net.clone())?;
+    event_loop
+        .wait_listening(expected_listeners, Duration::from_secs(5))
+        .await;
+    let listen_addrs = event_loop.listen_addrs().to_vec();
+    let local = client.local_peer_id().to_string();
+    let shared = Arc::new(Shared {
+        env,
+        client,
+        config,
+        local,
+        masters: Mutex::new(HashMap::new()),
+        remotes: Mutex::new(HashMap::new()),
+        fetching: tokio::sync::Mutex::new(()),
+        work: Notify::new(),
+        progress: Notify::new(),
+    });
+    let peer = Peer { shared };
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(event_loop.run(stopped(stop_rx.clone())));
+    tasks.spawn(peer.clone().handle_events(events, stop_rx.clone()));
+    for slot in 0..peer.shared.config.slots.max(1) {
+        tasks.spawn(peer.clone().work_loop(slot, stop_rx.clone()));
+    }
+    Ok(RunningPeer {
+        peer,
+        listen_addrs,
+        stop,
+        tasks,
+    })
+}
+
+impl Peer {
+    pub fn peer_id(&self) -> &str {
+        &self.shared.local
+    }
+
+    pub fn env(&self) -> &Environment {
+        &self.shared.env
+    }
+
+    pub async fn peers(&self) -> Vec<PeerInfo> {
+        self.shared.client.peers().await.unwrap_or_default()
+    }
+
+    async fn handle_events(self, mut events: mpsc::Receiver<Event>, stop: watch::Receiver<bool>) {
+        let stop = stopped(stop);
+        tokio::pin!(stop);
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = &mut stop => return,
+                ev = events.recv() => match ev {
+                    Some(ev) => ev,
+                    None => return,
+                },
+            };
+            match event {
+                Event::InboundRequest {
+                    peer,
+                    request,
+                    channel,
+                } => {
+                    let response = self.answer(peer, request);
+                    self.shared.client.respond(channel, response).await;
+                }
+                Event::Announced { from, announce } => self.learn_job(from, announce),
+                Event::PeerGone(peer) => {
+                    let who = peer.to_string();
+                    for (id, job) in self.shared.masters.lock().unwrap().iter() {
+                        let n = job.book.lock().unwrap().release_worker(&who);
+                        if n > 0 {
+                            info!(job = %id, %peer, reissued = n, "peer left; its taskunits are re-issued");
+                        }
+                    }
+                    self.shared.remotes.lock().unwrap().retain(|_, j| j.master != peer);
+                    self.shared.work.notify_waiters();
+                }
+            }
+        }
+    }
+
+    fn learn_job(&self, from: PeerId, a: Announce) {
+        let Ok(master) = PeerId::from_bytes(&a.master) else {
+            debug!(%from, "announcement with a bad master id ignored");
+            return;
+        };
+        if master.to_string() == self.shared.local || a.module_size as usize > MAX_MODULE {
+            return;
+        }
+        let now = Instant::now();
+        let mut remotes = self.shared.remotes.lock().unwrap();
+        let job = remotes.entry(a.job).or_insert_with(|| RemoteJob {
+            master,
+            module: a.module,
+            limits: a.limits,
+            seen: now,
+            retry_at: now,
+        });
+        job.seen = now;
+        drop(remotes);
+        self.shared.work.notify_waiters();
+    }
+
+    /// Answer a request from another peer. Never blocks for long.
+    fn answer(&self, peer: PeerId, request: Request) -> Response {
+        match request {
+            Request::Pull { job, max } => {
+                let Some(master) = self.master_job(job) else {
+                    return Response::NoWork { finished: true };
+                };
+                let mut book = master.book.lock().unwrap();
+                let units = book.take(&peer.to_string(), max.min(4096) as usize, Instant::now());
+                if units.is_empty() {
+                    Response::NoWork {
+                        finished: !book.has_work(),
+                    }
+                } else {
+                    Response::Tasks {
+                        units,
+                        lease: self.shared.config.lease,
+                    }
+                }
+            }
+            Request::Results { job, outcomes, .. } => {
+                let Some(master) = self.master_job(job) else {
+                    return Response::Refused(format!("no job {job} here"));
+                };
+                let limit = master.limits.output;
+                let outcomes = outcomes
+                    .into_iter()
+                    .map(|mut o| {
+                        if let Ok(bytes) = &o.result
+                            && bytes.len() > limit
+                        {
+                            o.result = Err(TaskError::OutputTooLarge {
+                                size: bytes.len(),
+                                limit,
+                            });
+                        }
+                        o
+                    })
+                    .collect();
+                master.book.lock().unwrap().complete(&peer.to_string(), outcomes);
+                self.shared.progress.notify_waiters();
+                Response::Ack
+            }
+            Request::FetchModule { hash } => {
+                let bytes = self
+                    .shared
+                    .masters
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .find(|j| j.module == hash)
+                    .map(|j| j.bytes.as_ref().clone())
+                    .or_else(|| self.shared.env.stored_module(&hash));
+                match bytes {
+                    Some(b) => Response::Module(b),
+                    None => Response::Refused(format!("module {hash} is not here")),
+                }
+            }
+        }
+    }
+
+    fn master_job(&self, job: JobId) -> Option<Arc<MasterJob>> {
+        self.shared.masters.lock().unwrap().get(&job).cloned()
+    }
+
+    /// One worker slot: pull a batch, run it, return the results, repeat.
+    async fn work_loop(self, slot: usize, stop: watch::Receiver<bool>) {
+        // Per-slot state: one runner per module (instances are reused), and
+        // the measured time per taskunit of each job, to size batches.
+        let mut runners: HashMap<ModuleHash, TaskRunner> = HashMap::new();
+        let mut per_unit: HashMap<JobId, Duration> = HashMap::new();
+        let mut idle = Duration::from_millis(1);
+        while !*stop.borrow() {
+            let Some(batch) = self.find_work(&per_unit).await else {
+                let notified = self.shared.work.notified();
+                let _ = tokio::time::timeout(idle, notified).await;
+                idle = (idle * 2).min(Duration::from_millis(50));
+                continue;
+            };
+            idle = Duration::from_millis(1);
+            let Batch {
+                job,
+                source,
+                module,
+                limits,
+                units,
+            } = batch;
+            let runner = match runners.remove(&module) {
+                Some(r) => r,
+                None => {
+                    let env = self.shared.env.clone();
+                    let loaded = tokio::task::spawn_blocking(move || env.component(&module, || None))
+                        .await
+                        .expect("compile task");
+                    match loaded {
+                        Ok(c) => TaskRunner::new(self.shared.env.clone(), c, limits),
+                        Err(e) => {
+                            warn!(slot, %job, "cannot load module: {e}");
+                            self.shared.remotes.lock().unwrap().remove(&job);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let n = units.len() as u32;
+            let (runner, outcomes, compute) = tokio::task::spawn_blocking(move || {
+                let mut runner = runner;
+                let started = Instant::now();
+                let outcomes: Vec<TaskOutcome> = units
+                    .into_iter()
+                    .map(|u| TaskOutcome {
+                        index: u.index,
+                        result: runner.process(&u.data).map(ByteBuf::from),
+                    })
+                    .collect();
+                (runner, outcomes, started.elapsed())
+            })
+            .await
+            .expect("task batch");
+            per_unit.insert(job, compute / n.max(1));
+            if runners.len() >= 4 {
+                runners.clear();
+            }
+            runners.insert(module, runner);
+            match source {
+                Source::Local(master) => {
+                    master.book.lock().unwrap().complete(&self.shared.local, outcomes);
+                    self.shared.progress.notify_waiters();
+                }
+                Source::Remote(peer) => {
+                    let req = Request::Results {
+                        job,
+                        outcomes,
+                        compute,
+                    };
+                    if let Err(e) = self.shared.client.request(peer, req).await {
+                        // The leases will expire and the master re-issues them.
+                        debug!(%job, "results not delivered: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// How many taskunits to ask for: about 20 ms of work, 1..=4096.
+    fn batch_size(per_unit: &HashMap<JobId, Duration>, job: JobId) -> usize {
+        match per_unit.get(&job) {
+            None => 1,
+            Some(d) => {
+                let target = Duration::from_millis(20).as_nanos();
+                (target / d.as_nanos().max(1)).clamp(1, 4096) as usize
+            }
+        }
+    }
+
+    async fn find_work(&self, per_unit: &HashMap<JobId, Duration>) -> Option<Batch> {
+        let local: Vec<(JobId, Arc<MasterJob>)> = self
+            .shared
+            .masters
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, j)| (*id, j.clone()))
+            .collect();
+        for (job, master) in local {
+            let max = Self::batch_size(per_unit, job);
+            let units = master.book.lock().unwrap().take(&self.shared.local, max, Instant::now());
+            if !units.is_empty() {
+                return Some(Batch {
+                    job,
+                    module: master.module,
+                    limits: master.limits,
+                    source: Source::Local(master),
+                    units,
+                });
+            }
+        }
+        let now = Instant::now();
+        let candidates: Vec<(JobId, PeerId, ModuleHash, Limits)> = {
+            let mut remotes = self.shared.remotes.lock().unwrap();
+            // Forget jobs not announced for a while.
+            remotes.retain(|_, j| now.duration_since(j.seen) < Duration::from_secs(10));
+            remotes
+                .iter()
+                .filter(|(_, j)| j.retry_at <= now)
+                .map(|(id, j)| (*id, j.master, j.module, j.limits))
+                .collect()
+        };
+        for (job, master, module, limits) in candidates {
+            let limits = limits.min(self.shared.config.limits);
+            if let Err(e) = self.ensure_module(master, module).await {
+                warn!(%job, %master, "cannot get the job's module: {e}");
+                self.back_off(job, Duration::from_secs(5));
+                continue;
+            }
+            let max = Self::batch_size(per_unit, job) as u32;
+            match self.shared.client.request(master, Request::Pull { job, max }).await {
+                Ok(Response::Tasks { units, .. }) if !units.is_empty() => {
+                    return Some(Batch {
+                        job,
+                        module,
+                        limits,
+                        source: Source::Remote(master),
+                        units,
+                    });
+                }
+                Ok(Response::NoWork { finished: true }) => {
+                    self.shared.remotes.lock().unwrap().remove(&job);
+                }
+                Ok(_) => self.back_off(job, Duration::from_millis(20)),
+                Err(e) => {
+                    debug!(%job, "pull failed: {e}");
+                    self.back_off(job, Duration::from_secs(1));
+                }
+            }
+        }
+        None
+    }
+
+    fn back_off(&self, job: JobId, wait: Duration) {
+        if let Some(j) = self.shared.remotes.lock().unwrap().get_mut(&job) {
+            j.retry_at = Instant::now() + wait;
+        }
+    }
+
+    /// Make sure the module is compiled here, fetching it from `from` once.
+    async fn ensure_module(&self, from: PeerId, hash: ModuleHash) -> Result<(), String> {
+        let env = &self.shared.env;
+        if env.is_compiled(&hash) {
+            return Ok(());
+        }
+        let _guard = self.shared.fetching.lock().await;
+        if env.is_compiled(&hash) {
+            return Ok(());
+        }
+        let bytes = match env.stored_module(&hash) {
+            Some(b) => b,
+            None => match self
+                .shared
+                .client
+                .request(from, Request::FetchModule { hash })
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Response::Module(b) if b.len() <= MAX_MODULE && ModuleHash::of(&b) == hash => b,
+                Response::Module(_) => return Err("the master sent a module that does not match its hash".into()),
+                other => return Err(format!("module fetch refused: {other:?}")),
+            },
+        };
+        let env = env.clone();
+        tokio::task::spawn_blocking(move || env.component(&hash, || Some(bytes)).map(drop))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Run a job with this peer as master; returns when it is combined.
+    /// `progress` receives updates about every 100 ms (best effort).
+    pub async fn submit(
+        &self,
+        spec: JobSpec,
+        progress: Option<mpsc::Sender<Progress>>,
+    ) -> Result<JobReport, SubmitError> {
+        let started = Instant::now();
+        let bytes = spec.module.into_vec();
+        if bytes.len() > MAX_MODULE {
+            return Err(SubmitError::ModuleTooLarge {
+                size: bytes.len(),
+                max: MAX_MODULE,
+            });
+        }
+        let hash = ModuleHash::of(&bytes);
+        let env = self.shared.env.clone();
+        let compiled_before = env.cache_stats().compiled;
+        let bytes = Arc::new(bytes);
+        let component = {
+            let (env, bytes) = (env.clone(), bytes.clone());
+            tokio::task::spawn_blocking(move || env.component(&hash, || Some(bytes.as_ref().clone())))
+                .await
+                .expect("compile task")
+                .map_err(|e| SubmitError::InvalidModule(e.to_string()))?
+        };
+        let compiled = env.cache_stats().compiled - compiled_before;
+        let limits = spec
+            .limits
+            .map_or(self.shared.config.limits, |l| l.min(self.shared.config.limits));
+        let id = JobId::random();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4096);
+        let master = Arc::new(MasterJob {
+            module: hash,
+            bytes,
+            limits,
+            book: Mutex::new(JobBook::new(rx, self.shared.config.lease, spec.max_attempts)),
+        });
+        self.shared.masters.lock().unwrap().insert(id, master.clone());
+        info!(job = %id, module = %hash, "job submitted");
+
+        // Split on a blocking thread; `tx` blocks when 4096 taskunits wait.
+        let split = {
+            let (env, component, master, input) = (env.clone(), component.clone(), master.clone(), spec.input.clone());
+            let work = self.shared.work_waker();
+            tokio::task::spawn_blocking(move || {
+                let result = split_job(&env, &component, limits, &input, tx, work);
+                if let Err(e) = result {
+                    master.book.lock().unwrap().fail(e);
+                }
+            })
+        };
+        let announce = Announce {
+            job: id,
+            master: self.shared.client.local_peer_id().to_bytes(),
+            module: hash,
+            module_size: master.bytes.len() as u64,
+            limits,
+        };
+        let mut last_announce: Option<Instant> = None;
+        let mut last_progress = Instant::now();
+        loop {
+            let (finished, has_work, prog) = {
+                let mut book = master.book.lock().unwrap();
+                (book.is_finished(), book.has_work(), book.progress())
+            };
+            if finished {
+                break;
+            }
+            if has_work && last_announce.is_none_or(|t| t.elapsed() >= self.shared.config.announce_every) {
+                self.shared.client.announce(&announce).await;
+                last_announce = Some(Instant::now());
+            }
+            if let Some(p) = &progress
+                && last_progress.elapsed() >= Duration::from_millis(100)
+            {
+                let _ = p.try_send(prog);
+                last_progress = Instant::now();
+            }
+            self.shared.work.notify_waiters();
+            let notified = self.shared.progress.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(20), notified).await;
+        }
+        let _ = split.await;
+        self.shared.masters.lock().unwrap().remove(&id);
+
+        let (prog, failures, per_peer, results) = {
+            let mut book = master.book.lock().unwrap();
+            if let Some(e) = book.fatal() {
+                return Err(SubmitError::Split(e.to_string()));
+            }
+            let failures: Vec<(u64, TaskError)> =
+                book.failures().iter().map(|(i, e)| (*i, e.clone())).collect();
+            (book.progress(), failures, book.per_worker().clone(), book.take_results())
+        };
+        let stats = JobStats {
+            job_id: id.to_string(),
+            module: hash.to_string(),
+            tasks: prog.total.unwrap_or(prog.done + prog.failed),
+            failed: prog.failed,
+            wall_ms: 0,
+            per_peer,
+            compiled,
+        };
+        let mut report = JobReport {
+            output: ByteBuf::new(),
+            stats,
+            failures: failures.iter().map(|(i, e)| (*i, e.to_string())).collect(),
+        };
+        if let Some((index, error)) = failures.first().cloned()
+            && !spec.keep_going
+        {
+            report.stats.wall_ms = started.elapsed().as_millis() as u64;
+            return Err(SubmitError::TasksFailed {
+                tasks: report.stats.tasks,
+                failed: report.stats.failed,
+                index,
+                error,
+                report: Box::new(report),
+            });
+        }
+        let output = tokio::task::spawn_blocking(move || combine_job(&env, &component, limits, results))
+            .await
+            .expect("combine task")
+            .map_err(|e| SubmitError::Combine(e.to_string()))?;
+        report.output = ByteBuf::from(output);
+        report.stats.wall_ms = started.elapsed().as_millis() as u64;
+        info!(job = %id, tasks = report.stats.tasks, ms = report.stats.wall_ms, "job done");
+        Ok(report)
+    }
+}
+
+impl Shared {
+    /// A callback for blocking code that wakes idle worker slots.
+    fn work_waker(self: &Arc<Self>) -> impl Fn() + Send + Sync + 'static {
+        let weak = Arc::downgrade(self);
+        move || {
+            if let Some(s) = weak.upgrade() {
+                s.work.notify_waiters();
+            }
+        }
+    }
+}
+
+enum Source {
+    Local(Arc<MasterJob>),
+    Remote(PeerId),
+}
+
+struct Batch {
+    job: JobId,
+    source: Source,
+    module: ModuleHash,
+    limits: Limits,
+    units: Vec<crate::wire::TaskUnit>,
+}
+
+/// Run the job's split (or the default line split) into `tx`.
+fn split_job(
+    env: &Environment,
+    component: &wasmtime::component::Component,
+    limits: Limits,
+    input: &InputSpec,
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    wake: impl Fn() + Send + Sync + 'static,
+) -> Result<(), String> {
+    let wake = Arc::new(wake);
+    let emit = {
+        let (tx, wake) = (tx.clone(), wake.clone());
+        let mut count = 0u64;
+        Box::new(move |unit: Vec<u8>| {
+            if unit.len() > MAX_TASKUNIT {
+                return false;
+            }
+            let ok = tx.send(unit).is_ok();
+            count += 1;
+            if count.is_power_of_two() || count % 1024 == 0 {
+                wake();
+            }
+            ok
+        })
+    };
+    let reader = input.open().map_err(|e| format!("cannot open the input: {e}"))?;
+    match executor::run_split(env, component, limits, reader, emit) {
+        Ok(SplitOutcome::Emitted(_)) => {}
+        Ok(SplitOutcome::Default) => {
+            use std::io::BufRead;
+            let reader = input.open().map_err(|e| format!("cannot open the input: {e}"))?;
+            let mut reader = std::io::BufReader::new(reader);
+            let mut line = Vec::new();
+            let mut count = 0u64;
+            loop {
+                line.clear();
+                let n = reader
+                    .read_until(b'\n', &mut line)
+                    .map_err(|e| format!("reading the input: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                }
+                if line.len() > MAX_TASKUNIT {
+                    return Err(format!("input line is longer than {MAX_TASKUNIT} bytes"));
+                }
+                if tx.send(line.clone()).is_err() {
+                    return Err("job cancelled".into());
+                }
+                count += 1;
+                if count.is_power_of_two() || count % 1024 == 0 {
+                    wake();
+                }
+            }
+        }
+        Err(e) => return Err(e.to_string()),
+    }
+    wake();
+    Ok(())
+}
+
+fn combine_job(
+    env: &Environment,
+    component: &wasmtime::component::Component,
+    limits: Limits,
+    results: std::collections::BTreeMap<u64, Vec<u8>>,
+) -> Result<Vec<u8>, TaskError> {
+    // Shared, so the default combine can still read them if the job's
+    // combine looked at some results and then declined.
+    let results: Arc<Vec<Vec<u8>>> = Arc::new(results.into_values().collect());
+    let for_guest = results.clone();
+    let iter = Box::new((0..).map_while(move |i| for_guest.get(i).cloned()));
+    match executor::run_combine(env, component, limits, iter)? {
+        Some(out) => Ok(out),
+        None => executor::default_combine(results.iter().cloned(), limits.combined_output()),
+    }
+}

@@ -1,0 +1,300 @@
+//! The master's book-keeping for one job: taskunits come from the split as
+//! workers ask for them (so a huge input never sits in memory as taskunits),
+//! are leased to workers, re-issued when a lease expires or its worker
+//! vanishes, and retired by the first result that comes back.
+//!
+//! `JobBook` is plain data behind a `std::sync::Mutex`; every method is short
+//! and never awaits.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::{Duration, Instant};
+
+use crate::executor::TaskError;
+use crate::wire::{MAX_BATCH_BYTES, TaskOutcome, TaskUnit};
+
+/// Who holds a lease: a peer id as text (the master's own slots use its own id).
+pub type WorkerId = String;
+
+struct Lease {
+    worker: WorkerId,
+    deadline: Instant,
+}
+
+/// Progress figures, for the submitter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub done: u64,
+    pub failed: u64,
+    /// Known once the split has finished.
+    pub total: Option<u64>,
+    pub leased: u64,
+}
+
+pub struct JobBook {
+    /// Taskunits straight from the split; disconnected when the split ends.
+    split: Option<Receiver<Vec<u8>>>,
+    next_index: u64,
+    /// Taskunits emitted and not yet retired, by index.
+    open: HashMap<u64, Vec<u8>>,
+    /// Open taskunits that nobody holds a lease on, oldest first.
+    queue: VecDeque<u64>,
+    leases: HashMap<u64, Lease>,
+    attempts: HashMap<u64, u32>,
+    results: BTreeMap<u64, Vec<u8>>,
+    failures: BTreeMap<u64, TaskError>,
+    per_worker: BTreeMap<WorkerId, u64>,
+    lease_time: Duration,
+    max_attempts: u32,
+    /// Set when the split failed: the job cannot complete.
+    fatal: Option<String>,
+}
+
+impl JobBook {
+    pub fn new(split: Receiver<Vec<u8>>, lease_time: Duration, max_attempts: u32) -> Self {
+        JobBook {
+            split: Some(split),
+            next_index: 0,
+            open: HashMap::new(),
+            queue: VecDeque::new(),
+            leases: HashMap::new(),
+            attempts: HashMap::new(),
+            results: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            per_worker: BTreeMap::new(),
+            lease_time,
+            max_attempts: max_attempts.max(1),
+            fatal: None,
+        }
+    }
+
+    /// Lease up to `max` taskunits to `worker`.
+    pub fn take(&mut self, worker: &str, max: usize, now: Instant) -> Vec<TaskUnit> {
+        self.reclaim_expired(now);
+        let mut units = Vec::new();
+        let mut bytes = 0;
+        while units.len() < max && bytes < MAX_BATCH_BYTES {
+            let index = match self.queue.pop_front() {
+                Some(i) => i,
+                None => match self.pull_split() {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
+            let data = self.open[&index].clone();
+            bytes += data.len();
+            self.leases.insert(
+                index,
+                Lease {
+                    worker: worker.to_owned(),
+                    deadline: now + self.lease_time,
+                },
+            );
+            units.push(TaskUnit { index, data });
+        }
+        units
+    }
+
+    fn pull_split(&mut self) -> Option<u64> {
+        let rx = self.split.as_ref()?;
+        match rx.try_recv() {
+            Ok(data) => {
+                let index = self.next_index;
+                self.next_index += 1;
+                self.open.insert(index, data);
+                Some(index)
+            }
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => {
+                self.split = None;
+                None
+            }
+        }
+    }
+
+    fn reclaim_expired(&mut self, now: Instant) {
+        let expired: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline <= now)
+            .map(|(i, _)| *i)
+            .collect();
+        for index in expired {
+            self.leases.remove(&index);
+            self.queue.push_back(index);
+        }
+    }
+
+    /// Re-issue every taskunit leased to `worker` (it went away).
+    pub fn release_worker(&mut self, worker: &str) -> usize {
+        let held: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.worker == worker)
+            .map(|(i, _)| *i)
+            .collect();
+        for index in &held {
+            self.leases.remove(index);
+            // Re-issue soon, ahead of fresh taskunits.
+            self.queue.push_front(*index);
+        }
+        held.len()
+    }
+
+    /// Record results from `worker`. Results for retired taskunits (a
+    /// duplicate from an expired lease) are ignored.
+    pub fn complete(&mut self, worker: &str, outcomes: Vec<TaskOutcome>) {
+        for TaskOutcome { index, result } in outcomes {
+            if !self.open.contains_key(&index) {
+                continue;
+            }
+            let held_by_sender = self.leases.get(&index).is_some_and(|l| l.worker == worker);
+            match result {
+                Ok(bytes) => {
+                    self.retire(index);
+                    self.results.insert(index, bytes.into_vec());
+                    *self.per_worker.entry(worker.to_owned()).or_default() += 1;
+                }
+                Err(err) => {
+                    let attempts = self.attempts.entry(index).or_default();
+                    *attempts += 1;
+                    if *attempts >= self.max_attempts {
+                        self.retire(index);
+                        self.failures.insert(index, err);
+                    } else if held_by_sender {
+                        self.leases.remove(&index);
+                        self.queue.push_back(index);
+                    }
+                }
+            }
+        }
+    }
+
+    fn retire(&mut self, index: u64) {
+        self.open.remove(&index);
+        self.leases.remove(&index);
+        self.attempts.remove(&index);
+        self.queue.retain(|i| *i != index);
+    }
+
+    /// The split failed; the job ends with this error.
+    pub fn fail(&mut self, reason: String) {
+        self.fatal.get_or_insert(reason);
+    }
+
+    pub fn fatal(&self) -> Option<&str> {
+        self.fatal.as_deref()
+    }
+
+    /// All taskunits are retired (or the job failed outright).
+    pub fn is_finished(&mut self) -> bool {
+        if self.fatal.is_some() {
+            return true;
+        }
+        // Notice a split that ended without a last pull.
+        if self.split.is_some() && self.queue.is_empty() && self.open.is_empty() {
+            if let Some(i) = self.pull_split() {
+                self.queue.push_front(i);
+            }
+        }
+        self.split.is_none() && self.open.is_empty()
+    }
+
+    /// Whether a worker asking now could get something (or soon will).
+    pub fn has_work(&self) -> bool {
+        self.fatal.is_none() && (!self.queue.is_empty() || self.split.is_some() || !self.open.is_empty())
+    }
+
+    pub fn progress(&self) -> Progress {
+        Progress {
+            done: self.results.len() as u64,
+            failed: self.failures.len() as u64,
+            total: self.split.is_none().then_some(self.next_index),
+            leased: self.leases.len() as u64,
+        }
+    }
+
+    pub fn failures(&self) -> &BTreeMap<u64, TaskError> {
+        &self.failures
+    }
+
+    pub fn per_worker(&self) -> &BTreeMap<WorkerId, u64> {
+        &self.per_worker
+    }
+
+    /// Hand over the results in taskunit order (failed taskunits are absent).
+    pub fn take_results(&mut self) -> BTreeMap<u64, Vec<u8>> {
+        std::mem::take(&mut self.results)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::ByteBuf;
+
+    fn book(units: &[&str]) -> JobBook {
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        for u in units {
+            tx.send(u.as_bytes().to_vec()).unwrap();
+        }
+        drop(tx);
+        JobBook::new(rx, Duration::from_secs(10), 2)
+    }
+
+    fn ok(index: u64, s: &str) -> TaskOutcome {
+        TaskOutcome {
+            index,
+            result: Ok(ByteBuf::from(s.as_bytes().to_vec())),
+        }
+    }
+
+    #[test]
+    fn expired_leases_are_reissued_and_duplicates_ignored() {
+        let mut b = book(&["a", "b"]);
+        let t0 = Instant::now();
+        let first = b.take("w1", 10, t0);
+        assert_eq!(first.len(), 2);
+        assert!(b.take("w2", 10, t0).is_empty());
+        let later = t0 + Duration::from_secs(11);
+        let again = b.take("w2", 10, later);
+        assert_eq!(again.len(), 2, "expired leases come back");
+        b.complete("w2", vec![ok(0, "A"), ok(1, "B")]);
+        b.complete("w1", vec![ok(0, "late duplicate")]);
+        assert!(b.is_finished());
+        let results = b.take_results();
+        assert_eq!(results[&0], b"A");
+        assert_eq!(b.per_worker()["w2"], 2);
+        assert!(!b.per_worker().contains_key("w1"));
+    }
+
+    #[test]
+    fn vanished_worker_loses_nothing() {
+        let mut b = book(&["a", "b", "c"]);
+        let now = Instant::now();
+        assert_eq!(b.take("dead", 2, now).len(), 2);
+        assert_eq!(b.release_worker("dead"), 2);
+        let units = b.take("alive", 10, now);
+        let mut idx: Vec<u64> = units.iter().map(|u| u.index).collect();
+        idx.sort();
+        assert_eq!(idx, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn failure_after_max_attempts() {
+        let mut b = book(&["x"]);
+        let now = Instant::now();
+        let err = |i| TaskOutcome {
+            index: i,
+            result: Err(TaskError::Guest("boom".into())),
+        };
+        b.take("w", 1, now);
+        b.complete("w", vec![err(0)]);
+        assert!(!b.is_finished(), "one failure is retried");
+        assert_eq!(b.take("w", 1, now).len(), 1);
+        b.complete("w", vec![err(0)]);
+        assert!(b.is_finished());
+        assert_eq!(b.progress().failed, 1);
+        assert_eq!(b.failures()[&0], TaskError::Guest("boom".into()));
+    }
+}

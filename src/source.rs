@@ -1,0 +1,242 @@
+//! Turning what the user names as JOB into component bytes: a `.wasm`
+//! component as is, a Rust job crate (built with cargo for
+//! `wasm32-wasip2`), or a Python file in the original antnest style (wrapped
+//! and built with componentize-py, cached by the hash of its source).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+/// The job contract, compiled into the binary so Python jobs can be built anywhere.
+pub const JOB_WIT: &str = include_str!("../wit/job.wit");
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{0} is not a job: give a .wasm component, a Rust job crate directory or a .py file"
+    )]
+    Unknown(PathBuf),
+    #[error("building {path} failed: {reason}")]
+    Build { path: PathBuf, reason: String },
+    #[error(
+        "componentize-py is needed to build Python jobs but was not found; install it with `pip install componentize-py==0.25.1`"
+    )]
+    NoComponentizePy,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
+    move |source| SourceError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The component bytes for JOB. `cache_dir` keeps built Python jobs.
+pub fn load(job: &Path, cache_dir: Option<&Path>) -> Result<Vec<u8>, SourceError> {
+    if job.is_dir() {
+        if job.join("Cargo.toml").is_file() {
+            return build_rust(job);
+        }
+        return Err(SourceError::Unknown(job.to_owned()));
+    }
+    match job.extension().and_then(|e| e.to_str()) {
+        Some("wasm") => std::fs::read(job).map_err(io(job)),
+        Some("py") => build_python(job, cache_dir),
+        _ => Err(SourceError::Unknown(job.to_owned())),
+    }
+}
+
+fn build_rust(dir: &Path) -> Result<Vec<u8>, SourceError> {
+    let fail = |reason: String| SourceError::Build {
+        path: dir.to_owned(),
+        reason,
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
+    if !out.status.success() {
+        return Err(fail(format!(
+            "cargo exited with {} (is the target installed? `rustup target add wasm32-wasip2`)",
+            out.status
+        )));
+    }
+    let manifest = std::fs::canonicalize(dir.join("Cargo.toml")).map_err(io(dir))?;
+    let mut wasm = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let from_this_crate = msg["manifest_path"]
+            .as_str()
+            .is_some_and(|p| Path::new(p) == manifest);
+        if !from_this_crate {
+            continue;
+        }
+        for f in msg["filenames"].as_array().into_iter().flatten() {
+            if let Some(f) = f.as_str().filter(|f| f.ends_with(".wasm")) {
+                wasm = Some(PathBuf::from(f));
+            }
+        }
+    }
+    let wasm = wasm.ok_or_else(|| fail("cargo built no .wasm (is the crate a cdylib?)".into()))?;
+    std::fs::read(&wasm).map_err(io(&wasm))
+}
+
+/// The glue between the original's plain functions and the WIT world.
+const PY_WRAPPER: &str = r#"
+import wit_world
+from wit_world.imports import host
+from componentize_py_types import Err
+import __USER_MODULE__ as _job
+
+
+def _bytes(value):
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    return str(value).encode("utf-8")
+
+
+def _fail(where, e):
+    raise Err(f"{where}: {type(e).__name__}: {e}")
+
+
+class WitWorld(wit_world.WitWorld):
+    def split(self) -> bool:
+        split = getattr(_job, "split", None)
+        if split is None:
+            return False
+        chunks = []
+        while True:
+            block = host.read_input(1 << 20)
+            if not block:
+                break
+            chunks.append(block)
+        try:
+            for unit in split(b"".join(chunks).decode("utf-8")):
+                host.emit(_bytes(unit))
+        except Err:
+            raise
+        except Exception as e:
+            _fail("split", e)
+        return True
+
+    def process(self, unit: bytes) -> bytes:
+        try:
+            return _bytes(_job.processor(unit.decode("utf-8")))
+        except Exception as e:
+            _fail("processor", e)
+
+    def combine(self) -> bool:
+        combine = getattr(_job, "combine", None)
+        if combine is None:
+            return False
+        results = []
+        while True:
+            r = host.next_result()
+            if r is None:
+                break
+            results.append(r.decode("utf-8"))
+        try:
+            host.write_output(_bytes(combine(results)))
+        except Exception as e:
+            _fail("combine", e)
+        return True
+"#;
+
+fn build_python(file: &Path, cache_dir: Option<&Path>) -> Result<Vec<u8>, SourceError> {
+    let fail = |reason: String| SourceError::Build {
+        path: file.to_owned(),
+        reason,
+    };
+    let source = std::fs::read(file).map_err(io(file))?;
+    let module = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .ok_or_else(|| fail("the file name must be a Python module name".into()))?;
+    let key = hex::encode(
+        Sha256::new()
+            .chain_update(&source)
+            .chain_update(PY_WRAPPER)
+            .chain_update(JOB_WIT)
+            .chain_update(module)
+            .finalize(),
+    );
+    let cached = cache_dir.map(|d| d.join("python").join(format!("{key}.wasm")));
+    if let Some(bytes) = cached.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        return Ok(bytes);
+    }
+    let work = tempfile_dir().map_err(|e| fail(e.to_string()))?;
+    let result = (|| {
+        std::fs::create_dir_all(work.join("wit")).map_err(io(&work))?;
+        std::fs::write(work.join("wit/job.wit"), JOB_WIT).map_err(io(&work))?;
+        std::fs::write(work.join(format!("{module}.py")), &source).map_err(io(&work))?;
+        std::fs::write(
+            work.join("antnest_app.py"),
+            PY_WRAPPER.replace("__USER_MODULE__", module),
+        )
+        .map_err(io(&work))?;
+        let out_file = work.join("job.wasm");
+        let status = Command::new("componentize-py")
+            .args(["-d", "wit", "-w", "job", "componentize", "antnest_app", "-o", "job.wasm"])
+            .current_dir(&work)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .output();
+        let out = match status {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SourceError::NoComponentizePy);
+            }
+            Err(e) => return Err(fail(format!("cannot run componentize-py: {e}"))),
+            Ok(out) => out,
+        };
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            return Err(fail(format!("componentize-py: {}", stderr.trim())));
+        }
+        std::fs::read(&out_file).map_err(io(&out_file))
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    let bytes = result?;
+    if let Some(path) = cached
+        && let Some(parent) = path.parent()
+        && std::fs::create_dir_all(parent).is_ok()
+    {
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, &bytes).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok(bytes)
+}
+
+fn tempfile_dir() -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "antnest-py-{}-{}",
+        std::process::id(),
+        crate::wire::JobId::random()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,205 @@
+//! What peers say to each other: job announcements (gossipsub) and the
+//! request-response protocol (cbor) for pulling taskunits, returning
+//! results and fetching modules. Also the size limits that bound them.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::executor::{Limits, TaskError};
+
+/// The request-response protocol name.
+pub const PROTOCOL: &str = "/antnest/task/1";
+/// The gossipsub topic jobs are announced on.
+pub const JOBS_TOPIC: &str = "antnest/jobs/1";
+/// Largest request (a batch of results) in bytes.
+pub const MAX_REQUEST: u64 = 64 << 20;
+/// Largest response (a batch of taskunits, or a module) in bytes.
+pub const MAX_RESPONSE: u64 = 128 << 20;
+/// A batch of taskunits handed out at once stops growing at this many bytes.
+pub const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Largest single taskunit.
+pub const MAX_TASKUNIT: usize = 16 << 20;
+/// Largest module a peer will fetch or accept.
+pub const MAX_MODULE: usize = 100 << 20;
+
+/// SHA-256 of a module's bytes: its identity everywhere in the mesh.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ModuleHash(pub [u8; 32]);
+
+impl ModuleHash {
+    pub fn of(bytes: &[u8]) -> Self {
+        ModuleHash(Sha256::digest(bytes).into())
+    }
+}
+
+impl fmt::Display for ModuleHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for ModuleHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ModuleHash({})", &hex::encode(self.0)[..12])
+    }
+}
+
+/// A job's id, chosen by its master.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct JobId(pub u64);
+
+impl JobId {
+    pub fn random() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        h.write_u32(std::process::id());
+        JobId(h.finish())
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl fmt::Debug for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JobId({self})")
+    }
+}
+
+impl std::str::FromStr for JobId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        u64::from_str_radix(s, 16).map(JobId)
+    }
+}
+
+/// Gossiped by a master while its job has taskunits left. Small by design
+/// (gossipsub messages are capped at 64 KiB): it says where to ask, not what.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Announce {
+    pub job: JobId,
+    /// The master's peer id, as bytes.
+    pub master: Vec<u8>,
+    pub module: ModuleHash,
+    pub module_size: u64,
+    pub limits: Limits,
+}
+
+/// One taskunit handed to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskUnit {
+    pub index: u64,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// One taskunit's outcome, sent back to the master.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskOutcome {
+    pub index: u64,
+    pub result: Result<ByteBuf, TaskError>,
+}
+
+/// Bytes that serialize compactly in CBOR.
+pub type ByteBuf = serde_bytes::ByteBuf;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Give me up to `max` taskunits of `job`.
+    Pull { job: JobId, max: u32 },
+    /// Here are results for `job`; `compute` is the time spent computing them.
+    Results {
+        job: JobId,
+        outcomes: Vec<TaskOutcome>,
+        compute: Duration,
+    },
+    /// Send me the module with this hash.
+    FetchModule { hash: ModuleHash },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Taskunits leased to the asker until `lease` runs out.
+    Tasks { units: Vec<TaskUnit>, lease: Duration },
+    /// Nothing to hand out now; `finished` means never again.
+    NoWork { finished: bool },
+    /// Results taken.
+    Ack,
+    Module(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The request was understood but refused.
+    Refused(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip<T: Serialize + for<'de> Deserialize<'de> + PartialEq + fmt::Debug>(v: T) {
+        let mut buf = Vec::new();
+        ciborium::into_writer(&v, &mut buf).unwrap();
+        let back: T = ciborium::from_reader(buf.as_slice()).unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn messages_roundtrip_through_cbor() {
+        roundtrip(Request::Pull {
+            job: JobId(7),
+            max: 3,
+        });
+        roundtrip(Request::Results {
+            job: JobId(1),
+            outcomes: vec![
+                TaskOutcome {
+                    index: 0,
+                    result: Ok(ByteBuf::from(b"ok".to_vec())),
+                },
+                TaskOutcome {
+                    index: 1,
+                    result: Err(TaskError::Timeout(Duration::from_secs(1))),
+                },
+            ],
+            compute: Duration::from_millis(5),
+        });
+        roundtrip(Response::Tasks {
+            units: vec![TaskUnit {
+                index: 9,
+                data: vec![0, 255],
+            }],
+            lease: Duration::from_secs(30),
+        });
+        roundtrip(Announce {
+            job: JobId::random(),
+            master: vec![1, 2, 3],
+            module: ModuleHash::of(b"x"),
+            module_size: 1,
+            limits: Limits::default(),
+        });
+    }
+
+    #[test]
+    fn module_hash_is_sha256_hex() {
+        assert_eq!(
+            ModuleHash::of(b"abc").to_string(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn job_id_parses_its_display() {
+        let id = JobId::random();
+        assert_eq!(id.to_string().parse::<JobId>().unwrap(), id);
+    }
+}

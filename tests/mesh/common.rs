@@ -1,0 +1,200 @@
+//! Fixtures: job artifacts (built once), the antnest binary run with a
+//! timeout, and peer processes that are killed when dropped.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const JOBS: &[&str] = &["reverse_strings", "wordcount", "primes", "mandelbrot", "faulty"];
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Jobs are built into their own target dir so a nested cargo never waits
+/// on the lock held by the `cargo test` that runs us.
+pub fn jobs_target() -> PathBuf {
+    repo().join("target/jobs")
+}
+
+/// Module and artifact cache shared by the tests (built Python jobs are slow to make).
+pub fn cache_dir() -> PathBuf {
+    repo().join("target/test-cache")
+}
+
+/// The component for a job in `jobs/`, built once per test run.
+pub fn artifact(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    assert!(JOBS.contains(&name), "unknown job {name}");
+    BUILT.get_or_init(|| {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "--release", "--target", "wasm32-wasip2"]);
+        for j in JOBS {
+            cmd.args(["-p", j]);
+        }
+        let status = cmd
+            .current_dir(repo())
+            .env("CARGO_TARGET_DIR", jobs_target())
+            .status()
+            .expect("run cargo");
+        assert!(status.success(), "building the sample jobs failed");
+    });
+    jobs_target().join(format!("wasm32-wasip2/release/{name}.wasm"))
+}
+
+pub fn antnest() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_antnest"));
+    cmd.env("ANTNEST_CACHE", cache_dir())
+        .env("CARGO_TARGET_DIR", jobs_target())
+        .env_remove("ANTNEST_CONTROL")
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Wait for a child, killing it (and failing) after `timeout`.
+pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "timed out after {timeout:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Run `antnest ARGS` with `stdin`, under a timeout.
+pub fn run(args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
+    run_cmd(antnest().args(args), stdin, timeout)
+}
+
+pub fn run_cmd(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn antnest");
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = wait_output(child, timeout);
+    let _ = writer.join();
+    out
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A unique scratch directory, removed on drop.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("antnest-test").tempdir().unwrap()
+}
+
+pub fn stats(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).expect("stats json written")).expect("stats json")
+}
+
+/// An `antnest peer` process; killed on drop.
+pub struct PeerProc {
+    pub child: Child,
+    pub peer_id: String,
+    /// Listen addresses with the /p2p/ suffix.
+    pub addrs: Vec<String>,
+    pub control: PathBuf,
+}
+
+impl PeerProc {
+    /// Start `antnest peer` with a private control socket in `dir`.
+    pub fn start(dir: &Path, name: &str, extra: &[&str]) -> PeerProc {
+        Self::start_with(antnest(), dir, name, extra)
+    }
+
+    /// Start with a prepared command (e.g. `ip netns exec NS antnest`).
+    pub fn start_with(mut cmd: Command, dir: &Path, name: &str, extra: &[&str]) -> PeerProc {
+        let control = dir.join(format!("{name}.sock"));
+        let mut child = cmd
+            .arg("peer")
+            .arg("--control")
+            .arg(&control)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn peer");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut seen = Vec::new();
+            while let Some(Ok(line)) = lines.next() {
+                let done = line.starts_with("control socket:");
+                seen.push(line);
+                if done {
+                    let _ = tx.send(std::mem::take(&mut seen));
+                }
+            }
+        });
+        let lines = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("peer {name} did not start"));
+        let peer_id = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("peer id: "))
+            .expect("peer id line")
+            .to_string();
+        let addrs = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("listening on: "))
+            .map(str::to_string)
+            .collect();
+        PeerProc {
+            child,
+            peer_id,
+            addrs,
+            control,
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addrs[0]
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PeerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Poll `check` until it holds or `timeout` passes.
+pub fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Count primes below n the same way the primes job does.
+pub fn count_primes(n: u64) -> u64 {
+    (2..n).filter(|&k| (2..).take_while(|d| d * d <= k).all(|d| k % d != 0)).count() as u64
+}

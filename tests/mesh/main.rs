@@ -1,0 +1,8 @@
+//! End-to-end tests: real `antnest` processes, real wasmtime, real libp2p
+//! over loopback (and veth namespaces for mDNS). One binary, as in
+//! wasmtime's `tests/all`.
+
+mod common;
+mod jobs;
+mod mesh;
+mod sandbox;

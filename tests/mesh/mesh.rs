@@ -1,0 +1,156 @@
+//! Several real peer processes: loopback with explicit bootstrap, mDNS
+//! across network namespaces, and a peer killed mid-job.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(300);
+
+fn primes_input(count: u64, base: u64) -> (String, u64) {
+    let ns: Vec<u64> = (0..count).map(|i| base + i).collect();
+    let input = ns.iter().map(|n| format!("{n}\n")).collect();
+    (input, ns.iter().map(|&n| count_primes(n)).sum())
+}
+
+fn loopback_peer(dir: &std::path::Path, name: &str, bootstrap: Option<&str>) -> PeerProc {
+    let mut args = vec!["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--slots", "1"];
+    if let Some(b) = bootstrap {
+        args.extend(["--bootstrap", b]);
+    }
+    PeerProc::start(dir, name, &args)
+}
+
+#[test]
+fn three_peers_share_a_job_submitted_from_a_non_bootstrap_peer() {
+    let dir = scratch();
+    let a = loopback_peer(dir.path(), "a", None);
+    let b = loopback_peer(dir.path(), "b", Some(a.addr()));
+    let c = loopback_peer(dir.path(), "c", Some(a.addr()));
+    // `antnest peers` on c sees a (its bootstrap) connected.
+    eventually(Duration::from_secs(20), "c connected to a", || {
+        let out = run(&["peers", "--control", c.control.to_str().unwrap()], b"", T);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).lines().any(|l| l.starts_with(&a.peer_id) && l.contains(" connected"))
+    });
+    // ~100 taskunits of a few ms each: long enough for everyone to join in.
+    let (input, want) = primes_input(160, 30_000);
+    let stats = dir.path().join("s.json");
+    let out = run(
+        &["submit", "--control", c.control.to_str().unwrap(), artifact("primes").to_str().unwrap(),
+          "--stats-json", stats.to_str().unwrap()],
+        input.as_bytes(),
+        T,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), want.to_string(), "same result as a local run");
+    let s = crate::common::stats(&stats);
+    let per_peer = s["per_peer"].as_object().unwrap();
+    for p in [&a, &b, &c] {
+        assert!(per_peer.get(&p.peer_id).and_then(|v| v.as_u64()).unwrap_or(0) > 0,
+            "peer {} did no work: {per_peer:?}", p.peer_id);
+    }
+    assert_eq!(per_peer.values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 160);
+}
+
+#[test]
+fn a_peer_killed_mid_job_loses_no_work() {
+    let dir = scratch();
+    let a = loopback_peer(dir.path(), "a", None);
+    let mut b = loopback_peer(dir.path(), "b", Some(a.addr()));
+    let _c = loopback_peer(dir.path(), "c", Some(a.addr()));
+    let (input, want) = primes_input(200, 40_000);
+    let stats = dir.path().join("s.json");
+    let mut cmd = antnest();
+    cmd.args(["submit", "--control", a.control.to_str().unwrap(), artifact("primes").to_str().unwrap(),
+        "--stats-json", stats.to_str().unwrap()]);
+    let child = {
+        use std::io::Write;
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+    };
+    // Let b take work, then kill it without warning.
+    std::thread::sleep(Duration::from_millis(1500));
+    b.kill();
+    let out = wait_output(child, T);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), want.to_string());
+    let s = crate::common::stats(&stats);
+    assert_eq!(s["tasks"], 200);
+    assert_eq!(s["failed"], 0);
+}
+
+/// Two namespaces joined by a veth pair; removed on drop.
+struct Netns {
+    names: [String; 2],
+}
+
+impl Netns {
+    fn create() -> Option<Netns> {
+        let tag = std::process::id() % 100_000;
+        let names = [format!("antA{tag}"), format!("antB{tag}")];
+        let sh = |cmd: &str| Command::new("sh").arg("-c").arg(cmd).status().map(|s| s.success()).unwrap_or(false);
+        if !sh(&format!("ip netns add {} 2>/dev/null", names[0])) {
+            return None;
+        }
+        let ns = Netns { names: names.clone() };
+        let [a, b] = &names;
+        let ok = sh(&format!("ip netns add {b}"))
+            && sh(&format!("ip link add va{tag} netns {a} type veth peer name vb{tag} netns {b}"))
+            && sh(&format!("ip -n {a} addr add 10.77.0.1/24 dev va{tag} && ip -n {a} link set va{tag} up && ip -n {a} link set lo up"))
+            && sh(&format!("ip -n {b} addr add 10.77.0.2/24 dev vb{tag} && ip -n {b} link set vb{tag} up && ip -n {b} link set lo up"));
+        assert!(ok, "could create a namespace but not the veth link");
+        Some(ns)
+    }
+
+    fn cmd(&self, i: usize) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.names[i], env!("CARGO_BIN_EXE_antnest")]);
+        cmd.env("ANTNEST_CACHE", cache_dir()).env("RUST_LOG", "warn");
+        cmd
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+#[test]
+fn mdns_finds_peers_with_no_config_across_namespaces() {
+    let Some(ns) = Netns::create() else {
+        eprintln!("SKIPPED: `ip netns add` is not permitted here (needs root); mDNS test not run");
+        return;
+    };
+    let dir = scratch();
+    let a = PeerProc::start_with(ns.cmd(0), dir.path(), "a", &["--listen", "/ip4/0.0.0.0/tcp/0", "--slots", "1"]);
+    let b = PeerProc::start_with(ns.cmd(1), dir.path(), "b", &["--listen", "/ip4/0.0.0.0/tcp/0", "--slots", "1"]);
+    eventually(Duration::from_secs(30), "mDNS discovery", || {
+        let out = run(&["peers", "--control", b.control.to_str().unwrap()], b"", T);
+        text(&out.stdout).lines().any(|l| l.starts_with(&a.peer_id) && l.contains(" connected"))
+    });
+    let (input, want) = primes_input(120, 30_000);
+    let stats = dir.path().join("s.json");
+    let out = run_cmd(
+        ns.cmd(1).args(["submit", "--control", b.control.to_str().unwrap(),
+            artifact("primes").to_str().unwrap(), "--stats-json", stats.to_str().unwrap()]),
+        input.as_bytes(),
+        T,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), want.to_string());
+    let s = crate::common::stats(&stats);
+    let per_peer = s["per_peer"].as_object().unwrap();
+    assert!(per_peer.contains_key(&a.peer_id), "the discovered peer worked: {per_peer:?}");
+    assert!(per_peer.contains_key(&b.peer_id), "{per_peer:?}");
+}
