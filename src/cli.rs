@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
 
 #[derive(Debug, Parser)]
-#[command(name = "antnest", version, about = "A peer-to-peer compute mesh for split/process/combine jobs in WebAssembly")]
+#[command(
+    name = "antnest",
+    version,
+    about = "A peer-to-peer compute mesh for split/process/combine jobs in WebAssembly"
+)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,

@@ -94,13 +94,24 @@ mod tests {
         .unwrap();
         let addrs = f.bootstrap_addrs(Path::new("x.json")).unwrap();
         let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-        assert_eq!(addrs, ["/ip4/127.0.0.1/tcp/4001", "/dns/b/tcp/5", "/ip4/10.1.2.3/tcp/9"]);
+        assert_eq!(
+            addrs,
+            [
+                "/ip4/127.0.0.1/tcp/4001",
+                "/dns/b/tcp/5",
+                "/ip4/10.1.2.3/tcp/9"
+            ]
+        );
     }
 
     #[test]
     fn bad_ip_is_a_clear_error() {
-        let f: ConfigFile = serde_json::from_str(r#"{"masters":[{"ip":"nope","port":1}]}"#).unwrap();
-        let err = f.bootstrap_addrs(Path::new("c.json")).unwrap_err().to_string();
+        let f: ConfigFile =
+            serde_json::from_str(r#"{"masters":[{"ip":"nope","port":1}]}"#).unwrap();
+        let err = f
+            .bootstrap_addrs(Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("c.json") && err.contains("nope"), "{err}");
     }
 }

@@ -107,7 +107,11 @@ pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serve control connections until `shutdown`.
-pub async fn serve(listener: UnixListener, peer: Peer, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn serve(
+    listener: UnixListener,
+    peer: Peer,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     let mut conns = tokio::task::JoinSet::new();
     loop {

@@ -310,7 +310,10 @@ impl Environment {
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
-            let left = ctx.data().deadline.saturating_duration_since(Instant::now());
+            let left = ctx
+                .data()
+                .deadline
+                .saturating_duration_since(Instant::now());
             if left.is_zero() {
                 Err(Trap::Interrupt.into())
             } else {
@@ -371,8 +374,8 @@ enum HostIo {
     None,
     Split {
         input: Box<dyn Read + Send>,
-        /// Takes one taskunit; returns false when nobody wants more (job cancelled).
-        emit: Box<dyn FnMut(Vec<u8>) -> bool + Send>,
+        /// Takes one taskunit; an error (job cancelled, unit too large) stops the split.
+        emit: Box<dyn FnMut(Vec<u8>) -> Result<(), String> + Send>,
         emitted: u64,
     },
     Combine {
@@ -429,9 +432,7 @@ impl bindings::antnest::job::host::Host for GuestState {
             return Err(host_misuse("emit"));
         };
         let started = Instant::now();
-        if !emit(unit) {
-            return Err(wasmtime::Error::msg("job cancelled"));
-        }
+        emit(unit).map_err(wasmtime::Error::msg)?;
         *emitted += 1;
         self.deadline += started.elapsed();
         Ok(())
@@ -467,23 +468,24 @@ fn classify(err: wasmtime::Error, store: &Store<GuestState>, limits: Limits) -> 
     if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
         return TaskError::Timeout(limits.time);
     }
+    let mut msg = if let Some(trap) = err.downcast_ref::<Trap>() {
+        trap.to_string()
+    } else if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        format!("the job called exit({})", exit.0)
+    } else {
+        let root = err.root_cause().to_string();
+        root.lines().next().unwrap_or_default().to_string()
+    };
     let stderr = state.stderr.contents();
     let stderr = String::from_utf8_lossy(&stderr);
     let stderr = stderr.trim();
-    let mut msg = format!("{err:#}");
-    if let Some(line) = msg.lines().next() {
-        msg = line.to_string();
-    }
     if !stderr.is_empty() {
-        let tail: String = stderr
-            .chars()
-            .rev()
-            .take(2000)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        msg = format!("{msg}; guest stderr: {tail}");
+        // The end of stderr is where a panic message is.
+        let start = stderr.len().saturating_sub(2000);
+        let start = (start..stderr.len())
+            .find(|i| stderr.is_char_boundary(*i))
+            .unwrap_or(0);
+        msg = format!("{msg}; guest stderr: {}", &stderr[start..]);
     }
     TaskError::Trap(msg)
 }
@@ -543,14 +545,14 @@ pub enum SplitOutcome {
 }
 
 /// Run the job's `split` over `input`, handing each taskunit to `emit`
-/// (which may block, to keep memory bounded, and returns false to cancel).
+/// (which may block, to keep memory bounded, and fails to stop the split).
 /// For [`SplitOutcome::Default`] the caller splits by lines itself.
 pub fn run_split(
     env: &Environment,
     component: &Component,
     limits: Limits,
     input: Box<dyn Read + Send>,
-    emit: Box<dyn FnMut(Vec<u8>) -> bool + Send>,
+    emit: Box<dyn FnMut(Vec<u8>) -> Result<(), String> + Send>,
 ) -> Result<SplitOutcome, TaskError> {
     let io = HostIo::Split {
         input,
@@ -607,7 +609,10 @@ pub fn run_combine(
 }
 
 /// The default combine: results joined by newlines, in taskunit order.
-pub fn default_combine(results: impl Iterator<Item = Vec<u8>>, limit: usize) -> Result<Vec<u8>, TaskError> {
+pub fn default_combine(
+    results: impl Iterator<Item = Vec<u8>>,
+    limit: usize,
+) -> Result<Vec<u8>, TaskError> {
     let mut out = Vec::new();
     for (i, r) in results.enumerate() {
         if i > 0 {

@@ -21,7 +21,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libp2p_kad=error")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -63,8 +63,12 @@ fn peer_config(net: &NetArgs) -> Result<PeerConfig> {
     }
     let psk = match &net.mesh_key {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading mesh key {}", p.display()))?;
-            Some(text.parse().map_err(|e| anyhow::anyhow!("mesh key {}: {e}", p.display()))?)
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading mesh key {}", p.display()))?;
+            Some(
+                text.parse()
+                    .map_err(|e| anyhow::anyhow!("mesh key {}: {e}", p.display()))?,
+            )
         }
         None => None,
     };
@@ -134,7 +138,12 @@ async fn list_peers(args: cli::ControlArgs) -> Result<ExitCode> {
     let socket = args.control.unwrap_or_else(control::default_socket);
     let mut stream = tokio::net::UnixStream::connect(&socket)
         .await
-        .with_context(|| format!("no peer runs on {} (start one with `antnest peer`)", socket.display()))?;
+        .with_context(|| {
+            format!(
+                "no peer runs on {} (start one with `antnest peer`)",
+                socket.display()
+            )
+        })?;
     control::write_msg(&mut stream, &ControlRequest::Peers).await?;
     match control::read_msg::<ControlReply>(&mut stream).await? {
         Some(ControlReply::Peers { local, peers }) => {
@@ -153,9 +162,10 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     let cfg = peer_config(&args.net)?;
     let job_path = args.job.clone();
     let cache = cfg.cache_dir.clone();
-    let module = tokio::task::spawn_blocking(move || antnest::source::load(&job_path, cache.as_deref()))
-        .await?
-        .with_context(|| format!("loading job {}", args.job.display()))?;
+    let module =
+        tokio::task::spawn_blocking(move || antnest::source::load(&job_path, cache.as_deref()))
+            .await?
+            .with_context(|| format!("loading job {}", args.job.display()))?;
     let input = match &args.input {
         Some(p) if p.as_os_str() != "-" => {
             let p = std::fs::canonicalize(p).with_context(|| format!("input {}", p.display()))?;
@@ -176,7 +186,11 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         max_attempts: args.attempts,
         keep_going: args.keep_going,
     };
-    let socket = args.control.control.clone().unwrap_or_else(control::default_socket);
+    let socket = args
+        .control
+        .control
+        .clone()
+        .unwrap_or_else(control::default_socket);
     let stream = if args.standalone {
         None
     } else {
@@ -205,7 +219,9 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
 
 fn read_stdin() -> Result<Vec<u8>> {
     let mut buf = Vec::new();
-    std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
+    std::io::stdin()
+        .read_to_end(&mut buf)
+        .context("reading stdin")?;
     Ok(buf)
 }
 

@@ -13,9 +13,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use libp2p::core::transport::upgrade::Version;
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::Boxed;
+use libp2p::core::transport::upgrade::Version;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
@@ -233,10 +233,13 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
             } else {
                 None
             };
+            let mut kad_cfg = kad::Config::new(StreamProtocol::new("/antnest/kad/1"));
+            // Bootstrapped by hand once a first peer is identified.
+            kad_cfg.set_periodic_bootstrap_interval(None);
             let mut kad = kad::Behaviour::with_config(
                 peer_id,
                 kad::store::MemoryStore::new(peer_id),
-                kad::Config::new(StreamProtocol::new("/antnest/kad/1")),
+                kad_cfg,
             );
             kad.set_mode(Some(kad::Mode::Server));
             let gossip_cfg = gossipsub::ConfigBuilder::default()
@@ -258,10 +261,10 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
                 request_response::Config::default().with_request_timeout(request_timeout),
             );
             Ok(Behaviour {
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/antnest/1".into(),
-                    key.public(),
-                ).with_agent_version(format!("antnest/{}", env!("CARGO_PKG_VERSION")))),
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/antnest/1".into(), key.public())
+                        .with_agent_version(format!("antnest/{}", env!("CARGO_PKG_VERSION"))),
+                ),
                 mdns: mdns.into(),
                 kad,
                 gossipsub,
@@ -367,7 +370,8 @@ impl EventLoop {
             }
             Command::Peers(reply) => {
                 let connected: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
-                let mut ids: Vec<PeerId> = self.known.keys().chain(connected.iter()).copied().collect();
+                let mut ids: Vec<PeerId> =
+                    self.known.keys().chain(connected.iter()).copied().collect();
                 ids.sort();
                 ids.dedup();
                 let peers = ids
@@ -392,7 +396,10 @@ impl EventLoop {
     }
 
     fn learn(&mut self, peer: PeerId, addr: Multiaddr) {
-        self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .add_address(&peer, addr.clone());
         self.known.entry(peer).or_default().insert(addr);
     }
 
@@ -473,9 +480,10 @@ impl EventLoop {
         match event {
             E::Message {
                 peer,
-                message: Message::Request {
-                    request, channel, ..
-                },
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
                 ..
             } => {
                 self.emit(Event::InboundRequest {
@@ -486,10 +494,11 @@ impl EventLoop {
                 .await;
             }
             E::Message {
-                message: Message::Response {
-                    request_id,
-                    response,
-                },
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
                 ..
             } => {
                 if let Some(reply) = self.pending.remove(&request_id) {

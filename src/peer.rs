@@ -21,8 +21,7 @@ use crate::executor::{self, Environment, Limits, SplitOutcome, TaskError, TaskRu
 use crate::network::{self, Client, Event, NetConfig, PeerInfo};
 use crate::scheduler::{JobBook, Progress};
 use crate::wire::{
-    Announce, ByteBuf, JobId, MAX_MODULE, MAX_TASKUNIT, ModuleHash, Request, Response,
-    TaskOutcome,
+    Announce, ByteBuf, JobId, MAX_MODULE, MAX_TASKUNIT, ModuleHash, Request, Response, TaskOutcome,
 };
 
 /// How a peer runs.
@@ -294,7 +293,11 @@ impl Peer {
                             info!(job = %id, %peer, reissued = n, "peer left; its taskunits are re-issued");
                         }
                     }
-                    self.shared.remotes.lock().unwrap().retain(|_, j| j.master != peer);
+                    self.shared
+                        .remotes
+                        .lock()
+                        .unwrap()
+                        .retain(|_, j| j.master != peer);
                     self.shared.work.notify_waiters();
                 }
             }
@@ -362,7 +365,11 @@ impl Peer {
                         o
                     })
                     .collect();
-                master.book.lock().unwrap().complete(&peer.to_string(), outcomes);
+                master
+                    .book
+                    .lock()
+                    .unwrap()
+                    .complete(&peer.to_string(), outcomes);
                 self.shared.progress.notify_waiters();
                 Response::Ack
             }
@@ -414,9 +421,10 @@ impl Peer {
                 Some(r) => r,
                 None => {
                     let env = self.shared.env.clone();
-                    let loaded = tokio::task::spawn_blocking(move || env.component(&module, || None))
-                        .await
-                        .expect("compile task");
+                    let loaded =
+                        tokio::task::spawn_blocking(move || env.component(&module, || None))
+                            .await
+                            .expect("compile task");
                     match loaded {
                         Ok(c) => TaskRunner::new(self.shared.env.clone(), c, limits),
                         Err(e) => {
@@ -449,7 +457,11 @@ impl Peer {
             runners.insert(module, runner);
             match source {
                 Source::Local(master) => {
-                    master.book.lock().unwrap().complete(&self.shared.local, outcomes);
+                    master
+                        .book
+                        .lock()
+                        .unwrap()
+                        .complete(&self.shared.local, outcomes);
                     self.shared.progress.notify_waiters();
                 }
                 Source::Remote(peer) => {
@@ -489,7 +501,11 @@ impl Peer {
             .collect();
         for (job, master) in local {
             let max = Self::batch_size(per_unit, job);
-            let units = master.book.lock().unwrap().take(&self.shared.local, max, Instant::now());
+            let units = master
+                .book
+                .lock()
+                .unwrap()
+                .take(&self.shared.local, max, Instant::now());
             if !units.is_empty() {
                 return Some(Batch {
                     job,
@@ -519,7 +535,12 @@ impl Peer {
                 continue;
             }
             let max = Self::batch_size(per_unit, job) as u32;
-            match self.shared.client.request(master, Request::Pull { job, max }).await {
+            match self
+                .shared
+                .client
+                .request(master, Request::Pull { job, max })
+                .await
+            {
                 Ok(Response::Tasks { units, .. }) if !units.is_empty() => {
                     return Some(Batch {
                         job,
@@ -568,7 +589,9 @@ impl Peer {
                 .map_err(|e| e.to_string())?
             {
                 Response::Module(b) if b.len() <= MAX_MODULE && ModuleHash::of(&b) == hash => b,
-                Response::Module(_) => return Err("the master sent a module that does not match its hash".into()),
+                Response::Module(_) => {
+                    return Err("the master sent a module that does not match its hash".into());
+                }
                 other => return Err(format!("module fetch refused: {other:?}")),
             },
         };
@@ -600,29 +623,44 @@ impl Peer {
         let bytes = Arc::new(bytes);
         let component = {
             let (env, bytes) = (env.clone(), bytes.clone());
-            tokio::task::spawn_blocking(move || env.component(&hash, || Some(bytes.as_ref().clone())))
-                .await
-                .expect("compile task")
-                .map_err(|e| SubmitError::InvalidModule(e.to_string()))?
+            tokio::task::spawn_blocking(move || {
+                env.component(&hash, || Some(bytes.as_ref().clone()))
+            })
+            .await
+            .expect("compile task")
+            .map_err(|e| SubmitError::InvalidModule(e.to_string()))?
         };
         let compiled = env.cache_stats().compiled - compiled_before;
-        let limits = spec
-            .limits
-            .map_or(self.shared.config.limits, |l| l.min(self.shared.config.limits));
+        let limits = spec.limits.map_or(self.shared.config.limits, |l| {
+            l.min(self.shared.config.limits)
+        });
         let id = JobId::random();
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4096);
         let master = Arc::new(MasterJob {
             module: hash,
             bytes,
             limits,
-            book: Mutex::new(JobBook::new(rx, self.shared.config.lease, spec.max_attempts)),
+            book: Mutex::new(JobBook::new(
+                rx,
+                self.shared.config.lease,
+                spec.max_attempts,
+            )),
         });
-        self.shared.masters.lock().unwrap().insert(id, master.clone());
+        self.shared
+            .masters
+            .lock()
+            .unwrap()
+            .insert(id, master.clone());
         info!(job = %id, module = %hash, "job submitted");
 
         // Split on a blocking thread; `tx` blocks when 4096 taskunits wait.
         let split = {
-            let (env, component, master, input) = (env.clone(), component.clone(), master.clone(), spec.input.clone());
+            let (env, component, master, input) = (
+                env.clone(),
+                component.clone(),
+                master.clone(),
+                spec.input.clone(),
+            );
             let work = self.shared.work_waker();
             tokio::task::spawn_blocking(move || {
                 let result = split_job(&env, &component, limits, &input, tx, work);
@@ -648,7 +686,9 @@ impl Peer {
             if finished {
                 break;
             }
-            if has_work && last_announce.is_none_or(|t| t.elapsed() >= self.shared.config.announce_every) {
+            if has_work
+                && last_announce.is_none_or(|t| t.elapsed() >= self.shared.config.announce_every)
+            {
                 self.shared.client.announce(&announce).await;
                 last_announce = Some(Instant::now());
             }
@@ -670,9 +710,17 @@ impl Peer {
             if let Some(e) = book.fatal() {
                 return Err(SubmitError::Split(e.to_string()));
             }
-            let failures: Vec<(u64, TaskError)> =
-                book.failures().iter().map(|(i, e)| (*i, e.clone())).collect();
-            (book.progress(), failures, book.per_worker().clone(), book.take_results())
+            let failures: Vec<(u64, TaskError)> = book
+                .failures()
+                .iter()
+                .map(|(i, e)| (*i, e.clone()))
+                .collect();
+            (
+                book.progress(),
+                failures,
+                book.per_worker().clone(),
+                book.take_results(),
+            )
         };
         let stats = JobStats {
             job_id: id.to_string(),
@@ -700,10 +748,11 @@ impl Peer {
                 report: Box::new(report),
             });
         }
-        let output = tokio::task::spawn_blocking(move || combine_job(&env, &component, limits, results))
-            .await
-            .expect("combine task")
-            .map_err(|e| SubmitError::Combine(e.to_string()))?;
+        let output =
+            tokio::task::spawn_blocking(move || combine_job(&env, &component, limits, results))
+                .await
+                .expect("combine task")
+                .map_err(|e| SubmitError::Combine(e.to_string()))?;
         report.output = ByteBuf::from(output);
         report.stats.wall_ms = started.elapsed().as_millis() as u64;
         info!(job = %id, tasks = report.stats.tasks, ms = report.stats.wall_ms, "job done");
@@ -736,6 +785,41 @@ struct Batch {
     units: Vec<crate::wire::TaskUnit>,
 }
 
+/// Hands taskunits from the split to the job's book, waking idle worker
+/// slots now and then (on the first units, then every 1024).
+struct UnitSender<W> {
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    wake: Arc<W>,
+    count: u64,
+}
+
+impl<W: Fn()> UnitSender<W> {
+    fn send(&mut self, unit: Vec<u8>) -> Result<(), String> {
+        if unit.len() > MAX_TASKUNIT {
+            return Err(format!(
+                "a taskunit of {} bytes is larger than the {MAX_TASKUNIT}-byte limit",
+                unit.len()
+            ));
+        }
+        self.tx
+            .send(unit)
+            .map_err(|_| "job cancelled".to_string())?;
+        self.count += 1;
+        if self.count.is_power_of_two() || self.count.is_multiple_of(1024) {
+            (self.wake)();
+        }
+        Ok(())
+    }
+
+    fn fork(&self) -> Self {
+        UnitSender {
+            tx: self.tx.clone(),
+            wake: self.wake.clone(),
+            count: 0,
+        }
+    }
+}
+
 /// Run the job's split (or the default line split) into `tx`.
 fn split_job(
     env: &Environment,
@@ -745,31 +829,26 @@ fn split_job(
     tx: std::sync::mpsc::SyncSender<Vec<u8>>,
     wake: impl Fn() + Send + Sync + 'static,
 ) -> Result<(), String> {
-    let wake = Arc::new(wake);
-    let emit = {
-        let (tx, wake) = (tx.clone(), wake.clone());
-        let mut count = 0u64;
-        Box::new(move |unit: Vec<u8>| {
-            if unit.len() > MAX_TASKUNIT {
-                return false;
-            }
-            let ok = tx.send(unit).is_ok();
-            count += 1;
-            if count.is_power_of_two() || count % 1024 == 0 {
-                wake();
-            }
-            ok
-        })
+    let mut sender = UnitSender {
+        tx,
+        wake: Arc::new(wake),
+        count: 0,
     };
-    let reader = input.open().map_err(|e| format!("cannot open the input: {e}"))?;
-    match executor::run_split(env, component, limits, reader, emit) {
+    let emit = {
+        let mut sender = sender.fork();
+        Box::new(move |unit: Vec<u8>| sender.send(unit))
+    };
+    let open = || {
+        input
+            .open()
+            .map_err(|e| format!("cannot open the input: {e}"))
+    };
+    match executor::run_split(env, component, limits, open()?, emit) {
         Ok(SplitOutcome::Emitted(_)) => {}
         Ok(SplitOutcome::Default) => {
             use std::io::BufRead;
-            let reader = input.open().map_err(|e| format!("cannot open the input: {e}"))?;
-            let mut reader = std::io::BufReader::new(reader);
+            let mut reader = std::io::BufReader::new(open()?);
             let mut line = Vec::new();
-            let mut count = 0u64;
             loop {
                 line.clear();
                 let n = reader
@@ -784,21 +863,12 @@ fn split_job(
                         line.pop();
                     }
                 }
-                if line.len() > MAX_TASKUNIT {
-                    return Err(format!("input line is longer than {MAX_TASKUNIT} bytes"));
-                }
-                if tx.send(line.clone()).is_err() {
-                    return Err("job cancelled".into());
-                }
-                count += 1;
-                if count.is_power_of_two() || count % 1024 == 0 {
-                    wake();
-                }
+                sender.send(line.clone())?;
             }
         }
         Err(e) => return Err(e.to_string()),
     }
-    wake();
+    (sender.wake)();
     Ok(())
 }
 

@@ -192,17 +192,20 @@ impl JobBook {
             return true;
         }
         // Notice a split that ended without a last pull.
-        if self.split.is_some() && self.queue.is_empty() && self.open.is_empty() {
-            if let Some(i) = self.pull_split() {
-                self.queue.push_front(i);
-            }
+        if self.split.is_some()
+            && self.queue.is_empty()
+            && self.open.is_empty()
+            && let Some(i) = self.pull_split()
+        {
+            self.queue.push_front(i);
         }
         self.split.is_none() && self.open.is_empty()
     }
 
     /// Whether a worker asking now could get something (or soon will).
     pub fn has_work(&self) -> bool {
-        self.fatal.is_none() && (!self.queue.is_empty() || self.split.is_some() || !self.open.is_empty())
+        self.fatal.is_none()
+            && (!self.queue.is_empty() || self.split.is_some() || !self.open.is_empty())
     }
 
     pub fn progress(&self) -> Progress {

@@ -19,9 +19,7 @@ pub enum SourceError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error(
-        "{0} is not a job: give a .wasm component, a Rust job crate directory or a .py file"
-    )]
+    #[error("{0} is not a job: give a .wasm component, a Rust job crate directory or a .py file")]
     Unknown(PathBuf),
     #[error("building {path} failed: {reason}")]
     Build { path: PathBuf, reason: String },
@@ -199,7 +197,16 @@ fn build_python(file: &Path, cache_dir: Option<&Path>) -> Result<Vec<u8>, Source
         .map_err(io(&work))?;
         let out_file = work.join("job.wasm");
         let status = Command::new("componentize-py")
-            .args(["-d", "wit", "-w", "job", "componentize", "antnest_app", "-o", "job.wasm"])
+            .args([
+                "-d",
+                "wit",
+                "-w",
+                "job",
+                "componentize",
+                "antnest_app",
+                "-o",
+                "job.wasm",
+            ])
             .current_dir(&work)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

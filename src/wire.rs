@@ -132,9 +132,14 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     /// Taskunits leased to the asker until `lease` runs out.
-    Tasks { units: Vec<TaskUnit>, lease: Duration },
+    Tasks {
+        units: Vec<TaskUnit>,
+        lease: Duration,
+    },
     /// Nothing to hand out now; `finished` means never again.
-    NoWork { finished: bool },
+    NoWork {
+        finished: bool,
+    },
     /// Results taken.
     Ack,
     Module(#[serde(with = "serde_bytes")] Vec<u8>),

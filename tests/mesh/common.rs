@@ -7,25 +7,31 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub const JOBS: &[&str] = &["reverse_strings", "wordcount", "primes", "mandelbrot", "faulty"];
+pub(crate) const JOBS: &[&str] = &[
+    "reverse_strings",
+    "wordcount",
+    "primes",
+    "mandelbrot",
+    "faulty",
+];
 
-pub fn repo() -> PathBuf {
+pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// Jobs are built into their own target dir so a nested cargo never waits
 /// on the lock held by the `cargo test` that runs us.
-pub fn jobs_target() -> PathBuf {
+pub(crate) fn jobs_target() -> PathBuf {
     repo().join("target/jobs")
 }
 
 /// Module and artifact cache shared by the tests (built Python jobs are slow to make).
-pub fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     repo().join("target/test-cache")
 }
 
 /// The component for a job in `jobs/`, built once per test run.
-pub fn artifact(name: &str) -> PathBuf {
+pub(crate) fn artifact(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     assert!(JOBS.contains(&name), "unknown job {name}");
     BUILT.get_or_init(|| {
@@ -44,7 +50,7 @@ pub fn artifact(name: &str) -> PathBuf {
     jobs_target().join(format!("wasm32-wasip2/release/{name}.wasm"))
 }
 
-pub fn antnest() -> Command {
+pub(crate) fn antnest() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_antnest"));
     cmd.env("ANTNEST_CACHE", cache_dir())
         .env("CARGO_TARGET_DIR", jobs_target())
@@ -54,7 +60,7 @@ pub fn antnest() -> Command {
 }
 
 /// Wait for a child, killing it (and failing) after `timeout`.
-pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
+pub(crate) fn wait_output(mut child: Child, timeout: Duration) -> Output {
     let deadline = Instant::now() + timeout;
     loop {
         if child.try_wait().expect("wait").is_some() {
@@ -73,11 +79,11 @@ pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
 }
 
 /// Run `antnest ARGS` with `stdin`, under a timeout.
-pub fn run(args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
+pub(crate) fn run(args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
     run_cmd(antnest().args(args), stdin, timeout)
 }
 
-pub fn run_cmd(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Output {
+pub(crate) fn run_cmd(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Output {
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -94,36 +100,39 @@ pub fn run_cmd(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Output {
     out
 }
 
-pub fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// A unique scratch directory, removed on drop.
-pub fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("antnest-test").tempdir().unwrap()
+pub(crate) fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("antnest-test")
+        .tempdir()
+        .unwrap()
 }
 
-pub fn stats(path: &Path) -> serde_json::Value {
+pub(crate) fn stats(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).expect("stats json written")).expect("stats json")
 }
 
 /// An `antnest peer` process; killed on drop.
-pub struct PeerProc {
-    pub child: Child,
-    pub peer_id: String,
+pub(crate) struct PeerProc {
+    pub(crate) child: Child,
+    pub(crate) peer_id: String,
     /// Listen addresses with the /p2p/ suffix.
-    pub addrs: Vec<String>,
-    pub control: PathBuf,
+    pub(crate) addrs: Vec<String>,
+    pub(crate) control: PathBuf,
 }
 
 impl PeerProc {
     /// Start `antnest peer` with a private control socket in `dir`.
-    pub fn start(dir: &Path, name: &str, extra: &[&str]) -> PeerProc {
+    pub(crate) fn start(dir: &Path, name: &str, extra: &[&str]) -> PeerProc {
         Self::start_with(antnest(), dir, name, extra)
     }
 
     /// Start with a prepared command (e.g. `ip netns exec NS antnest`).
-    pub fn start_with(mut cmd: Command, dir: &Path, name: &str, extra: &[&str]) -> PeerProc {
+    pub(crate) fn start_with(mut cmd: Command, dir: &Path, name: &str, extra: &[&str]) -> PeerProc {
         let control = dir.join(format!("{name}.sock"));
         let mut child = cmd
             .arg("peer")
@@ -169,11 +178,11 @@ impl PeerProc {
         }
     }
 
-    pub fn addr(&self) -> &str {
+    pub(crate) fn addr(&self) -> &str {
         &self.addrs[0]
     }
 
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -186,7 +195,7 @@ impl Drop for PeerProc {
 }
 
 /// Poll `check` until it holds or `timeout` passes.
-pub fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+pub(crate) fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -195,6 +204,8 @@ pub fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool
 }
 
 /// Count primes below n the same way the primes job does.
-pub fn count_primes(n: u64) -> u64 {
-    (2..n).filter(|&k| (2..).take_while(|d| d * d <= k).all(|d| k % d != 0)).count() as u64
+pub(crate) fn count_primes(n: u64) -> u64 {
+    (2..n)
+        .filter(|&k| (2..).take_while(|d| d * d <= k).all(|d| k % d != 0))
+        .count() as u64
 }

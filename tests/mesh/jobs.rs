@@ -10,7 +10,14 @@ const T: Duration = Duration::from_secs(300);
 #[test]
 fn reverse_strings_rust_crate_dir() {
     let out = run(
-        &["submit", "--standalone", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "jobs/reverse_strings"],
+        &[
+            "submit",
+            "--standalone",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "jobs/reverse_strings",
+        ],
         b"hello\nworld\n",
         T,
     );
@@ -26,9 +33,16 @@ fn reverse_strings_python_like_the_original() {
     let stats = dir.path().join("stats.json");
     let out = run(
         &[
-            "submit", "--standalone", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0",
-            "jobs/reverse_strings.py", "--input", input.to_str().unwrap(),
-            "--stats-json", stats.to_str().unwrap(),
+            "submit",
+            "--standalone",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "jobs/reverse_strings.py",
+            "--input",
+            input.to_str().unwrap(),
+            "--stats-json",
+            stats.to_str().unwrap(),
         ],
         b"",
         Duration::from_secs(600),
@@ -48,18 +62,35 @@ fn wordcount_matches_a_direct_count() {
         let w = words[(i * i % 7) as usize];
         *expected.entry(w).or_default() += 1;
         text_in.push_str(w);
-        text_in.push(if i % 13 == 0 { '\n' } else if i % 5 == 0 { '\t' } else { ' ' });
+        text_in.push(if i % 13 == 0 {
+            '\n'
+        } else if i % 5 == 0 {
+            '\t'
+        } else {
+            ' '
+        });
     }
     let input = dir.path().join("words.txt");
     std::fs::write(&input, &text_in).unwrap();
     let out = run(
-        &["submit", "--standalone", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0",
-          artifact("wordcount").to_str().unwrap(), "--input", input.to_str().unwrap()],
+        &[
+            "submit",
+            "--standalone",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            artifact("wordcount").to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+        ],
         b"",
         T,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let want: String = expected.iter().map(|(w, c)| format!("{w}\t{c}\n")).collect();
+    let want: String = expected
+        .iter()
+        .map(|(w, c)| format!("{w}\t{c}\n"))
+        .collect();
     assert_eq!(text(&out.stdout), want);
 }
 
@@ -70,8 +101,16 @@ fn primes_sums_counts() {
     let dir = scratch();
     let stats = dir.path().join("s.json");
     let out = run(
-        &["submit", "--standalone", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0",
-          artifact("primes").to_str().unwrap(), "--stats-json", stats.to_str().unwrap()],
+        &[
+            "submit",
+            "--standalone",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            artifact("primes").to_str().unwrap(),
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ],
         input.as_bytes(),
         T,
     );
@@ -83,7 +122,10 @@ fn primes_sums_counts() {
     assert_eq!(s["failed"], 0);
     assert!(s["wall_ms"].is_u64());
     let per_peer = s["per_peer"].as_object().unwrap();
-    assert_eq!(per_peer.values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 40);
+    assert_eq!(
+        per_peer.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+        40
+    );
 }
 
 /// Inflate a zlib stream made of stored blocks (what the job writes).
@@ -107,8 +149,16 @@ fn mandelbrot_writes_a_png() {
     let dir = scratch();
     let png_path = dir.path().join("m.png");
     let out = run(
-        &["submit", "--standalone", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0",
-          artifact("mandelbrot").to_str().unwrap(), "--output", png_path.to_str().unwrap()],
+        &[
+            "submit",
+            "--standalone",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            artifact("mandelbrot").to_str().unwrap(),
+            "--output",
+            png_path.to_str().unwrap(),
+        ],
         b"120 80 64\n",
         T,
     );

@@ -15,7 +15,13 @@ fn primes_input(count: u64, base: u64) -> (String, u64) {
 }
 
 fn loopback_peer(dir: &std::path::Path, name: &str, bootstrap: Option<&str>) -> PeerProc {
-    let mut args = vec!["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--slots", "1"];
+    let mut args = vec![
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--slots",
+        "1",
+    ];
     if let Some(b) = bootstrap {
         args.extend(["--bootstrap", b]);
     }
@@ -32,26 +38,48 @@ fn three_peers_share_a_job_submitted_from_a_non_bootstrap_peer() {
     eventually(Duration::from_secs(20), "c connected to a", || {
         let out = run(&["peers", "--control", c.control.to_str().unwrap()], b"", T);
         assert!(out.status.success(), "{}", text(&out.stderr));
-        text(&out.stdout).lines().any(|l| l.starts_with(&a.peer_id) && l.contains(" connected"))
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with(&a.peer_id) && l.contains(" connected"))
     });
     // ~100 taskunits of a few ms each: long enough for everyone to join in.
     let (input, want) = primes_input(160, 30_000);
     let stats = dir.path().join("s.json");
     let out = run(
-        &["submit", "--control", c.control.to_str().unwrap(), artifact("primes").to_str().unwrap(),
-          "--stats-json", stats.to_str().unwrap()],
+        &[
+            "submit",
+            "--control",
+            c.control.to_str().unwrap(),
+            artifact("primes").to_str().unwrap(),
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ],
         input.as_bytes(),
         T,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), want.to_string(), "same result as a local run");
+    assert_eq!(
+        text(&out.stdout),
+        want.to_string(),
+        "same result as a local run"
+    );
     let s = crate::common::stats(&stats);
     let per_peer = s["per_peer"].as_object().unwrap();
     for p in [&a, &b, &c] {
-        assert!(per_peer.get(&p.peer_id).and_then(|v| v.as_u64()).unwrap_or(0) > 0,
-            "peer {} did no work: {per_peer:?}", p.peer_id);
+        assert!(
+            per_peer
+                .get(&p.peer_id)
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0)
+                > 0,
+            "peer {} did no work: {per_peer:?}",
+            p.peer_id
+        );
     }
-    assert_eq!(per_peer.values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 160);
+    assert_eq!(
+        per_peer.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+        160
+    );
 }
 
 #[test]
@@ -60,11 +88,18 @@ fn a_peer_killed_mid_job_loses_no_work() {
     let a = loopback_peer(dir.path(), "a", None);
     let mut b = loopback_peer(dir.path(), "b", Some(a.addr()));
     let _c = loopback_peer(dir.path(), "c", Some(a.addr()));
-    let (input, want) = primes_input(200, 40_000);
+    // ~150 taskunits of ~40 ms: a few seconds of work for three peers.
+    let (input, want) = primes_input(150, 300_000);
     let stats = dir.path().join("s.json");
     let mut cmd = antnest();
-    cmd.args(["submit", "--control", a.control.to_str().unwrap(), artifact("primes").to_str().unwrap(),
-        "--stats-json", stats.to_str().unwrap()]);
+    cmd.args([
+        "submit",
+        "--control",
+        a.control.to_str().unwrap(),
+        artifact("primes").to_str().unwrap(),
+        "--stats-json",
+        stats.to_str().unwrap(),
+    ]);
     let child = {
         use std::io::Write;
         let mut child = cmd
@@ -73,18 +108,33 @@ fn a_peer_killed_mid_job_loses_no_work() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
         child
     };
-    // Let b take work, then kill it without warning.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Let b take work, then kill it without warning, mid-job.
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut child = child;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the job must still be running when b dies"
+    );
     b.kill();
     let out = wait_output(child, T);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), want.to_string());
     let s = crate::common::stats(&stats);
-    assert_eq!(s["tasks"], 200);
+    assert_eq!(s["tasks"], 150);
     assert_eq!(s["failed"], 0);
+    let per_peer = s["per_peer"].as_object().unwrap();
+    assert_eq!(
+        per_peer.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+        150
+    );
 }
 
 /// Two namespaces joined by a veth pair; removed on drop.
@@ -96,24 +146,45 @@ impl Netns {
     fn create() -> Option<Netns> {
         let tag = std::process::id() % 100_000;
         let names = [format!("antA{tag}"), format!("antB{tag}")];
-        let sh = |cmd: &str| Command::new("sh").arg("-c").arg(cmd).status().map(|s| s.success()).unwrap_or(false);
+        let sh = |cmd: &str| {
+            Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
         if !sh(&format!("ip netns add {} 2>/dev/null", names[0])) {
             return None;
         }
-        let ns = Netns { names: names.clone() };
+        let ns = Netns {
+            names: names.clone(),
+        };
         let [a, b] = &names;
         let ok = sh(&format!("ip netns add {b}"))
-            && sh(&format!("ip link add va{tag} netns {a} type veth peer name vb{tag} netns {b}"))
-            && sh(&format!("ip -n {a} addr add 10.77.0.1/24 dev va{tag} && ip -n {a} link set va{tag} up && ip -n {a} link set lo up"))
-            && sh(&format!("ip -n {b} addr add 10.77.0.2/24 dev vb{tag} && ip -n {b} link set vb{tag} up && ip -n {b} link set lo up"));
+            && sh(&format!(
+                "ip link add va{tag} netns {a} type veth peer name vb{tag} netns {b}"
+            ))
+            && sh(&format!(
+                "ip -n {a} addr add 10.77.0.1/24 dev va{tag} && ip -n {a} link set va{tag} up && ip -n {a} link set lo up"
+            ))
+            && sh(&format!(
+                "ip -n {b} addr add 10.77.0.2/24 dev vb{tag} && ip -n {b} link set vb{tag} up && ip -n {b} link set lo up"
+            ));
         assert!(ok, "could create a namespace but not the veth link");
         Some(ns)
     }
 
     fn cmd(&self, i: usize) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.names[i], env!("CARGO_BIN_EXE_antnest")]);
-        cmd.env("ANTNEST_CACHE", cache_dir()).env("RUST_LOG", "warn");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.names[i],
+            env!("CARGO_BIN_EXE_antnest"),
+        ]);
+        cmd.env("ANTNEST_CACHE", cache_dir())
+            .env("RUST_LOG", "warn");
         cmd
     }
 }
@@ -133,17 +204,35 @@ fn mdns_finds_peers_with_no_config_across_namespaces() {
         return;
     };
     let dir = scratch();
-    let a = PeerProc::start_with(ns.cmd(0), dir.path(), "a", &["--listen", "/ip4/0.0.0.0/tcp/0", "--slots", "1"]);
-    let b = PeerProc::start_with(ns.cmd(1), dir.path(), "b", &["--listen", "/ip4/0.0.0.0/tcp/0", "--slots", "1"]);
+    let a = PeerProc::start_with(
+        ns.cmd(0),
+        dir.path(),
+        "a",
+        &["--listen", "/ip4/0.0.0.0/tcp/0", "--slots", "1"],
+    );
+    let b = PeerProc::start_with(
+        ns.cmd(1),
+        dir.path(),
+        "b",
+        &["--listen", "/ip4/0.0.0.0/tcp/0", "--slots", "1"],
+    );
     eventually(Duration::from_secs(30), "mDNS discovery", || {
         let out = run(&["peers", "--control", b.control.to_str().unwrap()], b"", T);
-        text(&out.stdout).lines().any(|l| l.starts_with(&a.peer_id) && l.contains(" connected"))
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with(&a.peer_id) && l.contains(" connected"))
     });
     let (input, want) = primes_input(120, 30_000);
     let stats = dir.path().join("s.json");
     let out = run_cmd(
-        ns.cmd(1).args(["submit", "--control", b.control.to_str().unwrap(),
-            artifact("primes").to_str().unwrap(), "--stats-json", stats.to_str().unwrap()]),
+        ns.cmd(1).args([
+            "submit",
+            "--control",
+            b.control.to_str().unwrap(),
+            artifact("primes").to_str().unwrap(),
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ]),
         input.as_bytes(),
         T,
     );
@@ -151,6 +240,9 @@ fn mdns_finds_peers_with_no_config_across_namespaces() {
     assert_eq!(text(&out.stdout), want.to_string());
     let s = crate::common::stats(&stats);
     let per_peer = s["per_peer"].as_object().unwrap();
-    assert!(per_peer.contains_key(&a.peer_id), "the discovered peer worked: {per_peer:?}");
+    assert!(
+        per_peer.contains_key(&a.peer_id),
+        "the discovered peer worked: {per_peer:?}"
+    );
     assert!(per_peer.contains_key(&b.peer_id), "{per_peer:?}");
 }

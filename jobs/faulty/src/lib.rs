@@ -1,7 +1,7 @@
 //! A job that misbehaves on request, for the sandbox tests.
 //!
 //! Each taskunit is a command: `loop` spins forever, `bomb` allocates until
-//! the memory limit stops it, `trap` panics, `big` returns 64 MiB, `exit`
+//! the memory limit stops it, `trap` panics, `big` returns 4 MiB, `exit`
 //! calls `std::process::exit(3)`; anything else is returned upper-cased.
 
 wit_bindgen::generate!({ path: "../../wit", world: "job" });
@@ -29,7 +29,7 @@ impl Guest for Faulty {
                 }
             }
             b"trap" => panic!("the faulty job was asked to trap"),
-            b"big" => Ok(vec![b'x'; 64 << 20]),
+            b"big" => Ok(vec![b'x'; 4 << 20]),
             b"exit" => std::process::exit(3),
             other => Ok(other.to_ascii_uppercase()),
         }

@@ -38,7 +38,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -79,8 +83,14 @@ fn zlib_stored(raw: &[u8]) -> Vec<u8> {
 impl Guest for Mandelbrot {
     fn split() -> Result<bool, String> {
         let input = String::from_utf8(read_all_input()).map_err(|e| e.to_string())?;
-        let input = if input.trim().is_empty() { "800 600 256" } else { input.trim() };
-        let [w, h, iter] = parse_numbers(input, 3)?[..] else { unreachable!() };
+        let input = if input.trim().is_empty() {
+            "800 600 256"
+        } else {
+            input.trim()
+        };
+        let [w, h, iter] = parse_numbers(input, 3)?[..] else {
+            unreachable!()
+        };
         if w == 0 || h == 0 || w > 16_384 || h > 16_384 {
             return Err(format!("image size {w}x{h} is out of range (1..=16384)"));
         }
@@ -92,7 +102,9 @@ impl Guest for Mandelbrot {
 
     fn process(unit: Vec<u8>) -> Result<Vec<u8>, String> {
         let text = std::str::from_utf8(&unit).map_err(|e| e.to_string())?;
-        let [y, w, h, iter] = parse_numbers(text, 4)?[..] else { unreachable!() };
+        let [y, w, h, iter] = parse_numbers(text, 4)?[..] else {
+            unreachable!()
+        };
         let scale = 3.0 / w.min(h) as f64;
         let ci = (y as f64 - h as f64 / 2.0) * scale;
         let row = (0..w)
@@ -103,7 +115,11 @@ impl Guest for Mandelbrot {
                     (zr, zi) = (zr * zr - zi * zi + cr, 2.0 * zr * zi + ci);
                     n += 1;
                 }
-                if n == iter { 0 } else { 255 - (n * 255 / iter.max(1)) as u8 }
+                if n == iter {
+                    0
+                } else {
+                    255 - (n * 255 / iter.max(1)) as u8
+                }
             })
             .collect();
         Ok(row)

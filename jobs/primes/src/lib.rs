@@ -34,7 +34,10 @@ impl Guest for Primes {
 
     fn process(unit: Vec<u8>) -> Result<Vec<u8>, String> {
         let text = std::str::from_utf8(&unit).map_err(|e| e.to_string())?;
-        let n: u64 = text.trim().parse().map_err(|e| format!("not an integer {text:?}: {e}"))?;
+        let n: u64 = text
+            .trim()
+            .parse()
+            .map_err(|e| format!("not an integer {text:?}: {e}"))?;
         Ok(count_primes(n).to_string().into_bytes())
     }
 
@@ -42,7 +45,9 @@ impl Guest for Primes {
         let mut sum: u64 = 0;
         while let Some(result) = host::next_result() {
             let text = std::str::from_utf8(&result).map_err(|e| e.to_string())?;
-            sum += text.parse::<u64>().map_err(|e| format!("bad result {text:?}: {e}"))?;
+            sum += text
+                .parse::<u64>()
+                .map_err(|e| format!("bad result {text:?}: {e}"))?;
         }
         host::write_output(sum.to_string().as_bytes());
         Ok(true)

@@ -17,7 +17,10 @@ struct WordCount;
 
 fn parse_counts(bytes: &[u8], into: &mut HashMap<Vec<u8>, u64>) -> Result<(), String> {
     for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        let tab = line.iter().rposition(|&b| b == b'\t').ok_or("result line without a tab")?;
+        let tab = line
+            .iter()
+            .rposition(|&b| b == b'\t')
+            .ok_or("result line without a tab")?;
         let count: u64 = std::str::from_utf8(&line[tab + 1..])
             .ok()
             .and_then(|s| s.parse().ok())
@@ -46,40 +49,47 @@ impl Guest for WordCount {
         // a line whose end has not been read yet.
         let mut pending: Vec<u8> = Vec::new();
         let mut partial: Vec<u8> = Vec::new();
+        let mut add_line = |pending: &mut Vec<u8>, line: &[u8]| {
+            if !pending.is_empty() && pending.len() + line.len() + 1 > CHUNK {
+                host::emit(&std::mem::take(pending));
+            }
+            if !pending.is_empty() {
+                pending.push(b'\n');
+            }
+            pending.extend_from_slice(line);
+        };
         loop {
             let block = host::read_input(CHUNK as u32);
-            let eof = block.is_empty();
-            partial.extend_from_slice(&block);
-            let mut lines: Vec<Vec<u8>> = Vec::new();
-            while let Some(nl) = partial.iter().position(|&b| b == b'\n') {
-                let rest = partial.split_off(nl + 1);
-                partial.pop();
-                lines.push(std::mem::replace(&mut partial, rest));
-            }
-            if eof && !partial.is_empty() {
-                lines.push(std::mem::take(&mut partial));
-            }
-            for line in lines {
-                if !pending.is_empty() && pending.len() + line.len() + 1 > CHUNK {
-                    host::emit(&std::mem::take(&mut pending));
+            if block.is_empty() {
+                if !partial.is_empty() {
+                    add_line(&mut pending, &partial);
                 }
-                if !pending.is_empty() {
-                    pending.push(b'\n');
-                }
-                pending.extend_from_slice(&line);
-            }
-            if eof {
                 if !pending.is_empty() {
                     host::emit(&pending);
                 }
                 return Ok(true);
             }
+            let mut rest = block.as_slice();
+            while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+                if partial.is_empty() {
+                    add_line(&mut pending, &rest[..nl]);
+                } else {
+                    partial.extend_from_slice(&rest[..nl]);
+                    add_line(&mut pending, &partial);
+                    partial.clear();
+                }
+                rest = &rest[nl + 1..];
+            }
+            partial.extend_from_slice(rest);
         }
     }
 
     fn process(unit: Vec<u8>) -> Result<Vec<u8>, String> {
         let mut counts: HashMap<Vec<u8>, u64> = HashMap::new();
-        for word in unit.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty()) {
+        for word in unit
+            .split(|b| b.is_ascii_whitespace())
+            .filter(|w| !w.is_empty())
+        {
             match counts.get_mut(word) {
                 Some(c) => *c += 1,
                 None => {
