@@ -138,6 +138,8 @@ pub struct JobStats {
     pub per_peer: std::collections::BTreeMap<String, u64>,
     /// Components compiled by the master for this job (0 on a cache hit).
     pub compiled: u64,
+    /// From submission to the first taskunit result, in milliseconds.
+    pub first_result_ms: Option<f64>,
 }
 
 /// What a finished job gives back.
@@ -155,6 +157,8 @@ struct MasterJob {
     bytes: Arc<Vec<u8>>,
     limits: Limits,
     book: Mutex<JobBook>,
+    /// Signalled when results arrive (holds a permit if nobody waits yet).
+    progress: Notify,
 }
 
 /// A job some other peer announced.
@@ -178,8 +182,6 @@ struct Shared {
     fetching: tokio::sync::Mutex<()>,
     /// Woken when there may be new work.
     work: Notify,
-    /// Woken when a master job may have finished.
-    progress: Notify,
 }
 
 /// A handle on a running peer. Cheap to clone.
@@ -232,7 +234,6 @@ pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
         remotes: Mutex::new(HashMap::new()),
         fetching: tokio::sync::Mutex::new(()),
         work: Notify::new(),
-        progress: Notify::new(),
     });
     let peer = Peer { shared };
     let (stop, stop_rx) = watch::channel(false);
@@ -370,7 +371,7 @@ impl Peer {
                     .lock()
                     .unwrap()
                     .complete(&peer.to_string(), outcomes);
-                self.shared.progress.notify_waiters();
+                master.progress.notify_one();
                 Response::Ack
             }
             Request::FetchModule { hash } => {
@@ -462,7 +463,7 @@ impl Peer {
                         .lock()
                         .unwrap()
                         .complete(&self.shared.local, outcomes);
-                    self.shared.progress.notify_waiters();
+                    master.progress.notify_one();
                 }
                 Source::Remote(peer) => {
                     let req = Request::Results {
@@ -645,6 +646,7 @@ impl Peer {
                 self.shared.config.lease,
                 spec.max_attempts,
             )),
+            progress: Notify::new(),
         });
         self.shared
             .masters
@@ -699,13 +701,13 @@ impl Peer {
                 last_progress = Instant::now();
             }
             self.shared.work.notify_waiters();
-            let notified = self.shared.progress.notified();
-            let _ = tokio::time::timeout(Duration::from_millis(20), notified).await;
+            let _ =
+                tokio::time::timeout(Duration::from_millis(20), master.progress.notified()).await;
         }
         let _ = split.await;
         self.shared.masters.lock().unwrap().remove(&id);
 
-        let (prog, failures, per_peer, results) = {
+        let (prog, failures, per_peer, first_result, results) = {
             let mut book = master.book.lock().unwrap();
             if let Some(e) = book.fatal() {
                 return Err(SubmitError::Split(e.to_string()));
@@ -715,10 +717,14 @@ impl Peer {
                 .iter()
                 .map(|(i, e)| (*i, e.clone()))
                 .collect();
+            let first = book
+                .first_result()
+                .map(|t| t.saturating_duration_since(started));
             (
                 book.progress(),
                 failures,
                 book.per_worker().clone(),
+                first,
                 book.take_results(),
             )
         };
@@ -730,6 +736,7 @@ impl Peer {
             wall_ms: 0,
             per_peer,
             compiled,
+            first_result_ms: first_result.map(|d| d.as_secs_f64() * 1000.0),
         };
         let mut report = JobReport {
             output: ByteBuf::new(),

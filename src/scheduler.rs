@@ -48,6 +48,8 @@ pub struct JobBook {
     max_attempts: u32,
     /// Set when the split failed: the job cannot complete.
     fatal: Option<String>,
+    /// When the first result came in.
+    first_result: Option<Instant>,
 }
 
 impl JobBook {
@@ -65,6 +67,7 @@ impl JobBook {
             lease_time,
             max_attempts: max_attempts.max(1),
             fatal: None,
+            first_result: None,
         }
     }
 
@@ -153,6 +156,7 @@ impl JobBook {
                 Ok(bytes) => {
                     self.retire(index);
                     self.results.insert(index, bytes.into_vec());
+                    self.first_result.get_or_insert_with(Instant::now);
                     *self.per_worker.entry(worker.to_owned()).or_default() += 1;
                 }
                 Err(err) => {
@@ -215,6 +219,10 @@ impl JobBook {
             total: self.split.is_none().then_some(self.next_index),
             leased: self.leases.len() as u64,
         }
+    }
+
+    pub fn first_result(&self) -> Option<Instant> {
+        self.first_result
     }
 
     pub fn failures(&self) -> &BTreeMap<u64, TaskError> {

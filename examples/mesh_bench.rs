@@ -1,0 +1,407 @@
+//! Runs the peer harness's three workloads (`../shared/bench/peers`) as
+//! antnest jobs through a real mesh of peer processes on loopback, and
+//! speaks the harness's `--ext` protocol:
+//!
+//! ```sh
+//! cargo build --release --example mesh_bench
+//! target/release/examples/mesh_bench --inputs /tmp/peers-cache/inputs-<hash> \
+//!     --workloads W1,W2,W3 --result out.json --timeout 300
+//! # side by side with the Python systems, in one run:
+//! cd ../shared/bench/peers && python run_peers.py --systems seq,mp,dask,ray,celery \
+//!     --ext mesh="$PWD/../../../main/target/release/examples/mesh_bench --nodes 2"
+//! ```
+//!
+//! W1 runs `jobs/reverse_strings`, W2 `jobs/primes`, W3 `jobs/wordcount`.
+//! Besides the result file it prints extra figures to stderr: a native
+//! two-thread Rust word count over the same W3 input, the idle peer's RSS,
+//! time to first result, module cache hits, and with `--million` the
+//! master's peak RSS over a 1,000,000-taskunit job.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use sha2::{Digest, Sha256};
+
+use antnest::control::{self, ControlReply, ControlRequest};
+use antnest::peer::{InputSpec, JobReport, JobSpec};
+use antnest::wire::ByteBuf;
+
+#[derive(Parser)]
+struct Args {
+    /// Directory with w1.txt, w2.txt, w3.txt.
+    #[arg(long)]
+    inputs: PathBuf,
+    #[arg(long, default_value = "W1,W2,W3")]
+    workloads: String,
+    /// Where to write the result JSON.
+    #[arg(long)]
+    result: PathBuf,
+    /// Seconds allowed per workload.
+    #[arg(long, default_value_t = 300.0)]
+    timeout: f64,
+    /// Peer processes in the mesh.
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// Worker slots per peer.
+    #[arg(long, default_value_t = 1)]
+    slots: usize,
+    /// Also run a 1,000,000-taskunit job and report the master's peak RSS.
+    #[arg(long)]
+    million: bool,
+    /// The antnest binary (default: beside this example's directory).
+    #[arg(long)]
+    antnest: Option<PathBuf>,
+}
+
+struct PeerProc {
+    child: Child,
+    control: PathBuf,
+    addr: String,
+}
+
+impl Drop for PeerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Build the sample jobs (release, wasm32-wasip2) into target/jobs.
+fn job_modules() -> Result<HashMap<&'static str, Vec<u8>>> {
+    let target = repo().join("target/jobs");
+    let status = Command::new("cargo")
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .args(["-p", "reverse_strings", "-p", "primes", "-p", "wordcount"])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(repo())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("building the jobs failed (run tests/setup.sh first)");
+    }
+    let mut m = HashMap::new();
+    for (w, name) in [
+        ("W1", "reverse_strings"),
+        ("W2", "primes"),
+        ("W3", "wordcount"),
+    ] {
+        let p = target.join(format!("wasm32-wasip2/release/{name}.wasm"));
+        m.insert(
+            w,
+            std::fs::read(&p).with_context(|| p.display().to_string())?,
+        );
+    }
+    Ok(m)
+}
+
+fn start_peer(
+    bin: &Path,
+    dir: &Path,
+    i: usize,
+    slots: usize,
+    bootstrap: Option<&str>,
+) -> Result<PeerProc> {
+    let control = dir.join(format!("p{i}.sock"));
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "peer",
+        "--no-mdns",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--slots",
+    ])
+    .arg(slots.to_string())
+    .arg("--control")
+    .arg(&control)
+    .arg("--cache-dir")
+    .arg(dir.join(format!("cache{i}")));
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut addr = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        if let Some(a) = line.strip_prefix("listening on: ") {
+            addr.get_or_insert(a.to_string());
+        }
+        if line.starts_with("control socket:") {
+            break;
+        }
+    }
+    Ok(PeerProc {
+        child,
+        control,
+        addr: addr.context("peer printed no address")?,
+    })
+}
+
+async fn submit(
+    control: &Path,
+    module: &[u8],
+    input: InputSpec,
+    timeout: Duration,
+) -> Result<JobReport> {
+    let spec = JobSpec {
+        module: ByteBuf::from(module.to_vec()),
+        input,
+        limits: None,
+        max_attempts: 3,
+        keep_going: false,
+    };
+    let run = async {
+        let mut s = tokio::net::UnixStream::connect(control).await?;
+        control::write_msg(&mut s, &ControlRequest::Submit(Box::new(spec))).await?;
+        loop {
+            match control::read_msg::<ControlReply>(&mut s).await? {
+                Some(ControlReply::Progress(_)) => continue,
+                Some(ControlReply::Done(r)) => return Ok(*r),
+                Some(ControlReply::Failed { error, .. }) => bail!("job failed: {error}"),
+                other => bail!("unexpected reply {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .context("workload timed out")?
+}
+
+fn digest(workload: &str, output: &[u8]) -> String {
+    match workload {
+        // Results are joined by newlines; the harness hashes their concatenation.
+        "W1" => {
+            let joined: Vec<u8> = output.iter().copied().filter(|&b| b != b'\n').collect();
+            hex::encode(Sha256::digest(joined))
+        }
+        "W2" => String::from_utf8_lossy(output).trim().to_string(),
+        _ => hex::encode(Sha256::digest(output)),
+    }
+}
+
+fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Native two-thread word count over the W3 lines (read from disk, as the mesh does).
+fn native_wordcount(path: &Path) -> Result<(Duration, String)> {
+    let t = Instant::now();
+    let data = std::fs::read(path)?;
+    let lines: Vec<&[u8]> = data
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    let half = lines.len().div_ceil(2);
+    let counts: Vec<HashMap<&[u8], u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = lines
+            .chunks(half.max(1))
+            .map(|part| {
+                s.spawn(move || {
+                    let mut m: HashMap<&[u8], u64> = HashMap::new();
+                    for line in part {
+                        for w in line
+                            .split(|b| b.is_ascii_whitespace())
+                            .filter(|w| !w.is_empty())
+                        {
+                            *m.entry(w).or_default() += 1;
+                        }
+                    }
+                    m
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut total: HashMap<&[u8], u64> = HashMap::new();
+    for m in counts {
+        for (w, c) in m {
+            *total.entry(w).or_default() += c;
+        }
+    }
+    let mut words: Vec<_> = total.into_iter().collect();
+    words.sort_unstable();
+    let mut h = Sha256::new();
+    for (w, c) in words {
+        h.update(w);
+        h.update(format!("\t{c}\n"));
+    }
+    Ok((t.elapsed(), hex::encode(h.finalize())))
+}
+
+/// A small input of the same shape, for the warm-up round trip.
+fn warmup_input(workload: &str, dir: &Path) -> Result<Vec<u8>> {
+    let file = dir.join(format!("{}.txt", workload.to_lowercase()));
+    let reader =
+        BufReader::new(std::fs::File::open(&file).with_context(|| file.display().to_string())?);
+    let mut out = Vec::new();
+    let lines = match workload {
+        "W1" => 2000,
+        "W2" => 8,
+        _ => 4,
+    };
+    for line in reader.split(b'\n').take(lines) {
+        let mut line = line?;
+        if workload == "W3" {
+            line.truncate(200_000);
+            while line.last().is_some_and(|b| !b.is_ascii_whitespace()) {
+                line.pop();
+            }
+        }
+        out.extend_from_slice(&line);
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let timeout = Duration::from_secs_f64(args.timeout);
+    let workloads: Vec<String> = args
+        .workloads
+        .split(',')
+        .map(|s| s.trim().to_uppercase())
+        .collect();
+    let bin = match &args.antnest {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(|p| p.parent())
+            .context("no exe dir")?
+            .join("antnest"),
+    };
+    let modules = job_modules()?;
+    let dir = tempfile::tempdir()?;
+
+    let t0 = Instant::now();
+    let mut peers = vec![start_peer(&bin, dir.path(), 0, args.slots, None)?];
+    let first = peers[0].addr.clone();
+    for i in 1..args.nodes {
+        peers.push(start_peer(&bin, dir.path(), i, args.slots, Some(&first))?);
+    }
+    let master = peers[0].control.clone();
+    // Warm-up: repeat each workload's small job until every peer has worked
+    // on it (so every peer has fetched and compiled every module).
+    let mut first_result_ms = Vec::new();
+    for w in &workloads {
+        let input = warmup_input(w, &args.inputs)?;
+        let mut rounds = 0;
+        loop {
+            let r = submit(
+                &master,
+                &modules[w.as_str()],
+                InputSpec::Bytes(ByteBuf::from(input.clone())),
+                timeout,
+            )
+            .await?;
+            rounds += 1;
+            if let Some(ms) = r.stats.first_result_ms {
+                first_result_ms.push(ms);
+            }
+            if r.stats.per_peer.len() >= args.nodes || rounds >= 50 {
+                break;
+            }
+        }
+    }
+    let startup_s = t0.elapsed().as_secs_f64();
+    let idle_rss = rss_kib(peers[peers.len() - 1].child.id(), "VmRSS:");
+
+    let mut results = serde_json::Map::new();
+    let mut compiled = 0;
+    let mut warm_first = Vec::new();
+    for w in &workloads {
+        let path = args.inputs.join(format!("{}.txt", w.to_lowercase()));
+        let t = Instant::now();
+        let report = submit(
+            &master,
+            &modules[w.as_str()],
+            InputSpec::Path(path),
+            timeout,
+        )
+        .await?;
+        let d = digest(w, &report.output);
+        let wall = t.elapsed().as_secs_f64();
+        compiled += report.stats.compiled;
+        warm_first.extend(report.stats.first_result_ms);
+        eprintln!(
+            "{w}: {:.4} s, {} tasks, per peer {:?}",
+            wall, report.stats.tasks, report.stats.per_peer
+        );
+        results.insert(
+            w.clone(),
+            serde_json::json!({"wall_s": wall, "digest": d, "tasks": report.stats.tasks}),
+        );
+    }
+
+    if let Some(p) = workloads
+        .iter()
+        .any(|w| w == "W3")
+        .then(|| args.inputs.join("w3.txt"))
+    {
+        let (native, native_digest) = native_wordcount(&p)?;
+        let size = std::fs::metadata(&p)?.len() as f64 / 1e6;
+        eprintln!(
+            "native 2-thread Rust word count: {:.4} s, {:.0} MB/s (digest {})",
+            native.as_secs_f64(),
+            size / native.as_secs_f64(),
+            if results["W3"]["digest"] == native_digest {
+                "matches"
+            } else {
+                "DIFFERS"
+            }
+        );
+    }
+    eprintln!("idle peer RSS after warm-up: {} KiB", idle_rss.unwrap_or(0));
+    eprintln!("submit to first result (warm mesh, ms): {warm_first:.2?}");
+    eprintln!("components compiled by the master during the timed runs: {compiled}");
+    if args.million {
+        let input = dir.path().join("million.txt");
+        let lines: String = (0..1_000_000)
+            .map(|i| format!("taskunit-{i:07}\n"))
+            .collect();
+        std::fs::write(&input, lines)?;
+        let t = Instant::now();
+        let r = submit(&master, &modules["W1"], InputSpec::Path(input), timeout * 4).await?;
+        eprintln!(
+            "1,000,000 taskunits: {:.2} s, {} tasks, master peak RSS {} KiB",
+            t.elapsed().as_secs_f64(),
+            r.stats.tasks,
+            rss_kib(peers[0].child.id(), "VmHWM:").unwrap_or(0)
+        );
+    }
+
+    let t = Instant::now();
+    for p in &peers {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(p.child.id().to_string())
+            .status();
+    }
+    for p in &mut peers {
+        let _ = p.child.wait();
+    }
+    let shutdown_s = t.elapsed().as_secs_f64();
+    let out = serde_json::json!({
+        "system": "antnest",
+        "version": env!("CARGO_PKG_VERSION"),
+        "workers": args.nodes * args.slots,
+        "startup_s": startup_s,
+        "shutdown_s": shutdown_s,
+        "workloads": results,
+    });
+    std::fs::write(&args.result, serde_json::to_vec_pretty(&out)?)?;
+    Ok(())
+}
