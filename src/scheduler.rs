@@ -18,6 +18,7 @@ pub type WorkerId = String;
 
 struct Lease {
     worker: WorkerId,
+    since: Instant,
     deadline: Instant,
 }
 
@@ -40,6 +41,9 @@ pub struct JobBook {
     /// Open taskunits that nobody holds a lease on, oldest first.
     queue: VecDeque<u64>,
     leases: HashMap<u64, Lease>,
+    /// Straggler backups: near the end of a job, an idle worker gets a copy
+    /// of a taskunit leased to someone else; the first result wins.
+    backups: HashMap<u64, WorkerId>,
     attempts: HashMap<u64, u32>,
     results: BTreeMap<u64, Vec<u8>>,
     failures: BTreeMap<u64, TaskError>,
@@ -60,6 +64,7 @@ impl JobBook {
             open: HashMap::new(),
             queue: VecDeque::new(),
             leases: HashMap::new(),
+            backups: HashMap::new(),
             attempts: HashMap::new(),
             results: BTreeMap::new(),
             failures: BTreeMap::new(),
@@ -90,12 +95,38 @@ impl JobBook {
                 index,
                 Lease {
                     worker: worker.to_owned(),
+                    since: now,
                     deadline: now + self.lease_time,
                 },
             );
             units.push(TaskUnit { index, data });
         }
+        if units.is_empty() && self.split.is_none() {
+            units = self.take_backups(worker, max);
+        }
         units
+    }
+
+    /// Nothing fresh is left: copy the longest-held taskunits of other
+    /// workers (one backup each) so a slow worker does not hold up the end.
+    fn take_backups(&mut self, worker: &str, max: usize) -> Vec<TaskUnit> {
+        let mut held: Vec<(Instant, u64)> = self
+            .leases
+            .iter()
+            .filter(|(i, l)| l.worker != worker && !self.backups.contains_key(i))
+            .map(|(i, l)| (l.since, *i))
+            .collect();
+        held.sort_unstable();
+        held.into_iter()
+            .take(max)
+            .map(|(_, index)| {
+                self.backups.insert(index, worker.to_owned());
+                TaskUnit {
+                    index,
+                    data: self.open[&index].clone(),
+                }
+            })
+            .collect()
     }
 
     fn pull_split(&mut self) -> Option<u64> {
@@ -141,6 +172,7 @@ impl JobBook {
             // Re-issue soon, ahead of fresh taskunits.
             self.queue.push_front(*index);
         }
+        self.backups.retain(|_, w| w != worker);
         held.len()
     }
 
@@ -160,6 +192,9 @@ impl JobBook {
                     *self.per_worker.entry(worker.to_owned()).or_default() += 1;
                 }
                 Err(err) => {
+                    if self.backups.get(&index).is_some_and(|w| w == worker) {
+                        self.backups.remove(&index);
+                    }
                     let attempts = self.attempts.entry(index).or_default();
                     *attempts += 1;
                     if *attempts >= self.max_attempts {
@@ -177,6 +212,7 @@ impl JobBook {
     fn retire(&mut self, index: u64) {
         self.open.remove(&index);
         self.leases.remove(&index);
+        self.backups.remove(&index);
         self.attempts.remove(&index);
         self.queue.retain(|i| *i != index);
     }
@@ -266,7 +302,10 @@ mod tests {
         let t0 = Instant::now();
         let first = b.take("w1", 10, t0);
         assert_eq!(first.len(), 2);
-        assert!(b.take("w2", 10, t0).is_empty());
+        assert!(
+            b.take("w1", 10, t0).is_empty(),
+            "nothing fresh, and no backups of its own"
+        );
         let later = t0 + Duration::from_secs(11);
         let again = b.take("w2", 10, later);
         assert_eq!(again.len(), 2, "expired leases come back");
@@ -289,6 +328,31 @@ mod tests {
         let mut idx: Vec<u64> = units.iter().map(|u| u.index).collect();
         idx.sort();
         assert_eq!(idx, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn idle_workers_back_up_stragglers_and_the_first_result_wins() {
+        let mut b = book(&["a", "b"]);
+        let now = Instant::now();
+        assert_eq!(b.take("slow", 1, now).len(), 1);
+        assert_eq!(b.take("fast", 1, now).len(), 1);
+        b.complete("fast", vec![ok(1, "B")]);
+        // Nothing fresh is left: "fast" gets a backup of "slow"'s taskunit, once.
+        let backup = b.take("fast", 4, now);
+        assert_eq!(backup.iter().map(|u| u.index).collect::<Vec<_>>(), vec![0]);
+        assert!(
+            b.take("other", 4, now).is_empty(),
+            "one backup per taskunit"
+        );
+        assert!(
+            b.take("slow", 4, now).is_empty(),
+            "no backup of your own lease"
+        );
+        b.complete("fast", vec![ok(0, "A from backup")]);
+        b.complete("slow", vec![ok(0, "A late")]);
+        assert!(b.is_finished());
+        assert_eq!(b.take_results()[&0], b"A from backup");
+        assert_eq!(b.per_worker()["fast"], 2);
     }
 
     #[test]
