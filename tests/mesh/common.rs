@@ -219,7 +219,7 @@ pub(crate) fn count_primes_below(ns: &[u64]) -> Vec<u64> {
         }
     }
     for k in 1..=max {
-        below[k] = below[k - 1] + u64::from(k - 1 >= 2 && !composite[k - 1]);
+        below[k] = below[k - 1] + u64::from(k > 2 && !composite[k - 1]);
     }
     ns.iter().map(|&n| below[n as usize]).collect()
 }
