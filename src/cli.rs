@@ -52,6 +52,15 @@ pub(crate) struct NetArgs {
     /// Where modules and compiled artifacts are cached. Default: ~/.cache/antnest.
     #[arg(long, value_name = "DIR", env = "ANTNEST_CACHE")]
     pub(crate) cache_dir: Option<PathBuf>,
+    /// Keep this peer's identity (its peer id) in FILE, created if missing.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) identity: Option<PathBuf>,
+    /// Work only on jobs from this master (repeatable). Default: any master.
+    #[arg(long, value_name = "PEER_ID")]
+    pub(crate) allow_master: Vec<libp2p::PeerId>,
+    /// Jobs this peer may be master of at once.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) max_jobs: usize,
     /// Lease on handed-out taskunits before they are re-issued, e.g. 30s.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub(crate) lease: Duration,

@@ -82,9 +82,13 @@ fn peer_config(net: &NetArgs) -> Result<PeerConfig> {
             bootstrap,
             mdns: !net.no_mdns,
             psk,
+            keypair: net.identity.as_deref().map(load_identity).transpose()?,
             ..NetConfig::default()
         },
         lease: net.lease,
+        max_jobs: net.max_jobs.max(1),
+        allowed_masters: (!net.allow_master.is_empty())
+            .then(|| net.allow_master.iter().copied().collect()),
         ..PeerConfig::default()
     };
     if let Some(slots) = net.slots {
@@ -97,6 +101,29 @@ fn peer_config(net: &NetArgs) -> Result<PeerConfig> {
         cfg.cache_dir = net.cache_dir.clone();
     }
     Ok(cfg)
+}
+
+/// The identity in `path`, or a new one written there.
+fn load_identity(path: &std::path::Path) -> Result<libp2p::identity::Keypair> {
+    use libp2p::identity::Keypair;
+    if path.exists() {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        return Keypair::from_protobuf_encoding(&bytes)
+            .with_context(|| format!("{} is not an antnest identity", path.display()));
+    }
+    let key = Keypair::generate_ed25519();
+    let bytes = key
+        .to_protobuf_encoding()
+        .context("encoding the identity")?;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(&bytes))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(key)
 }
 
 async fn run_peer(args: cli::PeerArgs) -> Result<ExitCode> {

@@ -39,6 +39,8 @@ pub struct NetConfig {
     pub psk: Option<pnet::PreSharedKey>,
     /// How long one request may take, including a module fetch.
     pub request_timeout: Duration,
+    /// This peer's identity; `None`: a fresh one each start.
+    pub keypair: Option<identity::Keypair>,
 }
 
 impl Default for NetConfig {
@@ -49,6 +51,7 @@ impl Default for NetConfig {
             mdns: true,
             psk: None,
             request_timeout: Duration::from_secs(120),
+            keypair: None,
         }
     }
 }
@@ -212,7 +215,10 @@ fn build_transport(
 /// Build the swarm and start listening. Returns the handle, the event
 /// stream and the loop to spawn.
 pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), NetError> {
-    let key = identity::Keypair::generate_ed25519();
+    let key = config
+        .keypair
+        .clone()
+        .unwrap_or_else(identity::Keypair::generate_ed25519);
     let local = key.public().to_peer_id();
     let transport = build_transport(&key, config.psk)?;
     let mdns_enabled = config.mdns;

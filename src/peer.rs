@@ -38,6 +38,10 @@ pub struct PeerConfig {
     pub lease: Duration,
     /// How often a master re-announces a job that still has work.
     pub announce_every: Duration,
+    /// Work only on jobs whose master is one of these; `None`: any master.
+    pub allowed_masters: Option<std::collections::HashSet<PeerId>>,
+    /// Jobs this peer is master of at once; more submissions are refused.
+    pub max_jobs: usize,
 }
 
 impl Default for PeerConfig {
@@ -49,6 +53,8 @@ impl Default for PeerConfig {
             cache_dir: default_cache_dir(),
             lease: Duration::from_secs(30),
             announce_every: Duration::from_millis(500),
+            allowed_masters: None,
+            max_jobs: 8,
         }
     }
 }
@@ -92,8 +98,8 @@ pub enum SubmitError {
         error: TaskError,
         report: Box<JobReport>,
     },
-    #[error("the peer is shutting down")]
-    ShuttingDown,
+    #[error("this peer already runs {0} jobs, its limit (--max-jobs)")]
+    Busy(usize),
 }
 
 /// Where a job's input comes from. Re-openable, so the default split can
@@ -311,6 +317,12 @@ impl Peer {
             return;
         };
         if master.to_string() == self.shared.local || a.module_size as usize > MAX_MODULE {
+            return;
+        }
+        if let Some(allowed) = &self.shared.config.allowed_masters
+            && !allowed.contains(&master)
+        {
+            debug!(%master, job = %a.job, "job from a master not on the allowlist ignored");
             return;
         }
         let now = Instant::now();
@@ -636,6 +648,12 @@ impl Peer {
             l.min(self.shared.config.limits)
         });
         let id = JobId::random();
+        {
+            let running = self.shared.masters.lock().unwrap().len();
+            if running >= self.shared.config.max_jobs {
+                return Err(SubmitError::Busy(running));
+            }
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4096);
         let master = Arc::new(MasterJob {
             module: hash,

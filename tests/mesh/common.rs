@@ -112,7 +112,7 @@ pub(crate) fn scratch() -> tempfile::TempDir {
         .unwrap()
 }
 
-pub(crate) fn stats(path: &Path) -> serde_json::Value {
+pub(crate) fn stats_of(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).expect("stats json written")).expect("stats json")
 }
 

@@ -49,7 +49,7 @@ fn reverse_strings_python_like_the_original() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "olleh\ndlrow\ntsentna");
-    assert_eq!(crate::common::stats(&stats)["tasks"], 3);
+    assert_eq!(stats_of(&stats)["tasks"], 3);
 }
 
 #[test]
@@ -117,7 +117,7 @@ fn primes_sums_counts() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let want: u64 = count_primes_below(&ns).iter().sum();
     assert_eq!(text(&out.stdout), want.to_string());
-    let s = crate::common::stats(&stats);
+    let s = stats_of(&stats);
     assert_eq!(s["tasks"], 40);
     assert_eq!(s["failed"], 0);
     assert!(s["wall_ms"].is_u64());

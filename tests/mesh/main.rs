@@ -6,3 +6,4 @@ mod common;
 mod jobs;
 mod mesh;
 mod sandbox;
+mod trust;

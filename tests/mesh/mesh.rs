@@ -63,7 +63,7 @@ fn three_peers_share_a_job_submitted_from_a_non_bootstrap_peer() {
         want.to_string(),
         "same result as a local run"
     );
-    let s = crate::common::stats(&stats);
+    let s = stats_of(&stats);
     let per_peer = s["per_peer"].as_object().unwrap();
     for p in [&a, &b, &c] {
         assert!(
@@ -127,7 +127,7 @@ fn a_peer_killed_mid_job_loses_no_work() {
     let out = wait_output(child, T);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), want.to_string());
-    let s = crate::common::stats(&stats);
+    let s = stats_of(&stats);
     assert_eq!(s["tasks"], 150);
     assert_eq!(s["failed"], 0);
     let per_peer = s["per_peer"].as_object().unwrap();
@@ -238,7 +238,7 @@ fn mdns_finds_peers_with_no_config_across_namespaces() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), want.to_string());
-    let s = crate::common::stats(&stats);
+    let s = stats_of(&stats);
     let per_peer = s["per_peer"].as_object().unwrap();
     assert!(
         per_peer.contains_key(&a.peer_id),

@@ -64,7 +64,7 @@ fn loop_bomb_trap_and_huge_output_fail_alone() {
         stderr.contains("taskunit 6 failed: trap: the job called exit("),
         "{stderr}"
     );
-    let s = crate::common::stats(&stats);
+    let s = stats_of(&stats);
     assert_eq!(s["tasks"], 8);
     assert_eq!(s["failed"], 5);
 }

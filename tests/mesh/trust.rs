@@ -1,0 +1,146 @@
+//! Private meshes (pre-shared key) and the master allowlist.
+
+use std::time::Duration;
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(300);
+
+fn connected(observer: &PeerProc, other: &PeerProc) -> bool {
+    let out = run(
+        &["peers", "--control", observer.control.to_str().unwrap()],
+        b"",
+        T,
+    );
+    text(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with(&other.peer_id) && l.contains(" connected"))
+}
+
+fn write_key(dir: &std::path::Path, name: &str, byte: u8) -> String {
+    let path = dir.join(name);
+    let hex: String = (0..32)
+        .map(|i| format!("{:02x}", byte.wrapping_add(i)))
+        .collect();
+    std::fs::write(&path, format!("/key/swarm/psk/1.0.0/\n/base16/\n{hex}\n")).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn a_mesh_key_keeps_outsiders_out() {
+    let dir = scratch();
+    let key = write_key(dir.path(), "mesh.key", 7);
+    let other = write_key(dir.path(), "other.key", 99);
+    let base = [
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--slots",
+        "1",
+    ];
+    let a = PeerProc::start(
+        dir.path(),
+        "a",
+        &[&base[..], &["--mesh-key", &key]].concat(),
+    );
+    let b = PeerProc::start(
+        dir.path(),
+        "b",
+        &[&base[..], &["--mesh-key", &key, "--bootstrap", a.addr()]].concat(),
+    );
+    let outsider = PeerProc::start(
+        dir.path(),
+        "c",
+        &[&base[..], &["--bootstrap", a.addr()]].concat(),
+    );
+    let wrong_key = PeerProc::start(
+        dir.path(),
+        "d",
+        &[&base[..], &["--mesh-key", &other, "--bootstrap", a.addr()]].concat(),
+    );
+    eventually(Duration::from_secs(20), "b joins with the key", || {
+        connected(&a, &b)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!connected(&a, &outsider), "a peer without the key got in");
+    assert!(!connected(&a, &wrong_key), "a peer with another key got in");
+    assert!(!connected(&outsider, &a));
+}
+
+#[test]
+fn workers_only_serve_allowed_masters() {
+    let dir = scratch();
+    let ident = dir.path().join("m.id");
+    let base = [
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--slots",
+        "1",
+    ];
+    let m = PeerProc::start(
+        dir.path(),
+        "m",
+        &[&base[..], &["--identity", ident.to_str().unwrap()]].concat(),
+    );
+    // The identity persists: a restart keeps the peer id.
+    let id = m.peer_id.clone();
+    drop(m);
+    let m = PeerProc::start(
+        dir.path(),
+        "m",
+        &[&base[..], &["--identity", ident.to_str().unwrap()]].concat(),
+    );
+    assert_eq!(m.peer_id, id, "same identity file, same peer id");
+    let w = PeerProc::start(
+        dir.path(),
+        "w",
+        &[
+            &base[..],
+            &["--bootstrap", m.addr(), "--allow-master", &m.peer_id],
+        ]
+        .concat(),
+    );
+    let x = PeerProc::start(
+        dir.path(),
+        "x",
+        &[&base[..], &["--bootstrap", m.addr()]].concat(),
+    );
+    eventually(Duration::from_secs(20), "mesh formed", || {
+        connected(&m, &w) && connected(&m, &x)
+    });
+    let input: String = (0..60).map(|i| format!("{}\n", 200_000 + i)).collect();
+    let job = |master: &PeerProc| {
+        let stats = dir.path().join(format!("{}.json", master.peer_id));
+        let out = run(
+            &[
+                "submit",
+                "--control",
+                master.control.to_str().unwrap(),
+                artifact("primes").to_str().unwrap(),
+                "--stats-json",
+                stats.to_str().unwrap(),
+            ],
+            input.as_bytes(),
+            T,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        stats_of(&stats)
+    };
+    let from_x = job(&x);
+    assert!(
+        !from_x["per_peer"]
+            .as_object()
+            .unwrap()
+            .contains_key(&w.peer_id),
+        "w worked for a master not on its allowlist: {from_x}"
+    );
+    let from_m = job(&m);
+    assert!(
+        from_m["per_peer"]
+            .as_object()
+            .unwrap()
+            .contains_key(&w.peer_id),
+        "w did not work for its allowed master: {from_m}"
+    );
+}
