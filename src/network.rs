@@ -26,7 +26,7 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::wire::{Announce, JOBS_TOPIC, MAX_REQUEST, MAX_RESPONSE, PROTOCOL, Request, Response};
+use crate::wire::{Announce, JOBS_TOPIC, PROTOCOL, Request, Response};
 
 /// How the swarm is set up.
 #[derive(Debug, Clone)]
@@ -258,11 +258,8 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
                 gossip_cfg,
             )?;
-            let codec = request_response::cbor::codec::Codec::default()
-                .set_request_size_maximum(MAX_REQUEST)
-                .set_response_size_maximum(MAX_RESPONSE);
             let rr = request_response::cbor::Behaviour::with_codec(
-                codec,
+                crate::wire::codec(),
                 [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(request_timeout),
             );

@@ -25,6 +25,14 @@ pub const MAX_TASKUNIT: usize = 16 << 20;
 /// Largest module a peer will fetch or accept.
 pub const MAX_MODULE: usize = 100 << 20;
 
+/// The request-response codec with antnest's size limits. Every inbound
+/// request and response is decoded by this (cbor4ii via serde).
+pub fn codec() -> libp2p::request_response::cbor::codec::Codec<Request, Response> {
+    libp2p::request_response::cbor::codec::Codec::default()
+        .set_request_size_maximum(MAX_REQUEST)
+        .set_response_size_maximum(MAX_RESPONSE)
+}
+
 /// SHA-256 of a module's bytes: its identity everywhere in the mesh.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ModuleHash(pub [u8; 32]);
@@ -192,6 +200,84 @@ mod tests {
             module_size: 1,
             limits: Limits::default(),
         });
+    }
+
+    /// Decode `bytes` as an inbound request with the real wire codec.
+    fn decode_request(bytes: &[u8]) -> std::io::Result<Request> {
+        use libp2p::request_response::Codec as _;
+        let protocol = libp2p::StreamProtocol::new(PROTOCOL);
+        futures::executor::block_on(
+            codec().read_request(&protocol, &mut futures::io::Cursor::new(bytes)),
+        )
+    }
+
+    fn encode(req: &Request) -> Vec<u8> {
+        use libp2p::request_response::Codec as _;
+        let protocol = libp2p::StreamProtocol::new(PROTOCOL);
+        let mut out = futures::io::Cursor::new(Vec::new());
+        futures::executor::block_on(codec().write_request(&protocol, &mut out, req.clone()))
+            .unwrap();
+        out.into_inner()
+    }
+
+    fn sample_requests() -> Vec<Request> {
+        vec![
+            Request::Pull {
+                job: JobId(0xdead_beef),
+                max: 64,
+            },
+            Request::FetchModule {
+                hash: ModuleHash::of(b"m"),
+            },
+            Request::Results {
+                job: JobId(3),
+                outcomes: vec![TaskOutcome {
+                    index: 5,
+                    result: Err(TaskError::OutOfMemory(1 << 20)),
+                }],
+                compute: Duration::from_micros(7),
+            },
+        ]
+    }
+
+    #[test]
+    fn wire_codec_roundtrips_requests() {
+        for req in sample_requests() {
+            assert_eq!(decode_request(&encode(&req)).unwrap(), req);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary bytes never panic the decoder; they decode or fail.
+        #[test]
+        fn garbage_never_panics_the_decoder(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let _ = decode_request(&bytes);
+        }
+
+        /// Valid messages with bytes flipped, cut short or extended never
+        /// panic the decoder, and an intact prefix never decodes as
+        /// something else silently when cut.
+        #[test]
+        fn mutated_messages_never_panic(
+            which in 0usize..3,
+            flips in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 0..8),
+            cut in proptest::prelude::any::<usize>(),
+        ) {
+            let req = sample_requests().swap_remove(which);
+            let mut bytes = encode(&req);
+            for (at, value) in flips {
+                let i = at % bytes.len();
+                bytes[i] = value;
+            }
+            let _ = decode_request(&bytes);
+            let cut = cut % bytes.len();
+            let clean = encode(&req);
+            if let Ok(decoded) = decode_request(&clean[..cut]) {
+                proptest::prop_assert_eq!(decoded, req);
+            }
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! wasmtime's `tests/all`.
 
 mod common;
+mod hostile;
 mod jobs;
 mod mesh;
 mod sandbox;

@@ -49,7 +49,7 @@ impl Guest for WordCount {
         // a line whose end has not been read yet.
         let mut pending: Vec<u8> = Vec::new();
         let mut partial: Vec<u8> = Vec::new();
-        let mut add_line = |pending: &mut Vec<u8>, line: &[u8]| {
+        let add_line = |pending: &mut Vec<u8>, line: &[u8]| {
             if !pending.is_empty() && pending.len() + line.len() + 1 > CHUNK {
                 host::emit(&std::mem::take(pending));
             }

@@ -1,0 +1,139 @@
+//! A live peer fed malformed CBOR, oversized frames and unknown module
+//! hashes over a real libp2p connection keeps serving jobs.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, StreamProtocol, noise, tcp, yamux};
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+type Rr = request_response::cbor::Behaviour<Value, Value>;
+
+async fn abuse(addr: Multiaddr) -> Vec<Result<Value, String>> {
+    let codec = request_response::cbor::codec::Codec::<Value, Value>::default()
+        .set_request_size_maximum(200 << 20)
+        .set_response_size_maximum(1 << 20);
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            Rr::with_codec(
+                codec,
+                [(
+                    StreamProtocol::new(antnest::wire::PROTOCOL),
+                    ProtocolSupport::Outbound,
+                )],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
+            )
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let peer = match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(id)) => id,
+        _ => panic!("address without /p2p/"),
+    };
+    swarm.dial(addr).unwrap();
+    let requests = vec![
+        json!({"Pull": {"job": "not a number", "max": -1}}),
+        json!({"NoSuchRequest": [1, 2, 3]}),
+        json!([1, "two", {"three": null}]),
+        // Larger than the 64 MiB request limit.
+        json!({"Results": {"job": 1, "outcomes": [], "compute": "x".repeat(70 << 20)}}),
+        // A well-formed request for a module nobody has.
+        json!({"FetchModule": {"hash": vec![7u8; 32]}}),
+        json!({"Pull": {"job": 12345, "max": 10}}),
+    ];
+    let mut ids = Vec::new();
+    let mut results: Vec<Option<Result<Value, String>>> = vec![None; requests.len()];
+    let mut pending = requests.into_iter();
+    loop {
+        match swarm.select_next_some().await {
+            SwarmEvent::ConnectionEstablished { .. } if ids.is_empty() => {
+                for r in pending.by_ref() {
+                    ids.push(swarm.behaviour_mut().send_request(&peer, r));
+                }
+            }
+            SwarmEvent::Behaviour(request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            }) => {
+                let i = ids.iter().position(|id| *id == request_id).unwrap();
+                results[i] = Some(Ok(response));
+            }
+            SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                ..
+            }) => {
+                let i = ids.iter().position(|id| *id == request_id).unwrap();
+                results[i] = Some(Err(error.to_string()));
+            }
+            SwarmEvent::OutgoingConnectionError { error, .. } => {
+                panic!("cannot reach the peer: {error}")
+            }
+            _ => {}
+        }
+        if !ids.is_empty() && results.iter().all(Option::is_some) {
+            return results.into_iter().map(Option::unwrap).collect();
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_requests_leave_the_peer_serving() {
+    let dir = scratch();
+    let peer = PeerProc::start(
+        dir.path(),
+        "p",
+        &[
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--slots",
+            "1",
+        ],
+    );
+    let addr: Multiaddr = peer.addr().parse().unwrap();
+    let results = tokio::time::timeout(Duration::from_secs(120), abuse(addr))
+        .await
+        .expect("abuse finished in time");
+    for (i, r) in results.iter().take(4).enumerate() {
+        assert!(r.is_err(), "malformed request {i} was answered: {r:?}");
+    }
+    let refused = results[4].as_ref().expect("a refusal, not a failure");
+    assert!(
+        refused["Refused"].as_str().unwrap().contains("is not here"),
+        "{refused}"
+    );
+    assert_eq!(
+        results[5].as_ref().unwrap(),
+        &json!({"NoWork": {"finished": true}})
+    );
+    // The peer still runs jobs.
+    let out = run(
+        &[
+            "submit",
+            "--control",
+            peer.control.to_str().unwrap(),
+            artifact("reverse_strings").to_str().unwrap(),
+        ],
+        b"abc\nxyz\n",
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "cba\nzyx");
+}
