@@ -38,9 +38,8 @@ async fn abuse(addr: Multiaddr) -> Vec<Result<Value, String>> {
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
-    let peer = match addr.iter().last() {
-        Some(libp2p::multiaddr::Protocol::P2p(id)) => id,
-        _ => panic!("address without /p2p/"),
+    let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
+        panic!("address without /p2p/");
     };
     swarm.dial(addr).unwrap();
     let requests = vec![
