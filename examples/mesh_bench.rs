@@ -158,13 +158,14 @@ async fn submit(
         limits: None,
         max_attempts: 3,
         keep_going: false,
+        resume: None,
     };
     let run = async {
         let mut s = tokio::net::UnixStream::connect(control).await?;
         control::write_msg(&mut s, &ControlRequest::Submit(Box::new(spec))).await?;
         loop {
             match control::read_msg::<ControlReply>(&mut s).await? {
-                Some(ControlReply::Progress(_)) => continue,
+                Some(ControlReply::Progress { .. }) => continue,
                 Some(ControlReply::Done(r)) => return Ok(*r),
                 Some(ControlReply::Failed { error, .. }) => bail!("job failed: {error}"),
                 other => bail!("unexpected reply {other:?}"),

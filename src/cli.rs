@@ -109,6 +109,13 @@ pub(crate) struct SubmitArgs {
     /// Combine the successful results even if some taskunits failed.
     #[arg(long)]
     pub(crate) keep_going: bool,
+    /// Continue an earlier job whose master crashed, from its journal
+    /// (give the same JOB and input).
+    #[arg(long, value_name = "JOB_ID")]
+    pub(crate) resume: Option<antnest::wire::JobId>,
+    /// No progress on stderr.
+    #[arg(long, short)]
+    pub(crate) quiet: bool,
     /// Don't use a running local peer; run this job in a peer of its own.
     #[arg(long)]
     pub(crate) standalone: bool,

@@ -13,6 +13,7 @@ use tracing::{debug, warn};
 use crate::network::PeerInfo;
 use crate::peer::{JobReport, JobSpec, Peer, SubmitError};
 use crate::scheduler::Progress;
+use crate::wire::JobId;
 
 /// Largest control message (a module plus an inline input, or a result).
 const MAX_FRAME: usize = 1 << 30;
@@ -25,7 +26,11 @@ pub enum ControlRequest {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ControlReply {
-    Progress(Progress),
+    /// First the job id (at once), then progress now and then.
+    Progress {
+        job: JobId,
+        progress: Progress,
+    },
     Done(Box<JobReport>),
     Failed {
         error: String,
@@ -154,7 +159,9 @@ async fn handle(mut stream: UnixStream, peer: Peer) -> Result<(), ControlError> 
             let result = loop {
                 tokio::select! {
                     res = &mut job => break res,
-                    Some(p) = rx.recv() => write_msg(&mut stream, &ControlReply::Progress(p)).await?,
+                    Some((job, progress)) = rx.recv() => {
+                        write_msg(&mut stream, &ControlReply::Progress { job, progress }).await?;
+                    }
                 }
             };
             write_msg(&mut stream, &reply_for(result)).await

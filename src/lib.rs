@@ -9,6 +9,7 @@
 //! - [`scheduler`]: a master's book-keeping for one job (leases, re-issue).
 //! - [`network`]: the libp2p swarm, behind a `Client` and one `EventLoop`.
 //! - [`peer`]: a running peer: worker slots, jobs, request handling.
+//! - [`journal`]: results on disk as they arrive, for `--resume`.
 //! - [`control`]: the local control socket used by `antnest submit`.
 //! - [`source`]: building job components from Rust crates and Python files.
 //! - [`config`]: the bootstrap config file.
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod control;
 pub mod executor;
+pub mod journal;
 pub mod network;
 pub mod peer;
 pub mod scheduler;

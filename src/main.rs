@@ -14,7 +14,8 @@ use antnest::control::{self, ControlReply, ControlRequest};
 use antnest::executor::Limits;
 use antnest::network::NetConfig;
 use antnest::peer::{self, InputSpec, JobReport, JobSpec, PeerConfig};
-use antnest::wire::ByteBuf;
+use antnest::scheduler::Progress;
+use antnest::wire::{ByteBuf, JobId};
 use cli::{Cli, Command, NetArgs, SubmitArgs};
 
 fn main() -> ExitCode {
@@ -212,6 +213,7 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         }),
         max_attempts: args.attempts,
         keep_going: args.keep_going,
+        resume: args.resume,
     };
     let socket = args
         .control
@@ -223,12 +225,22 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     } else {
         tokio::net::UnixStream::connect(&socket).await.ok()
     };
+    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel(16);
+    let mut printer = ProgressPrinter::new(args.quiet);
+    let printer = tokio::spawn(async move {
+        while let Some((job, progress)) = progress_rx.recv().await {
+            printer.update(job, progress);
+        }
+        printer.finish();
+    });
     let reply = match stream {
         Some(mut stream) => {
             control::write_msg(&mut stream, &ControlRequest::Submit(Box::new(spec))).await?;
             loop {
                 match control::read_msg::<ControlReply>(&mut stream).await? {
-                    Some(ControlReply::Progress(_)) => continue,
+                    Some(ControlReply::Progress { job, progress }) => {
+                        let _ = progress_tx.try_send((job, progress));
+                    }
                     Some(reply) => break reply,
                     None => bail!("the local peer closed the connection before the job ended"),
                 }
@@ -236,12 +248,76 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         }
         None => {
             let running = peer::start(cfg).await?;
-            let result = running.peer.submit(spec, None).await;
+            let result = running.peer.submit(spec, Some(progress_tx.clone())).await;
             running.shutdown().await;
             control::reply_for(result)
         }
     };
+    drop(progress_tx);
+    let _ = printer.await;
     finish(&args, reply)
+}
+
+/// Shows a job's progress on stderr: one updating line on a terminal, a
+/// plain line now and then otherwise, nothing with `--quiet`.
+struct ProgressPrinter {
+    quiet: bool,
+    tty: bool,
+    started: std::time::Instant,
+    last: Option<std::time::Instant>,
+    job: Option<JobId>,
+}
+
+impl ProgressPrinter {
+    fn new(quiet: bool) -> Self {
+        ProgressPrinter {
+            quiet,
+            tty: std::io::stderr().is_terminal(),
+            started: std::time::Instant::now(),
+            last: None,
+            job: None,
+        }
+    }
+
+    fn update(&mut self, job: JobId, p: Progress) {
+        if self.quiet {
+            return;
+        }
+        if self.job.is_none() {
+            self.job = Some(job);
+            eprintln!("antnest: job {job} started (after a crash: --resume {job})");
+        }
+        let every = if self.tty { 100 } else { 2000 };
+        if self.last.is_some_and(|t| t.elapsed().as_millis() < every) {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = p.done as f64 / secs;
+        let total = p.total.map_or("?".to_string(), |t| t.to_string());
+        let eta = match p.total {
+            Some(t) if rate > 0.0 => format!(
+                "{:.0}s",
+                (t.saturating_sub(p.done + p.failed)) as f64 / rate
+            ),
+            _ => "?".into(),
+        };
+        let line = format!(
+            "{}/{total} done, {} failed, {rate:.0}/s, ETA {eta}, {} peers working",
+            p.done, p.failed, p.workers
+        );
+        if self.tty {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            eprintln!("antnest: {line}");
+        }
+    }
+
+    fn finish(&self) {
+        if self.tty && !self.quiet && self.last.is_some() {
+            eprint!("\r\x1b[2K");
+        }
+    }
 }
 
 fn read_stdin() -> Result<Vec<u8>> {

@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::executor::{self, Environment, Limits, SplitOutcome, TaskError, TaskRunner};
+use crate::journal::{Journal, JournalError};
 use crate::network::{self, Client, Event, NetConfig, PeerInfo};
 use crate::scheduler::{JobBook, Progress};
 use crate::wire::{
@@ -98,6 +99,8 @@ pub enum SubmitError {
         error: TaskError,
         report: Box<JobReport>,
     },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
     #[error("this peer already runs {0} jobs, its limit (--max-jobs)")]
     Busy(usize),
 }
@@ -130,6 +133,8 @@ pub struct JobSpec {
     pub max_attempts: u32,
     /// Combine the successful results even if some taskunits failed.
     pub keep_going: bool,
+    /// Continue this earlier job from its journal (same module and input).
+    pub resume: Option<JobId>,
 }
 
 /// Figures about a finished job (`--stats-json`).
@@ -144,6 +149,8 @@ pub struct JobStats {
     pub per_peer: std::collections::BTreeMap<String, u64>,
     /// Components compiled by the master for this job (0 on a cache hit).
     pub compiled: u64,
+    /// Results taken from the journal of an earlier run (`--resume`).
+    pub resumed: u64,
     /// From submission to the first taskunit result, in milliseconds.
     pub first_result_ms: Option<f64>,
 }
@@ -616,11 +623,12 @@ impl Peer {
     }
 
     /// Run a job with this peer as master; returns when it is combined.
-    /// `progress` receives updates about every 100 ms (best effort).
+    /// `progress` receives the job id at once, then updates about every
+    /// 100 ms (best effort).
     pub async fn submit(
         &self,
         spec: JobSpec,
-        progress: Option<mpsc::Sender<Progress>>,
+        progress: Option<mpsc::Sender<(JobId, Progress)>>,
     ) -> Result<JobReport, SubmitError> {
         let started = Instant::now();
         let bytes = spec.module.into_vec();
@@ -647,7 +655,6 @@ impl Peer {
         let limits = spec.limits.map_or(self.shared.config.limits, |l| {
             l.min(self.shared.config.limits)
         });
-        let id = JobId::random();
         {
             let running = self.shared.masters.lock().unwrap().len();
             if running >= self.shared.config.max_jobs {
@@ -655,15 +662,37 @@ impl Peer {
             }
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4096);
+        let mut book = JobBook::new(rx, self.shared.config.lease, spec.max_attempts);
+        let journal_root = self
+            .shared
+            .config
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join("journal"));
+        let id = match (spec.resume, &journal_root) {
+            (Some(id), Some(root)) => {
+                let (journal, done) = Journal::resume(root, id, &hash)?;
+                info!(job = %id, results = done.len(), "resuming from the journal");
+                book.set_journal(journal, done);
+                id
+            }
+            (Some(id), None) => return Err(SubmitError::Journal(JournalError::NotFound(id))),
+            (None, root) => {
+                let id = JobId::random();
+                if let Some(root) = root {
+                    book.set_journal(Journal::create(root, id, &hash)?, Default::default());
+                }
+                id
+            }
+        };
+        if let Some(p) = &progress {
+            let _ = p.try_send((id, book.progress()));
+        }
         let master = Arc::new(MasterJob {
             module: hash,
             bytes,
             limits,
-            book: Mutex::new(JobBook::new(
-                rx,
-                self.shared.config.lease,
-                spec.max_attempts,
-            )),
+            book: Mutex::new(book),
             progress: Notify::new(),
         });
         self.shared
@@ -715,7 +744,7 @@ impl Peer {
             if let Some(p) = &progress
                 && last_progress.elapsed() >= Duration::from_millis(100)
             {
-                let _ = p.try_send(prog);
+                let _ = p.try_send((id, prog));
                 last_progress = Instant::now();
             }
             self.shared.work.notify_waiters();
@@ -725,36 +754,27 @@ impl Peer {
         let _ = split.await;
         self.shared.masters.lock().unwrap().remove(&id);
 
-        let (prog, failures, per_peer, first_result, results) = {
+        let done = {
             let mut book = master.book.lock().unwrap();
             if let Some(e) = book.fatal() {
                 return Err(SubmitError::Split(e.to_string()));
             }
-            let failures: Vec<(u64, TaskError)> = book
-                .failures()
-                .iter()
-                .map(|(i, e)| (*i, e.clone()))
-                .collect();
-            let first = book
-                .first_result()
-                .map(|t| t.saturating_duration_since(started));
-            (
-                book.progress(),
-                failures,
-                book.per_worker().clone(),
-                first,
-                book.take_results(),
-            )
+            book.finish()
         };
+        let prog = done.progress;
+        let failures = done.failures;
         let stats = JobStats {
             job_id: id.to_string(),
             module: hash.to_string(),
             tasks: prog.total.unwrap_or(prog.done + prog.failed),
             failed: prog.failed,
             wall_ms: 0,
-            per_peer,
+            per_peer: done.per_worker,
             compiled,
-            first_result_ms: first_result.map(|d| d.as_secs_f64() * 1000.0),
+            resumed: done.resumed,
+            first_result_ms: done
+                .first_result
+                .map(|t| t.saturating_duration_since(started).as_secs_f64() * 1000.0),
         };
         let mut report = JobReport {
             output: ByteBuf::new(),
@@ -773,11 +793,15 @@ impl Peer {
                 report: Box::new(report),
             });
         }
+        let results = done.results;
         let output =
             tokio::task::spawn_blocking(move || combine_job(&env, &component, limits, results))
                 .await
                 .expect("combine task")
                 .map_err(|e| SubmitError::Combine(e.to_string()))?;
+        if let Some(journal) = done.journal {
+            journal.remove();
+        }
         report.output = ByteBuf::from(output);
         report.stats.wall_ms = started.elapsed().as_millis() as u64;
         info!(job = %id, tasks = report.stats.tasks, ms = report.stats.wall_ms, "job done");

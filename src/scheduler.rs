@@ -11,6 +11,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use crate::executor::TaskError;
+use crate::journal::Journal;
 use crate::wire::{MAX_BATCH_BYTES, TaskOutcome, TaskUnit};
 
 /// Who holds a lease: a peer id as text (the master's own slots use its own id).
@@ -30,6 +31,21 @@ pub struct Progress {
     /// Known once the split has finished.
     pub total: Option<u64>,
     pub leased: u64,
+    /// Distinct workers holding leases right now.
+    pub workers: u64,
+}
+
+/// What a finished job leaves (see [`JobBook::finish`]).
+pub struct Finished {
+    pub progress: Progress,
+    /// Taskunits that failed every attempt, in order, with the last error.
+    pub failures: Vec<(u64, TaskError)>,
+    pub per_worker: BTreeMap<WorkerId, u64>,
+    pub first_result: Option<Instant>,
+    pub resumed: u64,
+    /// Results in taskunit order (failed taskunits are absent).
+    pub results: BTreeMap<u64, Vec<u8>>,
+    pub journal: Option<Journal>,
 }
 
 pub struct JobBook {
@@ -54,6 +70,10 @@ pub struct JobBook {
     fatal: Option<String>,
     /// When the first result came in.
     first_result: Option<Instant>,
+    /// Where results are written as they arrive, if anywhere.
+    journal: Option<Journal>,
+    /// Results read back from the journal of an earlier run.
+    resumed: u64,
 }
 
 impl JobBook {
@@ -73,6 +93,30 @@ impl JobBook {
             max_attempts: max_attempts.max(1),
             fatal: None,
             first_result: None,
+            journal: None,
+            resumed: 0,
+        }
+    }
+
+    /// Write results to `journal`; `done` holds results of an earlier run
+    /// (by index), whose taskunits are skipped when the split emits them.
+    pub fn set_journal(&mut self, journal: Journal, done: BTreeMap<u64, Vec<u8>>) {
+        self.resumed = done.len() as u64;
+        self.results = done;
+        self.journal = Some(journal);
+    }
+
+    /// Hand over everything a finished job's master needs to report and
+    /// combine; the book is left empty.
+    pub fn finish(&mut self) -> Finished {
+        Finished {
+            progress: self.progress(),
+            failures: std::mem::take(&mut self.failures).into_iter().collect(),
+            per_worker: std::mem::take(&mut self.per_worker),
+            first_result: self.first_result,
+            resumed: self.resumed,
+            results: std::mem::take(&mut self.results),
+            journal: self.journal.take(),
         }
     }
 
@@ -130,18 +174,23 @@ impl JobBook {
     }
 
     fn pull_split(&mut self) -> Option<u64> {
-        let rx = self.split.as_ref()?;
-        match rx.try_recv() {
-            Ok(data) => {
-                let index = self.next_index;
-                self.next_index += 1;
-                self.open.insert(index, data);
-                Some(index)
-            }
-            Err(TryRecvError::Empty) => None,
-            Err(TryRecvError::Disconnected) => {
-                self.split = None;
-                None
+        loop {
+            let rx = self.split.as_ref()?;
+            match rx.try_recv() {
+                Ok(data) => {
+                    let index = self.next_index;
+                    self.next_index += 1;
+                    if self.results.contains_key(&index) {
+                        continue; // done in an earlier run
+                    }
+                    self.open.insert(index, data);
+                    return Some(index);
+                }
+                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Disconnected) => {
+                    self.split = None;
+                    return None;
+                }
             }
         }
     }
@@ -179,6 +228,16 @@ impl JobBook {
     /// Record results from `worker`. Results for retired taskunits (a
     /// duplicate from an expired lease) are ignored.
     pub fn complete(&mut self, worker: &str, outcomes: Vec<TaskOutcome>) {
+        self.record(worker, outcomes);
+        if let Some(j) = &mut self.journal
+            && let Err(e) = j.flush()
+        {
+            tracing::warn!("journal write failed, journal dropped: {e}");
+            self.journal = None;
+        }
+    }
+
+    fn record(&mut self, worker: &str, outcomes: Vec<TaskOutcome>) {
         for TaskOutcome { index, result } in outcomes {
             if !self.open.contains_key(&index) {
                 continue;
@@ -186,6 +245,12 @@ impl JobBook {
             let held_by_sender = self.leases.get(&index).is_some_and(|l| l.worker == worker);
             match result {
                 Ok(bytes) => {
+                    if let Some(j) = &mut self.journal
+                        && let Err(e) = j.append(index, &bytes)
+                    {
+                        tracing::warn!("journal write failed, journal dropped: {e}");
+                        self.journal = None;
+                    }
                     self.retire(index);
                     self.results.insert(index, bytes.into_vec());
                     self.first_result.get_or_insert_with(Instant::now);
@@ -254,6 +319,12 @@ impl JobBook {
             failed: self.failures.len() as u64,
             total: self.split.is_none().then_some(self.next_index),
             leased: self.leases.len() as u64,
+            workers: self
+                .leases
+                .values()
+                .map(|l| &l.worker)
+                .collect::<std::collections::HashSet<_>>()
+                .len() as u64,
         }
     }
 

@@ -246,3 +246,118 @@ fn mdns_finds_peers_with_no_config_across_namespaces() {
     );
     assert!(per_peer.contains_key(&b.peer_id), "{per_peer:?}");
 }
+
+#[test]
+fn a_crashed_master_resumes_without_recomputing() {
+    use std::io::BufRead;
+    let dir = scratch();
+    let cache = dir.path().join("cache");
+    let args = [
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--slots",
+        "1",
+    ];
+    let start = || {
+        let mut cmd = antnest();
+        cmd.env("ANTNEST_CACHE", &cache);
+        PeerProc::start_with(cmd, dir.path(), "m", &args)
+    };
+    let mut m = start();
+    // ~100 taskunits of ~40 ms on one slot: about 4 s of work.
+    let (input, want) = primes_input(100, 300_000);
+    let input_file = dir.path().join("in.txt");
+    std::fs::write(&input_file, &input).unwrap();
+    let primes = artifact("primes");
+    let submit_args = |extra: &[&str]| {
+        let mut v = vec![
+            "submit".to_string(),
+            "--control".into(),
+            m_control(dir.path()),
+            primes.to_str().unwrap().into(),
+            "--input".into(),
+            input_file.to_str().unwrap().into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let mut first = antnest()
+        .args(submit_args(&[]))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = first.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.strip_prefix("antnest: job ") {
+                let _ = tx.send(rest.split_whitespace().next().unwrap().to_string());
+            }
+        }
+    });
+    let job_id = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the job id is printed at start");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the job must still run when the master dies"
+    );
+    m.kill();
+    let first_out = wait_output(first, T);
+    assert!(
+        !first_out.status.success(),
+        "the submitter notices the master died"
+    );
+
+    let _m = start();
+    let stats = dir.path().join("s.json");
+    let out = run(
+        &submit_args(&["--resume", &job_id, "--stats-json", stats.to_str().unwrap()])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        b"",
+        T,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), want.to_string());
+    let s = stats_of(&stats);
+    let resumed = s["resumed"].as_u64().unwrap();
+    assert!(resumed > 0 && resumed < 100, "resumed {resumed} of 100");
+    let computed: u64 = s["per_peer"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        computed,
+        100 - resumed,
+        "nothing done before the crash was recomputed"
+    );
+    // The journal is gone once the job is done.
+    let again = run(
+        &submit_args(&["--resume", &job_id])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        b"",
+        T,
+    );
+    assert!(
+        text(&again.stderr).contains("no journal for job"),
+        "{}",
+        text(&again.stderr)
+    );
+}
+
+fn m_control(dir: &std::path::Path) -> String {
+    dir.join("m.sock").to_str().unwrap().to_string()
+}

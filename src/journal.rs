@@ -1,0 +1,175 @@
+//! The master's journal: every completed result is appended to disk as it
+//! arrives, so `antnest submit --resume JOB_ID` after a master crash
+//! recomputes nothing already done.
+//!
+//! Layout: `<dir>/<job_id>/meta.json` (`{"module": "<sha256>"}`) and
+//! `<dir>/<job_id>/results` (records of index u64 LE, length u32 LE, bytes).
+//! A record cut short by a crash is ignored and overwritten on resume.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::wire::{JobId, ModuleHash};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no journal for job {0} here (it finished, or ran on another machine)")]
+    NotFound(JobId),
+    #[error("job {job} ran module {journal}, not this one ({given}); resume with the same job")]
+    OtherModule {
+        job: JobId,
+        journal: String,
+        given: String,
+    },
+}
+
+pub struct Journal {
+    dir: PathBuf,
+    out: BufWriter<File>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Journal {
+    /// Start a new journal for `job`.
+    pub fn create(root: &Path, job: JobId, module: &ModuleHash) -> Result<Journal, JournalError> {
+        let dir = root.join(job.to_string());
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let meta = serde_json::json!({ "module": module.to_string() });
+        std::fs::write(dir.join("meta.json"), meta.to_string()).map_err(io_err(&dir))?;
+        let path = dir.join("results");
+        let file = File::create(&path).map_err(io_err(&path))?;
+        Ok(Journal {
+            dir,
+            out: BufWriter::new(file),
+        })
+    }
+
+    /// Reopen the journal of `job` and read the results it holds.
+    pub fn resume(
+        root: &Path,
+        job: JobId,
+        module: &ModuleHash,
+    ) -> Result<(Journal, BTreeMap<u64, Vec<u8>>), JournalError> {
+        let dir = root.join(job.to_string());
+        let meta_path = dir.join("meta.json");
+        let meta = match std::fs::read(&meta_path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(JournalError::NotFound(job));
+            }
+            Err(e) => return Err(io_err(&meta_path)(e)),
+        };
+        let meta: serde_json::Value = serde_json::from_slice(&meta).unwrap_or_default();
+        let journal_module = meta["module"].as_str().unwrap_or_default().to_string();
+        if journal_module != module.to_string() {
+            return Err(JournalError::OtherModule {
+                job,
+                journal: journal_module,
+                given: module.to_string(),
+            });
+        }
+        let path = dir.join("results");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(io_err(&path))?;
+        let (results, valid) = parse(&bytes);
+        // Drop a torn last record, then append after the good ones.
+        file.set_len(valid as u64).map_err(io_err(&path))?;
+        file.seek(SeekFrom::End(0)).map_err(io_err(&path))?;
+        Ok((
+            Journal {
+                dir,
+                out: BufWriter::new(file),
+            },
+            results,
+        ))
+    }
+
+    pub fn append(&mut self, index: u64, result: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(&index.to_le_bytes())?;
+        self.out.write_all(&(result.len() as u32).to_le_bytes())?;
+        self.out.write_all(result)
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+
+    /// The job finished: the journal is no longer needed.
+    pub fn remove(self) {
+        let dir = self.dir.clone();
+        drop(self);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The complete records in `bytes`, and how many bytes they span.
+fn parse(bytes: &[u8]) -> (BTreeMap<u64, Vec<u8>>, usize) {
+    let mut results = BTreeMap::new();
+    let mut at = 0;
+    while bytes.len() - at >= 12 {
+        let index = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
+        let Some(body) = bytes.get(at + 12..at + 12 + len) else {
+            break;
+        };
+        results.insert(index, body.to_vec());
+        at += 12 + len;
+    }
+    (results, at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_reads_what_was_written_and_drops_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = JobId(42);
+        let module = ModuleHash::of(b"m");
+        let mut j = Journal::create(dir.path(), job, &module).unwrap();
+        j.append(3, b"three").unwrap();
+        j.append(0, b"").unwrap();
+        j.flush().unwrap();
+        drop(j);
+        // A crash mid-record.
+        let path = dir.path().join(job.to_string()).join("results");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[9, 0, 0, 0, 0, 0, 0, 0, 50, 0]).unwrap();
+        drop(f);
+        let (mut j, got) = Journal::resume(dir.path(), job, &module).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[&3], b"three");
+        assert_eq!(got[&0], b"");
+        j.append(7, b"seven").unwrap();
+        j.flush().unwrap();
+        drop(j);
+        let (_, got) = Journal::resume(dir.path(), job, &module).unwrap();
+        assert_eq!(got[&7], b"seven", "appends after the torn tail was cut");
+        let other = Journal::resume(dir.path(), job, &ModuleHash::of(b"other"));
+        assert!(matches!(other, Err(JournalError::OtherModule { .. })));
+        assert!(matches!(
+            Journal::resume(dir.path(), JobId(1), &module),
+            Err(JournalError::NotFound(_))
+        ));
+    }
+}
