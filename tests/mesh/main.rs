@@ -2,6 +2,7 @@
 //! over loopback (and veth namespaces for mDNS). One binary, as in
 //! wasmtime's `tests/all`.
 
+mod chaos;
 mod common;
 mod hostile;
 mod jobs;
