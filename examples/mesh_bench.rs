@@ -159,6 +159,7 @@ async fn submit(
         max_attempts: 3,
         keep_going: false,
         resume: None,
+        replicate: 1,
     };
     let run = async {
         let mut s = tokio::net::UnixStream::connect(control).await?;

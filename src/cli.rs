@@ -113,6 +113,10 @@ pub(crate) struct SubmitArgs {
     /// (give the same JOB and input).
     #[arg(long, value_name = "JOB_ID")]
     pub(crate) resume: Option<antnest::wire::JobId>,
+    /// Run each taskunit on K distinct peers and compare the results;
+    /// a mismatch is reported and the taskunit run again. Needs K peers.
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub(crate) replicate: u8,
     /// No progress on stderr.
     #[arg(long, short)]
     pub(crate) quiet: bool,

@@ -109,6 +109,8 @@ pub enum TaskError {
     Guest(String),
     #[error("cannot run: {0}")]
     Load(String),
+    #[error("the {0} replicas of this taskunit gave different results")]
+    Mismatch(usize),
 }
 
 /// Cache counters, for the benchmarks and for `--stats-json`.

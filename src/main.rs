@@ -214,6 +214,7 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         max_attempts: args.attempts,
         keep_going: args.keep_going,
         resume: args.resume,
+        replicate: args.replicate,
     };
     let socket = args
         .control

@@ -135,6 +135,8 @@ pub struct JobSpec {
     pub keep_going: bool,
     /// Continue this earlier job from its journal (same module and input).
     pub resume: Option<JobId>,
+    /// Run each taskunit on this many distinct peers and compare results.
+    pub replicate: u8,
 }
 
 /// Figures about a finished job (`--stats-json`).
@@ -151,6 +153,8 @@ pub struct JobStats {
     pub compiled: u64,
     /// Results taken from the journal of an earlier run (`--resume`).
     pub resumed: u64,
+    /// Taskunits whose replicas disagreed and were run again (`--replicate`).
+    pub mismatches: u64,
     /// From submission to the first taskunit result, in milliseconds.
     pub first_result_ms: Option<f64>,
 }
@@ -662,7 +666,8 @@ impl Peer {
             }
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4096);
-        let mut book = JobBook::new(rx, self.shared.config.lease, spec.max_attempts);
+        let mut book = JobBook::new(rx, self.shared.config.lease, spec.max_attempts)
+            .with_replicas(spec.replicate);
         let journal_root = self
             .shared
             .config
@@ -772,6 +777,7 @@ impl Peer {
             per_peer: done.per_worker,
             compiled,
             resumed: done.resumed,
+            mismatches: prog.mismatches,
             first_result_ms: done
                 .first_result
                 .map(|t| t.saturating_duration_since(started).as_secs_f64() * 1000.0),

@@ -3,12 +3,19 @@
 //! are leased to workers, re-issued when a lease expires or its worker
 //! vanishes, and retired by the first result that comes back.
 //!
+//! With replication (`--replicate K`), each taskunit is run on K distinct
+//! workers; it is retired when all K results hash the same. A mismatch is
+//! counted, reported, and the taskunit is run again (up to the attempt limit).
+//! Each (taskunit, replica) pair is a *slot* with its own lease.
+//!
 //! `JobBook` is plain data behind a `std::sync::Mutex`; every method is short
 //! and never awaits.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
 
 use crate::executor::TaskError;
 use crate::journal::Journal;
@@ -17,10 +24,20 @@ use crate::wire::{MAX_BATCH_BYTES, TaskOutcome, TaskUnit};
 /// Who holds a lease: a peer id as text (the master's own slots use its own id).
 pub type WorkerId = String;
 
+/// One replica of one taskunit: (index, replica number).
+type Slot = (u64, u8);
+
 struct Lease {
     worker: WorkerId,
     since: Instant,
     deadline: Instant,
+}
+
+/// One replica's result, waiting for the others.
+struct Vote {
+    worker: WorkerId,
+    digest: [u8; 32],
+    bytes: Vec<u8>,
 }
 
 /// Progress figures, for the submitter.
@@ -33,6 +50,8 @@ pub struct Progress {
     pub leased: u64,
     /// Distinct workers holding leases right now.
     pub workers: u64,
+    /// Taskunits whose replicas disagreed (and were run again).
+    pub mismatches: u64,
 }
 
 /// What a finished job leaves (see [`JobBook::finish`]).
@@ -54,12 +73,17 @@ pub struct JobBook {
     next_index: u64,
     /// Taskunits emitted and not yet retired, by index.
     open: HashMap<u64, Vec<u8>>,
-    /// Open taskunits that nobody holds a lease on, oldest first.
-    queue: VecDeque<u64>,
-    leases: HashMap<u64, Lease>,
-    /// Straggler backups: near the end of a job, an idle worker gets a copy
-    /// of a taskunit leased to someone else; the first result wins.
-    backups: HashMap<u64, WorkerId>,
+    /// Slots that nobody holds a lease on, oldest first.
+    queue: VecDeque<Slot>,
+    leases: HashMap<Slot, Lease>,
+    /// Straggler backups (only without replication): near the end of a job,
+    /// an idle worker gets a copy of a slot leased to someone else.
+    backups: HashMap<Slot, WorkerId>,
+    /// Results in so far of replicated taskunits.
+    votes: HashMap<u64, Vec<Vote>>,
+    /// How many distinct workers must agree on each result.
+    replicas: u8,
+    mismatches: u64,
     attempts: HashMap<u64, u32>,
     results: BTreeMap<u64, Vec<u8>>,
     failures: BTreeMap<u64, TaskError>,
@@ -85,6 +109,9 @@ impl JobBook {
             queue: VecDeque::new(),
             leases: HashMap::new(),
             backups: HashMap::new(),
+            votes: HashMap::new(),
+            replicas: 1,
+            mismatches: 0,
             attempts: HashMap::new(),
             results: BTreeMap::new(),
             failures: BTreeMap::new(),
@@ -96,6 +123,12 @@ impl JobBook {
             journal: None,
             resumed: 0,
         }
+    }
+
+    /// Run every taskunit on `k` distinct workers and compare the results.
+    pub fn with_replicas(mut self, k: u8) -> Self {
+        self.replicas = k.max(1);
+        self
     }
 
     /// Write results to `journal`; `done` holds results of an earlier run
@@ -120,32 +153,56 @@ impl JobBook {
         }
     }
 
+    /// Whether `worker` already holds a replica of `index` or voted on it.
+    fn involved(&self, index: u64, worker: &str) -> bool {
+        (0..self.replicas).any(|r| {
+            self.leases
+                .get(&(index, r))
+                .is_some_and(|l| l.worker == worker)
+        }) || self
+            .votes
+            .get(&index)
+            .is_some_and(|v| v.iter().any(|v| v.worker == worker))
+    }
+
     /// Lease up to `max` taskunits to `worker`.
     pub fn take(&mut self, worker: &str, max: usize, now: Instant) -> Vec<TaskUnit> {
         self.reclaim_expired(now);
         let mut units = Vec::new();
         let mut bytes = 0;
-        while units.len() < max && bytes < MAX_BATCH_BYTES {
-            let index = match self.queue.pop_front() {
-                Some(i) => i,
+        // Slots this worker may not take (it has another replica of them).
+        let mut skipped = Vec::new();
+        while units.len() < max && bytes < MAX_BATCH_BYTES && skipped.len() < 256 {
+            let slot = match self.queue.pop_front() {
+                Some(s) => s,
                 None => match self.pull_split() {
-                    Some(i) => i,
+                    Some(s) => s,
                     None => break,
                 },
             };
-            let data = self.open[&index].clone();
+            if self.replicas > 1 && self.involved(slot.0, worker) {
+                skipped.push(slot);
+                continue;
+            }
+            let data = self.open[&slot.0].clone();
             bytes += data.len();
             self.leases.insert(
-                index,
+                slot,
                 Lease {
                     worker: worker.to_owned(),
                     since: now,
                     deadline: now + self.lease_time,
                 },
             );
-            units.push(TaskUnit { index, data });
+            units.push(TaskUnit {
+                index: slot.0,
+                data,
+            });
         }
-        if units.is_empty() && self.split.is_none() {
+        for slot in skipped.into_iter().rev() {
+            self.queue.push_front(slot);
+        }
+        if units.is_empty() && self.split.is_none() && self.replicas == 1 {
             units = self.take_backups(worker, max);
         }
         units
@@ -154,26 +211,28 @@ impl JobBook {
     /// Nothing fresh is left: copy the longest-held taskunits of other
     /// workers (one backup each) so a slow worker does not hold up the end.
     fn take_backups(&mut self, worker: &str, max: usize) -> Vec<TaskUnit> {
-        let mut held: Vec<(Instant, u64)> = self
+        let mut held: Vec<(Instant, Slot)> = self
             .leases
             .iter()
-            .filter(|(i, l)| l.worker != worker && !self.backups.contains_key(i))
-            .map(|(i, l)| (l.since, *i))
+            .filter(|(s, l)| l.worker != worker && !self.backups.contains_key(s))
+            .map(|(s, l)| (l.since, *s))
             .collect();
         held.sort_unstable();
         held.into_iter()
             .take(max)
-            .map(|(_, index)| {
-                self.backups.insert(index, worker.to_owned());
+            .map(|(_, slot)| {
+                self.backups.insert(slot, worker.to_owned());
                 TaskUnit {
-                    index,
-                    data: self.open[&index].clone(),
+                    index: slot.0,
+                    data: self.open[&slot.0].clone(),
                 }
             })
             .collect()
     }
 
-    fn pull_split(&mut self) -> Option<u64> {
+    /// The next taskunit from the split: its first slot, the other
+    /// replicas queued.
+    fn pull_split(&mut self) -> Option<Slot> {
         loop {
             let rx = self.split.as_ref()?;
             match rx.try_recv() {
@@ -184,7 +243,8 @@ impl JobBook {
                         continue; // done in an earlier run
                     }
                     self.open.insert(index, data);
-                    return Some(index);
+                    self.queue.extend((1..self.replicas).map(|r| (index, r)));
+                    return Some((index, 0));
                 }
                 Err(TryRecvError::Empty) => return None,
                 Err(TryRecvError::Disconnected) => {
@@ -196,30 +256,30 @@ impl JobBook {
     }
 
     fn reclaim_expired(&mut self, now: Instant) {
-        let expired: Vec<u64> = self
+        let expired: Vec<Slot> = self
             .leases
             .iter()
             .filter(|(_, l)| l.deadline <= now)
-            .map(|(i, _)| *i)
+            .map(|(s, _)| *s)
             .collect();
-        for index in expired {
-            self.leases.remove(&index);
-            self.queue.push_back(index);
+        for slot in expired {
+            self.leases.remove(&slot);
+            self.queue.push_back(slot);
         }
     }
 
     /// Re-issue every taskunit leased to `worker` (it went away).
     pub fn release_worker(&mut self, worker: &str) -> usize {
-        let held: Vec<u64> = self
+        let held: Vec<Slot> = self
             .leases
             .iter()
             .filter(|(_, l)| l.worker == worker)
-            .map(|(i, _)| *i)
+            .map(|(s, _)| *s)
             .collect();
-        for index in &held {
-            self.leases.remove(index);
+        for slot in &held {
+            self.leases.remove(slot);
             // Re-issue soon, ahead of fresh taskunits.
-            self.queue.push_front(*index);
+            self.queue.push_front(*slot);
         }
         self.backups.retain(|_, w| w != worker);
         held.len()
@@ -228,7 +288,11 @@ impl JobBook {
     /// Record results from `worker`. Results for retired taskunits (a
     /// duplicate from an expired lease) are ignored.
     pub fn complete(&mut self, worker: &str, outcomes: Vec<TaskOutcome>) {
-        self.record(worker, outcomes);
+        for TaskOutcome { index, result } in outcomes {
+            if self.open.contains_key(&index) {
+                self.record(worker, index, result.map(|b| b.into_vec()));
+            }
+        }
         if let Some(j) = &mut self.journal
             && let Err(e) = j.flush()
         {
@@ -237,49 +301,112 @@ impl JobBook {
         }
     }
 
-    fn record(&mut self, worker: &str, outcomes: Vec<TaskOutcome>) {
-        for TaskOutcome { index, result } in outcomes {
-            if !self.open.contains_key(&index) {
-                continue;
+    /// The slot of `index` that `worker` holds (a lease or a backup), released.
+    fn release_slot(&mut self, index: u64, worker: &str) -> Option<Slot> {
+        let slot = (0..self.replicas).map(|r| (index, r)).find(|s| {
+            self.leases.get(s).is_some_and(|l| l.worker == worker)
+                || self.backups.get(s).is_some_and(|w| w == worker)
+        })?;
+        if self.backups.get(&slot).is_some_and(|w| w == worker) {
+            self.backups.remove(&slot);
+        } else {
+            self.leases.remove(&slot);
+        }
+        Some(slot)
+    }
+
+    fn record(&mut self, worker: &str, index: u64, result: Result<Vec<u8>, TaskError>) {
+        let held = self.release_slot(index, worker);
+        let bytes = match result {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                if self.count_attempt(index, err) {
+                    return;
+                }
+                // Re-run the replica this worker held (if its lease is still
+                // live, nobody else will).
+                if let Some(slot) = held {
+                    self.queue.push_back(slot);
+                }
+                return;
             }
-            let held_by_sender = self.leases.get(&index).is_some_and(|l| l.worker == worker);
-            match result {
-                Ok(bytes) => {
-                    if let Some(j) = &mut self.journal
-                        && let Err(e) = j.append(index, &bytes)
-                    {
-                        tracing::warn!("journal write failed, journal dropped: {e}");
-                        self.journal = None;
-                    }
-                    self.retire(index);
-                    self.results.insert(index, bytes.into_vec());
-                    self.first_result.get_or_insert_with(Instant::now);
-                    *self.per_worker.entry(worker.to_owned()).or_default() += 1;
-                }
-                Err(err) => {
-                    if self.backups.get(&index).is_some_and(|w| w == worker) {
-                        self.backups.remove(&index);
-                    }
-                    let attempts = self.attempts.entry(index).or_default();
-                    *attempts += 1;
-                    if *attempts >= self.max_attempts {
-                        self.retire(index);
-                        self.failures.insert(index, err);
-                    } else if held_by_sender {
-                        self.leases.remove(&index);
-                        self.queue.push_back(index);
-                    }
-                }
+        };
+        *self.per_worker.entry(worker.to_owned()).or_default() += 1;
+        if self.replicas == 1 {
+            self.accept(index, bytes);
+            return;
+        }
+        if self.involved(index, worker) {
+            return; // a second vote from the same worker does not count
+        }
+        let votes = self.votes.entry(index).or_default();
+        votes.push(Vote {
+            worker: worker.to_owned(),
+            digest: Sha256::digest(&bytes).into(),
+            bytes,
+        });
+        if votes.len() < self.replicas as usize {
+            return;
+        }
+        let votes = self.votes.remove(&index).unwrap_or_default();
+        if votes.iter().all(|v| v.digest == votes[0].digest) {
+            let bytes = votes
+                .into_iter()
+                .next()
+                .map(|v| v.bytes)
+                .unwrap_or_default();
+            self.accept(index, bytes);
+            return;
+        }
+        self.mismatches += 1;
+        tracing::warn!(
+            index,
+            replicas = self.replicas,
+            "replica results differ; running the taskunit again"
+        );
+        let err = TaskError::Mismatch(votes.len());
+        if !self.count_attempt(index, err) {
+            for r in 0..self.replicas {
+                self.leases.remove(&(index, r));
+                self.queue.retain(|s| *s != (index, r));
+                self.queue.push_back((index, r));
             }
         }
     }
 
+    /// Count a failed attempt; true if the taskunit is now failed for good.
+    fn count_attempt(&mut self, index: u64, err: TaskError) -> bool {
+        let attempts = self.attempts.entry(index).or_default();
+        *attempts += 1;
+        if *attempts >= self.max_attempts {
+            self.retire(index);
+            self.failures.insert(index, err);
+            return true;
+        }
+        false
+    }
+
+    fn accept(&mut self, index: u64, bytes: Vec<u8>) {
+        if let Some(j) = &mut self.journal
+            && let Err(e) = j.append(index, &bytes)
+        {
+            tracing::warn!("journal write failed, journal dropped: {e}");
+            self.journal = None;
+        }
+        self.retire(index);
+        self.results.insert(index, bytes);
+        self.first_result.get_or_insert_with(Instant::now);
+    }
+
     fn retire(&mut self, index: u64) {
         self.open.remove(&index);
-        self.leases.remove(&index);
-        self.backups.remove(&index);
+        self.votes.remove(&index);
         self.attempts.remove(&index);
-        self.queue.retain(|i| *i != index);
+        for r in 0..self.replicas {
+            self.leases.remove(&(index, r));
+            self.backups.remove(&(index, r));
+        }
+        self.queue.retain(|(i, _)| *i != index);
     }
 
     /// The split failed; the job ends with this error.
@@ -300,9 +427,9 @@ impl JobBook {
         if self.split.is_some()
             && self.queue.is_empty()
             && self.open.is_empty()
-            && let Some(i) = self.pull_split()
+            && let Some(slot) = self.pull_split()
         {
-            self.queue.push_front(i);
+            self.queue.push_front(slot);
         }
         self.split.is_none() && self.open.is_empty()
     }
@@ -323,8 +450,9 @@ impl JobBook {
                 .leases
                 .values()
                 .map(|l| &l.worker)
-                .collect::<std::collections::HashSet<_>>()
+                .collect::<HashSet<_>>()
                 .len() as u64,
+            mismatches: self.mismatches,
         }
     }
 
@@ -424,6 +552,43 @@ mod tests {
         assert!(b.is_finished());
         assert_eq!(b.take_results()[&0], b"A from backup");
         assert_eq!(b.per_worker()["fast"], 2);
+    }
+
+    fn book_k(units: &[&str], k: u8) -> JobBook {
+        book(units).with_replicas(k)
+    }
+
+    #[test]
+    fn replicas_go_to_distinct_workers_and_must_agree() {
+        let mut b = book_k(&["a"], 2);
+        let now = Instant::now();
+        assert_eq!(b.take("w1", 4, now).len(), 1);
+        assert!(
+            b.take("w1", 4, now).is_empty(),
+            "w1 may not run both replicas"
+        );
+        assert_eq!(b.take("w2", 4, now).len(), 1);
+        b.complete("w1", vec![ok(0, "A")]);
+        assert!(!b.is_finished(), "one replica is not enough");
+        b.complete("w2", vec![ok(0, "A")]);
+        assert!(b.is_finished());
+        assert_eq!(b.take_results()[&0], b"A");
+        assert_eq!(b.per_worker()["w1"] + b.per_worker()["w2"], 2);
+    }
+
+    #[test]
+    fn disagreeing_replicas_are_rerun_then_fail() {
+        let mut b = book_k(&["a"], 2);
+        let now = Instant::now();
+        for round in 0..2 {
+            assert_eq!(b.take("w1", 1, now).len(), 1, "round {round}");
+            assert_eq!(b.take("w2", 1, now).len(), 1, "round {round}");
+            b.complete("w1", vec![ok(0, "one answer")]);
+            b.complete("w2", vec![ok(0, "another")]);
+        }
+        assert!(b.is_finished());
+        assert_eq!(b.progress().mismatches, 2);
+        assert_eq!(b.failures()[&0], TaskError::Mismatch(2));
     }
 
     #[test]

@@ -144,3 +144,77 @@ fn workers_only_serve_allowed_masters() {
         "w did not work for its allowed master: {from_m}"
     );
 }
+
+#[test]
+fn replicated_taskunits_run_on_distinct_peers_and_mismatches_are_caught() {
+    let dir = scratch();
+    let base = [
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--slots",
+        "1",
+    ];
+    let a = PeerProc::start(dir.path(), "a", &base);
+    let b = PeerProc::start(
+        dir.path(),
+        "b",
+        &[&base[..], &["--bootstrap", a.addr()]].concat(),
+    );
+    eventually(Duration::from_secs(20), "mesh formed", || connected(&a, &b));
+    // Deterministic work: every taskunit runs on both peers, results agree.
+    let ns: Vec<u64> = (0..30).map(|i| 20_000 + i).collect();
+    let input: String = ns.iter().map(|n| format!("{n}\n")).collect();
+    let stats = dir.path().join("s.json");
+    let out = run(
+        &[
+            "submit",
+            "--control",
+            a.control.to_str().unwrap(),
+            artifact("primes").to_str().unwrap(),
+            "--replicate",
+            "2",
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ],
+        input.as_bytes(),
+        T,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        count_primes_below(&ns).iter().sum::<u64>().to_string()
+    );
+    let s = stats_of(&stats);
+    let per_peer = s["per_peer"].as_object().unwrap();
+    assert_eq!(per_peer[&a.peer_id], 30, "{per_peer:?}");
+    assert_eq!(per_peer[&b.peer_id], 30, "{per_peer:?}");
+    assert_eq!(s["mismatches"], 0);
+    // A nondeterministic taskunit: replicas disagree, it is re-run, then fails.
+    let out = run(
+        &[
+            "submit",
+            "--control",
+            a.control.to_str().unwrap(),
+            artifact("faulty").to_str().unwrap(),
+            "--replicate",
+            "2",
+            "--attempts",
+            "2",
+            "--keep-going",
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ],
+        b"x\nrandom\ny\n",
+        T,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(text(&out.stdout), "X\nY");
+    assert!(
+        stderr
+            .contains("taskunit 1 failed: the 2 replicas of this taskunit gave different results"),
+        "{stderr}"
+    );
+    assert_eq!(stats_of(&stats)["mismatches"], 2);
+}

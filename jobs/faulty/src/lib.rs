@@ -2,7 +2,8 @@
 //!
 //! Each taskunit is a command: `loop` spins forever, `bomb` allocates until
 //! the memory limit stops it, `trap` panics, `big` returns 4 MiB, `exit`
-//! calls `std::process::exit(3)`; anything else is returned upper-cased.
+//! calls `std::process::exit(3)`, `random`
+//! returns a different number each time (for replica mismatches); anything else is returned upper-cased.
 
 wit_bindgen::generate!({ path: "../../wit", world: "job" });
 
@@ -31,6 +32,14 @@ impl Guest for Faulty {
             b"trap" => panic!("the faulty job was asked to trap"),
             b"big" => Ok(vec![b'x'; 4 << 20]),
             b"exit" => std::process::exit(3),
+            b"random" => {
+                // RandomState is seeded from WASI's random source.
+                use std::hash::{BuildHasher, Hasher};
+                let h = std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish();
+                Ok(h.to_string().into_bytes())
+            }
             other => Ok(other.to_ascii_uppercase()),
         }
     }
