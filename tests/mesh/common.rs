@@ -55,7 +55,7 @@ pub(crate) fn antnest() -> Command {
     cmd.env("ANTNEST_CACHE", cache_dir())
         .env("CARGO_TARGET_DIR", jobs_target())
         .env_remove("ANTNEST_CONTROL")
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn,libp2p_kad=error");
     cmd
 }
 

@@ -184,7 +184,7 @@ impl Netns {
             env!("CARGO_BIN_EXE_antnest"),
         ]);
         cmd.env("ANTNEST_CACHE", cache_dir())
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "warn,libp2p_kad=error");
         cmd
     }
 }

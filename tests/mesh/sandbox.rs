@@ -114,3 +114,88 @@ fn unknown_job_kind_is_a_usage_error() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn an_oversized_taskunit_is_a_clear_error() {
+    let mut input = vec![b'a'; 17 << 20];
+    input.push(b'\n');
+    let out = run(
+        &[
+            "submit",
+            "--standalone",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            artifact("reverse_strings").to_str().unwrap(),
+        ],
+        &input,
+        T,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("split failed") && stderr.contains("16777216"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_peer_refuses_jobs_beyond_max_jobs() {
+    use std::io::BufRead;
+    let dir = scratch();
+    let peer = PeerProc::start(
+        dir.path(),
+        "p",
+        &[
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--slots",
+            "1",
+            "--max-jobs",
+            "1",
+        ],
+    );
+    let control = peer.control.to_str().unwrap().to_string();
+    let primes = artifact("primes");
+    let mut long = antnest()
+        .args(["submit", "--control", &control, primes.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let input: String = (0..80).map(|i| format!("{}\n", 300_000 + i)).collect();
+        long.stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let stderr = long.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let started = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("first job starts");
+    assert!(started.contains("started"), "{started}");
+    let out = run(
+        &["submit", "--control", &control, primes.to_str().unwrap()],
+        b"100\n",
+        T,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("already runs 1 jobs"), "{stderr}");
+    let first = wait_output(long, T);
+    assert!(first.status.success(), "the running job is unaffected");
+}
