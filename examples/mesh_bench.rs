@@ -160,13 +160,14 @@ async fn submit(
         keep_going: false,
         resume: None,
         replicate: 1,
+        stream: false,
     };
     let run = async {
         let mut s = tokio::net::UnixStream::connect(control).await?;
         control::write_msg(&mut s, &ControlRequest::Submit(Box::new(spec))).await?;
         loop {
             match control::read_msg::<ControlReply>(&mut s).await? {
-                Some(ControlReply::Progress { .. }) => continue,
+                Some(ControlReply::Event(_)) => continue,
                 Some(ControlReply::Done(r)) => return Ok(*r),
                 Some(ControlReply::Failed { error, .. }) => bail!("job failed: {error}"),
                 other => bail!("unexpected reply {other:?}"),

@@ -26,6 +26,19 @@ pub(crate) enum Command {
     Submit(SubmitArgs),
     /// List the mesh as the local peer sees it.
     Peers(ControlArgs),
+    /// List the jobs the local peer is master of.
+    Jobs(ControlArgs),
+    /// Cancel a job the local peer is master of.
+    Cancel(CancelArgs),
+    /// Print shell completions (bash, zsh, fish, ...).
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CancelArgs {
+    pub(crate) job: antnest::wire::JobId,
+    #[command(flatten)]
+    pub(crate) control: ControlArgs,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -117,6 +130,13 @@ pub(crate) struct SubmitArgs {
     /// a mismatch is reported and the taskunit run again. Needs K peers.
     #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
     pub(crate) replicate: u8,
+    /// Print each taskunit's result (a line each) as it arrives, instead of
+    /// the combined output.
+    #[arg(long)]
+    pub(crate) stream: bool,
+    /// Print the outcome as JSON (output, stats, failures) on stdout.
+    #[arg(long, conflicts_with = "stream")]
+    pub(crate) json: bool,
     /// No progress on stderr.
     #[arg(long, short)]
     pub(crate) quiet: bool,

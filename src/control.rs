@@ -11,8 +11,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::network::PeerInfo;
-use crate::peer::{JobReport, JobSpec, Peer, SubmitError};
-use crate::scheduler::Progress;
+use crate::peer::{JobEvent, JobInfo, JobReport, JobSpec, Peer, SubmitError};
 use crate::wire::JobId;
 
 /// Largest control message (a module plus an inline input, or a result).
@@ -22,15 +21,17 @@ const MAX_FRAME: usize = 1 << 30;
 pub enum ControlRequest {
     Submit(Box<JobSpec>),
     Peers,
+    Jobs,
+    Cancel(JobId),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ControlReply {
-    /// First the job id (at once), then progress now and then.
-    Progress {
-        job: JobId,
-        progress: Progress,
-    },
+    /// While a submitted job runs: its id, progress, streamed results.
+    Event(JobEvent),
+    Jobs(Vec<JobInfo>),
+    /// Whether there was such a job to cancel.
+    Cancelled(bool),
     Done(Box<JobReport>),
     Failed {
         error: String,
@@ -152,6 +153,10 @@ async fn handle(mut stream: UnixStream, peer: Peer) -> Result<(), ControlError> 
             };
             write_msg(&mut stream, &reply).await
         }
+        ControlRequest::Jobs => write_msg(&mut stream, &ControlReply::Jobs(peer.jobs())).await,
+        ControlRequest::Cancel(job) => {
+            write_msg(&mut stream, &ControlReply::Cancelled(peer.cancel(job))).await
+        }
         ControlRequest::Submit(spec) => {
             let (tx, mut rx) = mpsc::channel(8);
             let job = peer.submit(*spec, Some(tx));
@@ -159,8 +164,8 @@ async fn handle(mut stream: UnixStream, peer: Peer) -> Result<(), ControlError> 
             let result = loop {
                 tokio::select! {
                     res = &mut job => break res,
-                    Some((job, progress)) = rx.recv() => {
-                        write_msg(&mut stream, &ControlReply::Progress { job, progress }).await?;
+                    Some(event) = rx.recv() => {
+                        write_msg(&mut stream, &ControlReply::Event(event)).await?;
                     }
                 }
             };

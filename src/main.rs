@@ -13,7 +13,7 @@ use antnest::config::{self, ConfigFile};
 use antnest::control::{self, ControlReply, ControlRequest};
 use antnest::executor::Limits;
 use antnest::network::NetConfig;
-use antnest::peer::{self, InputSpec, JobReport, JobSpec, PeerConfig};
+use antnest::peer::{self, InputSpec, JobEvent, JobReport, JobSpec, PeerConfig};
 use antnest::scheduler::Progress;
 use antnest::wire::{ByteBuf, JobId};
 use cli::{Cli, Command, NetArgs, SubmitArgs};
@@ -48,6 +48,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Peer(args) => run_peer(args).await,
         Command::Submit(args) => submit(args).await,
         Command::Peers(args) => list_peers(args).await,
+        Command::Jobs(args) => list_jobs(args).await,
+        Command::Cancel(args) => cancel_job(args).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "antnest",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -162,8 +173,9 @@ async fn shutdown_signal() {
     }
 }
 
-async fn list_peers(args: cli::ControlArgs) -> Result<ExitCode> {
-    let socket = args.control.unwrap_or_else(control::default_socket);
+/// Ask the local peer one question.
+async fn ask(args: &cli::ControlArgs, request: ControlRequest) -> Result<ControlReply> {
+    let socket = args.control.clone().unwrap_or_else(control::default_socket);
     let mut stream = tokio::net::UnixStream::connect(&socket)
         .await
         .with_context(|| {
@@ -172,9 +184,49 @@ async fn list_peers(args: cli::ControlArgs) -> Result<ExitCode> {
                 socket.display()
             )
         })?;
-    control::write_msg(&mut stream, &ControlRequest::Peers).await?;
-    match control::read_msg::<ControlReply>(&mut stream).await? {
-        Some(ControlReply::Peers { local, peers }) => {
+    control::write_msg(&mut stream, &request).await?;
+    control::read_msg::<ControlReply>(&mut stream)
+        .await?
+        .context("the peer closed the connection without answering")
+}
+
+async fn list_jobs(args: cli::ControlArgs) -> Result<ExitCode> {
+    match ask(&args, ControlRequest::Jobs).await? {
+        ControlReply::Jobs(jobs) => {
+            for j in jobs {
+                let total = j.progress.total.map_or("?".into(), |t| t.to_string());
+                println!(
+                    "{} {}/{total} done {} failed {:.1}s module {}",
+                    j.job_id,
+                    j.progress.done,
+                    j.progress.failed,
+                    j.running_ms as f64 / 1000.0,
+                    &j.module[..12]
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => bail!("unexpected reply from the peer: {other:?}"),
+    }
+}
+
+async fn cancel_job(args: cli::CancelArgs) -> Result<ExitCode> {
+    match ask(&args.control, ControlRequest::Cancel(args.job)).await? {
+        ControlReply::Cancelled(true) => {
+            println!("cancelled {}", args.job);
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlReply::Cancelled(false) => {
+            eprintln!("antnest: no job {} runs on this peer", args.job);
+            Ok(ExitCode::from(1))
+        }
+        other => bail!("unexpected reply from the peer: {other:?}"),
+    }
+}
+
+async fn list_peers(args: cli::ControlArgs) -> Result<ExitCode> {
+    match ask(&args, ControlRequest::Peers).await? {
+        ControlReply::Peers { local, peers } => {
             println!("local {local}");
             for p in peers {
                 let state = if p.connected { "connected" } else { "known" };
@@ -215,32 +267,44 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         keep_going: args.keep_going,
         resume: args.resume,
         replicate: args.replicate,
+        stream: args.stream,
     };
     let socket = args
         .control
         .control
         .clone()
         .unwrap_or_else(control::default_socket);
-    let stream = if args.standalone {
+    let conn = if args.standalone {
         None
     } else {
         tokio::net::UnixStream::connect(&socket).await.ok()
     };
-    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel(16);
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<JobEvent>(64);
     let mut printer = ProgressPrinter::new(args.quiet);
-    let printer = tokio::spawn(async move {
-        while let Some((job, progress)) = progress_rx.recv().await {
-            printer.update(job, progress);
+    let stream = args.stream;
+    let consumer = tokio::spawn(async move {
+        while let Some(event) = events_rx.recv().await {
+            match event {
+                JobEvent::Started(job) => printer.started(job),
+                JobEvent::Progress(p) => printer.update(p),
+                JobEvent::Result { bytes, .. } if stream => {
+                    printer.clear();
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&bytes).and_then(|()| out.write_all(b"\n"));
+                    let _ = out.flush();
+                }
+                JobEvent::Result { .. } => {}
+            }
         }
-        printer.finish();
+        printer.clear();
     });
-    let reply = match stream {
-        Some(mut stream) => {
-            control::write_msg(&mut stream, &ControlRequest::Submit(Box::new(spec))).await?;
+    let reply = match conn {
+        Some(mut conn) => {
+            control::write_msg(&mut conn, &ControlRequest::Submit(Box::new(spec))).await?;
             loop {
-                match control::read_msg::<ControlReply>(&mut stream).await? {
-                    Some(ControlReply::Progress { job, progress }) => {
-                        let _ = progress_tx.try_send((job, progress));
+                match control::read_msg::<ControlReply>(&mut conn).await? {
+                    Some(ControlReply::Event(event)) => {
+                        let _ = events_tx.send(event).await;
                     }
                     Some(reply) => break reply,
                     None => bail!("the local peer closed the connection before the job ended"),
@@ -249,13 +313,13 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         }
         None => {
             let running = peer::start(cfg).await?;
-            let result = running.peer.submit(spec, Some(progress_tx.clone())).await;
+            let result = running.peer.submit(spec, Some(events_tx.clone())).await;
             running.shutdown().await;
             control::reply_for(result)
         }
     };
-    drop(progress_tx);
-    let _ = printer.await;
+    drop(events_tx);
+    let _ = consumer.await;
     finish(&args, reply)
 }
 
@@ -266,7 +330,6 @@ struct ProgressPrinter {
     tty: bool,
     started: std::time::Instant,
     last: Option<std::time::Instant>,
-    job: Option<JobId>,
 }
 
 impl ProgressPrinter {
@@ -276,20 +339,18 @@ impl ProgressPrinter {
             tty: std::io::stderr().is_terminal(),
             started: std::time::Instant::now(),
             last: None,
-            job: None,
         }
     }
 
-    fn update(&mut self, job: JobId, p: Progress) {
-        if self.quiet {
-            return;
-        }
-        if self.job.is_none() {
-            self.job = Some(job);
+    fn started(&mut self, job: JobId) {
+        if !self.quiet {
             eprintln!("antnest: job {job} started (after a crash: --resume {job})");
         }
+    }
+
+    fn update(&mut self, p: Progress) {
         let every = if self.tty { 100 } else { 2000 };
-        if self.last.is_some_and(|t| t.elapsed().as_millis() < every) {
+        if self.quiet || self.last.is_some_and(|t| t.elapsed().as_millis() < every) {
             return;
         }
         self.last = Some(std::time::Instant::now());
@@ -297,10 +358,9 @@ impl ProgressPrinter {
         let rate = p.done as f64 / secs;
         let total = p.total.map_or("?".to_string(), |t| t.to_string());
         let eta = match p.total {
-            Some(t) if rate > 0.0 => format!(
-                "{:.0}s",
-                (t.saturating_sub(p.done + p.failed)) as f64 / rate
-            ),
+            Some(t) if rate > 0.0 => {
+                format!("{:.0}s", t.saturating_sub(p.done + p.failed) as f64 / rate)
+            }
             _ => "?".into(),
         };
         let line = format!(
@@ -314,8 +374,9 @@ impl ProgressPrinter {
         }
     }
 
-    fn finish(&self) {
-        if self.tty && !self.quiet && self.last.is_some() {
+    /// Erase the progress line (before other output, and at the end).
+    fn clear(&mut self) {
+        if self.tty && !self.quiet && self.last.take().is_some() {
             eprint!("\r\x1b[2K");
         }
     }
@@ -327,6 +388,24 @@ fn read_stdin() -> Result<Vec<u8>> {
         .read_to_end(&mut buf)
         .context("reading stdin")?;
     Ok(buf)
+}
+
+/// The `--json` form of a finished job: output as text if it is UTF-8,
+/// else as base16 (`output_hex`).
+fn json_report(report: &JobReport, error: Option<&str>) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "job_id": report.stats.job_id,
+        "stats": report.stats,
+        "failures": report.failures.iter().map(|(i, e)| serde_json::json!({"taskunit": i, "error": e})).collect::<Vec<_>>(),
+    });
+    match std::str::from_utf8(&report.output) {
+        Ok(text) => v["output"] = text.into(),
+        Err(_) => v["output_hex"] = hex::encode(&report.output).into(),
+    }
+    if let Some(e) = error {
+        v["error"] = e.into();
+    }
+    v
 }
 
 fn write_stats(args: &SubmitArgs, report: &JobReport) -> Result<()> {
@@ -347,6 +426,11 @@ fn finish(args: &SubmitArgs, reply: ControlReply) -> Result<ExitCode> {
             match &args.output {
                 Some(path) => std::fs::write(path, &report.output)
                     .with_context(|| format!("writing {}", path.display()))?,
+                None if args.json => {
+                    println!("{}", serde_json::to_string(&json_report(&report, None))?);
+                }
+                // The results were printed as they came.
+                None if args.stream => {}
                 None => {
                     let mut out = std::io::stdout().lock();
                     out.write_all(&report.output)?;
@@ -363,6 +447,13 @@ fn finish(args: &SubmitArgs, reply: ControlReply) -> Result<ExitCode> {
             })
         }
         ControlReply::Failed { error, report } => {
+            if args.json {
+                let json = match &report {
+                    Some(r) => json_report(r, Some(&error)),
+                    None => serde_json::json!({ "error": error }),
+                };
+                println!("{}", serde_json::to_string(&json)?);
+            }
             if let Some(report) = &report {
                 for (index, error) in &report.failures {
                     eprintln!("antnest: taskunit {index} failed: {error}");

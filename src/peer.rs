@@ -101,6 +101,8 @@ pub enum SubmitError {
     },
     #[error(transparent)]
     Journal(#[from] JournalError),
+    #[error("the job was cancelled")]
+    Cancelled,
     #[error("this peer already runs {0} jobs, its limit (--max-jobs)")]
     Busy(usize),
 }
@@ -137,6 +139,8 @@ pub struct JobSpec {
     pub resume: Option<JobId>,
     /// Run each taskunit on this many distinct peers and compare results.
     pub replicate: u8,
+    /// Send each result to the submitter as it arrives.
+    pub stream: bool,
 }
 
 /// Figures about a finished job (`--stats-json`).
@@ -168,8 +172,34 @@ pub struct JobReport {
     pub failures: Vec<(u64, String)>,
 }
 
+/// What a submitter hears while its job runs.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum JobEvent {
+    /// The job has an id (sent first).
+    Started(JobId),
+    Progress(Progress),
+    /// One taskunit's result as it arrives (with [`JobSpec::stream`]).
+    Result {
+        index: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+}
+
+/// A running job, for `antnest jobs` and the web view.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct JobInfo {
+    pub job_id: String,
+    pub module: String,
+    pub progress: Progress,
+    pub running_ms: u64,
+    /// Results so far by worker peer id.
+    pub per_peer: std::collections::BTreeMap<String, u64>,
+}
+
 /// A job this peer is master of.
 struct MasterJob {
+    started: Instant,
     module: ModuleHash,
     bytes: Arc<Vec<u8>>,
     limits: Limits,
@@ -199,6 +229,8 @@ struct Shared {
     fetching: tokio::sync::Mutex<()>,
     /// Woken when there may be new work.
     work: Notify,
+    /// Taskunits run by this peer's slots (for metrics).
+    tasks_done: std::sync::atomic::AtomicU64,
 }
 
 /// A handle on a running peer. Cheap to clone.
@@ -251,6 +283,7 @@ pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
         remotes: Mutex::new(HashMap::new()),
         fetching: tokio::sync::Mutex::new(()),
         work: Notify::new(),
+        tasks_done: std::sync::atomic::AtomicU64::new(0),
     });
     let peer = Peer { shared };
     let (stop, stop_rx) = watch::channel(false);
@@ -415,6 +448,45 @@ impl Peer {
         }
     }
 
+    /// The jobs this peer is master of, with their progress.
+    pub fn jobs(&self) -> Vec<JobInfo> {
+        let masters = self.shared.masters.lock().unwrap();
+        let mut jobs: Vec<JobInfo> = masters
+            .iter()
+            .map(|(id, j)| {
+                let book = j.book.lock().unwrap();
+                JobInfo {
+                    job_id: id.to_string(),
+                    module: j.module.to_string(),
+                    progress: book.progress(),
+                    running_ms: j.started.elapsed().as_millis() as u64,
+                    per_peer: book.per_worker().clone(),
+                }
+            })
+            .collect();
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.running_ms));
+        jobs
+    }
+
+    /// Cancel a job this peer is master of; false if there is none.
+    pub fn cancel(&self, job: JobId) -> bool {
+        match self.master_job(job) {
+            Some(m) => {
+                m.book.lock().unwrap().cancel();
+                m.progress.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Taskunits this peer's slots have completed, for metrics.
+    pub fn tasks_done(&self) -> u64 {
+        self.shared
+            .tasks_done
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn master_job(&self, job: JobId) -> Option<Arc<MasterJob>> {
         self.shared.masters.lock().unwrap().get(&job).cloned()
     }
@@ -475,6 +547,9 @@ impl Peer {
             .await
             .expect("task batch");
             per_unit.insert(job, compute / n.max(1));
+            self.shared
+                .tasks_done
+                .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
             if runners.len() >= 4 {
                 runners.clear();
             }
@@ -627,12 +702,12 @@ impl Peer {
     }
 
     /// Run a job with this peer as master; returns when it is combined.
-    /// `progress` receives the job id at once, then updates about every
-    /// 100 ms (best effort).
+    /// `events` receives the job id at once, then progress about every
+    /// 100 ms (best effort) and, with `spec.stream`, every result.
     pub async fn submit(
         &self,
         spec: JobSpec,
-        progress: Option<mpsc::Sender<(JobId, Progress)>>,
+        events: Option<mpsc::Sender<JobEvent>>,
     ) -> Result<JobReport, SubmitError> {
         let started = Instant::now();
         let bytes = spec.module.into_vec();
@@ -667,7 +742,8 @@ impl Peer {
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4096);
         let mut book = JobBook::new(rx, self.shared.config.lease, spec.max_attempts)
-            .with_replicas(spec.replicate);
+            .with_replicas(spec.replicate)
+            .with_stream(spec.stream);
         let journal_root = self
             .shared
             .config
@@ -690,10 +766,11 @@ impl Peer {
                 id
             }
         };
-        if let Some(p) = &progress {
-            let _ = p.try_send((id, book.progress()));
+        if let Some(events) = &events {
+            let _ = events.send(JobEvent::Started(id)).await;
         }
         let master = Arc::new(MasterJob {
+            started,
             module: hash,
             bytes,
             limits,
@@ -733,10 +810,21 @@ impl Peer {
         let mut last_announce: Option<Instant> = None;
         let mut last_progress = Instant::now();
         loop {
-            let (finished, has_work, prog) = {
+            let (finished, has_work, prog, streamed) = {
                 let mut book = master.book.lock().unwrap();
-                (book.is_finished(), book.has_work(), book.progress())
+                let streamed = book.take_streamed();
+                (
+                    book.is_finished(),
+                    book.has_work(),
+                    book.progress(),
+                    streamed,
+                )
             };
+            if let Some(events) = &events {
+                for (index, bytes) in streamed {
+                    let _ = events.send(JobEvent::Result { index, bytes }).await;
+                }
+            }
             if finished {
                 break;
             }
@@ -746,10 +834,10 @@ impl Peer {
                 self.shared.client.announce(&announce).await;
                 last_announce = Some(Instant::now());
             }
-            if let Some(p) = &progress
+            if let Some(events) = &events
                 && last_progress.elapsed() >= Duration::from_millis(100)
             {
-                let _ = p.try_send((id, prog));
+                let _ = events.try_send(JobEvent::Progress(prog));
                 last_progress = Instant::now();
             }
             self.shared.work.notify_waiters();
@@ -761,6 +849,9 @@ impl Peer {
 
         let done = {
             let mut book = master.book.lock().unwrap();
+            if book.is_cancelled() {
+                return Err(SubmitError::Cancelled);
+            }
             if let Some(e) = book.fatal() {
                 return Err(SubmitError::Split(e.to_string()));
             }

@@ -98,6 +98,9 @@ pub struct JobBook {
     journal: Option<Journal>,
     /// Results read back from the journal of an earlier run.
     resumed: u64,
+    /// Results not yet passed on to a streaming submitter; `None`: not streaming.
+    streamed: Option<Vec<(u64, Vec<u8>)>>,
+    cancelled: bool,
 }
 
 impl JobBook {
@@ -122,7 +125,33 @@ impl JobBook {
             first_result: None,
             journal: None,
             resumed: 0,
+            streamed: None,
+            cancelled: false,
         }
+    }
+
+    /// Keep each accepted result for [`JobBook::take_streamed`].
+    pub fn with_stream(mut self, on: bool) -> Self {
+        self.streamed = on.then(Vec::new);
+        self
+    }
+
+    /// Results accepted since the last call (when streaming).
+    pub fn take_streamed(&mut self) -> Vec<(u64, Vec<u8>)> {
+        self.streamed
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Stop the job: nothing more is handed out and the split stops.
+    pub fn cancel(&mut self) {
+        self.cancelled = true;
+        self.fail("cancelled".into());
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled
     }
 
     /// Run every taskunit on `k` distinct workers and compare the results.
@@ -394,6 +423,9 @@ impl JobBook {
             self.journal = None;
         }
         self.retire(index);
+        if let Some(streamed) = &mut self.streamed {
+            streamed.push((index, bytes.clone()));
+        }
         self.results.insert(index, bytes);
         self.first_result.get_or_insert_with(Instant::now);
     }
@@ -409,9 +441,11 @@ impl JobBook {
         self.queue.retain(|(i, _)| *i != index);
     }
 
-    /// The split failed; the job ends with this error.
+    /// The split failed; the job ends with this error. Dropping the
+    /// receiving end stops a split still running.
     pub fn fail(&mut self, reason: String) {
         self.fatal.get_or_insert(reason);
+        self.split = None;
     }
 
     pub fn fatal(&self) -> Option<&str> {

@@ -9,3 +9,4 @@ mod jobs;
 mod mesh;
 mod sandbox;
 mod trust;
+mod ux;

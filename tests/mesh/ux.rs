@@ -1,0 +1,156 @@
+//! What users expect around a job: streaming results, JSON output, listing
+//! and cancelling jobs, shell completions.
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(300);
+const LOCAL: [&str; 4] = [
+    "--standalone",
+    "--no-mdns",
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+];
+
+#[test]
+fn stream_prints_each_result_as_it_arrives() {
+    let faulty = artifact("faulty");
+    let args: Vec<&str> = ["submit"]
+        .iter()
+        .copied()
+        .chain(LOCAL)
+        .chain([faulty.to_str().unwrap(), "--stream", "-q"])
+        .collect();
+    let out = run(&args, b"a\nb\nc\n", T);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    lines.sort();
+    assert_eq!(lines, ["A", "B", "C"]);
+}
+
+#[test]
+fn json_gives_output_stats_and_failures() {
+    let faulty = artifact("faulty");
+    let args: Vec<&str> = ["submit"]
+        .iter()
+        .copied()
+        .chain(LOCAL)
+        .chain([
+            faulty.to_str().unwrap(),
+            "--json",
+            "--keep-going",
+            "--attempts",
+            "1",
+        ])
+        .collect();
+    let out = run(&args, b"hello\ntrap\nworld\n", T);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(v["output"], "HELLO\nWORLD");
+    assert_eq!(v["stats"]["tasks"], 3);
+    assert_eq!(v["failures"][0]["taskunit"], 1);
+    assert!(
+        v["failures"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("asked to trap"),
+        "{v}"
+    );
+}
+
+#[test]
+fn jobs_lists_and_cancel_stops_a_running_job() {
+    let dir = scratch();
+    let peer = PeerProc::start(
+        dir.path(),
+        "p",
+        &[
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--slots",
+            "1",
+        ],
+    );
+    let control = peer.control.to_str().unwrap().to_string();
+    let mut job = antnest()
+        .args([
+            "submit",
+            "--control",
+            &control,
+            artifact("primes").to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let input: String = (0..400).map(|i| format!("{}\n", 300_000 + i)).collect();
+        job.stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let stderr = job.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let started = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("job starts");
+    let id = started
+        .strip_prefix("antnest: job ")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let listed = run(&["jobs", "--control", &control], b"", T);
+    assert!(
+        text(&listed.stdout).starts_with(&id),
+        "{}",
+        text(&listed.stdout)
+    );
+    let cancelled = run(&["cancel", &id, "--control", &control], b"", T);
+    assert!(cancelled.status.success(), "{}", text(&cancelled.stderr));
+    let out = wait_output(job, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(1));
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(
+        rest.iter().any(|l| l.contains("the job was cancelled")),
+        "{rest:?}"
+    );
+    let again = run(&["cancel", &id, "--control", &control], b"", T);
+    assert_eq!(
+        again.status.code(),
+        Some(1),
+        "a finished job cannot be cancelled"
+    );
+    let listed = run(&["jobs", "--control", &control], b"", T);
+    assert!(
+        text(&listed.stdout).trim().is_empty(),
+        "{}",
+        text(&listed.stdout)
+    );
+}
+
+#[test]
+fn completions_are_generated() {
+    let out = run(&["completions", "bash"], b"", T);
+    assert!(out.status.success());
+    let script = text(&out.stdout);
+    assert!(
+        script.contains("antnest") && script.contains("submit") && script.contains("--stats-json")
+    );
+}
