@@ -90,6 +90,10 @@ pub(crate) struct ControlArgs {
 pub(crate) struct PeerArgs {
     #[command(flatten)]
     pub(crate) net: NetArgs,
+    /// Serve a live web page, JSON status and Prometheus /metrics on this
+    /// address, e.g. 127.0.0.1:8080 (port 0 picks one; printed at start).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) ui: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub(crate) control: ControlArgs,
 }

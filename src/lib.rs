@@ -10,6 +10,7 @@
 //! - [`network`]: the libp2p swarm, behind a `Client` and one `EventLoop`.
 //! - [`peer`]: a running peer: worker slots, jobs, request handling.
 //! - [`journal`]: results on disk as they arrive, for `--resume`.
+//! - [`http`]: the live web page, JSON status and Prometheus metrics.
 //! - [`control`]: the local control socket used by `antnest submit`.
 //! - [`source`]: building job components from Rust crates and Python files.
 //! - [`config`]: the bootstrap config file.
@@ -17,6 +18,7 @@
 pub mod config;
 pub mod control;
 pub mod executor;
+pub mod http;
 pub mod journal;
 pub mod network;
 pub mod peer;

@@ -150,15 +150,32 @@ async fn run_peer(args: cli::PeerArgs) -> Result<ExitCode> {
     for addr in &running.listen_addrs {
         println!("listening on: {addr}/p2p/{id}");
     }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(addr) = args.ui {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("web UI on {addr}"))?;
+        println!("ui: http://{}/", listener.local_addr()?);
+        servers.spawn(antnest::http::serve(
+            listener,
+            running.peer.clone(),
+            stopped(stop_rx.clone()),
+        ));
+    }
     println!("control socket: {}", socket.display());
     std::io::stdout().flush()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(control::serve(listener, running.peer.clone(), async {
-        let _ = stop_rx.await;
-    }));
+    servers.spawn(control::serve(
+        listener,
+        running.peer.clone(),
+        stopped(stop_rx),
+    ));
     shutdown_signal().await;
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    let _ = stop_tx.send(true);
+    while servers.join_next().await.is_some() {}
     running.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     Ok(ExitCode::SUCCESS)

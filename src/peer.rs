@@ -795,8 +795,10 @@ impl Peer {
             let work = self.shared.work_waker();
             tokio::task::spawn_blocking(move || {
                 let result = split_job(&env, &component, limits, &input, tx, work);
-                if let Err(e) = result {
-                    master.book.lock().unwrap().fail(e);
+                let mut book = master.book.lock().unwrap();
+                match result {
+                    Ok(total) => book.split_done(total),
+                    Err(e) => book.fail(e),
                 }
             })
         };
@@ -936,7 +938,8 @@ struct Batch {
 struct UnitSender<W> {
     tx: std::sync::mpsc::SyncSender<Vec<u8>>,
     wake: Arc<W>,
-    count: u64,
+    /// Taskunits sent, shared by all forks.
+    count: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl<W: Fn()> UnitSender<W> {
@@ -950,8 +953,11 @@ impl<W: Fn()> UnitSender<W> {
         self.tx
             .send(unit)
             .map_err(|_| "job cancelled".to_string())?;
-        self.count += 1;
-        if self.count.is_power_of_two() || self.count.is_multiple_of(1024) {
+        let count = self
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if count.is_power_of_two() || count.is_multiple_of(1024) {
             (self.wake)();
         }
         Ok(())
@@ -961,12 +967,13 @@ impl<W: Fn()> UnitSender<W> {
         UnitSender {
             tx: self.tx.clone(),
             wake: self.wake.clone(),
-            count: 0,
+            count: self.count.clone(),
         }
     }
 }
 
-/// Run the job's split (or the default line split) into `tx`.
+/// Run the job's split (or the default line split) into `tx`; returns how
+/// many taskunits it made.
 fn split_job(
     env: &Environment,
     component: &wasmtime::component::Component,
@@ -974,11 +981,11 @@ fn split_job(
     input: &InputSpec,
     tx: std::sync::mpsc::SyncSender<Vec<u8>>,
     wake: impl Fn() + Send + Sync + 'static,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let mut sender = UnitSender {
         tx,
         wake: Arc::new(wake),
-        count: 0,
+        count: Default::default(),
     };
     let emit = {
         let mut sender = sender.fork();
@@ -1015,7 +1022,7 @@ fn split_job(
         Err(e) => return Err(e.to_string()),
     }
     (sender.wake)();
-    Ok(())
+    Ok(sender.count.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 fn combine_job(

@@ -101,6 +101,8 @@ pub struct JobBook {
     /// Results not yet passed on to a streaming submitter; `None`: not streaming.
     streamed: Option<Vec<(u64, Vec<u8>)>>,
     cancelled: bool,
+    /// Taskunits the split made, once it has finished.
+    split_total: Option<u64>,
 }
 
 impl JobBook {
@@ -127,7 +129,14 @@ impl JobBook {
             resumed: 0,
             streamed: None,
             cancelled: false,
+            split_total: None,
         }
+    }
+
+    /// The split finished after making `total` taskunits (some may still
+    /// wait in the channel).
+    pub fn split_done(&mut self, total: u64) {
+        self.split_total = Some(total);
     }
 
     /// Keep each accepted result for [`JobBook::take_streamed`].
@@ -478,7 +487,9 @@ impl JobBook {
         Progress {
             done: self.results.len() as u64,
             failed: self.failures.len() as u64,
-            total: self.split.is_none().then_some(self.next_index),
+            total: self
+                .split_total
+                .or(self.split.is_none().then_some(self.next_index)),
             leased: self.leases.len() as u64,
             workers: self
                 .leases

@@ -123,6 +123,8 @@ pub(crate) struct PeerProc {
     /// Listen addresses with the /p2p/ suffix.
     pub(crate) addrs: Vec<String>,
     pub(crate) control: PathBuf,
+    /// The web UI's base URL, with `--ui`.
+    pub(crate) ui: Option<String>,
 }
 
 impl PeerProc {
@@ -170,11 +172,16 @@ impl PeerProc {
             .filter_map(|l| l.strip_prefix("listening on: "))
             .map(str::to_string)
             .collect();
+        let ui = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("ui: "))
+            .map(str::to_string);
         PeerProc {
             child,
             peer_id,
             addrs,
             control,
+            ui,
         }
     }
 

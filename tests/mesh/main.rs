@@ -9,4 +9,5 @@ mod jobs;
 mod mesh;
 mod sandbox;
 mod trust;
+mod ui;
 mod ux;

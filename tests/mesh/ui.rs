@@ -1,0 +1,160 @@
+//! The live web page (checked in headless Chromium, screenshot included),
+//! the JSON status and the Prometheus metrics of a running peer.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::*;
+
+fn get(base: &str, path: &str) -> String {
+    let addr = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+fn chromium() -> Option<&'static str> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+}
+
+fn headless(browser: &str, profile: &Path, extra: &[&str], url: &str) -> std::process::Output {
+    let mut cmd = Command::new(browser);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--window-size=1000,700",
+        "--virtual-time-budget=4000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .args(extra)
+    .arg(url);
+    run_cmd(&mut cmd, b"", Duration::from_secs(120))
+}
+
+#[test]
+fn the_live_page_metrics_and_status_show_a_running_job() {
+    let dir = scratch();
+    let peer = PeerProc::start(
+        dir.path(),
+        "p",
+        &[
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--slots",
+            "1",
+            "--ui",
+            "127.0.0.1:0",
+        ],
+    );
+    let ui = peer.ui.clone().expect("the peer prints its UI address");
+    let mut job = antnest()
+        .args([
+            "submit",
+            "-q",
+            "--control",
+            peer.control.to_str().unwrap(),
+            artifact("primes").to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let input: String = (0..300).map(|i| format!("{}\n", 300_000 + i)).collect();
+    job.stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let mut job_id = String::new();
+    eventually(
+        Duration::from_secs(30),
+        "the job shows in /api/status",
+        || {
+            let status: serde_json::Value = serde_json::from_str(&get(&ui, "/api/status")).unwrap();
+            assert_eq!(status["peer_id"], peer.peer_id.as_str());
+            match status["jobs"][0]["job_id"].as_str() {
+                Some(id) if status["jobs"][0]["progress"]["done"].as_u64() > Some(0) => {
+                    job_id = id.to_string();
+                    true
+                }
+                _ => false,
+            }
+        },
+    );
+    let metrics = get(&ui, "/metrics");
+    assert!(
+        metrics.contains("# TYPE antnest_tasks_completed_total counter"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("antnest_jobs_running 1"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("antnest_job_taskunits_done{{job=\"{job_id}\"}}")),
+        "{metrics}"
+    );
+
+    let Some(browser) = chromium() else {
+        eprintln!(
+            "SKIPPED: the browser part needs Chromium (`apt-get install chromium`); .ci/run installs it"
+        );
+        let _ = job.kill();
+        return;
+    };
+    let dom = headless(browser, &dir.path().join("profile1"), &["--dump-dom"], &ui);
+    let dom = text(&dom.stdout);
+    assert!(
+        dom.contains("data-ready=\"1\""),
+        "the page's script ran: {dom}"
+    );
+    assert!(dom.contains(&job_id), "the running job is listed: {dom}");
+    assert!(dom.contains(&peer.peer_id), "{dom}");
+    assert!(dom.contains("class=\"bar\""), "with a progress bar: {dom}");
+
+    let shot = dir.path().join("ui.png");
+    let out = headless(
+        browser,
+        &dir.path().join("profile2"),
+        &[&format!("--screenshot={}", shot.display())],
+        &ui,
+    );
+    assert!(shot.exists(), "no screenshot: {}", text(&out.stderr));
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!((info.width, info.height), (1000, 700));
+    let channels = info.line_size / info.width as usize;
+    let px: Vec<&[u8]> = pixels[..info.buffer_size()].chunks(channels).collect();
+    // The page background, and the progress bar's colour, are on screen.
+    let near = |p: &[u8], c: [u8; 3]| p.iter().zip(c).all(|(a, b)| a.abs_diff(b) <= 8);
+    let background = px.iter().filter(|p| near(p, [0xfa, 0xf7, 0xf2])).count();
+    let bar = px.iter().filter(|p| near(p, [0xc0, 0x66, 0x2b])).count();
+    assert!(
+        background > px.len() / 3,
+        "the page rendered ({background} background pixels)"
+    );
+    assert!(bar > 20, "a progress bar is drawn ({bar} bar pixels)");
+    let _ = job.kill();
+    let _ = job.wait();
+}
