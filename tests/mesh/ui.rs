@@ -119,6 +119,7 @@ fn the_live_page_metrics_and_status_show_a_running_job() {
             "SKIPPED: the browser part needs Chromium (`apt-get install chromium`); .ci/run installs it"
         );
         let _ = job.kill();
+        let _ = job.wait();
         return;
     };
     let dom = headless(browser, &dir.path().join("profile1"), &["--dump-dom"], &ui);
