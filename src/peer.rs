@@ -634,32 +634,49 @@ impl Peer {
                 continue;
             }
             let max = Self::batch_size(per_unit, job) as u32;
-            match self
-                .shared
-                .client
-                .request(master, Request::Pull { job, max })
-                .await
-            {
-                Ok(Response::Tasks { units, .. }) if !units.is_empty() => {
-                    return Some(Batch {
-                        job,
-                        module,
-                        limits,
-                        source: Source::Remote(master),
-                        units,
-                    });
-                }
-                Ok(Response::NoWork { finished: true }) => {
-                    self.shared.remotes.lock().unwrap().remove(&job);
-                }
-                Ok(_) => self.back_off(job, Duration::from_millis(20)),
-                Err(e) => {
-                    debug!(%job, "pull failed: {e}");
-                    self.back_off(job, Duration::from_secs(1));
-                }
+            if let Some(batch) = self.pull_remote(job, master, module, limits, max).await {
+                return Some(batch);
             }
         }
         None
+    }
+
+    /// Ask `master` for up to `max` taskunits of `job`.
+    async fn pull_remote(
+        &self,
+        job: JobId,
+        master: PeerId,
+        module: ModuleHash,
+        limits: Limits,
+        max: u32,
+    ) -> Option<Batch> {
+        match self
+            .shared
+            .client
+            .request(master, Request::Pull { job, max })
+            .await
+        {
+            Ok(Response::Tasks { units, .. }) if !units.is_empty() => Some(Batch {
+                job,
+                module,
+                limits,
+                source: Source::Remote(master),
+                units,
+            }),
+            Ok(Response::NoWork { finished: true }) => {
+                self.shared.remotes.lock().unwrap().remove(&job);
+                None
+            }
+            Ok(_) => {
+                self.back_off(job, Duration::from_millis(20));
+                None
+            }
+            Err(e) => {
+                debug!(%job, "pull failed: {e}");
+                self.back_off(job, Duration::from_secs(1));
+                None
+            }
+        }
     }
 
     fn back_off(&self, job: JobId, wait: Duration) {

@@ -203,9 +203,23 @@ impl JobBook {
             .is_some_and(|v| v.iter().any(|v| v.worker == worker))
     }
 
-    /// Lease up to `max` taskunits to `worker`.
+    /// Lease up to `max` taskunits to `worker`. Once the split's total is
+    /// known, batches shrink as the job nears its end (guided
+    /// self-scheduling: at most half a fair share of what is left), so no
+    /// worker sits on a big batch while the others idle.
     pub fn take(&mut self, worker: &str, max: usize, now: Instant) -> Vec<TaskUnit> {
         self.reclaim_expired(now);
+        let max = match self.split_total {
+            Some(total) => {
+                let unissued = total.saturating_sub(self.next_index) as usize + self.queue.len();
+                let mut workers: HashSet<&str> =
+                    self.per_worker.keys().map(String::as_str).collect();
+                workers.extend(self.leases.values().map(|l| l.worker.as_str()));
+                workers.insert(worker);
+                max.min(unissued.div_ceil(2 * workers.len()).max(1))
+            }
+            None => max,
+        };
         let mut units = Vec::new();
         let mut bytes = 0;
         // Slots this worker may not take (it has another replica of them).
