@@ -296,6 +296,7 @@ async fn main() -> Result<()> {
         peers.push(start_peer(&bin, dir.path(), i, args.slots, Some(&first))?);
     }
     let master = peers[0].control.clone();
+    let fresh_rss = rss_kib(peers[peers.len() - 1].child.id(), "VmRSS:");
     // Warm-up: repeat each workload's small job until every peer has worked
     // on it (so every peer has fetched and compiled every module).
     let mut first_result_ms = Vec::new();
@@ -320,7 +321,6 @@ async fn main() -> Result<()> {
         }
     }
     let startup_s = t0.elapsed().as_secs_f64();
-    let idle_rss = rss_kib(peers[peers.len() - 1].child.id(), "VmRSS:");
 
     let mut results = serde_json::Map::new();
     let mut compiled = 0;
@@ -367,7 +367,13 @@ async fn main() -> Result<()> {
             }
         );
     }
-    eprintln!("idle peer RSS after warm-up: {} KiB", idle_rss.unwrap_or(0));
+    // Worker slots drop their instances after 5 s without work.
+    std::thread::sleep(Duration::from_secs(6));
+    eprintln!(
+        "idle worker peer RSS: {} KiB fresh, {} KiB after the jobs",
+        fresh_rss.unwrap_or(0),
+        rss_kib(peers[peers.len() - 1].child.id(), "VmRSS:").unwrap_or(0)
+    );
     eprintln!("submit to first result (warm mesh, ms): {warm_first:.2?}");
     eprintln!("components compiled by the master during the timed runs: {compiled}");
     if args.million {

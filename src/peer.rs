@@ -25,6 +25,19 @@ use crate::wire::{
     Announce, ByteBuf, JobId, MAX_MODULE, MAX_TASKUNIT, ModuleHash, Request, Response, TaskOutcome,
 };
 
+/// Hand memory freed by the allocator back to the OS (glibc keeps it).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it has no
+    // preconditions and may be called from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// A worker slot idle this long drops its cached instances.
+const IDLE_RELEASE: Duration = Duration::from_secs(5);
+
 /// How a peer runs.
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
@@ -498,14 +511,22 @@ impl Peer {
         let mut runners: HashMap<ModuleHash, TaskRunner> = HashMap::new();
         let mut per_unit: HashMap<JobId, Duration> = HashMap::new();
         let mut idle = Duration::from_millis(1);
+        let mut idle_since = Instant::now();
         while !*stop.borrow() {
             let Some(batch) = self.find_work(&per_unit).await else {
                 let notified = self.shared.work.notified();
                 let _ = tokio::time::timeout(idle, notified).await;
                 idle = (idle * 2).min(Duration::from_millis(50));
+                // An idle peer gives its instances' memory back.
+                if idle_since.elapsed() > IDLE_RELEASE && !runners.is_empty() {
+                    runners.clear();
+                    per_unit.clear();
+                    release_freed_memory();
+                }
                 continue;
             };
             idle = Duration::from_millis(1);
+            idle_since = Instant::now();
             let Batch {
                 job,
                 source,
