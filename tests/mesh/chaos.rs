@@ -56,31 +56,22 @@ fn killing_and_restarting_workers_at_random_loses_nothing() {
     let input: String = ns.iter().map(|n| format!("{n}\n")).collect();
     let want: u64 = count_primes_below(&ns).iter().sum();
     let stats = dir.path().join("s.json");
-    let mut cmd = antnest();
-    cmd.args([
-        "submit",
-        "-q",
-        "--control",
-        master.control.to_str().unwrap(),
-        artifact("primes").to_str().unwrap(),
-        "--stats-json",
-        stats.to_str().unwrap(),
-    ]);
-    let mut child = {
-        use std::io::Write;
-        let mut c = cmd
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-        c
-    };
+    let mut job = spawn_antnest(
+        &[
+            "submit",
+            "-q",
+            "--control",
+            master.control.to_str().unwrap(),
+            artifact("primes").to_str().unwrap(),
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ],
+        input.as_bytes(),
+    );
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut kills = 0;
     let mut restarts = 0;
-    while child.try_wait().unwrap().is_none() {
+    while job.running() {
         assert!(Instant::now() < deadline, "chaos job did not finish");
         std::thread::sleep(Duration::from_millis(150 + rng.next(350)));
         let i = rng.next(3) as usize;
@@ -99,7 +90,7 @@ fn killing_and_restarting_workers_at_random_loses_nothing() {
             }
         }
     }
-    let out = wait_output(child, Duration::from_secs(60));
+    let out = job.finish(Duration::from_secs(60));
     eprintln!("chaos: {kills} kills, {restarts} restarts");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(

@@ -230,3 +230,103 @@ pub(crate) fn count_primes_below(ns: &[u64]) -> Vec<u64> {
     }
     ns.iter().map(|&n| below[n as usize]).collect()
 }
+
+/// Flags that make `submit` run its own loopback-only peer.
+pub(crate) const LOCAL: [&str; 4] = [
+    "--standalone",
+    "--no-mdns",
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+];
+
+/// `antnest submit LOCAL.. JOB EXTRA..` with `stdin`, under a timeout.
+pub(crate) fn submit_local(job: &Path, extra: &[&str], stdin: &[u8]) -> Output {
+    let mut args = vec!["submit"];
+    args.extend(LOCAL);
+    args.push(job.to_str().unwrap());
+    args.extend_from_slice(extra);
+    run(&args, stdin, Duration::from_secs(600))
+}
+
+/// A command running in the background; its stderr is read line by line.
+pub(crate) struct Background {
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+/// Start `antnest ARGS` in the background, feeding it `stdin`.
+pub(crate) fn spawn_antnest(args: &[&str], stdin: &[u8]) -> Background {
+    let mut child = antnest()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn antnest");
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    Background {
+        child: Some(child),
+        lines,
+        seen: Vec::new(),
+    }
+}
+
+impl Background {
+    /// The id from the "antnest: job ID started" line.
+    pub(crate) fn job_id(&mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no job id printed; stderr: {:?}", self.seen));
+            let id = line
+                .strip_prefix("antnest: job ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string);
+            self.seen.push(line);
+            if let Some(id) = id {
+                return id;
+            }
+        }
+    }
+
+    pub(crate) fn running(&mut self) -> bool {
+        let child = self.child.as_mut().expect("not finished");
+        child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Wait for the end (killing it after `timeout`); stderr holds every line.
+    pub(crate) fn finish(mut self, timeout: Duration) -> Output {
+        let mut out = wait_output(self.child.take().expect("not finished"), timeout);
+        self.seen.extend(self.lines.try_iter());
+        // The reader thread may still hold the last lines for a moment.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(line);
+        }
+        out.stderr = self.seen.join("\n").into_bytes();
+        out
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,25 +1,15 @@
 //! Each sample job gives the right answer, run on one machine.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use crate::common::*;
 
-const T: Duration = Duration::from_secs(300);
-
 #[test]
 fn reverse_strings_rust_crate_dir() {
-    let out = run(
-        &[
-            "submit",
-            "--standalone",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "jobs/reverse_strings",
-        ],
+    let out = submit_local(
+        std::path::Path::new("jobs/reverse_strings"),
+        &[],
         b"hello\nworld\n",
-        T,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "olleh\ndlrow");
@@ -31,21 +21,15 @@ fn reverse_strings_python_like_the_original() {
     let input = dir.path().join("in.txt");
     std::fs::write(&input, "hello\nworld\nantnest\n").unwrap();
     let stats = dir.path().join("stats.json");
-    let out = run(
+    let out = submit_local(
+        std::path::Path::new("jobs/reverse_strings.py"),
         &[
-            "submit",
-            "--standalone",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "jobs/reverse_strings.py",
             "--input",
             input.to_str().unwrap(),
             "--stats-json",
             stats.to_str().unwrap(),
         ],
         b"",
-        Duration::from_secs(600),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "olleh\ndlrow\ntsentna");
@@ -72,19 +56,10 @@ fn wordcount_matches_a_direct_count() {
     }
     let input = dir.path().join("words.txt");
     std::fs::write(&input, &text_in).unwrap();
-    let out = run(
-        &[
-            "submit",
-            "--standalone",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            artifact("wordcount").to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-        ],
+    let out = submit_local(
+        &artifact("wordcount"),
+        &["--input", input.to_str().unwrap()],
         b"",
-        T,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let want: String = expected
@@ -100,19 +75,10 @@ fn primes_sums_counts() {
     let input: String = ns.iter().map(|n| format!("{n}\n")).collect();
     let dir = scratch();
     let stats = dir.path().join("s.json");
-    let out = run(
-        &[
-            "submit",
-            "--standalone",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            artifact("primes").to_str().unwrap(),
-            "--stats-json",
-            stats.to_str().unwrap(),
-        ],
+    let out = submit_local(
+        &artifact("primes"),
+        &["--stats-json", stats.to_str().unwrap()],
         input.as_bytes(),
-        T,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let want: u64 = count_primes_below(&ns).iter().sum();
@@ -148,19 +114,10 @@ fn inflate_stored(z: &[u8]) -> Vec<u8> {
 fn mandelbrot_writes_a_png() {
     let dir = scratch();
     let png_path = dir.path().join("m.png");
-    let out = run(
-        &[
-            "submit",
-            "--standalone",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            artifact("mandelbrot").to_str().unwrap(),
-            "--output",
-            png_path.to_str().unwrap(),
-        ],
+    let out = submit_local(
+        &artifact("mandelbrot"),
+        &["--output", png_path.to_str().unwrap()],
         b"120 80 64\n",
-        T,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let png = std::fs::read(&png_path).unwrap();

@@ -91,40 +91,22 @@ fn a_peer_killed_mid_job_loses_no_work() {
     // ~150 taskunits of ~40 ms: a few seconds of work for three peers.
     let (input, want) = primes_input(150, 300_000);
     let stats = dir.path().join("s.json");
-    let mut cmd = antnest();
-    cmd.args([
-        "submit",
-        "--control",
-        a.control.to_str().unwrap(),
-        artifact("primes").to_str().unwrap(),
-        "--stats-json",
-        stats.to_str().unwrap(),
-    ]);
-    let child = {
-        use std::io::Write;
-        let mut child = cmd
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        child
-    };
+    let mut job = spawn_antnest(
+        &[
+            "submit",
+            "--control",
+            a.control.to_str().unwrap(),
+            artifact("primes").to_str().unwrap(),
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ],
+        input.as_bytes(),
+    );
     // Let b take work, then kill it without warning, mid-job.
     std::thread::sleep(Duration::from_millis(1000));
-    let mut child = child;
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the job must still be running when b dies"
-    );
+    assert!(job.running(), "the job must still be running when b dies");
     b.kill();
-    let out = wait_output(child, T);
+    let out = job.finish(T);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), want.to_string());
     let s = stats_of(&stats);
@@ -249,7 +231,6 @@ fn mdns_finds_peers_with_no_config_across_namespaces() {
 
 #[test]
 fn a_crashed_master_resumes_without_recomputing() {
-    use std::io::BufRead;
     let dir = scratch();
     let cache = dir.path().join("cache");
     let args = [
@@ -282,35 +263,16 @@ fn a_crashed_master_resumes_without_recomputing() {
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
-    let mut first = antnest()
-        .args(submit_args(&[]))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = first.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(rest) = line.strip_prefix("antnest: job ") {
-                let _ = tx.send(rest.split_whitespace().next().unwrap().to_string());
-            }
-        }
-    });
-    let job_id = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the job id is printed at start");
+    let args = submit_args(&[]);
+    let mut first = spawn_antnest(&args.iter().map(String::as_str).collect::<Vec<_>>(), b"");
+    let job_id = first.job_id(Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
-        first.try_wait().unwrap().is_none(),
+        first.running(),
         "the job must still run when the master dies"
     );
     m.kill();
-    let first_out = wait_output(first, T);
+    let first_out = first.finish(T);
     assert!(
         !first_out.status.success(),
         "the submitter notices the master died"

@@ -7,14 +7,7 @@ use crate::common::*;
 const T: Duration = Duration::from_secs(300);
 
 fn submit_faulty(input: &str, extra: &[&str]) -> std::process::Output {
-    let faulty = artifact("faulty");
     let mut args = vec![
-        "submit",
-        "--standalone",
-        "--no-mdns",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        faulty.to_str().unwrap(),
         "--task-timeout",
         "1s",
         "--memory-mb",
@@ -25,7 +18,7 @@ fn submit_faulty(input: &str, extra: &[&str]) -> std::process::Output {
         "1",
     ];
     args.extend_from_slice(extra);
-    run(&args, input.as_bytes(), T)
+    submit_local(&artifact("faulty"), &args, input.as_bytes())
 }
 
 #[test]
@@ -87,18 +80,7 @@ fn invalid_module_is_a_clear_error() {
     let dir = scratch();
     let bad = dir.path().join("bad.wasm");
     std::fs::write(&bad, b"\0asm\x0d\0\x01\0 definitely not a component").unwrap();
-    let out = run(
-        &[
-            "submit",
-            "--standalone",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            bad.to_str().unwrap(),
-        ],
-        b"x\n",
-        T,
-    );
+    let out = submit_local(&bad, &[], b"x\n");
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("the job module is not usable"), "{stderr}");
@@ -119,18 +101,7 @@ fn unknown_job_kind_is_a_usage_error() {
 fn an_oversized_taskunit_is_a_clear_error() {
     let mut input = vec![b'a'; 17 << 20];
     input.push(b'\n');
-    let out = run(
-        &[
-            "submit",
-            "--standalone",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            artifact("reverse_strings").to_str().unwrap(),
-        ],
-        &input,
-        T,
-    );
+    let out = submit_local(&artifact("reverse_strings"), &[], &input);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -141,7 +112,6 @@ fn an_oversized_taskunit_is_a_clear_error() {
 
 #[test]
 fn a_peer_refuses_jobs_beyond_max_jobs() {
-    use std::io::BufRead;
     let dir = scratch();
     let peer = PeerProc::start(
         dir.path(),
@@ -158,36 +128,12 @@ fn a_peer_refuses_jobs_beyond_max_jobs() {
     );
     let control = peer.control.to_str().unwrap().to_string();
     let primes = artifact("primes");
-    let mut long = antnest()
-        .args(["submit", "--control", &control, primes.to_str().unwrap()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let input: String = (0..80).map(|i| format!("{}\n", 300_000 + i)).collect();
-        long.stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let stderr = long.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let started = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("first job starts");
-    assert!(started.contains("started"), "{started}");
+    let input: String = (0..80).map(|i| format!("{}\n", 300_000 + i)).collect();
+    let mut long = spawn_antnest(
+        &["submit", "--control", &control, primes.to_str().unwrap()],
+        input.as_bytes(),
+    );
+    long.job_id(Duration::from_secs(60));
     let out = run(
         &["submit", "--control", &control, primes.to_str().unwrap()],
         b"100\n",
@@ -196,6 +142,6 @@ fn a_peer_refuses_jobs_beyond_max_jobs() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("already runs 1 jobs"), "{stderr}");
-    let first = wait_output(long, T);
+    let first = long.finish(T);
     assert!(first.status.success(), "the running job is unaffected");
 }

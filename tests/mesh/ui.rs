@@ -68,25 +68,17 @@ fn the_live_page_metrics_and_status_show_a_running_job() {
         ],
     );
     let ui = peer.ui.clone().expect("the peer prints its UI address");
-    let mut job = antnest()
-        .args([
+    let input: String = (0..300).map(|i| format!("{}\n", 300_000 + i)).collect();
+    let _job = spawn_antnest(
+        &[
             "submit",
             "-q",
             "--control",
             peer.control.to_str().unwrap(),
             artifact("primes").to_str().unwrap(),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let input: String = (0..300).map(|i| format!("{}\n", 300_000 + i)).collect();
-    job.stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
+        ],
+        input.as_bytes(),
+    );
     let mut job_id = String::new();
     eventually(
         Duration::from_secs(30),
@@ -118,8 +110,6 @@ fn the_live_page_metrics_and_status_show_a_running_job() {
         eprintln!(
             "SKIPPED: the browser part needs Chromium (`apt-get install chromium`); .ci/run installs it"
         );
-        let _ = job.kill();
-        let _ = job.wait();
         return;
     };
     let dom = headless(browser, &dir.path().join("profile1"), &["--dump-dom"], &ui);
@@ -156,6 +146,4 @@ fn the_live_page_metrics_and_status_show_a_running_job() {
         "the page rendered ({background} background pixels)"
     );
     assert!(bar > 20, "a progress bar is drawn ({bar} bar pixels)");
-    let _ = job.kill();
-    let _ = job.wait();
 }

@@ -1,29 +1,15 @@
 //! What users expect around a job: streaming results, JSON output, listing
 //! and cancelling jobs, shell completions.
 
-use std::io::BufRead;
 use std::time::Duration;
 
 use crate::common::*;
 
 const T: Duration = Duration::from_secs(300);
-const LOCAL: [&str; 4] = [
-    "--standalone",
-    "--no-mdns",
-    "--listen",
-    "/ip4/127.0.0.1/tcp/0",
-];
 
 #[test]
 fn stream_prints_each_result_as_it_arrives() {
-    let faulty = artifact("faulty");
-    let args: Vec<&str> = ["submit"]
-        .iter()
-        .copied()
-        .chain(LOCAL)
-        .chain([faulty.to_str().unwrap(), "--stream", "-q"])
-        .collect();
-    let out = run(&args, b"a\nb\nc\n", T);
+    let out = submit_local(&artifact("faulty"), &["--stream", "-q"], b"a\nb\nc\n");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let mut lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
     lines.sort();
@@ -32,20 +18,11 @@ fn stream_prints_each_result_as_it_arrives() {
 
 #[test]
 fn json_gives_output_stats_and_failures() {
-    let faulty = artifact("faulty");
-    let args: Vec<&str> = ["submit"]
-        .iter()
-        .copied()
-        .chain(LOCAL)
-        .chain([
-            faulty.to_str().unwrap(),
-            "--json",
-            "--keep-going",
-            "--attempts",
-            "1",
-        ])
-        .collect();
-    let out = run(&args, b"hello\ntrap\nworld\n", T);
+    let out = submit_local(
+        &artifact("faulty"),
+        &["--json", "--keep-going", "--attempts", "1"],
+        b"hello\ntrap\nworld\n",
+    );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
     assert_eq!(v["output"], "HELLO\nWORLD");
@@ -75,47 +52,17 @@ fn jobs_lists_and_cancel_stops_a_running_job() {
         ],
     );
     let control = peer.control.to_str().unwrap().to_string();
-    let mut job = antnest()
-        .args([
+    let input: String = (0..400).map(|i| format!("{}\n", 300_000 + i)).collect();
+    let mut job = spawn_antnest(
+        &[
             "submit",
             "--control",
             &control,
             artifact("primes").to_str().unwrap(),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let input: String = (0..400).map(|i| format!("{}\n", 300_000 + i)).collect();
-        job.stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let stderr = job.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let started = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("job starts");
-    let id = started
-        .strip_prefix("antnest: job ")
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+        ],
+        input.as_bytes(),
+    );
+    let id = job.job_id(Duration::from_secs(60));
     let listed = run(&["jobs", "--control", &control], b"", T);
     assert!(
         text(&listed.stdout).starts_with(&id),
@@ -124,12 +71,12 @@ fn jobs_lists_and_cancel_stops_a_running_job() {
     );
     let cancelled = run(&["cancel", &id, "--control", &control], b"", T);
     assert!(cancelled.status.success(), "{}", text(&cancelled.stderr));
-    let out = wait_output(job, Duration::from_secs(60));
+    let out = job.finish(Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(1));
-    let rest: Vec<String> = rx.try_iter().collect();
     assert!(
-        rest.iter().any(|l| l.contains("the job was cancelled")),
-        "{rest:?}"
+        text(&out.stderr).contains("the job was cancelled"),
+        "{}",
+        text(&out.stderr)
     );
     let again = run(&["cancel", &id, "--control", &control], b"", T);
     assert_eq!(
