@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::network::PeerInfo;
 use crate::peer::{JobEvent, JobInfo, JobReport, JobSpec, Peer, SubmitError};
@@ -118,27 +118,19 @@ pub async fn serve(
     peer: Peer,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let peer = peer.clone();
-                    conns.spawn(async move {
-                        if let Err(e) = handle(stream, peer).await {
-                            debug!("control connection: {e}");
-                        }
-                    });
-                }
-                Err(e) => warn!("control accept: {e}"),
-            },
+    let connections =
+        crate::accept::incoming(listener, |l: std::sync::Arc<UnixListener>| async move {
+            l.accept().await.map(|(s, _)| s)
+        });
+    let handle_one = move |stream| {
+        let peer = peer.clone();
+        async move {
+            if let Err(e) = handle(stream, peer).await {
+                debug!("control connection: {e}");
+            }
         }
-    }
-    conns.abort_all();
+    };
+    crate::accept::serve("control", connections, handle_one, shutdown).await;
 }
 
 async fn handle(mut stream: UnixStream, peer: Peer) -> Result<(), ControlError> {

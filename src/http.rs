@@ -24,28 +24,20 @@ pub async fn serve(
     peer: Peer,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let peer = peer.clone();
-                    conns.spawn(async move {
-                        let r = tokio::time::timeout(Duration::from_secs(10), handle(stream, peer)).await;
-                        if let Ok(Err(e)) = r {
-                            debug!("http connection: {e}");
-                        }
-                    });
-                }
-                Err(e) => debug!("http accept: {e}"),
-            },
+    let connections =
+        crate::accept::incoming(listener, |l: std::sync::Arc<TcpListener>| async move {
+            l.accept().await.map(|(s, _)| s)
+        });
+    let handle_one = move |stream| {
+        let peer = peer.clone();
+        async move {
+            let r = tokio::time::timeout(Duration::from_secs(10), handle(stream, peer)).await;
+            if let Ok(Err(e)) = r {
+                debug!("http connection: {e}");
+            }
         }
-    }
-    conns.abort_all();
+    };
+    crate::accept::serve("http", connections, handle_one, shutdown).await;
 }
 
 async fn handle(mut stream: TcpStream, peer: Peer) -> std::io::Result<()> {

@@ -15,6 +15,7 @@
 //! - [`source`]: building job components from Rust crates and Python files.
 //! - [`config`]: the bootstrap config file.
 
+mod accept;
 pub mod config;
 pub mod control;
 pub mod executor;
