@@ -185,6 +185,31 @@ impl PeerProc {
         }
     }
 
+    /// A one-slot peer on loopback without mDNS, plus `extra` flags.
+    pub(crate) fn loopback(dir: &Path, name: &str, extra: &[&str]) -> PeerProc {
+        let mut args = vec![
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--slots",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        Self::start(dir, name, &args)
+    }
+
+    /// `antnest submit --control <this peer> JOB EXTRA..` with `stdin`.
+    pub(crate) fn submit(&self, job: &Path, extra: &[&str], stdin: &[u8]) -> Output {
+        let mut args = vec![
+            "submit",
+            "--control",
+            self.control.to_str().unwrap(),
+            job.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run(&args, stdin, Duration::from_secs(600))
+    }
+
     pub(crate) fn addr(&self) -> &str {
         &self.addrs[0]
     }

@@ -95,17 +95,7 @@ async fn abuse(addr: Multiaddr) -> Vec<Result<Value, String>> {
 #[tokio::test]
 async fn malformed_requests_leave_the_peer_serving() {
     let dir = scratch();
-    let peer = PeerProc::start(
-        dir.path(),
-        "p",
-        &[
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-            "--slots",
-            "1",
-        ],
-    );
+    let peer = PeerProc::loopback(dir.path(), "p", &[]);
     let addr: Multiaddr = peer.addr().parse().unwrap();
     let results = tokio::time::timeout(Duration::from_secs(120), abuse(addr))
         .await

@@ -14,26 +14,12 @@ fn primes_input(count: u64, base: u64) -> (String, u64) {
     (input, count_primes_below(&ns).iter().sum())
 }
 
-fn loopback_peer(dir: &std::path::Path, name: &str, bootstrap: Option<&str>) -> PeerProc {
-    let mut args = vec![
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--slots",
-        "1",
-    ];
-    if let Some(b) = bootstrap {
-        args.extend(["--bootstrap", b]);
-    }
-    PeerProc::start(dir, name, &args)
-}
-
 #[test]
 fn three_peers_share_a_job_submitted_from_a_non_bootstrap_peer() {
     let dir = scratch();
-    let a = loopback_peer(dir.path(), "a", None);
-    let b = loopback_peer(dir.path(), "b", Some(a.addr()));
-    let c = loopback_peer(dir.path(), "c", Some(a.addr()));
+    let a = PeerProc::loopback(dir.path(), "a", &[]);
+    let b = PeerProc::loopback(dir.path(), "b", &["--bootstrap", a.addr()]);
+    let c = PeerProc::loopback(dir.path(), "c", &["--bootstrap", a.addr()]);
     // `antnest peers` on c sees a (its bootstrap) connected.
     eventually(Duration::from_secs(20), "c connected to a", || {
         let out = run(&["peers", "--control", c.control.to_str().unwrap()], b"", T);
@@ -45,17 +31,10 @@ fn three_peers_share_a_job_submitted_from_a_non_bootstrap_peer() {
     // ~100 taskunits of a few ms each: long enough for everyone to join in.
     let (input, want) = primes_input(160, 30_000);
     let stats = dir.path().join("s.json");
-    let out = run(
-        &[
-            "submit",
-            "--control",
-            c.control.to_str().unwrap(),
-            artifact("primes").to_str().unwrap(),
-            "--stats-json",
-            stats.to_str().unwrap(),
-        ],
+    let out = c.submit(
+        &artifact("primes"),
+        &["--stats-json", stats.to_str().unwrap()],
         input.as_bytes(),
-        T,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
@@ -85,9 +64,9 @@ fn three_peers_share_a_job_submitted_from_a_non_bootstrap_peer() {
 #[test]
 fn a_peer_killed_mid_job_loses_no_work() {
     let dir = scratch();
-    let a = loopback_peer(dir.path(), "a", None);
-    let mut b = loopback_peer(dir.path(), "b", Some(a.addr()));
-    let _c = loopback_peer(dir.path(), "c", Some(a.addr()));
+    let a = PeerProc::loopback(dir.path(), "a", &[]);
+    let mut b = PeerProc::loopback(dir.path(), "b", &["--bootstrap", a.addr()]);
+    let _c = PeerProc::loopback(dir.path(), "c", &["--bootstrap", a.addr()]);
     // ~150 taskunits of ~40 ms: a few seconds of work for three peers.
     let (input, want) = primes_input(150, 300_000);
     let stats = dir.path().join("s.json");

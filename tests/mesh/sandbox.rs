@@ -113,19 +113,7 @@ fn an_oversized_taskunit_is_a_clear_error() {
 #[test]
 fn a_peer_refuses_jobs_beyond_max_jobs() {
     let dir = scratch();
-    let peer = PeerProc::start(
-        dir.path(),
-        "p",
-        &[
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-            "--slots",
-            "1",
-            "--max-jobs",
-            "1",
-        ],
-    );
+    let peer = PeerProc::loopback(dir.path(), "p", &["--max-jobs", "1"]);
     let control = peer.control.to_str().unwrap().to_string();
     let primes = artifact("primes");
     let input: String = (0..80).map(|i| format!("{}\n", 300_000 + i)).collect();

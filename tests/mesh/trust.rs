@@ -31,32 +31,17 @@ fn a_mesh_key_keeps_outsiders_out() {
     let dir = scratch();
     let key = write_key(dir.path(), "mesh.key", 7);
     let other = write_key(dir.path(), "other.key", 99);
-    let base = [
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--slots",
-        "1",
-    ];
-    let a = PeerProc::start(
-        dir.path(),
-        "a",
-        &[&base[..], &["--mesh-key", &key]].concat(),
-    );
-    let b = PeerProc::start(
+    let a = PeerProc::loopback(dir.path(), "a", &["--mesh-key", &key]);
+    let b = PeerProc::loopback(
         dir.path(),
         "b",
-        &[&base[..], &["--mesh-key", &key, "--bootstrap", a.addr()]].concat(),
+        &["--mesh-key", &key, "--bootstrap", a.addr()],
     );
-    let outsider = PeerProc::start(
-        dir.path(),
-        "c",
-        &[&base[..], &["--bootstrap", a.addr()]].concat(),
-    );
-    let wrong_key = PeerProc::start(
+    let outsider = PeerProc::loopback(dir.path(), "c", &["--bootstrap", a.addr()]);
+    let wrong_key = PeerProc::loopback(
         dir.path(),
         "d",
-        &[&base[..], &["--mesh-key", &other, "--bootstrap", a.addr()]].concat(),
+        &["--mesh-key", &other, "--bootstrap", a.addr()],
     );
     eventually(Duration::from_secs(20), "b joins with the key", || {
         connected(&a, &b)
@@ -71,58 +56,28 @@ fn a_mesh_key_keeps_outsiders_out() {
 fn workers_only_serve_allowed_masters() {
     let dir = scratch();
     let ident = dir.path().join("m.id");
-    let base = [
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--slots",
-        "1",
-    ];
-    let m = PeerProc::start(
-        dir.path(),
-        "m",
-        &[&base[..], &["--identity", ident.to_str().unwrap()]].concat(),
-    );
+    let m = PeerProc::loopback(dir.path(), "m", &["--identity", ident.to_str().unwrap()]);
     // The identity persists: a restart keeps the peer id.
     let id = m.peer_id.clone();
     drop(m);
-    let m = PeerProc::start(
-        dir.path(),
-        "m",
-        &[&base[..], &["--identity", ident.to_str().unwrap()]].concat(),
-    );
+    let m = PeerProc::loopback(dir.path(), "m", &["--identity", ident.to_str().unwrap()]);
     assert_eq!(m.peer_id, id, "same identity file, same peer id");
-    let w = PeerProc::start(
+    let w = PeerProc::loopback(
         dir.path(),
         "w",
-        &[
-            &base[..],
-            &["--bootstrap", m.addr(), "--allow-master", &m.peer_id],
-        ]
-        .concat(),
+        &["--bootstrap", m.addr(), "--allow-master", &m.peer_id],
     );
-    let x = PeerProc::start(
-        dir.path(),
-        "x",
-        &[&base[..], &["--bootstrap", m.addr()]].concat(),
-    );
+    let x = PeerProc::loopback(dir.path(), "x", &["--bootstrap", m.addr()]);
     eventually(Duration::from_secs(20), "mesh formed", || {
         connected(&m, &w) && connected(&m, &x)
     });
     let input: String = (0..60).map(|i| format!("{}\n", 200_000 + i)).collect();
     let job = |master: &PeerProc| {
         let stats = dir.path().join(format!("{}.json", master.peer_id));
-        let out = run(
-            &[
-                "submit",
-                "--control",
-                master.control.to_str().unwrap(),
-                artifact("primes").to_str().unwrap(),
-                "--stats-json",
-                stats.to_str().unwrap(),
-            ],
+        let out = master.submit(
+            &artifact("primes"),
+            &["--stats-json", stats.to_str().unwrap()],
             input.as_bytes(),
-            T,
         );
         assert!(out.status.success(), "{}", text(&out.stderr));
         stats_of(&stats)
@@ -148,37 +103,17 @@ fn workers_only_serve_allowed_masters() {
 #[test]
 fn replicated_taskunits_run_on_distinct_peers_and_mismatches_are_caught() {
     let dir = scratch();
-    let base = [
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--slots",
-        "1",
-    ];
-    let a = PeerProc::start(dir.path(), "a", &base);
-    let b = PeerProc::start(
-        dir.path(),
-        "b",
-        &[&base[..], &["--bootstrap", a.addr()]].concat(),
-    );
+    let a = PeerProc::loopback(dir.path(), "a", &[]);
+    let b = PeerProc::loopback(dir.path(), "b", &["--bootstrap", a.addr()]);
     eventually(Duration::from_secs(20), "mesh formed", || connected(&a, &b));
     // Deterministic work: every taskunit runs on both peers, results agree.
     let ns: Vec<u64> = (0..30).map(|i| 20_000 + i).collect();
     let input: String = ns.iter().map(|n| format!("{n}\n")).collect();
     let stats = dir.path().join("s.json");
-    let out = run(
-        &[
-            "submit",
-            "--control",
-            a.control.to_str().unwrap(),
-            artifact("primes").to_str().unwrap(),
-            "--replicate",
-            "2",
-            "--stats-json",
-            stats.to_str().unwrap(),
-        ],
+    let out = a.submit(
+        &artifact("primes"),
+        &["--replicate", "2", "--stats-json", stats.to_str().unwrap()],
         input.as_bytes(),
-        T,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
@@ -191,12 +126,9 @@ fn replicated_taskunits_run_on_distinct_peers_and_mismatches_are_caught() {
     assert_eq!(per_peer[&b.peer_id], 30, "{per_peer:?}");
     assert_eq!(s["mismatches"], 0);
     // A nondeterministic taskunit: replicas disagree, it is re-run, then fails.
-    let out = run(
+    let out = a.submit(
+        &artifact("faulty"),
         &[
-            "submit",
-            "--control",
-            a.control.to_str().unwrap(),
-            artifact("faulty").to_str().unwrap(),
             "--replicate",
             "2",
             "--attempts",
@@ -206,7 +138,6 @@ fn replicated_taskunits_run_on_distinct_peers_and_mismatches_are_caught() {
             stats.to_str().unwrap(),
         ],
         b"x\nrandom\ny\n",
-        T,
     );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

@@ -54,19 +54,7 @@ fn headless(browser: &str, profile: &Path, extra: &[&str], url: &str) -> std::pr
 #[test]
 fn the_live_page_metrics_and_status_show_a_running_job() {
     let dir = scratch();
-    let peer = PeerProc::start(
-        dir.path(),
-        "p",
-        &[
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-            "--slots",
-            "1",
-            "--ui",
-            "127.0.0.1:0",
-        ],
-    );
+    let peer = PeerProc::loopback(dir.path(), "p", &["--ui", "127.0.0.1:0"]);
     let ui = peer.ui.clone().expect("the peer prints its UI address");
     let input: String = (0..300).map(|i| format!("{}\n", 300_000 + i)).collect();
     let _job = spawn_antnest(

@@ -40,17 +40,7 @@ fn json_gives_output_stats_and_failures() {
 #[test]
 fn jobs_lists_and_cancel_stops_a_running_job() {
     let dir = scratch();
-    let peer = PeerProc::start(
-        dir.path(),
-        "p",
-        &[
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-            "--slots",
-            "1",
-        ],
-    );
+    let peer = PeerProc::loopback(dir.path(), "p", &[]);
     let control = peer.control.to_str().unwrap().to_string();
     let input: String = (0..400).map(|i| format!("{}\n", 300_000 + i)).collect();
     let mut job = spawn_antnest(
