@@ -498,6 +498,10 @@ pub struct TaskRunner {
     component: Component,
     limits: Limits,
     instance: Option<(Store<GuestState>, Job)>,
+    /// Bytes of the instance's stderr already handed out.
+    stderr_seen: usize,
+    /// What the last taskunit wrote to stderr.
+    last_stderr: String,
 }
 
 impl TaskRunner {
@@ -507,6 +511,29 @@ impl TaskRunner {
             component,
             limits,
             instance: None,
+            stderr_seen: 0,
+            last_stderr: String::new(),
+        }
+    }
+
+    /// What the last taskunit wrote to stderr (empty if nothing; after a
+    /// trap it is part of the error instead).
+    pub fn take_stderr(&mut self) -> String {
+        std::mem::take(&mut self.last_stderr)
+    }
+
+    /// Keep the instance for the next taskunit, collecting what this one
+    /// wrote to stderr. An instance whose stderr buffer is filling up is
+    /// replaced, so a chatty guest never hits the buffer's end.
+    fn keep(&mut self, store: Store<GuestState>, job: Job) {
+        let all = store.data().stderr.contents();
+        self.last_stderr =
+            String::from_utf8_lossy(&all[self.stderr_seen.min(all.len())..]).into_owned();
+        self.stderr_seen = all.len();
+        if self.stderr_seen < STDERR_CAPTURE * 3 / 4 {
+            self.instance = Some((store, job));
+        } else {
+            self.stderr_seen = 0;
         }
     }
 
@@ -521,18 +548,22 @@ impl TaskRunner {
         store.data_mut().deadline = Instant::now() + self.limits.time;
         match job.call_process(&mut store, unit) {
             Ok(Ok(out)) if out.len() > self.limits.output => {
-                self.instance = Some((store, job));
+                self.keep(store, job);
                 Err(TaskError::OutputTooLarge {
                     size: out.len(),
                     limit: self.limits.output,
                 })
             }
             Ok(result) => {
-                self.instance = Some((store, job));
+                self.keep(store, job);
                 result.map_err(TaskError::Guest)
             }
             // The instance trapped: drop it; the next taskunit gets a fresh one.
-            Err(e) => Err(classify(e, &store, self.limits)),
+            Err(e) => {
+                self.stderr_seen = 0;
+                self.last_stderr.clear();
+                Err(classify(e, &store, self.limits))
+            }
         }
     }
 }

@@ -304,6 +304,7 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
             match event {
                 JobEvent::Started(job) => printer.started(job),
                 JobEvent::Progress(p) => printer.update(p),
+                JobEvent::Log { index, text } => printer.log(index, &text),
                 JobEvent::Result { bytes, .. } if stream => {
                     printer.clear();
                     let mut out = std::io::stdout().lock();
@@ -388,6 +389,17 @@ impl ProgressPrinter {
             eprint!("\r\x1b[2K{line}");
         } else {
             eprintln!("antnest: {line}");
+        }
+    }
+
+    /// Guest stderr of one taskunit, line by line.
+    fn log(&mut self, index: u64, text: &str) {
+        if self.quiet {
+            return;
+        }
+        self.clear();
+        for line in text.lines() {
+            eprintln!("antnest: taskunit {index}: {line}");
         }
     }
 

@@ -191,6 +191,11 @@ pub enum JobEvent {
     /// The job has an id (sent first).
     Started(JobId),
     Progress(Progress),
+    /// What a taskunit wrote to stderr, wherever it ran.
+    Log {
+        index: u64,
+        text: String,
+    },
     /// One taskunit's result as it arrives (with [`JobSpec::stream`]).
     Result {
         index: u64,
@@ -558,9 +563,14 @@ impl Peer {
                 let started = Instant::now();
                 let outcomes: Vec<TaskOutcome> = units
                     .into_iter()
-                    .map(|u| TaskOutcome {
-                        index: u.index,
-                        result: runner.process(&u.data).map(ByteBuf::from),
+                    .map(|u| {
+                        let result = runner.process(&u.data).map(ByteBuf::from);
+                        let stderr = Some(runner.take_stderr()).filter(|s| !s.is_empty());
+                        TaskOutcome {
+                            index: u.index,
+                            result,
+                            stderr,
+                        }
                     })
                     .collect();
                 (runner, outcomes, started.elapsed())
@@ -850,17 +860,22 @@ impl Peer {
         let mut last_announce: Option<Instant> = None;
         let mut last_progress = Instant::now();
         loop {
-            let (finished, has_work, prog, streamed) = {
+            let (finished, has_work, prog, streamed, logs) = {
                 let mut book = master.book.lock().unwrap();
                 let streamed = book.take_streamed();
+                let logs = book.take_logs();
                 (
                     book.is_finished(),
                     book.has_work(),
                     book.progress(),
                     streamed,
+                    logs,
                 )
             };
             if let Some(events) = &events {
+                for (index, text) in logs {
+                    let _ = events.send(JobEvent::Log { index, text }).await;
+                }
                 for (index, bytes) in streamed {
                     let _ = events.send(JobEvent::Result { index, bytes }).await;
                 }

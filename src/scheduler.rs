@@ -103,6 +103,20 @@ pub struct JobBook {
     cancelled: bool,
     /// Taskunits the split made, once it has finished.
     split_total: Option<u64>,
+    /// Guest stderr not yet passed on to the submitter, by taskunit.
+    logs: Vec<(u64, String)>,
+    /// Guest stderr collected so far; past [`MAX_LOG`] the rest is dropped.
+    log_bytes: usize,
+}
+
+/// The most guest stderr one job forwards to its submitter.
+const MAX_LOG: usize = 1 << 20;
+
+impl JobBook {
+    /// Guest stderr since the last call, by taskunit.
+    pub fn take_logs(&mut self) -> Vec<(u64, String)> {
+        std::mem::take(&mut self.logs)
+    }
 }
 
 impl JobBook {
@@ -130,6 +144,8 @@ impl JobBook {
             streamed: None,
             cancelled: false,
             split_total: None,
+            logs: Vec::new(),
+            log_bytes: 0,
         }
     }
 
@@ -340,7 +356,18 @@ impl JobBook {
     /// Record results from `worker`. Results for retired taskunits (a
     /// duplicate from an expired lease) are ignored.
     pub fn complete(&mut self, worker: &str, outcomes: Vec<TaskOutcome>) {
-        for TaskOutcome { index, result } in outcomes {
+        for TaskOutcome {
+            index,
+            result,
+            stderr,
+        } in outcomes
+        {
+            if let Some(text) = stderr.filter(|t| !t.is_empty())
+                && self.log_bytes < MAX_LOG
+            {
+                self.log_bytes += text.len();
+                self.logs.push((index, text));
+            }
             if self.open.contains_key(&index) {
                 self.record(worker, index, result.map(|b| b.into_vec()));
             }
@@ -551,6 +578,7 @@ mod tests {
         TaskOutcome {
             index,
             result: Ok(ByteBuf::from(s.as_bytes().to_vec())),
+            stderr: None,
         }
     }
 
@@ -657,6 +685,7 @@ mod tests {
         let err = |i| TaskOutcome {
             index: i,
             result: Err(TaskError::Guest("boom".into())),
+            stderr: None,
         };
         b.take("w", 1, now);
         b.complete("w", vec![err(0)]);

@@ -118,6 +118,9 @@ pub struct TaskUnit {
 pub struct TaskOutcome {
     pub index: u64,
     pub result: Result<ByteBuf, TaskError>,
+    /// What the taskunit wrote to stderr, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
 }
 
 /// Bytes that serialize compactly in CBOR.
@@ -178,10 +181,12 @@ mod tests {
                 TaskOutcome {
                     index: 0,
                     result: Ok(ByteBuf::from(b"ok".to_vec())),
+                    stderr: Some("a note".into()),
                 },
                 TaskOutcome {
                     index: 1,
                     result: Err(TaskError::Timeout(Duration::from_secs(1))),
+                    stderr: None,
                 },
             ],
             compute: Duration::from_millis(5),
@@ -234,6 +239,7 @@ mod tests {
                 outcomes: vec![TaskOutcome {
                     index: 5,
                     result: Err(TaskError::OutOfMemory(1 << 20)),
+                    stderr: None,
                 }],
                 compute: Duration::from_micros(7),
             },

@@ -91,3 +91,22 @@ fn completions_are_generated() {
         script.contains("antnest") && script.contains("submit") && script.contains("--stats-json")
     );
 }
+
+#[test]
+fn guest_stderr_reaches_the_submitter() {
+    let out = submit_local(&artifact("faulty"), &[], b"say\nx\nsay\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "SAID\nX\nSAID");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("antnest: taskunit 0: hello from the guest"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("antnest: taskunit 2: hello from the guest"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("taskunit 1:"), "{stderr}");
+    let quiet = submit_local(&artifact("faulty"), &["-q"], b"say\n");
+    assert!(!text(&quiet.stderr).contains("hello from the guest"));
+}

@@ -3,7 +3,8 @@
 //! Each taskunit is a command: `loop` spins forever, `bomb` allocates until
 //! the memory limit stops it, `trap` panics, `big` returns 4 MiB, `exit`
 //! calls `std::process::exit(3)`, `random`
-//! returns a different number each time (for replica mismatches); anything else is returned upper-cased.
+//! returns a different number each time (for replica mismatches), `say`
+//! writes a line to stderr; anything else is returned upper-cased.
 
 wit_bindgen::generate!({ path: "../../wit", world: "job" });
 
@@ -32,6 +33,10 @@ impl Guest for Faulty {
             b"trap" => panic!("the faulty job was asked to trap"),
             b"big" => Ok(vec![b'x'; 4 << 20]),
             b"exit" => std::process::exit(3),
+            b"say" => {
+                eprintln!("hello from the guest");
+                Ok(b"SAID".to_vec())
+            }
             b"random" => {
                 // RandomState is seeded from WASI's random source.
                 use std::hash::{BuildHasher, Hasher};
