@@ -116,6 +116,8 @@ pub enum SubmitError {
     Journal(#[from] JournalError),
     #[error("the job was cancelled")]
     Cancelled,
+    #[error("--replicate {need} needs {need} peers, but this peer sees {have} (itself included)")]
+    NotEnoughPeers { need: u8, have: usize },
     #[error("this peer already runs {0} jobs, its limit (--max-jobs)")]
     Busy(usize),
 }
@@ -786,6 +788,15 @@ impl Peer {
             let running = self.shared.masters.lock().unwrap().len();
             if running >= self.shared.config.max_jobs {
                 return Err(SubmitError::Busy(running));
+            }
+        }
+        if spec.replicate > 1 {
+            let have = 1 + self.peers().await.iter().filter(|p| p.connected).count();
+            if have < spec.replicate as usize {
+                return Err(SubmitError::NotEnoughPeers {
+                    need: spec.replicate,
+                    have,
+                });
             }
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4096);

@@ -106,6 +106,14 @@ fn replicated_taskunits_run_on_distinct_peers_and_mismatches_are_caught() {
     let a = PeerProc::loopback(dir.path(), "a", &[]);
     let b = PeerProc::loopback(dir.path(), "b", &["--bootstrap", a.addr()]);
     eventually(Duration::from_secs(20), "mesh formed", || connected(&a, &b));
+    // Three replicas need three peers: a clear error, not a job that waits forever.
+    let out = a.submit(&artifact("primes"), &["--replicate", "3"], b"100\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--replicate 3 needs 3 peers, but this peer sees 2"),
+        "{}",
+        text(&out.stderr)
+    );
     // Deterministic work: every taskunit runs on both peers, results agree.
     let ns: Vec<u64> = (0..30).map(|i| 20_000 + i).collect();
     let input: String = ns.iter().map(|n| format!("{n}\n")).collect();
