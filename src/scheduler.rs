@@ -542,11 +542,8 @@ impl JobBook {
         }
     }
 
-    pub fn first_result(&self) -> Option<Instant> {
-        self.first_result
-    }
-
-    pub fn failures(&self) -> &BTreeMap<u64, TaskError> {
+    #[cfg(test)]
+    fn failures(&self) -> &BTreeMap<u64, TaskError> {
         &self.failures
     }
 
@@ -555,7 +552,8 @@ impl JobBook {
     }
 
     /// Hand over the results in taskunit order (failed taskunits are absent).
-    pub fn take_results(&mut self) -> BTreeMap<u64, Vec<u8>> {
+    #[cfg(test)]
+    fn take_results(&mut self) -> BTreeMap<u64, Vec<u8>> {
         std::mem::take(&mut self.results)
     }
 }
