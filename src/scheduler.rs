@@ -362,9 +362,18 @@ impl JobBook {
             stderr,
         } in outcomes
         {
-            if let Some(text) = stderr.filter(|t| !t.is_empty())
+            if let Some(mut text) = stderr.filter(|t| !t.is_empty())
                 && self.log_bytes < MAX_LOG
             {
+                // A worker's report may be large; keep within the job's cap.
+                let room = MAX_LOG - self.log_bytes;
+                if text.len() > room {
+                    let cut = (0..=room)
+                        .rev()
+                        .find(|i| text.is_char_boundary(*i))
+                        .unwrap_or(0);
+                    text.truncate(cut);
+                }
                 self.log_bytes += text.len();
                 self.logs.push((index, text));
             }
