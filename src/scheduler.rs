@@ -686,6 +686,24 @@ mod tests {
     }
 
     #[test]
+    fn guest_stderr_is_kept_within_the_job_cap() {
+        let mut b = book(&["a", "b"]);
+        let now = Instant::now();
+        b.take("w", 2, now);
+        let noisy = |index, text: String| TaskOutcome {
+            index,
+            result: Ok(ByteBuf::from(b"x".to_vec())),
+            stderr: Some(text),
+        };
+        b.complete("w", vec![noisy(0, "é".repeat(MAX_LOG))]);
+        b.complete("w", vec![noisy(1, "more".into())]);
+        let logs = b.take_logs();
+        assert_eq!(logs.len(), 1, "nothing after the cap");
+        assert!(logs[0].1.len() <= MAX_LOG && logs[0].1.len() > MAX_LOG - 2);
+        assert!(b.take_logs().is_empty(), "taken once");
+    }
+
+    #[test]
     fn failure_after_max_attempts() {
         let mut b = book(&["x"]);
         let now = Instant::now();
