@@ -56,16 +56,9 @@ fn killing_and_restarting_workers_at_random_loses_nothing() {
     let input: String = ns.iter().map(|n| format!("{n}\n")).collect();
     let want: u64 = count_primes_below(&ns).iter().sum();
     let stats = dir.path().join("s.json");
-    let mut job = spawn_antnest(
-        &[
-            "submit",
-            "-q",
-            "--control",
-            master.control.to_str().unwrap(),
-            artifact("primes").to_str().unwrap(),
-            "--stats-json",
-            stats.to_str().unwrap(),
-        ],
+    let mut job = master.spawn_submit(
+        &artifact("primes"),
+        &["-q", "--stats-json", stats.to_str().unwrap()],
         input.as_bytes(),
     );
     let deadline = Instant::now() + Duration::from_secs(600);

@@ -84,6 +84,18 @@ pub(crate) fn run(args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
 }
 
 pub(crate) fn run_cmd(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Output {
+    let (child, writer) = spawn_fed(cmd, stdin);
+    let out = wait_output(child, timeout);
+    let _ = writer.join();
+    out
+}
+
+pub(crate) fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Spawn `cmd` with piped stdio; a thread feeds it `stdin`.
+fn spawn_fed(cmd: &mut Command, stdin: &[u8]) -> (Child, std::thread::JoinHandle<()>) {
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -95,13 +107,7 @@ pub(crate) fn run_cmd(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Out
     let writer = std::thread::spawn(move || {
         let _ = input.write_all(&data);
     });
-    let out = wait_output(child, timeout);
-    let _ = writer.join();
-    out
-}
-
-pub(crate) fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    (child, writer)
 }
 
 /// A unique scratch directory, removed on drop.
@@ -200,6 +206,19 @@ impl PeerProc {
 
     /// `antnest submit --control <this peer> JOB EXTRA..` with `stdin`.
     pub(crate) fn submit(&self, job: &Path, extra: &[&str], stdin: &[u8]) -> Output {
+        run(
+            &self.submit_args(job, extra),
+            stdin,
+            Duration::from_secs(600),
+        )
+    }
+
+    /// The same submission, left running in the background.
+    pub(crate) fn spawn_submit(&self, job: &Path, extra: &[&str], stdin: &[u8]) -> Background {
+        spawn_antnest(&self.submit_args(job, extra), stdin)
+    }
+
+    fn submit_args<'a>(&'a self, job: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "submit",
             "--control",
@@ -207,7 +226,7 @@ impl PeerProc {
             job.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        run(&args, stdin, Duration::from_secs(600))
+        args
     }
 
     pub(crate) fn addr(&self) -> &str {
@@ -282,18 +301,7 @@ pub(crate) struct Background {
 
 /// Start `antnest ARGS` in the background, feeding it `stdin`.
 pub(crate) fn spawn_antnest(args: &[&str], stdin: &[u8]) -> Background {
-    let mut child = antnest()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn antnest");
-    let mut input = child.stdin.take().unwrap();
-    let data = stdin.to_vec();
-    std::thread::spawn(move || {
-        let _ = input.write_all(&data);
-    });
+    let (mut child, _writer) = spawn_fed(antnest().args(args), stdin);
     let stderr = child.stderr.take().unwrap();
     let (tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

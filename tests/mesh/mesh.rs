@@ -70,15 +70,9 @@ fn a_peer_killed_mid_job_loses_no_work() {
     // ~150 taskunits of ~40 ms: a few seconds of work for three peers.
     let (input, want) = primes_input(150, 300_000);
     let stats = dir.path().join("s.json");
-    let mut job = spawn_antnest(
-        &[
-            "submit",
-            "--control",
-            a.control.to_str().unwrap(),
-            artifact("primes").to_str().unwrap(),
-            "--stats-json",
-            stats.to_str().unwrap(),
-        ],
+    let mut job = a.spawn_submit(
+        &artifact("primes"),
+        &["--stats-json", stats.to_str().unwrap()],
         input.as_bytes(),
     );
     // Let b take work, then kill it without warning, mid-job.
