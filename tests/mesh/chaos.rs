@@ -33,15 +33,11 @@ fn killing_and_restarting_workers_at_random_loses_nothing() {
     eprintln!("chaos seed: {seed} (replay with ANTNEST_CHAOS_SEED={seed})");
     let mut rng = Rng(seed);
     let dir = scratch();
-    let args = [
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--slots",
-        "1",
-        "--lease",
-        "5s",
-    ];
+    let args: Vec<&str> = LOOPBACK_PEER
+        .iter()
+        .copied()
+        .chain(["--lease", "5s"])
+        .collect();
     let master = PeerProc::start(dir.path(), "master", &args);
     let worker_args: Vec<&str> = args
         .iter()

@@ -193,13 +193,7 @@ impl PeerProc {
 
     /// A one-slot peer on loopback without mDNS, plus `extra` flags.
     pub(crate) fn loopback(dir: &Path, name: &str, extra: &[&str]) -> PeerProc {
-        let mut args = vec![
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-            "--slots",
-            "1",
-        ];
+        let mut args = LOOPBACK_PEER.to_vec();
         args.extend_from_slice(extra);
         Self::start(dir, name, &args)
     }
@@ -274,6 +268,15 @@ pub(crate) fn count_primes_below(ns: &[u64]) -> Vec<u64> {
     }
     ns.iter().map(|&n| below[n as usize]).collect()
 }
+
+/// A one-slot peer listening on loopback only, without mDNS.
+pub(crate) const LOOPBACK_PEER: [&str; 5] = [
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--no-mdns",
+    "--slots",
+    "1",
+];
 
 /// Flags that make `submit` run its own loopback-only peer.
 pub(crate) const LOCAL: [&str; 4] = [

@@ -206,17 +206,10 @@ fn mdns_finds_peers_with_no_config_across_namespaces() {
 fn a_crashed_master_resumes_without_recomputing() {
     let dir = scratch();
     let cache = dir.path().join("cache");
-    let args = [
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--no-mdns",
-        "--slots",
-        "1",
-    ];
     let start = || {
         let mut cmd = antnest();
         cmd.env("ANTNEST_CACHE", &cache);
-        PeerProc::start_with(cmd, dir.path(), "m", &args)
+        PeerProc::start_with(cmd, dir.path(), "m", &LOOPBACK_PEER)
     };
     let mut m = start();
     // ~100 taskunits of ~40 ms on one slot: about 4 s of work.
