@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use antnest::executor::{Environment, Limits, SplitOutcome, TaskRunner, run_split};
+use antnest::executor::{Environment, Limits, SplitOutcome, TaskRunner, run_combine, run_split};
 use antnest::wire::ModuleHash;
 
 fn main() -> anyhow::Result<()> {
@@ -49,18 +49,35 @@ fn main() -> anyhow::Result<()> {
         t.elapsed().as_secs_f64() * 1e3
     );
 
-    let mut runner = TaskRunner::new(env.clone(), component, Limits::default());
+    let mut runner = TaskRunner::new(env.clone(), component.clone(), Limits::default());
     let t = Instant::now();
-    let mut out = 0;
+    let mut results = Vec::with_capacity(units.len());
     for u in &units {
-        out += runner.process(u)?.len();
+        results.push(runner.process(u)?);
     }
+    let out: usize = results.iter().map(Vec::len).sum();
     let secs = t.elapsed().as_secs_f64();
     println!(
         "process: {:.1} ms total, {:.2} µs per taskunit, {:.0} MB/s on one core ({out} bytes out)",
         secs * 1e3,
         secs * 1e6 / units.len() as f64,
         bytes as f64 / 1e6 / secs
+    );
+
+    let t = Instant::now();
+    let combined = run_combine(
+        &env,
+        &component,
+        Limits::default(),
+        Box::new(results.into_iter()),
+    )?;
+    println!(
+        "combine: {:.1} ms ({})",
+        t.elapsed().as_secs_f64() * 1e3,
+        match combined {
+            Some(out) => format!("{} bytes out", out.len()),
+            None => "default".into(),
+        }
     );
     Ok(())
 }

@@ -26,7 +26,7 @@ use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::wire::ModuleHash;
+use crate::wire::{MAX_TASKUNIT, ModuleHash};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -440,6 +440,26 @@ impl bindings::antnest::job::host::Host for GuestState {
         Ok(())
     }
 
+    fn emit_lines(&mut self, max_bytes: u32) -> wasmtime::Result<()> {
+        let HostIo::Split {
+            input,
+            emit,
+            emitted,
+        } = &mut self.io
+        else {
+            return Err(host_misuse("emit-lines"));
+        };
+        let started = Instant::now();
+        let mut emit_one = |unit: Vec<u8>| {
+            emit(unit)?;
+            *emitted += 1;
+            Ok(())
+        };
+        let result = split_lines(input, max_bytes as usize, &mut emit_one);
+        self.deadline += started.elapsed();
+        result.map_err(wasmtime::Error::msg)
+    }
+
     fn next_result(&mut self) -> wasmtime::Result<Option<Vec<u8>>> {
         let HostIo::Combine { results, .. } = &mut self.io else {
             return Err(host_misuse("next-result"));
@@ -458,6 +478,79 @@ impl bindings::antnest::job::host::Host for GuestState {
         }
         output.extend_from_slice(&bytes);
         Ok(())
+    }
+}
+
+/// Read `input` to its end and hand it to `emit` as taskunits of whole
+/// lines, each at most `max` bytes where the lines allow (a longer line is a
+/// taskunit of its own). The newline ending a taskunit is dropped and empty
+/// taskunits are skipped. Memory stays around two taskunits; a line longer
+/// than [`MAX_TASKUNIT`] is an error.
+pub fn split_lines(
+    input: &mut dyn Read,
+    max: usize,
+    emit: &mut dyn FnMut(Vec<u8>) -> Result<(), String>,
+) -> Result<(), String> {
+    let max = max.clamp(1, MAX_TASKUNIT);
+    let capacity = max + max / 2;
+    let mut buf: Vec<u8> = Vec::with_capacity(capacity);
+    let mut eof = false;
+    // Read until `buf` holds more than `want` bytes or the input ends
+    // (`read_to_end` reads into spare capacity without zeroing it first).
+    let mut fill = |buf: &mut Vec<u8>, want: usize, eof: &mut bool| -> Result<(), String> {
+        while !*eof && buf.len() <= want {
+            let room = (want + 1 - buf.len()).max(64 << 10);
+            buf.reserve(room);
+            let n = (&mut *input)
+                .take(room as u64)
+                .read_to_end(buf)
+                .map_err(|e| format!("reading job input: {e}"))?;
+            *eof = n < room;
+        }
+        Ok(())
+    };
+    loop {
+        fill(&mut buf, max, &mut eof)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        // Cut after the last newline among the first max+1 bytes (the
+        // newline itself is not part of the taskunit).
+        let window = buf.len().min(max + 1);
+        let cut = match buf[..window].iter().rposition(|&b| b == b'\n') {
+            Some(nl) => nl,
+            None if buf.len() <= max => buf.len(), // the end of the input
+            None => {
+                // A line longer than `max`: it ends at the next newline.
+                let mut from = window;
+                loop {
+                    if let Some(nl) = buf[from..].iter().position(|&b| b == b'\n') {
+                        break from + nl;
+                    }
+                    if eof {
+                        break buf.len();
+                    }
+                    if buf.len() > MAX_TASKUNIT {
+                        return Err(format!(
+                            "the input has a line longer than the {MAX_TASKUNIT}-byte taskunit limit"
+                        ));
+                    }
+                    from = buf.len();
+                    let want = buf.len() * 2;
+                    fill(&mut buf, want, &mut eof)?;
+                }
+            }
+        };
+        // The taskunit keeps `buf`'s allocation (shrunk in place, no copy);
+        // what follows the cut moves to a fresh buffer.
+        let mut next = Vec::with_capacity(capacity.max(buf.len() - cut));
+        next.extend_from_slice(&buf[(cut + 1).min(buf.len())..]);
+        let mut unit = std::mem::replace(&mut buf, next);
+        unit.truncate(cut);
+        if !unit.is_empty() {
+            unit.shrink_to_fit();
+            emit(unit)?;
+        }
     }
 }
 
@@ -660,4 +753,90 @@ pub fn default_combine(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_lines;
+    use proptest::prelude::*;
+
+    /// Hands out the input a few bytes at a time, as a pipe might.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.0.len().min(buf.len()).min(self.1);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    fn lines(bytes: &[u8]) -> Vec<&[u8]> {
+        bytes
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn split_lines_keeps_every_line_within_the_bound(
+            line_lens in proptest::collection::vec(0usize..40, 0..200),
+            max in 1usize..64,
+            step in 1usize..100,
+        ) {
+            let mut input = Vec::new();
+            for (i, len) in line_lens.iter().enumerate() {
+                input.extend((0..*len).map(|k| b'a' + ((i + k) % 26) as u8));
+                input.push(b'\n');
+            }
+            if line_lens.len() % 2 == 1 {
+                input.pop(); // sometimes no final newline
+            }
+            let mut units = Vec::new();
+            split_lines(&mut Trickle(&input, step), max, &mut |u| {
+                units.push(u);
+                Ok(())
+            })
+            .unwrap();
+            let mut got = Vec::new();
+            for u in &units {
+                prop_assert!(!u.is_empty());
+                // Over the bound only when it is one line.
+                prop_assert!(u.len() <= max || !u.contains(&b'\n'), "unit {:?}", u);
+                got.extend(lines(u));
+            }
+            prop_assert_eq!(got, lines(&input));
+        }
+    }
+
+    #[test]
+    fn split_lines_fills_taskunits_up_to_the_bound() {
+        let input = b"aaaa\nbbbb\ncccc\ndddd\n".repeat(3);
+        let mut units = Vec::new();
+        split_lines(&mut &input[..], 10, &mut |u| {
+            units.push(u);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(units.len(), 6, "{units:?}");
+        assert!(
+            units
+                .iter()
+                .all(|u| u == b"aaaa\nbbbb" || u == b"cccc\ndddd")
+        );
+    }
+
+    #[test]
+    fn split_lines_stops_when_emit_fails() {
+        let input = b"one\ntwo\nthree\n";
+        let mut calls = 0;
+        let err = split_lines(&mut &input[..], 3, &mut |_| {
+            calls += 1;
+            Err("job cancelled".into())
+        })
+        .unwrap_err();
+        assert_eq!((calls, err.as_str()), (1, "job cancelled"));
+    }
 }

@@ -38,35 +38,59 @@ fn reverse_strings_python_like_the_original() {
 
 #[test]
 fn wordcount_matches_a_direct_count() {
+    // Words of 1 to 40 bytes (the job keeps words of up to 16 bytes in its
+    // own table and longer ones in a hash map), non-ASCII bytes, every kind
+    // of ASCII whitespace in runs, ~20,000 distinct words so the table
+    // grows, and 3 MB of input so it is cut into several taskunits.
     let dir = scratch();
-    let words = ["ant", "nest", "peer", "mesh", "wasm", "x", "Ünï"];
-    let mut text_in = String::new();
-    let mut expected: BTreeMap<&str, u64> = BTreeMap::new();
-    for i in 0..60_000u64 {
-        let w = words[(i * i % 7) as usize];
-        *expected.entry(w).or_default() += 1;
-        text_in.push_str(w);
-        text_in.push(if i % 13 == 0 {
-            '\n'
-        } else if i % 5 == 0 {
-            '\t'
-        } else {
-            ' '
-        });
+    let mut text_in = Vec::new();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let gaps: [&[u8]; 7] = [b" ", b"\t", b"\n", b"\r\n", b"\x0c", b"  \t ", b"\n\n"];
+    while text_in.len() < 3_000_000 {
+        let r = next();
+        let id = (r % 20_000) * (r >> 60); // skewed: low ids are common
+        let len = 1 + (id % 40) as usize;
+        let word: Vec<u8> = (0..len)
+            .map(|k| b"abcdefghijklmnopqrstuvwxyz\x0b\xc3\xbc"[(id as usize / (k + 1) + k) % 29])
+            .collect();
+        text_in.extend_from_slice(&word);
+        text_in.extend_from_slice(gaps[(r >> 20) as usize % gaps.len()]);
     }
+    let mut expected: BTreeMap<&[u8], u64> = BTreeMap::new();
+    for w in text_in
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+    {
+        *expected.entry(w).or_default() += 1;
+    }
+    assert!(expected.len() > 5_000 && expected.keys().any(|w| w.len() > 16));
     let input = dir.path().join("words.txt");
     std::fs::write(&input, &text_in).unwrap();
+    let stats = dir.path().join("s.json");
     let out = submit_local(
         &artifact("wordcount"),
-        &["--input", input.to_str().unwrap()],
+        &[
+            "--input",
+            input.to_str().unwrap(),
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ],
         b"",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let want: String = expected
-        .iter()
-        .map(|(w, c)| format!("{w}\t{c}\n"))
-        .collect();
-    assert_eq!(text(&out.stdout), want);
+    let mut want = Vec::new();
+    for (w, c) in &expected {
+        want.extend_from_slice(w);
+        want.extend_from_slice(format!("\t{c}\n").as_bytes());
+    }
+    assert!(out.stdout == want, "word counts differ");
+    assert!(stats_of(&stats)["tasks"].as_u64().unwrap() >= 3);
 }
 
 #[test]

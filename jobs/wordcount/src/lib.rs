@@ -1,12 +1,14 @@
 //! Map-reduce word count.
 //!
-//! `split` streams the input (holding about two chunks at most) and emits
-//! taskunits of whole lines, up to about 1 MiB each (a longer line is its own
-//! taskunit). `process` counts the words of one chunk (split on ASCII
-//! whitespace) and returns `word\tcount\n` lines; `combine` merges them and
-//! writes `word\tcount\n` lines sorted by word (byte order).
+//! `split` asks the host for taskunits of whole lines, up to 1 MiB each (a
+//! longer line is its own taskunit). `process` counts the words of one chunk
+//! (split on ASCII whitespace, see `count`) and returns `word\tcount\n`
+//! lines; `combine` merges them and writes `word\tcount\n` lines sorted by
+//! word (byte order).
 
 wit_bindgen::generate!({ path: "../../wit", world: "job" });
+
+mod count;
 
 use antnest::job::host;
 use std::collections::HashMap;
@@ -78,52 +80,24 @@ fn write_counts<K: AsRef<[u8]> + Ord>(counts: Counts<K>) -> Vec<u8> {
 
 impl Guest for WordCount {
     fn split() -> Result<bool, String> {
-        // `buf` holds input read but not yet emitted. A taskunit is cut at
-        // the last newline within CHUNK bytes (or, for a longer line, at its
-        // end), so memory stays around two chunks whatever the input size.
-        let mut buf: Vec<u8> = Vec::with_capacity(2 * CHUNK);
-        let mut eof = false;
-        loop {
-            while buf.len() >= CHUNK || (eof && !buf.is_empty()) {
-                let cut = match memchr::memrchr(b'\n', &buf[..CHUNK.min(buf.len())]) {
-                    Some(nl) => nl,
-                    None => match memchr::memchr(b'\n', &buf) {
-                        Some(nl) => nl,
-                        None if eof => buf.len(),
-                        None => break, // a long line: read on
-                    },
-                };
-                if cut > 0 {
-                    host::emit(&buf[..cut]);
-                }
-                buf.drain(..(cut + 1).min(buf.len()));
-            }
-            if eof {
-                return Ok(true);
-            }
-            let block = host::read_input(CHUNK as u32);
-            eof = block.is_empty();
-            buf.extend_from_slice(&block);
-        }
+        // Taskunits of whole lines up to CHUNK bytes, cut natively by the host.
+        host::emit_lines(CHUNK as u32);
+        Ok(true)
     }
 
-    fn process(unit: Vec<u8>) -> Result<Vec<u8>, String> {
-        // Keys borrow from the taskunit: no allocation per word.
-        let mut counts: Counts<&[u8]> = Counts::default();
-        let (mut i, n) = (0, unit.len());
-        while i < n {
-            while i < n && unit[i].is_ascii_whitespace() {
-                i += 1;
-            }
-            let start = i;
-            while i < n && !unit[i].is_ascii_whitespace() {
-                i += 1;
-            }
-            if i > start {
-                *counts.entry(&unit[start..i]).or_insert(0) += 1;
-            }
+    fn process(mut unit: Vec<u8>) -> Result<Vec<u8>, String> {
+        let len = unit.len();
+        unit.resize(len + count::PAD, 0);
+        let mut counter = count::Counter::new();
+        counter.count(&unit, len);
+        let mut out = Vec::with_capacity(64 * 1024);
+        for (word, n) in counter.into_counts() {
+            out.extend_from_slice(&word);
+            out.push(b'\t');
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.push(b'\n');
         }
-        Ok(write_counts(counts))
+        Ok(out)
     }
 
     fn combine() -> Result<bool, String> {
