@@ -19,6 +19,7 @@ use antnest::wire::{ByteBuf, JobId};
 use cli::{Cli, Command, NetArgs, SubmitArgs};
 
 fn main() -> ExitCode {
+    antnest::peer::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

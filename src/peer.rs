@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::executor::{self, Environment, Limits, SplitOutcome, TaskError, TaskRunner};
 use crate::journal::{Journal, JournalError};
 use crate::network::{self, Client, Event, NetConfig, PeerInfo};
-use crate::scheduler::{JobBook, Progress};
+use crate::scheduler::{self, JobBook, Progress};
 use crate::wire::{
     Announce, ByteBuf, JobId, MAX_MODULE, MAX_TASKUNIT, ModuleHash, Request, Response, TaskOutcome,
 };
@@ -34,6 +34,30 @@ fn release_freed_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// Tune glibc's allocator for taskunits of megabytes: one arena, and
+/// blocks of up to 32 MiB kept on the heap for reuse instead of being mapped
+/// and unmapped each time (a fresh mapping costs a page fault per 4 KiB).
+/// One arena also lets [`release_freed_memory`] give everything back when
+/// the peer is idle: `malloc_trim` trims the top of the main arena only.
+/// Left alone when `GLIBC_TUNABLES` is set. Call once, at start, before
+/// other threads allocate.
+pub fn tune_allocator() {
+    if std::env::var_os("GLIBC_TUNABLES").is_some() {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
+/// How far (in bytes of taskunits) a job's split may run ahead of its workers.
+const SPLIT_AHEAD_BYTES: usize = 32 << 20;
 
 /// A worker slot idle this long drops its cached instances.
 const IDLE_RELEASE: Duration = Duration::from_secs(5);
@@ -512,6 +536,11 @@ impl Peer {
     }
 
     /// One worker slot: pull a batch, run it, return the results, repeat.
+    ///
+    /// With a remote master the network is kept off the critical path: the
+    /// next batch is pulled while this one runs, and results go back in the
+    /// background (one delivery in flight per slot; an undelivered result's
+    /// lease expires and the master re-issues the taskunit).
     async fn work_loop(self, slot: usize, stop: watch::Receiver<bool>) {
         // Per-slot state: one runner per module (instances are reused), and
         // the measured time per taskunit of each job, to size batches.
@@ -519,8 +548,14 @@ impl Peer {
         let mut per_unit: HashMap<JobId, Duration> = HashMap::new();
         let mut idle = Duration::from_millis(1);
         let mut idle_since = Instant::now();
+        let mut prefetched: Option<Batch> = None;
+        let mut delivering: Option<tokio::task::JoinHandle<()>> = None;
         while !*stop.borrow() {
-            let Some(batch) = self.find_work(&per_unit).await else {
+            let batch = match prefetched.take() {
+                Some(b) => Some(b),
+                None => self.find_work(&per_unit).await,
+            };
+            let Some(batch) = batch else {
                 let notified = self.shared.work.notified();
                 let _ = tokio::time::timeout(idle, notified).await;
                 idle = (idle * 2).min(Duration::from_millis(50));
@@ -529,6 +564,7 @@ impl Peer {
                     runners.clear();
                     per_unit.clear();
                     release_freed_memory();
+                    debug!(slot, "idle: instances dropped, freed memory released");
                 }
                 continue;
             };
@@ -560,7 +596,7 @@ impl Peer {
                 }
             };
             let n = units.len() as u32;
-            let (runner, outcomes, compute) = tokio::task::spawn_blocking(move || {
+            let run = tokio::task::spawn_blocking(move || {
                 let mut runner = runner;
                 let started = Instant::now();
                 let outcomes: Vec<TaskOutcome> = units
@@ -576,9 +612,8 @@ impl Peer {
                     })
                     .collect();
                 (runner, outcomes, started.elapsed())
-            })
-            .await
-            .expect("task batch");
+            });
+            let (runner, outcomes, compute) = run.await.expect("task batch");
             per_unit.insert(job, compute / n.max(1));
             self.shared
                 .tasks_done
@@ -597,17 +632,26 @@ impl Peer {
                     master.progress.notify_one();
                 }
                 Source::Remote(peer) => {
+                    if let Some(previous) = delivering.take() {
+                        let _ = previous.await;
+                    }
+                    let client = self.shared.client.clone();
                     let req = Request::Results {
                         job,
                         outcomes,
                         compute,
                     };
-                    if let Err(e) = self.shared.client.request(peer, req).await {
-                        // The leases will expire and the master re-issues them.
-                        debug!(%job, "results not delivered: {e}");
-                    }
+                    delivering = Some(tokio::spawn(async move {
+                        if let Err(e) = client.request(peer, req).await {
+                            // The leases will expire and the master re-issues them.
+                            debug!(%job, "results not delivered: {e}");
+                        }
+                    }));
                 }
             }
+        }
+        if let Some(last) = delivering {
+            let _ = last.await;
         }
     }
 
@@ -683,12 +727,23 @@ impl Peer {
         limits: Limits,
         max: u32,
     ) -> Option<Batch> {
-        match self
+        let asked = Instant::now();
+        let reply = self
             .shared
             .client
             .request(master, Request::Pull { job, max })
-            .await
-        {
+            .await;
+        if let Ok(Response::Tasks { units, .. }) = &reply {
+            debug!(
+                %job,
+                max,
+                units = units.len(),
+                bytes = units.iter().map(|u| u.data.len()).sum::<usize>(),
+                ms = asked.elapsed().as_secs_f64() * 1e3,
+                "pulled"
+            );
+        }
+        match reply {
             Ok(Response::Tasks { units, .. }) if !units.is_empty() => Some(Batch {
                 job,
                 module,
@@ -799,7 +854,7 @@ impl Peer {
                 });
             }
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4096);
+        let (tx, rx) = scheduler::split_channel(4096, SPLIT_AHEAD_BYTES);
         let mut book = JobBook::new(rx, self.shared.config.lease, spec.max_attempts)
             .with_replicas(spec.replicate)
             .with_stream(spec.stream);
@@ -854,6 +909,7 @@ impl Peer {
             let work = self.shared.work_waker();
             tokio::task::spawn_blocking(move || {
                 let result = split_job(&env, &component, limits, &input, tx, work);
+                debug!(job = %id, ms = master.started.elapsed().as_millis() as u64, ok = result.is_ok(), "split ended");
                 let mut book = master.book.lock().unwrap();
                 match result {
                     Ok(total) => book.split_done(total),
@@ -957,6 +1013,7 @@ impl Peer {
             });
         }
         let results = done.results;
+        debug!(job = %id, ms = started.elapsed().as_millis() as u64, "all results in");
         let output =
             tokio::task::spawn_blocking(move || combine_job(&env, &component, limits, results))
                 .await
@@ -1000,7 +1057,7 @@ struct Batch {
 /// Hands taskunits from the split to the job's book, waking idle worker
 /// slots now and then (on the first units, then every 1024).
 struct UnitSender<W> {
-    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    tx: scheduler::SplitSender,
     wake: Arc<W>,
     /// Taskunits sent, shared by all forks.
     count: Arc<std::sync::atomic::AtomicU64>,
@@ -1043,7 +1100,7 @@ fn split_job(
     component: &wasmtime::component::Component,
     limits: Limits,
     input: &InputSpec,
-    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    tx: scheduler::SplitSender,
     wake: impl Fn() + Send + Sync + 'static,
 ) -> Result<u64, String> {
     let mut sender = UnitSender {

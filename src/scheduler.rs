@@ -12,14 +12,15 @@
 //! and never awaits.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 use crate::executor::TaskError;
 use crate::journal::Journal;
-use crate::wire::{MAX_BATCH_BYTES, TaskOutcome, TaskUnit};
+use crate::wire::{MAX_BATCH_BYTES, SharedBytes, TaskOutcome, TaskUnit};
 
 /// Who holds a lease: a peer id as text (the master's own slots use its own id).
 pub type WorkerId = String;
@@ -67,12 +68,90 @@ pub struct Finished {
     pub journal: Option<Journal>,
 }
 
+/// The queue between a job's split and its book, bounded in taskunits and in
+/// bytes: the split runs ahead of the workers by at most `max_bytes` (a
+/// single bigger taskunit still passes), so a big input is never all in
+/// memory and the memory of taskunits already run is reused.
+pub fn split_channel(max_units: usize, max_bytes: usize) -> (SplitSender, SplitReceiver) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(max_units);
+    let budget = Arc::new(Budget {
+        state: Mutex::new((0, false)),
+        changed: Condvar::new(),
+        max: max_bytes,
+    });
+    (
+        SplitSender {
+            tx,
+            budget: budget.clone(),
+        },
+        SplitReceiver { rx, budget },
+    )
+}
+
+struct Budget {
+    /// Bytes queued, and whether the receiver is gone.
+    state: Mutex<(usize, bool)>,
+    changed: Condvar,
+    max: usize,
+}
+
+#[derive(Clone)]
+pub struct SplitSender {
+    tx: SyncSender<Vec<u8>>,
+    budget: Arc<Budget>,
+}
+
+/// The receiving end was dropped (the job ended or was cancelled).
+#[derive(Debug)]
+pub struct SplitClosed;
+
+impl SplitSender {
+    /// Queue a taskunit, blocking while the queue is full.
+    pub fn send(&self, unit: Vec<u8>) -> Result<(), SplitClosed> {
+        let len = unit.len();
+        {
+            let b = &self.budget;
+            let mut state = b.state.lock().unwrap();
+            while !state.1 && state.0 > 0 && state.0 + len > b.max {
+                state = b.changed.wait(state).unwrap();
+            }
+            if state.1 {
+                return Err(SplitClosed);
+            }
+            state.0 += len;
+        }
+        self.tx.send(unit).map_err(|_| SplitClosed)
+    }
+}
+
+pub struct SplitReceiver {
+    rx: Receiver<Vec<u8>>,
+    budget: Arc<Budget>,
+}
+
+impl SplitReceiver {
+    fn try_recv(&self) -> Result<Vec<u8>, TryRecvError> {
+        let unit = self.rx.try_recv()?;
+        let mut state = self.budget.state.lock().unwrap();
+        state.0 -= unit.len();
+        self.budget.changed.notify_all();
+        Ok(unit)
+    }
+}
+
+impl Drop for SplitReceiver {
+    fn drop(&mut self) {
+        self.budget.state.lock().unwrap().1 = true;
+        self.budget.changed.notify_all();
+    }
+}
+
 pub struct JobBook {
     /// Taskunits straight from the split; disconnected when the split ends.
-    split: Option<Receiver<Vec<u8>>>,
+    split: Option<SplitReceiver>,
     next_index: u64,
     /// Taskunits emitted and not yet retired, by index.
-    open: HashMap<u64, Vec<u8>>,
+    open: HashMap<u64, SharedBytes>,
     /// Slots that nobody holds a lease on, oldest first.
     queue: VecDeque<Slot>,
     leases: HashMap<Slot, Lease>,
@@ -120,7 +199,7 @@ impl JobBook {
 }
 
 impl JobBook {
-    pub fn new(split: Receiver<Vec<u8>>, lease_time: Duration, max_attempts: u32) -> Self {
+    pub fn new(split: SplitReceiver, lease_time: Duration, max_attempts: u32) -> Self {
         JobBook {
             split: Some(split),
             next_index: 0,
@@ -310,7 +389,7 @@ impl JobBook {
                     if self.results.contains_key(&index) {
                         continue; // done in an earlier run
                     }
-                    self.open.insert(index, data);
+                    self.open.insert(index, data.into());
                     self.queue.extend((1..self.replicas).map(|r| (index, r)));
                     return Some((index, 0));
                 }
@@ -573,12 +652,36 @@ mod tests {
     use crate::wire::ByteBuf;
 
     fn book(units: &[&str]) -> JobBook {
-        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let (tx, rx) = split_channel(16, 1 << 20);
         for u in units {
             tx.send(u.as_bytes().to_vec()).unwrap();
         }
         drop(tx);
         JobBook::new(rx, Duration::from_secs(10), 2)
+    }
+
+    #[test]
+    fn split_channel_bounds_bytes_and_closes() {
+        let (tx, rx) = split_channel(100, 10);
+        tx.send(vec![0; 6]).unwrap();
+        // A second 6-byte unit would pass the 10-byte bound: it waits until
+        // the first is taken.
+        let sender = {
+            let tx = tx.clone();
+            std::thread::spawn(move || tx.send(vec![1; 6]))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!sender.is_finished(), "send should wait for room");
+        assert_eq!(rx.try_recv().unwrap(), vec![0; 6]);
+        sender.join().unwrap().unwrap();
+        assert_eq!(rx.try_recv().unwrap(), vec![1; 6]);
+        // One unit bigger than the bound still passes when the queue is empty.
+        tx.send(vec![2; 50]).unwrap();
+        // A blocked sender is released with an error when the receiver goes.
+        let blocked = std::thread::spawn(move || tx.send(vec![3; 6]));
+        std::thread::sleep(Duration::from_millis(50));
+        drop(rx);
+        assert!(blocked.join().unwrap().is_err());
     }
 
     fn ok(index: u64, s: &str) -> TaskOutcome {

@@ -109,8 +109,38 @@ pub struct Announce {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskUnit {
     pub index: u64,
-    #[serde(with = "serde_bytes")]
-    pub data: Vec<u8>,
+    pub data: SharedBytes,
+}
+
+/// Bytes shared instead of copied: the master holds each taskunit once, and
+/// every lease (local slot, batch for a remote peer, backup) points at it.
+/// On the wire it is a plain CBOR byte string.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SharedBytes(pub std::sync::Arc<Vec<u8>>);
+
+impl std::ops::Deref for SharedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Vec<u8>> for SharedBytes {
+    fn from(v: Vec<u8>) -> Self {
+        SharedBytes(std::sync::Arc::new(v))
+    }
+}
+
+impl Serialize for SharedBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde_bytes::ByteBuf::deserialize(d).map(|b| b.into_vec().into())
+    }
 }
 
 /// One taskunit's outcome, sent back to the master.
@@ -194,7 +224,7 @@ mod tests {
         roundtrip(Response::Tasks {
             units: vec![TaskUnit {
                 index: 9,
-                data: vec![0, 255],
+                data: vec![0, 255].into(),
             }],
             lease: Duration::from_secs(30),
         });

@@ -19,9 +19,9 @@ pub const PAD: usize = 16;
 struct Slot {
     a: u64,
     b: u64,
+    count: u64,
     /// 0 marks an empty slot (words are never empty).
     len: u32,
-    count: u32,
 }
 
 pub struct Counter<'a> {
@@ -32,15 +32,16 @@ pub struct Counter<'a> {
 
 const K: u64 = 0x9E37_79B9_7F4A_7C15;
 
-#[inline(always)]
-fn low_bytes(n: usize) -> u64 {
-    // n in 0..=8
-    if n >= 8 {
-        u64::MAX
-    } else {
-        (1u64 << (8 * n)) - 1
+/// `MASKS[n]` keeps the low `n` bytes of a `u64`.
+const MASKS: [u64; 9] = {
+    let mut m = [0u64; 9];
+    let mut n = 1;
+    while n < 9 {
+        m[n] = u64::MAX >> (64 - 8 * n);
+        n += 1;
     }
-}
+    m
+};
 
 #[inline(always)]
 fn hash(a: u64, b: u64, len: usize) -> u64 {
@@ -60,13 +61,13 @@ impl<'a> Counter<'a> {
     }
 
     #[inline(always)]
-    fn add_short(&mut self, a: u64, b: u64, len: usize) {
+    fn add_short(&mut self, a: u64, b: u64, len: usize, n: u64) {
         let mask = self.slots.len() - 1;
         let mut i = (hash(a, b, len) >> 32) as usize & mask;
         loop {
             let s = &mut self.slots[i];
-            if s.len == len as u32 && s.a == a && s.b == b {
-                s.count += 1;
+            if (s.len == len as u32) & (s.a == a) & (s.b == b) {
+                s.count += n;
                 return;
             }
             if s.len == 0 {
@@ -74,7 +75,7 @@ impl<'a> Counter<'a> {
                     a,
                     b,
                     len: len as u32,
-                    count: 1,
+                    count: n,
                 };
                 self.used += 1;
                 if self.used * 2 > self.slots.len() {
@@ -103,8 +104,11 @@ impl<'a> Counter<'a> {
     /// `len` (their value does not matter).
     pub fn count(&mut self, data: &'a [u8], len: usize) {
         assert!(data.len() >= len + PAD);
-        let mut start = 0usize; // start of the current word, if in one
-        let mut in_word = false;
+        // Per 64-byte block: `starts` marks the first byte of each word,
+        // `ends` the first whitespace byte after each word. A word that runs
+        // past the block is `pending` until the next block's first end.
+        let mut pending: Option<usize> = None;
+        let mut prev_word = 0u64; // 1 if the byte before the block is in a word
         let mut base = 0usize;
         while base < len {
             let n = (len - base).min(64);
@@ -113,59 +117,67 @@ impl<'a> Counter<'a> {
                 // Bytes past the end count as whitespace: they end a word.
                 ws |= u64::MAX << n;
             }
-            // Bit i of `edges` is set where byte i differs in kind from byte i-1.
-            let prev = if in_word { 0 } else { 1 };
-            let mut edges = ws ^ ((ws << 1) | prev);
-            while edges != 0 {
-                let p = base + edges.trailing_zeros() as usize;
-                edges &= edges - 1;
-                if in_word {
-                    self.add(data, start, p);
-                } else {
-                    start = p;
+            let word = !ws;
+            let shifted = (word << 1) | prev_word;
+            let mut starts = word & !shifted;
+            let mut ends = ws & shifted;
+            prev_word = word >> 63;
+            if let Some(start) = pending {
+                if ends == 0 {
+                    base += 64;
+                    continue;
                 }
-                in_word = !in_word;
+                self.add(data, start, base + ends.trailing_zeros() as usize, 1);
+                ends &= ends - 1;
+                pending = None;
+            }
+            while starts != 0 {
+                let s = base + starts.trailing_zeros() as usize;
+                starts &= starts - 1;
+                if ends == 0 {
+                    pending = Some(s);
+                    break;
+                }
+                let e = base + ends.trailing_zeros() as usize;
+                ends &= ends - 1;
+                self.add(data, s, e, 1);
             }
             base += 64;
         }
-        if in_word {
-            self.add(data, start, len);
+        if let Some(start) = pending {
+            self.add(data, start, len, 1);
         }
     }
 
+    /// Adds `n` to the count of the word `data[start..end]`; `data` must
+    /// have at least `PAD` bytes from `start` on.
     #[inline(always)]
-    fn add(&mut self, data: &'a [u8], start: usize, end: usize) {
+    pub fn add(&mut self, data: &'a [u8], start: usize, end: usize, n: u64) {
         let len = end - start;
         if len <= 16 {
             let word = &data[start..start + 16];
             let a = u64::from_le_bytes(word[..8].try_into().unwrap());
             let b = u64::from_le_bytes(word[8..].try_into().unwrap());
-            let (a, b) = if len <= 8 {
-                (a & low_bytes(len), 0)
-            } else {
-                (a, b & low_bytes(len - 8))
-            };
-            self.add_short(a, b, len);
+            // Keep the word's bytes only, without branching on its length.
+            let a = a & MASKS[len.min(8)];
+            let b = b & MASKS[len.saturating_sub(8)];
+            self.add_short(a, b, len, n);
         } else {
-            *self.long.entry(&data[start..end]).or_insert(0) += 1;
+            *self.long.entry(&data[start..end]).or_insert(0) += n;
         }
     }
 
-    /// Every word with its count, in no particular order.
-    pub fn into_counts(self) -> Vec<(Vec<u8>, u64)> {
-        let mut out: Vec<(Vec<u8>, u64)> = self
-            .slots
-            .iter()
-            .filter(|s| s.len != 0)
-            .map(|s| {
-                let mut w = [0u8; 16];
-                w[..8].copy_from_slice(&s.a.to_le_bytes());
-                w[8..].copy_from_slice(&s.b.to_le_bytes());
-                (w[..s.len as usize].to_vec(), u64::from(s.count))
-            })
-            .collect();
-        out.extend(self.long.into_iter().map(|(w, c)| (w.to_vec(), c)));
-        out
+    /// Calls `f` with every word and its count, in no particular order.
+    pub fn each(&self, mut f: impl FnMut(&[u8], u64)) {
+        for s in self.slots.iter().filter(|s| s.len != 0) {
+            let mut w = [0u8; 16];
+            w[..8].copy_from_slice(&s.a.to_le_bytes());
+            w[8..].copy_from_slice(&s.b.to_le_bytes());
+            f(&w[..s.len as usize], s.count);
+        }
+        for (w, c) in &self.long {
+            f(w, *c);
+        }
     }
 }
 

@@ -11,69 +11,71 @@ wit_bindgen::generate!({ path: "../../wit", world: "job" });
 mod count;
 
 use antnest::job::host;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
 const CHUNK: usize = 1 << 20;
-
-/// The Fx hash (rustc's): a multiply-rotate per 8 bytes. Words are short
-/// and not adversarial here, so this beats SipHash several times over.
-#[derive(Default)]
-struct Fx(u64);
-
-impl Hasher for Fx {
-    fn write(&mut self, bytes: &[u8]) {
-        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let w = u64::from_le_bytes(c.try_into().unwrap());
-            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
-        }
-        let mut tail = [0u8; 8];
-        let rest = chunks.remainder();
-        tail[..rest.len()].copy_from_slice(rest);
-        self.0 =
-            (self.0.rotate_left(5) ^ u64::from_le_bytes(tail) ^ rest.len() as u64).wrapping_mul(K);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type Counts<K> = HashMap<K, u64, BuildHasherDefault<Fx>>;
 
 struct WordCount;
 
-fn parse_counts(bytes: &[u8], into: &mut Counts<Vec<u8>>) -> Result<(), String> {
-    for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        let tab = line
+/// Adds the `word\tcount\n` lines of `bytes[..len]` to `into`; `bytes` has
+/// `count::PAD` bytes after `len`.
+fn parse_counts<'a>(
+    bytes: &'a [u8],
+    len: usize,
+    into: &mut count::Counter<'a>,
+) -> Result<(), String> {
+    let mut start = 0;
+    while start < len {
+        let end = bytes[start..len]
             .iter()
-            .rposition(|&b| b == b'\t')
-            .ok_or("result line without a tab")?;
-        let count: u64 = std::str::from_utf8(&line[tab + 1..])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or("result line without a count")?;
-        match into.get_mut(&line[..tab]) {
-            Some(c) => *c += count,
-            None => {
-                into.insert(line[..tab].to_vec(), count);
+            .position(|&b| b == b'\n')
+            .map_or(len, |p| start + p);
+        let line = &bytes[start..end];
+        if !line.is_empty() {
+            let tab = line
+                .iter()
+                .rposition(|&b| b == b'\t')
+                .ok_or("result line without a tab")?;
+            let digits = &line[tab + 1..];
+            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+                return Err("result line without a count".into());
             }
+            let n = digits
+                .iter()
+                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            into.add(bytes, start, start + tab, n);
         }
+        start = end + 1;
     }
     Ok(())
 }
 
-fn write_counts<K: AsRef<[u8]> + Ord>(counts: Counts<K>) -> Vec<u8> {
-    let mut words: Vec<_> = counts.into_iter().collect();
-    words.sort_unstable();
-    let mut out = Vec::new();
-    for (word, count) in words {
-        out.extend_from_slice(word.as_ref());
+/// `word\tcount\n` lines, sorted by word when `sorted`.
+fn write_counts(counter: &count::Counter, sorted: bool) -> Vec<u8> {
+    let mut words: Vec<(Vec<u8>, u64)> = Vec::new();
+    let mut out = Vec::with_capacity(64 * 1024);
+    let line = |out: &mut Vec<u8>, word: &[u8], mut n: u64| {
+        out.extend_from_slice(word);
         out.push(b'\t');
-        out.extend_from_slice(count.to_string().as_bytes());
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&digits[i..]);
         out.push(b'\n');
+    };
+    if sorted {
+        counter.each(|w, n| words.push((w.to_vec(), n)));
+        words.sort_unstable();
+        for (w, n) in &words {
+            line(&mut out, w, *n);
+        }
+    } else {
+        counter.each(|w, n| line(&mut out, w, n));
     }
     out
 }
@@ -90,22 +92,21 @@ impl Guest for WordCount {
         unit.resize(len + count::PAD, 0);
         let mut counter = count::Counter::new();
         counter.count(&unit, len);
-        let mut out = Vec::with_capacity(64 * 1024);
-        for (word, n) in counter.into_counts() {
-            out.extend_from_slice(&word);
-            out.push(b'\t');
-            out.extend_from_slice(n.to_string().as_bytes());
-            out.push(b'\n');
-        }
-        Ok(out)
+        Ok(write_counts(&counter, false))
     }
 
     fn combine() -> Result<bool, String> {
-        let mut counts = Counts::default();
-        while let Some(result) = host::next_result() {
-            parse_counts(&result, &mut counts)?;
+        let mut results = Vec::new();
+        while let Some(mut r) = host::next_result() {
+            let len = r.len();
+            r.resize(len + count::PAD, 0);
+            results.push((r, len));
         }
-        host::write_output(&write_counts(counts));
+        let mut counter = count::Counter::new();
+        for (r, len) in &results {
+            parse_counts(r, *len, &mut counter)?;
+        }
+        host::write_output(&write_counts(&counter, true));
         Ok(true)
     }
 }
