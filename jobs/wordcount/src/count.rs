@@ -51,6 +51,12 @@ fn hash(a: u64, b: u64, len: usize) -> u64 {
         .wrapping_mul(K)
 }
 
+impl Default for Counter<'_> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<'a> Counter<'a> {
     pub fn new() -> Self {
         Counter {
@@ -204,7 +210,37 @@ fn whitespace_mask(chunk: &[u8]) -> u64 {
     m
 }
 
-#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+/// The same with SSE2 (always there on x86-64), for running this file
+/// natively (`examples/mesh_bench.rs` compares against it).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn whitespace_mask(chunk: &[u8]) -> u64 {
+    use std::arch::x86_64::*;
+    if chunk.len() < 64 {
+        return whitespace_mask_scalar(chunk);
+    }
+    let mut m = 0u64;
+    for k in 0..4 {
+        // SAFETY: SSE2 is part of x86-64; chunk has 64 bytes, so the
+        // unaligned 16-byte load at 16*k is in bounds.
+        unsafe {
+            let v = _mm_loadu_si128(chunk.as_ptr().add(16 * k) as *const __m128i);
+            let space = _mm_cmpeq_epi8(v, _mm_set1_epi8(b' ' as i8));
+            // 9..=13 except 11: (v - 9) as unsigned <= 4, via min.
+            let d = _mm_sub_epi8(v, _mm_set1_epi8(9));
+            let ctl = _mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8(4)), d);
+            let vt = _mm_cmpeq_epi8(v, _mm_set1_epi8(11));
+            let ws = _mm_or_si128(space, _mm_andnot_si128(vt, ctl));
+            m |= u64::from(_mm_movemask_epi8(ws) as u16) << (16 * k);
+        }
+    }
+    m
+}
+
+#[cfg(not(any(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    target_arch = "x86_64"
+)))]
 #[inline(always)]
 fn whitespace_mask(chunk: &[u8]) -> u64 {
     whitespace_mask_scalar(chunk)
