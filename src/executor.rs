@@ -464,7 +464,11 @@ impl bindings::antnest::job::host::Host for GuestState {
         let HostIo::Combine { results, .. } = &mut self.io else {
             return Err(host_misuse("next-result"));
         };
-        Ok(results.next())
+        // Waiting for a result is not compute time.
+        let started = Instant::now();
+        let next = results.next();
+        self.deadline += started.elapsed();
+        Ok(next)
     }
 
     fn write_output(&mut self, bytes: Vec<u8>) -> wasmtime::Result<()> {

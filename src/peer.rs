@@ -898,6 +898,16 @@ impl Peer {
             .insert(id, master.clone());
         info!(job = %id, module = %hash, "job submitted");
 
+        // Combine on a blocking thread, alongside the job.
+        let combiner = {
+            let (feed_tx, feed_rx) = std::sync::mpsc::channel();
+            master.book.lock().unwrap().feed_results(feed_tx);
+            let (env, component) = (env.clone(), component.clone());
+            tokio::task::spawn_blocking(move || {
+                combine_streaming(&env, &component, limits, feed_rx)
+            })
+        };
+
         // Split on a blocking thread; `tx` blocks when 4096 taskunits wait.
         let split = {
             let (env, component, master, input) = (
@@ -971,6 +981,8 @@ impl Peer {
 
         let done = {
             let mut book = master.book.lock().unwrap();
+            // Whatever happens next, the combine reads no more results.
+            book.close_feed();
             if book.is_cancelled() {
                 return Err(SubmitError::Cancelled);
             }
@@ -1014,11 +1026,16 @@ impl Peer {
         }
         let results = done.results;
         debug!(job = %id, ms = started.elapsed().as_millis() as u64, "all results in");
-        let output =
-            tokio::task::spawn_blocking(move || combine_job(&env, &component, limits, results))
-                .await
-                .expect("combine task")
-                .map_err(|e| SubmitError::Combine(e.to_string()))?;
+        let output = match combiner.await.expect("combine task") {
+            Ok(Some(out)) => out,
+            Ok(None) => tokio::task::spawn_blocking(move || {
+                executor::default_combine(results.into_values(), limits.combined_output())
+            })
+            .await
+            .expect("combine task")
+            .map_err(|e| SubmitError::Combine(e.to_string()))?,
+            Err(e) => return Err(SubmitError::Combine(e.to_string())),
+        };
         if let Some(journal) = done.journal {
             journal.remove();
         }
@@ -1146,19 +1163,79 @@ fn split_job(
     Ok(sender.count.load(std::sync::atomic::Ordering::Relaxed))
 }
 
-fn combine_job(
+/// Results from a job's feed, in taskunit order, waiting for each as it is
+/// needed. Once the feed ends, indexes that never came (taskunits that
+/// failed, with `keep_going`) are skipped.
+struct InOrder {
+    feed: std::sync::mpsc::Receiver<(u64, Vec<u8>)>,
+    pending: std::collections::BTreeMap<u64, Vec<u8>>,
+    next: u64,
+    ended: bool,
+}
+
+impl Iterator for InOrder {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if let Some(r) = self.pending.remove(&self.next) {
+                self.next += 1;
+                return Some(r);
+            }
+            if self.ended {
+                self.next = *self.pending.keys().next()?;
+                continue;
+            }
+            match self.feed.recv() {
+                Ok((i, r)) if i >= self.next => {
+                    self.pending.insert(i, r);
+                }
+                Ok(_) => {} // already passed on
+                Err(_) => self.ended = true,
+            }
+        }
+    }
+}
+
+/// Run the job's combine while the job runs: it reads each result as soon
+/// as it and all before it are in, so only the last few are left to merge
+/// when the last taskunit finishes. `None`: the job asked for the default
+/// combine (done by the caller over all results).
+fn combine_streaming(
     env: &Environment,
     component: &wasmtime::component::Component,
     limits: Limits,
-    results: std::collections::BTreeMap<u64, Vec<u8>>,
-) -> Result<Vec<u8>, TaskError> {
-    // Shared, so the default combine can still read them if the job's
-    // combine looked at some results and then declined.
-    let results: Arc<Vec<Vec<u8>>> = Arc::new(results.into_values().collect());
-    let for_guest = results.clone();
-    let iter = Box::new((0..).map_while(move |i| for_guest.get(i).cloned()));
-    match executor::run_combine(env, component, limits, iter)? {
-        Some(out) => Ok(out),
-        None => executor::default_combine(results.iter().cloned(), limits.combined_output()),
+    feed: std::sync::mpsc::Receiver<(u64, Vec<u8>)>,
+) -> Result<Option<Vec<u8>>, TaskError> {
+    let results = InOrder {
+        feed,
+        pending: Default::default(),
+        next: 0,
+        ended: false,
+    };
+    executor::run_combine(env, component, limits, Box::new(results))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InOrder;
+
+    #[test]
+    fn results_come_in_order_and_missing_ones_are_skipped_at_the_end() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (i, r) in [(2, "c"), (0, "a"), (4, "e"), (3, "d")] {
+            tx.send((i, r.as_bytes().to_vec())).unwrap();
+        }
+        let mut it = InOrder {
+            feed: rx,
+            pending: Default::default(),
+            next: 0,
+            ended: false,
+        };
+        assert_eq!(it.next().as_deref(), Some(&b"a"[..]));
+        // 1 never comes (it failed): the rest follows once the feed ends.
+        drop(tx);
+        let rest: Vec<Vec<u8>> = it.collect();
+        assert_eq!(rest, [b"c".to_vec(), b"d".to_vec(), b"e".to_vec()]);
     }
 }

@@ -179,6 +179,9 @@ pub struct JobBook {
     resumed: u64,
     /// Results not yet passed on to a streaming submitter; `None`: not streaming.
     streamed: Option<Vec<(u64, Vec<u8>)>>,
+    /// Where accepted results go as they arrive, for a combine that runs
+    /// alongside the job (see [`JobBook::feed_results`]).
+    feed: Option<std::sync::mpsc::Sender<(u64, Vec<u8>)>>,
     cancelled: bool,
     /// Taskunits the split made, once it has finished.
     split_total: Option<u64>,
@@ -221,6 +224,7 @@ impl JobBook {
             journal: None,
             resumed: 0,
             streamed: None,
+            feed: None,
             cancelled: false,
             split_total: None,
             logs: Vec::new(),
@@ -272,9 +276,24 @@ impl JobBook {
         self.journal = Some(journal);
     }
 
+    /// Send every result accepted so far, and each one accepted from now
+    /// on, to `feed` (until [`JobBook::close_feed`] or [`JobBook::finish`]).
+    pub fn feed_results(&mut self, feed: std::sync::mpsc::Sender<(u64, Vec<u8>)>) {
+        for (i, r) in &self.results {
+            let _ = feed.send((*i, r.clone()));
+        }
+        self.feed = Some(feed);
+    }
+
+    /// No more results will be fed: the receiver sees the end.
+    pub fn close_feed(&mut self) {
+        self.feed = None;
+    }
+
     /// Hand over everything a finished job's master needs to report and
     /// combine; the book is left empty.
     pub fn finish(&mut self) -> Finished {
+        self.feed = None;
         Finished {
             progress: self.progress(),
             failures: std::mem::take(&mut self.failures).into_iter().collect(),
@@ -563,6 +582,11 @@ impl JobBook {
         self.retire(index);
         if let Some(streamed) = &mut self.streamed {
             streamed.push((index, bytes.clone()));
+        }
+        if let Some(feed) = &self.feed
+            && feed.send((index, bytes.clone())).is_err()
+        {
+            self.feed = None;
         }
         self.results.insert(index, bytes);
         self.first_result.get_or_insert_with(Instant::now);

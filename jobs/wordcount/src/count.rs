@@ -9,6 +9,7 @@
 //! a lookup is one multiply and two compares and never touches the word's
 //! bytes again. Longer words go to an ordinary hash map.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// Bytes that must follow the data so a 16-byte load at any word start stays
@@ -27,7 +28,7 @@ struct Slot {
 pub struct Counter<'a> {
     slots: Vec<Slot>,
     used: usize,
-    long: HashMap<&'a [u8], u64>,
+    long: HashMap<Cow<'a, [u8]>, u64>,
 }
 
 const K: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -159,18 +160,41 @@ impl<'a> Counter<'a> {
     /// have at least `PAD` bytes from `start` on.
     #[inline(always)]
     pub fn add(&mut self, data: &'a [u8], start: usize, end: usize, n: u64) {
-        let len = end - start;
-        if len <= 16 {
-            let word = &data[start..start + 16];
-            let a = u64::from_le_bytes(word[..8].try_into().unwrap());
-            let b = u64::from_le_bytes(word[8..].try_into().unwrap());
-            // Keep the word's bytes only, without branching on its length.
-            let a = a & MASKS[len.min(8)];
-            let b = b & MASKS[len.saturating_sub(8)];
-            self.add_short(a, b, len, n);
-        } else {
-            *self.long.entry(&data[start..end]).or_insert(0) += n;
+        if !self.add_if_short(data, start, end, n) {
+            *self
+                .long
+                .entry(Cow::Borrowed(&data[start..end]))
+                .or_insert(0) += n;
         }
+    }
+
+    /// The same, copying the word if it is kept (so `data` may go away).
+    pub fn add_copied(&mut self, data: &[u8], start: usize, end: usize, n: u64) {
+        if !self.add_if_short(data, start, end, n) {
+            let word = &data[start..end];
+            match self.long.get_mut(word) {
+                Some(c) => *c += n,
+                None => {
+                    self.long.insert(Cow::Owned(word.to_vec()), n);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn add_if_short(&mut self, data: &[u8], start: usize, end: usize, n: u64) -> bool {
+        let len = end - start;
+        if len > 16 {
+            return false;
+        }
+        let word = &data[start..start + 16];
+        let a = u64::from_le_bytes(word[..8].try_into().unwrap());
+        let b = u64::from_le_bytes(word[8..].try_into().unwrap());
+        // Keep the word's bytes only, without branching on its length.
+        let a = a & MASKS[len.min(8)];
+        let b = b & MASKS[len.saturating_sub(8)];
+        self.add_short(a, b, len, n);
+        true
     }
 
     /// Calls `f` with every word and its count, in no particular order.
@@ -182,7 +206,7 @@ impl<'a> Counter<'a> {
             f(&w[..s.len as usize], s.count);
         }
         for (w, c) in &self.long {
-            f(w, *c);
+            f(w.as_ref(), *c);
         }
     }
 }

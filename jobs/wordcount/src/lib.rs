@@ -17,11 +17,7 @@ struct WordCount;
 
 /// Adds the `word\tcount\n` lines of `bytes[..len]` to `into`; `bytes` has
 /// `count::PAD` bytes after `len`.
-fn parse_counts<'a>(
-    bytes: &'a [u8],
-    len: usize,
-    into: &mut count::Counter<'a>,
-) -> Result<(), String> {
+fn parse_counts(bytes: &[u8], len: usize, into: &mut count::Counter) -> Result<(), String> {
     let mut start = 0;
     while start < len {
         let end = bytes[start..len]
@@ -41,7 +37,7 @@ fn parse_counts<'a>(
             let n = digits
                 .iter()
                 .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            into.add(bytes, start, start + tab, n);
+            into.add_copied(bytes, start, start + tab, n);
         }
         start = end + 1;
     }
@@ -96,15 +92,13 @@ impl Guest for WordCount {
     }
 
     fn combine() -> Result<bool, String> {
-        let mut results = Vec::new();
+        // Each result is merged as it arrives (the host hands them over
+        // while the job still runs).
+        let mut counter = count::Counter::new();
         while let Some(mut r) = host::next_result() {
             let len = r.len();
             r.resize(len + count::PAD, 0);
-            results.push((r, len));
-        }
-        let mut counter = count::Counter::new();
-        for (r, len) in &results {
-            parse_counts(r, *len, &mut counter)?;
+            parse_counts(&r, len, &mut counter)?;
         }
         host::write_output(&write_counts(&counter, true));
         Ok(true)
