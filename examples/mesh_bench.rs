@@ -202,6 +202,18 @@ fn rss_kib(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// SHA-256 of `word\tcount\n` lines sorted by word, as the job writes them.
+fn counts_digest<W: AsRef<[u8]> + Ord>(counts: HashMap<W, u64>) -> String {
+    let mut words: Vec<_> = counts.into_iter().collect();
+    words.sort_unstable();
+    let mut h = Sha256::new();
+    for (w, c) in words {
+        h.update(w);
+        h.update(format!("\t{c}\n"));
+    }
+    hex::encode(h.finalize())
+}
+
 /// Native two-thread word count over the W3 lines (read from disk, as the mesh does).
 fn native_wordcount(path: &Path) -> Result<(Duration, String)> {
     let t = Instant::now();
@@ -237,14 +249,7 @@ fn native_wordcount(path: &Path) -> Result<(Duration, String)> {
             *total.entry(w).or_default() += c;
         }
     }
-    let mut words: Vec<_> = total.into_iter().collect();
-    words.sort_unstable();
-    let mut h = Sha256::new();
-    for (w, c) in words {
-        h.update(w);
-        h.update(format!("\t{c}\n"));
-    }
-    Ok((t.elapsed(), hex::encode(h.finalize())))
+    Ok((t.elapsed(), counts_digest(total)))
 }
 
 /// The job's own counting code (`jobs/wordcount/src/count.rs`, SSE2 here
@@ -286,14 +291,7 @@ fn native_same_algorithm(path: &Path) -> Result<(Duration, String)> {
     for c in &counters {
         c.each(|w, n| *total.entry(w.to_vec()).or_default() += n);
     }
-    let mut words: Vec<_> = total.into_iter().collect();
-    words.sort_unstable();
-    let mut h = Sha256::new();
-    for (w, c) in words {
-        h.update(w);
-        h.update(format!("\t{c}\n"));
-    }
-    Ok((t.elapsed(), hex::encode(h.finalize())))
+    Ok((t.elapsed(), counts_digest(total)))
 }
 
 /// A small input of the same shape, for the warm-up round trip.

@@ -212,53 +212,53 @@ impl<'a> Counter<'a> {
 }
 
 /// Bit i set when `chunk[i]` is ASCII whitespace (`chunk.len() <= 64`).
-#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 #[inline(always)]
 fn whitespace_mask(chunk: &[u8]) -> u64 {
-    use core::arch::wasm32::*;
     if chunk.len() < 64 {
         return whitespace_mask_scalar(chunk);
     }
     let mut m = 0u64;
     for k in 0..4 {
-        // SAFETY: chunk has 64 bytes, so 16 bytes at 16*k are in bounds;
-        // v128_load has no alignment requirement.
-        let v = unsafe { v128_load(chunk.as_ptr().add(16 * k) as *const v128) };
-        let space = u8x16_eq(v, u8x16_splat(b' '));
-        // 9..=13 except 11 (vertical tab is not ASCII whitespace in Rust).
-        let ctl = u8x16_le(u8x16_sub(v, u8x16_splat(9)), u8x16_splat(4));
-        let vt = u8x16_eq(v, u8x16_splat(11));
-        let ws = v128_or(space, v128_andnot(ctl, vt));
-        m |= u64::from(u8x16_bitmask(ws)) << (16 * k);
+        m |= u64::from(whitespace16(chunk, 16 * k)) << (16 * k);
     }
     m
+}
+
+/// The whitespace bits of `chunk[at..at + 16]` (in bounds: `chunk` has 64
+/// bytes and `at` is at most 48), with wasm SIMD.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+#[inline(always)]
+fn whitespace16(chunk: &[u8], at: usize) -> u16 {
+    use core::arch::wasm32::*;
+    debug_assert!(at + 16 <= chunk.len());
+    // SAFETY: 16 bytes at `at` are in bounds (see above); v128_load has no
+    // alignment requirement.
+    let v = unsafe { v128_load(chunk.as_ptr().add(at) as *const v128) };
+    let space = u8x16_eq(v, u8x16_splat(b' '));
+    // 9..=13 except 11 (vertical tab is not ASCII whitespace in Rust).
+    let ctl = u8x16_le(u8x16_sub(v, u8x16_splat(9)), u8x16_splat(4));
+    let vt = u8x16_eq(v, u8x16_splat(11));
+    u8x16_bitmask(v128_or(space, v128_andnot(ctl, vt)))
 }
 
 /// The same with SSE2 (always there on x86-64), for running this file
 /// natively (`examples/mesh_bench.rs` compares against it).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn whitespace_mask(chunk: &[u8]) -> u64 {
+fn whitespace16(chunk: &[u8], at: usize) -> u16 {
     use std::arch::x86_64::*;
-    if chunk.len() < 64 {
-        return whitespace_mask_scalar(chunk);
+    debug_assert!(at + 16 <= chunk.len());
+    // SAFETY: SSE2 is part of x86-64; 16 bytes at `at` are in bounds;
+    // unaligned load.
+    unsafe {
+        let v = _mm_loadu_si128(chunk.as_ptr().add(at) as *const __m128i);
+        let space = _mm_cmpeq_epi8(v, _mm_set1_epi8(b' ' as i8));
+        // 9..=13 except 11: (v - 9) as unsigned <= 4, via min.
+        let d = _mm_sub_epi8(v, _mm_set1_epi8(9));
+        let ctl = _mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8(4)), d);
+        let vt = _mm_cmpeq_epi8(v, _mm_set1_epi8(11));
+        _mm_movemask_epi8(_mm_or_si128(space, _mm_andnot_si128(vt, ctl))) as u16
     }
-    let mut m = 0u64;
-    for k in 0..4 {
-        // SAFETY: SSE2 is part of x86-64; chunk has 64 bytes, so the
-        // unaligned 16-byte load at 16*k is in bounds.
-        unsafe {
-            let v = _mm_loadu_si128(chunk.as_ptr().add(16 * k) as *const __m128i);
-            let space = _mm_cmpeq_epi8(v, _mm_set1_epi8(b' ' as i8));
-            // 9..=13 except 11: (v - 9) as unsigned <= 4, via min.
-            let d = _mm_sub_epi8(v, _mm_set1_epi8(9));
-            let ctl = _mm_cmpeq_epi8(_mm_min_epu8(d, _mm_set1_epi8(4)), d);
-            let vt = _mm_cmpeq_epi8(v, _mm_set1_epi8(11));
-            let ws = _mm_or_si128(space, _mm_andnot_si128(vt, ctl));
-            m |= u64::from(_mm_movemask_epi8(ws) as u16) << (16 * k);
-        }
-    }
-    m
 }
 
 #[cfg(not(any(
@@ -266,8 +266,8 @@ fn whitespace_mask(chunk: &[u8]) -> u64 {
     target_arch = "x86_64"
 )))]
 #[inline(always)]
-fn whitespace_mask(chunk: &[u8]) -> u64 {
-    whitespace_mask_scalar(chunk)
+fn whitespace16(chunk: &[u8], at: usize) -> u16 {
+    whitespace_mask_scalar(&chunk[at..at + 16]) as u16
 }
 
 #[inline(always)]
