@@ -3,39 +3,40 @@
 //! `shutdown` resolves.
 
 use std::future::Future;
-use std::sync::Arc;
 
-use futures::StreamExt;
-use futures::stream::BoxStream;
 use tokio::task::JoinSet;
 use tracing::warn;
 
-/// Connections as a stream, from anything with an `accept` method.
-pub(crate) fn incoming<L, S, F, Fut>(
-    listener: L,
-    accept: F,
-) -> BoxStream<'static, std::io::Result<S>>
-where
-    L: Send + Sync + 'static,
-    S: Send + 'static,
-    F: Fn(Arc<L>) -> Fut + Send + Sync + Copy + 'static,
-    Fut: Future<Output = std::io::Result<S>> + Send,
-{
-    futures::stream::unfold(Arc::new(listener), move |l| async move {
-        let next = accept(l.clone()).await;
-        Some((next, l))
-    })
-    .boxed()
+/// A listener the loop can accept connections from.
+pub(crate) trait Listener {
+    type Stream: Send + 'static;
+    /// Cancel-safe, as tokio's `accept` methods are.
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
 }
 
 /// Run `handle` on each connection until `shutdown`, then stop them all.
-pub(crate) async fn serve<S, H, Fut>(
+pub(crate) async fn serve<L, H, Fut>(
     what: &'static str,
-    mut connections: BoxStream<'static, std::io::Result<S>>,
+    listener: L,
     handle: H,
     shutdown: impl Future<Output = ()>,
 ) where
-    H: Fn(S) -> Fut,
+    L: Listener,
+    H: Fn(L::Stream) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     tokio::pin!(shutdown);
@@ -45,12 +46,11 @@ pub(crate) async fn serve<S, H, Fut>(
             biased;
             _ = &mut shutdown => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            next = connections.next() => match next {
-                Some(Ok(stream)) => {
+            next = listener.accept_one() => match next {
+                Ok(stream) => {
                     conns.spawn(handle(stream));
                 }
-                Some(Err(e)) => warn!("{what} accept: {e}"),
-                None => break,
+                Err(e) => warn!("{what} accept: {e}"),
             },
         }
     }

@@ -118,10 +118,6 @@ pub async fn serve(
     peer: Peer,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let connections =
-        crate::accept::incoming(listener, |l: std::sync::Arc<UnixListener>| async move {
-            l.accept().await.map(|(s, _)| s)
-        });
     let handle_one = move |stream| {
         let peer = peer.clone();
         async move {
@@ -130,7 +126,7 @@ pub async fn serve(
             }
         }
     };
-    crate::accept::serve("control", connections, handle_one, shutdown).await;
+    crate::accept::serve("control", listener, handle_one, shutdown).await;
 }
 
 async fn handle(mut stream: UnixStream, peer: Peer) -> Result<(), ControlError> {

@@ -410,34 +410,45 @@ fn host_misuse(what: &str) -> wasmtime::Error {
     wasmtime::Error::msg(format!("host.{what} may not be called here"))
 }
 
+/// Run host work (reading input, handing over taskunits, waiting for
+/// results) without charging its time to the guest's compute `deadline`.
+fn uncharged<T>(deadline: &mut Instant, work: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let out = work();
+    *deadline += started.elapsed();
+    out
+}
+
 impl bindings::antnest::job::host::Host for GuestState {
     fn read_input(&mut self, max: u32) -> wasmtime::Result<Vec<u8>> {
         let HostIo::Split { input, .. } = &mut self.io else {
             return Err(host_misuse("read-input"));
         };
-        let started = Instant::now();
-        let mut buf = vec![0; (max as usize).min(4 << 20)];
-        let n = loop {
-            match input.read(&mut buf) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(wasmtime::Error::msg(format!("reading job input: {e}"))),
-            }
-        };
-        buf.truncate(n);
-        self.deadline += started.elapsed();
-        Ok(buf)
+        uncharged(&mut self.deadline, || {
+            let mut buf = vec![0; (max as usize).min(4 << 20)];
+            let n = loop {
+                match input.read(&mut buf) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        return Err(wasmtime::Error::msg(format!("reading job input: {e}")));
+                    }
+                }
+            };
+            buf.truncate(n);
+            Ok(buf)
+        })
     }
 
     fn emit(&mut self, unit: Vec<u8>) -> wasmtime::Result<()> {
         let HostIo::Split { emit, emitted, .. } = &mut self.io else {
             return Err(host_misuse("emit"));
         };
-        let started = Instant::now();
-        emit(unit).map_err(wasmtime::Error::msg)?;
-        *emitted += 1;
-        self.deadline += started.elapsed();
-        Ok(())
+        uncharged(&mut self.deadline, || {
+            emit(unit).map_err(wasmtime::Error::msg)?;
+            *emitted += 1;
+            Ok(())
+        })
     }
 
     fn emit_lines(&mut self, max_bytes: u32) -> wasmtime::Result<()> {
@@ -449,15 +460,15 @@ impl bindings::antnest::job::host::Host for GuestState {
         else {
             return Err(host_misuse("emit-lines"));
         };
-        let started = Instant::now();
         let mut emit_one = |unit: Vec<u8>| {
             emit(unit)?;
             *emitted += 1;
             Ok(())
         };
-        let result = split_lines(input, max_bytes as usize, &mut emit_one);
-        self.deadline += started.elapsed();
-        result.map_err(wasmtime::Error::msg)
+        uncharged(&mut self.deadline, || {
+            split_lines(input, max_bytes as usize, &mut emit_one)
+        })
+        .map_err(wasmtime::Error::msg)
     }
 
     fn next_result(&mut self) -> wasmtime::Result<Option<Vec<u8>>> {
@@ -465,10 +476,7 @@ impl bindings::antnest::job::host::Host for GuestState {
             return Err(host_misuse("next-result"));
         };
         // Waiting for a result is not compute time.
-        let started = Instant::now();
-        let next = results.next();
-        self.deadline += started.elapsed();
-        Ok(next)
+        Ok(uncharged(&mut self.deadline, || results.next()))
     }
 
     fn write_output(&mut self, bytes: Vec<u8>) -> wasmtime::Result<()> {

@@ -24,10 +24,6 @@ pub async fn serve(
     peer: Peer,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let connections =
-        crate::accept::incoming(listener, |l: std::sync::Arc<TcpListener>| async move {
-            l.accept().await.map(|(s, _)| s)
-        });
     let handle_one = move |stream| {
         let peer = peer.clone();
         async move {
@@ -37,7 +33,7 @@ pub async fn serve(
             }
         }
     };
-    crate::accept::serve("http", connections, handle_one, shutdown).await;
+    crate::accept::serve("http", listener, handle_one, shutdown).await;
 }
 
 async fn handle(mut stream: TcpStream, peer: Peer) -> std::io::Result<()> {

@@ -537,10 +537,10 @@ impl Peer {
 
     /// One worker slot: pull a batch, run it, return the results, repeat.
     ///
-    /// With a remote master the network is kept off the critical path: the
-    /// next batch is pulled while this one runs, and results go back in the
-    /// background (one delivery in flight per slot; an undelivered result's
-    /// lease expires and the master re-issues the taskunit).
+    /// Results for a remote master go back in the background, so the slot
+    /// can pull its next batch meanwhile (one delivery in flight per slot;
+    /// an undelivered result's lease expires and the master re-issues the
+    /// taskunit).
     async fn work_loop(self, slot: usize, stop: watch::Receiver<bool>) {
         // Per-slot state: one runner per module (instances are reused), and
         // the measured time per taskunit of each job, to size batches.
@@ -548,14 +548,9 @@ impl Peer {
         let mut per_unit: HashMap<JobId, Duration> = HashMap::new();
         let mut idle = Duration::from_millis(1);
         let mut idle_since = Instant::now();
-        let mut prefetched: Option<Batch> = None;
         let mut delivering: Option<tokio::task::JoinHandle<()>> = None;
         while !*stop.borrow() {
-            let batch = match prefetched.take() {
-                Some(b) => Some(b),
-                None => self.find_work(&per_unit).await,
-            };
-            let Some(batch) = batch else {
+            let Some(batch) = self.find_work(&per_unit).await else {
                 let notified = self.shared.work.notified();
                 let _ = tokio::time::timeout(idle, notified).await;
                 idle = (idle * 2).min(Duration::from_millis(50));
@@ -596,7 +591,7 @@ impl Peer {
                 }
             };
             let n = units.len() as u32;
-            let run = tokio::task::spawn_blocking(move || {
+            let (runner, outcomes, compute) = tokio::task::spawn_blocking(move || {
                 let mut runner = runner;
                 let started = Instant::now();
                 let outcomes: Vec<TaskOutcome> = units
@@ -612,8 +607,9 @@ impl Peer {
                     })
                     .collect();
                 (runner, outcomes, started.elapsed())
-            });
-            let (runner, outcomes, compute) = run.await.expect("task batch");
+            })
+            .await
+            .expect("task batch");
             per_unit.insert(job, compute / n.max(1));
             self.shared
                 .tasks_done
@@ -856,8 +852,10 @@ impl Peer {
         }
         let (tx, rx) = scheduler::split_channel(4096, SPLIT_AHEAD_BYTES);
         let mut book = JobBook::new(rx, self.shared.config.lease, spec.max_attempts)
-            .with_replicas(spec.replicate)
-            .with_stream(spec.stream);
+            .with_replicas(spec.replicate);
+        // Results go to the combine as they are accepted: it runs alongside
+        // the job and sees the end of the feed when `feed` is dropped.
+        let (feed, feed_rx) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
         let journal_root = self
             .shared
             .config
@@ -868,6 +866,9 @@ impl Peer {
             (Some(id), Some(root)) => {
                 let (journal, done) = Journal::resume(root, id, &hash)?;
                 info!(job = %id, results = done.len(), "resuming from the journal");
+                for (i, r) in &done {
+                    let _ = feed.send((*i, r.clone()));
+                }
                 book.set_journal(journal, done);
                 id
             }
@@ -900,8 +901,6 @@ impl Peer {
 
         // Combine on a blocking thread, alongside the job.
         let combiner = {
-            let (feed_tx, feed_rx) = std::sync::mpsc::channel();
-            master.book.lock().unwrap().feed_results(feed_tx);
             let (env, component) = (env.clone(), component.clone());
             tokio::task::spawn_blocking(move || {
                 combine_streaming(&env, &component, limits, feed_rx)
@@ -937,15 +936,15 @@ impl Peer {
         let mut last_announce: Option<Instant> = None;
         let mut last_progress = Instant::now();
         loop {
-            let (finished, has_work, prog, streamed, logs) = {
+            let (finished, has_work, prog, accepted, logs) = {
                 let mut book = master.book.lock().unwrap();
-                let streamed = book.take_streamed();
+                let accepted = book.take_accepted();
                 let logs = book.take_logs();
                 (
                     book.is_finished(),
                     book.has_work(),
                     book.progress(),
-                    streamed,
+                    accepted,
                     logs,
                 )
             };
@@ -953,9 +952,13 @@ impl Peer {
                 for (index, text) in logs {
                     let _ = events.send(JobEvent::Log { index, text }).await;
                 }
-                for (index, bytes) in streamed {
+            }
+            for (index, bytes) in accepted {
+                if let Some(events) = events.as_ref().filter(|_| spec.stream) {
+                    let bytes = bytes.clone();
                     let _ = events.send(JobEvent::Result { index, bytes }).await;
                 }
+                let _ = feed.send((index, bytes));
             }
             if finished {
                 break;
@@ -976,13 +979,12 @@ impl Peer {
             let _ =
                 tokio::time::timeout(Duration::from_millis(20), master.progress.notified()).await;
         }
+        drop(feed);
         let _ = split.await;
         self.shared.masters.lock().unwrap().remove(&id);
 
         let done = {
             let mut book = master.book.lock().unwrap();
-            // Whatever happens next, the combine reads no more results.
-            book.close_feed();
             if book.is_cancelled() {
                 return Err(SubmitError::Cancelled);
             }
@@ -1173,6 +1175,17 @@ struct InOrder {
     ended: bool,
 }
 
+impl InOrder {
+    fn new(feed: std::sync::mpsc::Receiver<(u64, Vec<u8>)>) -> Self {
+        InOrder {
+            feed,
+            pending: Default::default(),
+            next: 0,
+            ended: false,
+        }
+    }
+}
+
 impl Iterator for InOrder {
     type Item = Vec<u8>;
 
@@ -1207,13 +1220,7 @@ fn combine_streaming(
     limits: Limits,
     feed: std::sync::mpsc::Receiver<(u64, Vec<u8>)>,
 ) -> Result<Option<Vec<u8>>, TaskError> {
-    let results = InOrder {
-        feed,
-        pending: Default::default(),
-        next: 0,
-        ended: false,
-    };
-    executor::run_combine(env, component, limits, Box::new(results))
+    executor::run_combine(env, component, limits, Box::new(InOrder::new(feed)))
 }
 
 #[cfg(test)]
@@ -1226,12 +1233,7 @@ mod tests {
         for (i, r) in [(2, "c"), (0, "a"), (4, "e"), (3, "d")] {
             tx.send((i, r.as_bytes().to_vec())).unwrap();
         }
-        let mut it = InOrder {
-            feed: rx,
-            pending: Default::default(),
-            next: 0,
-            ended: false,
-        };
+        let mut it = InOrder::new(rx);
         assert_eq!(it.next().as_deref(), Some(&b"a"[..]));
         // 1 never comes (it failed): the rest follows once the feed ends.
         drop(tx);

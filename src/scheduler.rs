@@ -177,11 +177,9 @@ pub struct JobBook {
     journal: Option<Journal>,
     /// Results read back from the journal of an earlier run.
     resumed: u64,
-    /// Results not yet passed on to a streaming submitter; `None`: not streaming.
-    streamed: Option<Vec<(u64, Vec<u8>)>>,
-    /// Where accepted results go as they arrive, for a combine that runs
-    /// alongside the job (see [`JobBook::feed_results`]).
-    feed: Option<std::sync::mpsc::Sender<(u64, Vec<u8>)>>,
+    /// Results accepted since the last [`JobBook::take_accepted`] (the
+    /// master passes them to the combine and to a streaming submitter).
+    accepted: Vec<(u64, Vec<u8>)>,
     cancelled: bool,
     /// Taskunits the split made, once it has finished.
     split_total: Option<u64>,
@@ -223,8 +221,7 @@ impl JobBook {
             first_result: None,
             journal: None,
             resumed: 0,
-            streamed: None,
-            feed: None,
+            accepted: Vec::new(),
             cancelled: false,
             split_total: None,
             logs: Vec::new(),
@@ -238,18 +235,9 @@ impl JobBook {
         self.split_total = Some(total);
     }
 
-    /// Keep each accepted result for [`JobBook::take_streamed`].
-    pub fn with_stream(mut self, on: bool) -> Self {
-        self.streamed = on.then(Vec::new);
-        self
-    }
-
-    /// Results accepted since the last call (when streaming).
-    pub fn take_streamed(&mut self) -> Vec<(u64, Vec<u8>)> {
-        self.streamed
-            .as_mut()
-            .map(std::mem::take)
-            .unwrap_or_default()
+    /// Results accepted since the last call, in the order they came.
+    pub fn take_accepted(&mut self) -> Vec<(u64, Vec<u8>)> {
+        std::mem::take(&mut self.accepted)
     }
 
     /// Stop the job: nothing more is handed out and the split stops.
@@ -276,24 +264,9 @@ impl JobBook {
         self.journal = Some(journal);
     }
 
-    /// Send every result accepted so far, and each one accepted from now
-    /// on, to `feed` (until [`JobBook::close_feed`] or [`JobBook::finish`]).
-    pub fn feed_results(&mut self, feed: std::sync::mpsc::Sender<(u64, Vec<u8>)>) {
-        for (i, r) in &self.results {
-            let _ = feed.send((*i, r.clone()));
-        }
-        self.feed = Some(feed);
-    }
-
-    /// No more results will be fed: the receiver sees the end.
-    pub fn close_feed(&mut self) {
-        self.feed = None;
-    }
-
     /// Hand over everything a finished job's master needs to report and
     /// combine; the book is left empty.
     pub fn finish(&mut self) -> Finished {
-        self.feed = None;
         Finished {
             progress: self.progress(),
             failures: std::mem::take(&mut self.failures).into_iter().collect(),
@@ -580,14 +553,7 @@ impl JobBook {
             self.journal = None;
         }
         self.retire(index);
-        if let Some(streamed) = &mut self.streamed {
-            streamed.push((index, bytes.clone()));
-        }
-        if let Some(feed) = &self.feed
-            && feed.send((index, bytes.clone())).is_err()
-        {
-            self.feed = None;
-        }
+        self.accepted.push((index, bytes.clone()));
         self.results.insert(index, bytes);
         self.first_result.get_or_insert_with(Instant::now);
     }
