@@ -611,6 +611,7 @@ impl Peer {
             .await
             .expect("task batch");
             per_unit.insert(job, compute / n.max(1));
+            debug!(slot, %job, n, compute_ms = compute.as_secs_f64() * 1e3, "batch computed");
             self.shared
                 .tasks_done
                 .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);

@@ -12,10 +12,6 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-/// Bytes that must follow the data so a 16-byte load at any word start stays
-/// inside the buffer.
-pub const PAD: usize = 16;
-
 #[derive(Clone, Copy, Default)]
 struct Slot {
     a: u64,
@@ -46,10 +42,7 @@ const MASKS: [u64; 9] = {
 
 #[inline(always)]
 fn hash(a: u64, b: u64, len: usize) -> u64 {
-    (a ^ b.rotate_left(23) ^ len as u64)
-        .wrapping_mul(K)
-        .rotate_left(29)
-        .wrapping_mul(K)
+    (a ^ b.rotate_left(23) ^ len as u64).wrapping_mul(K)
 }
 
 impl Default for Counter<'_> {
@@ -68,9 +61,14 @@ impl<'a> Counter<'a> {
     }
 
     #[inline(always)]
+    fn first_slot(&self, a: u64, b: u64, len: usize) -> usize {
+        (hash(a, b, len) >> 32) as usize & (self.slots.len() - 1)
+    }
+
+    #[inline(always)]
     fn add_short(&mut self, a: u64, b: u64, len: usize, n: u64) {
         let mask = self.slots.len() - 1;
-        let mut i = (hash(a, b, len) >> 32) as usize & mask;
+        let mut i = self.first_slot(a, b, len);
         loop {
             let s = &mut self.slots[i];
             if (s.len == len as u32) & (s.a == a) & (s.b == b) {
@@ -99,7 +97,7 @@ impl<'a> Counter<'a> {
         let old = std::mem::replace(&mut self.slots, bigger);
         let mask = self.slots.len() - 1;
         for s in old.into_iter().filter(|s| s.len != 0) {
-            let mut i = (hash(s.a, s.b, s.len as usize) >> 32) as usize & mask;
+            let mut i = self.first_slot(s.a, s.b, s.len as usize);
             while self.slots[i].len != 0 {
                 i = (i + 1) & mask;
             }
@@ -107,10 +105,9 @@ impl<'a> Counter<'a> {
         }
     }
 
-    /// Counts the words of `data[..len]`; `data` must have `PAD` bytes after
-    /// `len` (their value does not matter).
-    pub fn count(&mut self, data: &'a [u8], len: usize) {
-        assert!(data.len() >= len + PAD);
+    /// Counts the words of `data`.
+    pub fn count(&mut self, data: &'a [u8]) {
+        let len = data.len();
         // Per 64-byte block: `starts` marks the first byte of each word,
         // `ends` the first whitespace byte after each word. A word that runs
         // past the block is `pending` until the next block's first end.
@@ -156,8 +153,7 @@ impl<'a> Counter<'a> {
         }
     }
 
-    /// Adds `n` to the count of the word `data[start..end]`; `data` must
-    /// have at least `PAD` bytes from `start` on.
+    /// Adds `n` to the count of the word `data[start..end]`.
     #[inline(always)]
     pub fn add(&mut self, data: &'a [u8], start: usize, end: usize, n: u64) {
         if !self.add_if_short(data, start, end, n) {
@@ -187,7 +183,16 @@ impl<'a> Counter<'a> {
         if len > 16 {
             return false;
         }
-        let word = &data[start..start + 16];
+        // Load 16 bytes from the word's start; near the end of `data`, from
+        // a zero-filled copy instead.
+        let mut tail = [0u8; 16];
+        let word = match data.get(start..start + 16) {
+            Some(w) => w,
+            None => {
+                tail[..len].copy_from_slice(&data[start..end]);
+                &tail[..]
+            }
+        };
         let a = u64::from_le_bytes(word[..8].try_into().unwrap());
         let b = u64::from_le_bytes(word[8..].try_into().unwrap());
         // Keep the word's bytes only, without branching on its length.
@@ -195,6 +200,20 @@ impl<'a> Counter<'a> {
         let b = b & MASKS[len.saturating_sub(8)];
         self.add_short(a, b, len, n);
         true
+    }
+
+    /// Forgets every word but keeps the table's memory, so the next chunk
+    /// does not allocate, zero and grow a table again. The result borrows
+    /// nothing.
+    pub fn recycle<'b>(mut self) -> Counter<'b> {
+        if self.used > 0 {
+            self.slots.fill(Slot::default());
+        }
+        Counter {
+            slots: self.slots,
+            used: 0,
+            long: HashMap::new(),
+        }
     }
 
     /// Calls `f` with every word and its count, in no particular order.

@@ -2,8 +2,8 @@
 //!
 //! `split` asks the host for taskunits of whole lines, up to 1 MiB each (a
 //! longer line is its own taskunit). `process` counts the words of one chunk
-//! (split on ASCII whitespace, see `count`) and returns `word\tcount\n`
-//! lines; `combine` merges them and writes `word\tcount\n` lines sorted by
+//! (split on ASCII whitespace, see `count`) and returns compact binary
+//! records; `combine` merges them and writes `word\tcount\n` lines sorted by
 //! word (byte order).
 
 wit_bindgen::generate!({ path: "../../wit", world: "job" });
@@ -15,63 +15,73 @@ const CHUNK: usize = 1 << 20;
 
 struct WordCount;
 
-/// Adds the `word\tcount\n` lines of `bytes[..len]` to `into`; `bytes` has
-/// `count::PAD` bytes after `len`.
-fn parse_counts(bytes: &[u8], len: usize, into: &mut count::Counter) -> Result<(), String> {
-    let mut start = 0;
-    while start < len {
-        let end = bytes[start..len]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(len, |p| start + p);
-        let line = &bytes[start..end];
-        if !line.is_empty() {
-            let tab = line
-                .iter()
-                .rposition(|&b| b == b'\t')
-                .ok_or("result line without a tab")?;
-            let digits = &line[tab + 1..];
-            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-                return Err("result line without a count".into());
-            }
-            let n = digits
-                .iter()
-                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            into.add_copied(bytes, start, start + tab, n);
+thread_local! {
+    static TABLE: std::cell::Cell<Option<count::Counter<'static>>> = const { std::cell::Cell::new(None) };
+}
+
+/// A taskunit's counts travel to `combine` as records of
+/// `varint(word length) word varint(count)` (LEB128), which is cheaper to
+/// write and to merge than text.
+fn write_records(counter: &count::Counter) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 * 1024);
+    counter.each(|w, n| {
+        put_varint(&mut out, w.len() as u64);
+        out.extend_from_slice(w);
+        put_varint(&mut out, n);
+    });
+    out
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(bytes: &[u8], at: &mut usize) -> Result<u64, String> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *bytes.get(*at).ok_or("truncated result")?;
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Ok(v);
         }
-        start = end + 1;
+    }
+    Err("malformed result: varint too long".into())
+}
+
+/// Adds the records of one result (see `write_records`) to `into`.
+fn merge_records(bytes: &[u8], into: &mut count::Counter) -> Result<(), String> {
+    let mut at = 0;
+    while at < bytes.len() {
+        let len = get_varint(bytes, &mut at)?;
+        let start = at;
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| start.checked_add(l))
+            .filter(|&e| e <= bytes.len())
+            .ok_or("truncated result")?;
+        at = end;
+        let n = get_varint(bytes, &mut at)?;
+        into.add_copied(bytes, start, end, n);
     }
     Ok(())
 }
 
-/// `word\tcount\n` lines, sorted by word when `sorted`.
-fn write_counts(counter: &count::Counter, sorted: bool) -> Vec<u8> {
+/// `word\tcount\n` lines sorted by word: the job's output.
+fn write_sorted(counter: &count::Counter) -> Vec<u8> {
     let mut words: Vec<(Vec<u8>, u64)> = Vec::new();
+    counter.each(|w, n| words.push((w.to_vec(), n)));
+    words.sort_unstable();
     let mut out = Vec::with_capacity(64 * 1024);
-    let line = |out: &mut Vec<u8>, word: &[u8], mut n: u64| {
-        out.extend_from_slice(word);
+    for (w, n) in &words {
+        out.extend_from_slice(w);
         out.push(b'\t');
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(&digits[i..]);
+        out.extend_from_slice(n.to_string().as_bytes());
         out.push(b'\n');
-    };
-    if sorted {
-        counter.each(|w, n| words.push((w.to_vec(), n)));
-        words.sort_unstable();
-        for (w, n) in &words {
-            line(&mut out, w, *n);
-        }
-    } else {
-        counter.each(|w, n| line(&mut out, w, n));
     }
     out
 }
@@ -83,24 +93,23 @@ impl Guest for WordCount {
         Ok(true)
     }
 
-    fn process(mut unit: Vec<u8>) -> Result<Vec<u8>, String> {
-        let len = unit.len();
-        unit.resize(len + count::PAD, 0);
-        let mut counter = count::Counter::new();
-        counter.count(&unit, len);
-        Ok(write_counts(&counter, false))
+    fn process(unit: Vec<u8>) -> Result<Vec<u8>, String> {
+        // One table serves every taskunit this instance counts.
+        let mut counter: count::Counter = TABLE.take().unwrap_or_default();
+        counter.count(&unit);
+        let out = write_records(&counter);
+        TABLE.set(Some(counter.recycle()));
+        Ok(out)
     }
 
     fn combine() -> Result<bool, String> {
         // Each result is merged as it arrives (the host hands them over
         // while the job still runs).
         let mut counter = count::Counter::new();
-        while let Some(mut r) = host::next_result() {
-            let len = r.len();
-            r.resize(len + count::PAD, 0);
-            parse_counts(&r, len, &mut counter)?;
+        while let Some(r) = host::next_result() {
+            merge_records(&r, &mut counter)?;
         }
-        host::write_output(&write_counts(&counter, true));
+        host::write_output(&write_sorted(&counter));
         Ok(true)
     }
 }
