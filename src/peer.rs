@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -549,6 +549,7 @@ impl Peer {
         let mut idle = Duration::from_millis(1);
         let mut idle_since = Instant::now();
         let mut delivering: Option<tokio::task::JoinHandle<()>> = None;
+        let thread = SlotThread::spawn(slot);
         while !*stop.borrow() {
             let Some(batch) = self.find_work(&per_unit).await else {
                 let notified = self.shared.work.notified();
@@ -591,25 +592,26 @@ impl Peer {
                 }
             };
             let n = units.len() as u32;
-            let (runner, outcomes, compute) = tokio::task::spawn_blocking(move || {
-                let mut runner = runner;
-                let started = Instant::now();
-                let outcomes: Vec<TaskOutcome> = units
-                    .into_iter()
-                    .map(|u| {
-                        let result = runner.process(&u.data).map(ByteBuf::from);
-                        let stderr = Some(runner.take_stderr()).filter(|s| !s.is_empty());
-                        TaskOutcome {
-                            index: u.index,
-                            result,
-                            stderr,
-                        }
-                    })
-                    .collect();
-                (runner, outcomes, started.elapsed())
-            })
-            .await
-            .expect("task batch");
+            let (runner, outcomes, compute) = thread
+                .run(move || {
+                    let mut runner = runner;
+                    let started = Instant::now();
+                    let outcomes: Vec<TaskOutcome> = units
+                        .into_iter()
+                        .map(|u| {
+                            let result = runner.process(&u.data).map(ByteBuf::from);
+                            let stderr = Some(runner.take_stderr()).filter(|s| !s.is_empty());
+                            TaskOutcome {
+                                index: u.index,
+                                result,
+                                stderr,
+                            }
+                        })
+                        .collect();
+                    (runner, outcomes, started.elapsed())
+                })
+                .await
+                .expect("task batch");
             per_unit.insert(job, compute / n.max(1));
             debug!(slot, %job, n, compute_ms = compute.as_secs_f64() * 1e3, "batch computed");
             self.shared
@@ -1222,6 +1224,44 @@ fn combine_streaming(
     feed: std::sync::mpsc::Receiver<(u64, Vec<u8>)>,
 ) -> Result<Option<Vec<u8>>, TaskError> {
     executor::run_combine(env, component, limits, Box::new(InOrder::new(feed)))
+}
+
+/// The OS thread that runs one worker slot's wasm calls. Each slot keeps
+/// its own long-lived thread (rather than any thread of the blocking pool
+/// per batch), so the kernel keeps the slots' threads on their own cores
+/// instead of now and then stacking two on one core while another idles.
+struct SlotThread {
+    jobs: std::sync::mpsc::SyncSender<Box<dyn FnOnce() + Send>>,
+}
+
+impl SlotThread {
+    fn spawn(slot: usize) -> Self {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Box<dyn FnOnce() + Send>>(1);
+        std::thread::Builder::new()
+            .name(format!("antnest-slot-{slot}"))
+            .spawn(move || {
+                for f in rx {
+                    // A panic drops the reply sender: `run` reports it.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+                }
+            })
+            .expect("spawn slot thread");
+        SlotThread { jobs }
+    }
+
+    /// Run `f` on the slot's thread; `Err` if it panicked.
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, oneshot::error::RecvError> {
+        let (tx, rx) = oneshot::channel();
+        // One call at a time per slot, so the channel always has room.
+        let sent = self.jobs.try_send(Box::new(move || {
+            let _ = tx.send(f());
+        }));
+        debug_assert!(sent.is_ok(), "slot thread busy or gone");
+        rx.await
+    }
 }
 
 #[cfg(test)]

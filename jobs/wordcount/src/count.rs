@@ -157,11 +157,16 @@ impl<'a> Counter<'a> {
     #[inline(always)]
     pub fn add(&mut self, data: &'a [u8], start: usize, end: usize, n: u64) {
         if !self.add_if_short(data, start, end, n) {
-            *self
-                .long
-                .entry(Cow::Borrowed(&data[start..end]))
-                .or_insert(0) += n;
+            self.add_long(&data[start..end], n);
         }
+    }
+
+    /// Words over 16 bytes are rare: kept out of line so the hot loop
+    /// stays small (fewer spills in wasm).
+    #[cold]
+    #[inline(never)]
+    fn add_long(&mut self, word: &'a [u8], n: u64) {
+        *self.long.entry(Cow::Borrowed(word)).or_insert(0) += n;
     }
 
     /// The same, copying the word if it is kept (so `data` may go away).
@@ -183,18 +188,15 @@ impl<'a> Counter<'a> {
         if len > 16 {
             return false;
         }
-        // Load 16 bytes from the word's start; near the end of `data`, from
-        // a zero-filled copy instead.
-        let mut tail = [0u8; 16];
-        let word = match data.get(start..start + 16) {
-            Some(w) => w,
-            None => {
-                tail[..len].copy_from_slice(&data[start..end]);
-                &tail[..]
-            }
+        // Load 16 bytes from the word's start (near the end of `data`, from
+        // a zero-filled copy).
+        let (a, b) = match data.get(start..start + 16) {
+            Some(w) => (
+                u64::from_le_bytes(w[..8].try_into().unwrap()),
+                u64::from_le_bytes(w[8..].try_into().unwrap()),
+            ),
+            None => load_tail(&data[start..end]),
         };
-        let a = u64::from_le_bytes(word[..8].try_into().unwrap());
-        let b = u64::from_le_bytes(word[8..].try_into().unwrap());
         // Keep the word's bytes only, without branching on its length.
         let a = a & MASKS[len.min(8)];
         let b = b & MASKS[len.saturating_sub(8)];
@@ -228,6 +230,19 @@ impl<'a> Counter<'a> {
             f(w.as_ref(), *c);
         }
     }
+}
+
+/// The first 16 bytes of `word` (at most 16 long) as two little-endian
+/// `u64`s, zero-filled.
+#[cold]
+#[inline(never)]
+fn load_tail(word: &[u8]) -> (u64, u64) {
+    let mut w = [0u8; 16];
+    w[..word.len()].copy_from_slice(word);
+    (
+        u64::from_le_bytes(w[..8].try_into().unwrap()),
+        u64::from_le_bytes(w[8..].try_into().unwrap()),
+    )
 }
 
 /// Bit i set when `chunk[i]` is ASCII whitespace (`chunk.len() <= 64`).
