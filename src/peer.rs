@@ -3,7 +3,7 @@
 //!
 //! Every peer works: each of its `slots` is a loop that asks for a batch of
 //! taskunits (from its own jobs first, then from jobs other peers announced),
-//! runs the batch on a blocking thread with a reused instance, and returns
+//! runs the batch on the slot's own thread with a reused instance, and returns
 //! the results. A peer that submits a job becomes its master: it splits,
 //! leases, re-issues and combines (see [`crate::scheduler`]).
 
