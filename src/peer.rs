@@ -1266,7 +1266,28 @@ impl SlotThread {
 
 #[cfg(test)]
 mod tests {
-    use super::InOrder;
+    use super::{InOrder, SlotThread};
+
+    #[tokio::test]
+    async fn a_slot_thread_runs_calls_on_one_thread_and_survives_a_panic() {
+        let slot = SlotThread::spawn(0);
+        let ten = std::time::Duration::from_secs(10);
+        let first = tokio::time::timeout(ten, slot.run(|| std::thread::current().id()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(first, std::thread::current().id());
+        // A panicking call is reported, and the thread keeps serving calls.
+        let panicked = tokio::time::timeout(ten, slot.run(|| -> u32 { panic!("boom") }))
+            .await
+            .unwrap();
+        assert!(panicked.is_err());
+        let again = tokio::time::timeout(ten, slot.run(|| std::thread::current().id()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again, first);
+    }
 
     #[test]
     fn results_come_in_order_and_missing_ones_are_skipped_at_the_end() {
