@@ -214,34 +214,39 @@ fn counts_digest<W: AsRef<[u8]> + Ord>(counts: HashMap<W, u64>) -> String {
     hex::encode(h.finalize())
 }
 
-/// Native two-thread word count over the W3 lines (read from disk, as the mesh does).
-fn native_wordcount(path: &Path) -> Result<(Duration, String)> {
-    let t = Instant::now();
-    let data = std::fs::read(path)?;
+/// Runs `count` on two threads, each over half of the non-empty lines of
+/// `data`, and returns what each thread counted.
+fn on_two_threads<'d, T: Send>(data: &'d [u8], count: impl Fn(&[&'d [u8]]) -> T + Sync) -> Vec<T> {
     let lines: Vec<&[u8]> = data
         .split(|&b| b == b'\n')
         .filter(|l| !l.is_empty())
         .collect();
-    let half = lines.len().div_ceil(2);
-    let counts: Vec<HashMap<&[u8], u64>> = std::thread::scope(|s| {
+    let half = lines.len().div_ceil(2).max(1);
+    let count = &count;
+    std::thread::scope(|s| {
         let handles: Vec<_> = lines
-            .chunks(half.max(1))
-            .map(|part| {
-                s.spawn(move || {
-                    let mut m: HashMap<&[u8], u64> = HashMap::new();
-                    for line in part {
-                        for w in line
-                            .split(|b| b.is_ascii_whitespace())
-                            .filter(|w| !w.is_empty())
-                        {
-                            *m.entry(w).or_default() += 1;
-                        }
-                    }
-                    m
-                })
-            })
+            .chunks(half)
+            .map(|part| s.spawn(move || count(part)))
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Native two-thread word count over the W3 lines (read from disk, as the mesh does).
+fn native_wordcount(path: &Path) -> Result<(Duration, String)> {
+    let t = Instant::now();
+    let data = std::fs::read(path)?;
+    let counts = on_two_threads(&data, |part| {
+        let mut m: HashMap<&[u8], u64> = HashMap::new();
+        for line in part {
+            for w in line
+                .split(|b| b.is_ascii_whitespace())
+                .filter(|w| !w.is_empty())
+            {
+                *m.entry(w).or_default() += 1;
+            }
+        }
+        m
     });
     let mut total: HashMap<&[u8], u64> = HashMap::new();
     for m in counts {
@@ -257,34 +262,12 @@ fn native_wordcount(path: &Path) -> Result<(Duration, String)> {
 fn native_same_algorithm(path: &Path) -> Result<(Duration, String)> {
     let t = Instant::now();
     let data = std::fs::read(path)?;
-    let len = data.len();
-    let data = &data[..];
-    let mut lines = Vec::new();
-    let mut start = 0;
-    for (i, &b) in data[..len].iter().enumerate() {
-        if b == b'\n' {
-            lines.push((start, i));
-            start = i + 1;
+    let counters = on_two_threads(&data, |part| {
+        let mut c = count::Counter::new();
+        for line in part {
+            c.count(line);
         }
-    }
-    if start < len {
-        lines.push((start, len));
-    }
-    let half = lines.len().div_ceil(2).max(1);
-    let counters: Vec<count::Counter> = std::thread::scope(|s| {
-        let handles: Vec<_> = lines
-            .chunks(half)
-            .map(|part| {
-                s.spawn(move || {
-                    let mut c = count::Counter::new();
-                    for &(a, b) in part {
-                        c.count(&data[a..b]);
-                    }
-                    c
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        c
     });
     let mut total: HashMap<Vec<u8>, u64> = HashMap::new();
     for c in &counters {
