@@ -15,7 +15,9 @@
 //! Besides the result file it prints extra figures to stderr: a native
 //! two-thread Rust word count over the same W3 input, the idle peer's RSS,
 //! time to first result, module cache hits, and with `--million` the
-//! master's peak RSS over a 1,000,000-taskunit job.
+//! master's peak RSS over a 1,000,000-taskunit job, and with
+//! `--efficiency ROUNDS` W2's parallel efficiency next to the machine's own
+//! ceiling (the same wasm on 1 and on `nodes` threads, no mesh).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -31,8 +33,9 @@ use sha2::{Digest, Sha256};
 pub mod count;
 
 use antnest::control::{self, ControlReply, ControlRequest};
+use antnest::executor::{Environment, Limits, TaskRunner};
 use antnest::peer::{InputSpec, JobReport, JobSpec};
-use antnest::wire::ByteBuf;
+use antnest::wire::{ByteBuf, ModuleHash};
 
 #[derive(Parser)]
 struct Args {
@@ -56,6 +59,12 @@ struct Args {
     /// Also run a 1,000,000-taskunit job and report the master's peak RSS.
     #[arg(long)]
     million: bool,
+    /// Also measure W2's parallel efficiency over this many alternating
+    /// rounds: a lone peer against the mesh, and, as the machine's own
+    /// ceiling, the same wasm taskunits on one thread against `nodes`
+    /// threads in this process (no mesh at all).
+    #[arg(long, default_value_t = 0)]
+    efficiency: usize,
     /// The antnest binary (default: beside this example's directory).
     #[arg(long)]
     antnest: Option<PathBuf>,
@@ -276,6 +285,94 @@ fn native_same_algorithm(path: &Path) -> Result<(Duration, String)> {
     Ok((t.elapsed(), counts_digest(total)))
 }
 
+/// Runs `units` in this process, without a mesh, on one thread per runner
+/// (each runner a warm instance with an equal share); returns the wall time
+/// in seconds.
+fn in_process(runners: &mut [TaskRunner], units: &[Vec<u8>]) -> Result<f64> {
+    let share = units.len().div_ceil(runners.len()).max(1);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = runners
+            .iter_mut()
+            .zip(units.chunks(share))
+            .map(|(r, part)| s.spawn(move || part.iter().try_for_each(|u| r.process(u).map(drop))))
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("runner thread"))
+    })?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// W2's parallel efficiency, T(1)/(n·T(n)), for the mesh and for the
+/// machine itself, from `rounds` rounds that alternate all four runs so
+/// that the host's drift hits each alike.
+async fn efficiency(
+    rounds: usize,
+    lone: &Path,
+    master: &Path,
+    n: usize,
+    module: &[u8],
+    input: &Path,
+    timeout: Duration,
+) -> Result<()> {
+    let env = Environment::new(None)?;
+    let component = env.component(&ModuleHash::of(module), || Some(module.to_vec()))?;
+    let units: Vec<Vec<u8>> = std::fs::read(input)?
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    let mut runners: Vec<TaskRunner> = (0..n)
+        .map(|_| TaskRunner::new(env.clone(), component.clone(), Limits::default()))
+        .collect();
+    for r in &mut runners {
+        r.process(&units[0])?; // instantiate before timing
+    }
+    let [mut mesh1, mut meshn, mut native1, mut nativen] = [(); 4].map(|_| Vec::new());
+    let mut outputs = std::collections::HashSet::new();
+    for _ in 0..rounds {
+        for (control, times) in [(lone, &mut mesh1), (master, &mut meshn)] {
+            let t = Instant::now();
+            let report = submit(
+                control,
+                module,
+                InputSpec::Path(input.to_path_buf()),
+                timeout,
+            )
+            .await?;
+            times.push(t.elapsed().as_secs_f64());
+            outputs.insert(report.output);
+        }
+        native1.push(in_process(&mut runners[..1], &units)?);
+        nativen.push(in_process(&mut runners, &units)?);
+    }
+    if outputs.len() != 1 {
+        bail!("the lone peer and the mesh disagree on W2's result");
+    }
+    let eff = |one: f64, many: f64| one / (n as f64 * many);
+    // Each round's mesh efficiency against the machine's in the same round.
+    let of_ceiling: Vec<f64> = (0..rounds)
+        .map(|i| eff(mesh1[i], meshn[i]) / eff(native1[i], nativen[i]))
+        .collect();
+    let [mesh1, meshn, native1, nativen] = [mesh1, meshn, native1, nativen].map(median);
+    eprintln!(
+        "W2 efficiency T(1)/({n}*T({n})), {rounds} alternating rounds, medians: \
+         lone peer {mesh1:.4} s, {n}-peer mesh {meshn:.4} s -> {:.2}; \
+         no mesh, 1 thread {native1:.4} s, {n} threads {nativen:.4} s -> machine ceiling {:.2}; \
+         mesh/ceiling per round: median {:.2}",
+        eff(mesh1, meshn),
+        eff(native1, nativen),
+        median(of_ceiling),
+    );
+    Ok(())
+}
+
 /// A small input of the same shape, for the warm-up round trip.
 fn warmup_input(workload: &str, dir: &Path) -> Result<Vec<u8>> {
     let file = dir.join(format!("{}.txt", workload.to_lowercase()));
@@ -409,6 +506,29 @@ async fn main() -> Result<()> {
                 }
             );
         }
+    }
+    if args.efficiency > 0 {
+        // A one-slot peer of its own, outside the mesh, gives T(1).
+        let lone = start_peer(&bin, dir.path(), args.nodes, 1, None)?;
+        let w2 = args.inputs.join("w2.txt");
+        let input = warmup_input("W2", &args.inputs)?;
+        submit(
+            &lone.control,
+            &modules["W2"],
+            InputSpec::Bytes(ByteBuf::from(input)),
+            timeout,
+        )
+        .await?;
+        efficiency(
+            args.efficiency,
+            &lone.control,
+            &master,
+            args.nodes * args.slots,
+            &modules["W2"],
+            &w2,
+            timeout,
+        )
+        .await?;
     }
     // Worker slots drop their instances after 5 s without work.
     std::thread::sleep(Duration::from_secs(6));
