@@ -902,11 +902,14 @@ impl Peer {
             .insert(id, master.clone());
         info!(job = %id, module = %hash, "job submitted");
 
-        // Combine on a blocking thread, alongside the job.
+        // Combine on a blocking thread while the job runs: it reads each
+        // result as soon as it and all before it are in, so only the last
+        // few are left to merge when the last taskunit finishes. `None`: the
+        // job asked for the default combine (done below over all results).
         let combiner = {
             let (env, component) = (env.clone(), component.clone());
             tokio::task::spawn_blocking(move || {
-                combine_streaming(&env, &component, limits, feed_rx)
+                executor::run_combine(&env, &component, limits, Box::new(InOrder::new(feed_rx)))
             })
         };
 
@@ -1211,19 +1214,6 @@ impl Iterator for InOrder {
             }
         }
     }
-}
-
-/// Run the job's combine while the job runs: it reads each result as soon
-/// as it and all before it are in, so only the last few are left to merge
-/// when the last taskunit finishes. `None`: the job asked for the default
-/// combine (done by the caller over all results).
-fn combine_streaming(
-    env: &Environment,
-    component: &wasmtime::component::Component,
-    limits: Limits,
-    feed: std::sync::mpsc::Receiver<(u64, Vec<u8>)>,
-) -> Result<Option<Vec<u8>>, TaskError> {
-    executor::run_combine(env, component, limits, Box::new(InOrder::new(feed)))
 }
 
 /// The OS thread that runs one worker slot's wasm calls. Each slot keeps
