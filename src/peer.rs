@@ -59,6 +59,12 @@ pub fn tune_allocator() {
 /// How far (in bytes of taskunits) a job's split may run ahead of its workers.
 const SPLIT_AHEAD_BYTES: usize = 32 << 20;
 
+/// Work per batch from this peer's own jobs (no round trip to amortize).
+const LOCAL_BATCH: Duration = Duration::from_millis(20);
+/// Work per batch pulled from another peer: longer, so the pull's round
+/// trip is a smaller share of it.
+const REMOTE_BATCH: Duration = Duration::from_millis(40);
+
 /// A worker slot idle this long drops its cached instances.
 const IDLE_RELEASE: Duration = Duration::from_secs(5);
 
@@ -654,12 +660,12 @@ impl Peer {
         }
     }
 
-    /// How many taskunits to ask for: about 20 ms of work, 1..=4096.
-    fn batch_size(per_unit: &HashMap<JobId, Duration>, job: JobId) -> usize {
+    /// How many taskunits to ask for: about `target` of work, 1..=4096.
+    fn batch_size(per_unit: &HashMap<JobId, Duration>, job: JobId, target: Duration) -> usize {
         match per_unit.get(&job) {
             None => 1,
             Some(d) => {
-                let target = Duration::from_millis(20).as_nanos();
+                let target = target.as_nanos();
                 (target / d.as_nanos().max(1)).clamp(1, 4096) as usize
             }
         }
@@ -675,7 +681,7 @@ impl Peer {
             .map(|(id, j)| (*id, j.clone()))
             .collect();
         for (job, master) in local {
-            let max = Self::batch_size(per_unit, job);
+            let max = Self::batch_size(per_unit, job, LOCAL_BATCH);
             let units = master
                 .book
                 .lock()
@@ -709,7 +715,7 @@ impl Peer {
                 self.back_off(job, Duration::from_secs(5));
                 continue;
             }
-            let max = Self::batch_size(per_unit, job) as u32;
+            let max = Self::batch_size(per_unit, job, REMOTE_BATCH) as u32;
             if let Some(batch) = self.pull_remote(job, master, module, limits, max).await {
                 return Some(batch);
             }
