@@ -223,13 +223,15 @@ fn counts_digest<W: AsRef<[u8]> + Ord>(counts: HashMap<W, u64>) -> String {
     hex::encode(h.finalize())
 }
 
+/// The non-empty lines of `data` (W2's taskunits under the default split).
+fn lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    data.split(|&b| b == b'\n').filter(|l| !l.is_empty())
+}
+
 /// Runs `count` on two threads, each over half of the non-empty lines of
 /// `data`, and returns what each thread counted.
 fn on_two_threads<'d, T: Send>(data: &'d [u8], count: impl Fn(&[&'d [u8]]) -> T + Sync) -> Vec<T> {
-    let lines: Vec<&[u8]> = data
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .collect();
+    let lines: Vec<&[u8]> = lines(data).collect();
     let half = lines.len().div_ceil(2).max(1);
     let count = &count;
     std::thread::scope(|s| {
@@ -323,11 +325,7 @@ async fn efficiency(
 ) -> Result<()> {
     let env = Environment::new(None)?;
     let component = env.component(&ModuleHash::of(module), || Some(module.to_vec()))?;
-    let units: Vec<Vec<u8>> = std::fs::read(input)?
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect();
+    let units: Vec<Vec<u8>> = lines(&std::fs::read(input)?).map(<[u8]>::to_vec).collect();
     let mut runners: Vec<TaskRunner> = (0..n)
         .map(|_| TaskRunner::new(env.clone(), component.clone(), Limits::default()))
         .collect();
