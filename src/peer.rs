@@ -682,11 +682,12 @@ impl Peer {
             .collect();
         for (job, master) in local {
             let max = Self::batch_size(per_unit, job, LOCAL_BATCH);
-            let units = master
-                .book
-                .lock()
-                .unwrap()
-                .take(&self.shared.local, max, Instant::now());
+            let units =
+                master
+                    .book
+                    .lock()
+                    .unwrap()
+                    .take_local(&self.shared.local, max, Instant::now());
             if !units.is_empty() {
                 return Some(Batch {
                     job,

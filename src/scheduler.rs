@@ -290,11 +290,29 @@ impl JobBook {
             .is_some_and(|v| v.iter().any(|v| v.worker == worker))
     }
 
-    /// Lease up to `max` taskunits to `worker`. Once the split's total is
-    /// known, batches shrink as the job nears its end (guided
+    /// Lease up to `max` taskunits to `worker`, a batch that will cross the
+    /// network, so it stops growing at [`MAX_BATCH_BYTES`]. Once the split's
+    /// total is known, batches shrink as the job nears its end (guided
     /// self-scheduling: at most half a fair share of what is left), so no
     /// worker sits on a big batch while the others idle.
     pub fn take(&mut self, worker: &str, max: usize, now: Instant) -> Vec<TaskUnit> {
+        self.take_up_to(worker, max, MAX_BATCH_BYTES, now)
+    }
+
+    /// [`Self::take`] for a slot of the master's own peer: its batch shares
+    /// the taskunits in memory and crosses no network, so it is not capped
+    /// in bytes.
+    pub fn take_local(&mut self, worker: &str, max: usize, now: Instant) -> Vec<TaskUnit> {
+        self.take_up_to(worker, max, usize::MAX, now)
+    }
+
+    fn take_up_to(
+        &mut self,
+        worker: &str,
+        max: usize,
+        max_bytes: usize,
+        now: Instant,
+    ) -> Vec<TaskUnit> {
         self.reclaim_expired(now);
         let max = match self.split_total {
             Some(total) => {
@@ -311,7 +329,7 @@ impl JobBook {
         let mut bytes = 0;
         // Slots this worker may not take (it has another replica of them).
         let mut skipped = Vec::new();
-        while units.len() < max && bytes < MAX_BATCH_BYTES && skipped.len() < 256 {
+        while units.len() < max && bytes < max_bytes && skipped.len() < 256 {
             let slot = match self.queue.pop_front() {
                 Some(s) => s,
                 None => match self.pull_split() {
@@ -680,6 +698,21 @@ mod tests {
             result: Ok(ByteBuf::from(s.as_bytes().to_vec())),
             stderr: None,
         }
+    }
+
+    #[test]
+    fn only_batches_for_the_network_stop_at_the_byte_cap() {
+        let unit = 1 << 20;
+        let fits = MAX_BATCH_BYTES.div_ceil(unit);
+        let (tx, rx) = split_channel(64, 64 << 20);
+        for _ in 0..2 * fits + 2 {
+            tx.send(vec![b'x'; unit]).unwrap();
+        }
+        drop(tx);
+        let mut b = JobBook::new(rx, Duration::from_secs(10), 2);
+        let now = Instant::now();
+        assert_eq!(b.take("remote", 100, now).len(), fits);
+        assert_eq!(b.take_local("local", 100, now).len(), fits + 2);
     }
 
     #[test]
