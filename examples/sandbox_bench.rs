@@ -7,7 +7,9 @@
 
 use std::time::Instant;
 
-use antnest::executor::{Environment, Limits, SplitOutcome, TaskRunner, run_combine, run_split};
+use antnest::executor::{
+    Environment, Limits, SplitInput, SplitOutcome, TaskRunner, run_combine, run_split,
+};
 use antnest::wire::ModuleHash;
 
 fn main() -> anyhow::Result<()> {
@@ -30,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         &env,
         &component,
         Limits::default(),
-        Box::new(file),
+        SplitInput::Stream(Box::new(file)),
         Box::new(move |u| tx.send(u).map_err(|e| e.to_string())),
     )?;
     units.extend(rx.try_iter());
@@ -38,10 +40,10 @@ fn main() -> anyhow::Result<()> {
         units = std::fs::read(&input)?
             .split(|&b| b == b'\n')
             .filter(|l| !l.is_empty())
-            .map(<[u8]>::to_vec)
+            .map(|l| l.to_vec().into())
             .collect();
     }
-    let bytes: usize = units.iter().map(Vec::len).sum();
+    let bytes: usize = units.iter().map(|u| u.len()).sum();
     println!(
         "split ({outcome:?}): {} taskunits, {:.1} MB in {:.1} ms",
         units.len(),

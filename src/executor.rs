@@ -26,7 +26,7 @@ use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::wire::{MAX_TASKUNIT, ModuleHash};
+use crate::wire::{MAX_TASKUNIT, ModuleHash, SharedBytes};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -375,9 +375,9 @@ impl ResourceLimiter for MemoryLimiter {
 enum HostIo {
     None,
     Split {
-        input: Box<dyn Read + Send>,
+        input: SplitInput,
         /// Takes one taskunit; an error (job cancelled, unit too large) stops the split.
-        emit: Box<dyn FnMut(Vec<u8>) -> Result<(), String> + Send>,
+        emit: Box<dyn FnMut(SharedBytes) -> Result<(), String> + Send>,
         emitted: u64,
     },
     Combine {
@@ -445,7 +445,7 @@ impl bindings::antnest::job::host::Host for GuestState {
             return Err(host_misuse("emit"));
         };
         uncharged(&mut self.deadline, || {
-            emit(unit).map_err(wasmtime::Error::msg)?;
+            emit(unit.into()).map_err(wasmtime::Error::msg)?;
             *emitted += 1;
             Ok(())
         })
@@ -460,13 +460,18 @@ impl bindings::antnest::job::host::Host for GuestState {
         else {
             return Err(host_misuse("emit-lines"));
         };
-        let mut emit_one = |unit: Vec<u8>| {
+        let mut emit_one = |unit: SharedBytes| {
             emit(unit)?;
             *emitted += 1;
             Ok(())
         };
-        uncharged(&mut self.deadline, || {
-            split_lines(input, max_bytes as usize, &mut emit_one)
+        uncharged(&mut self.deadline, || match input {
+            SplitInput::Stream(reader) => {
+                split_lines(reader.as_mut(), max_bytes as usize, &mut emit_one)
+            }
+            SplitInput::Bytes { data, pos } => {
+                split_lines_shared(data, pos, max_bytes as usize, &mut emit_one)
+            }
         })
         .map_err(wasmtime::Error::msg)
     }
@@ -501,7 +506,7 @@ impl bindings::antnest::job::host::Host for GuestState {
 pub fn split_lines(
     input: &mut dyn Read,
     max: usize,
-    emit: &mut dyn FnMut(Vec<u8>) -> Result<(), String>,
+    emit: &mut dyn FnMut(SharedBytes) -> Result<(), String>,
 ) -> Result<(), String> {
     let max = max.clamp(1, MAX_TASKUNIT);
     let capacity = max + max / 2;
@@ -561,7 +566,62 @@ pub fn split_lines(
         unit.truncate(cut);
         if !unit.is_empty() {
             unit.shrink_to_fit();
+            emit(unit.into())?;
+        }
+    }
+}
+
+/// [`split_lines`] over bytes in memory (or mapped from a file) from
+/// `*pos` on: the same taskunits, each a slice of `data`, none copied.
+pub fn split_lines_shared(
+    data: &SharedBytes,
+    pos: &mut usize,
+    max: usize,
+    emit: &mut dyn FnMut(SharedBytes) -> Result<(), String>,
+) -> Result<(), String> {
+    let max = max.clamp(1, MAX_TASKUNIT);
+    while *pos < data.len() {
+        let rest = &data[*pos..];
+        let window = rest.len().min(max + 1);
+        let cut = match rest[..window].iter().rposition(|&b| b == b'\n') {
+            Some(nl) => nl,
+            None if rest.len() <= max => rest.len(),
+            // A line longer than `max`: it ends at the next newline.
+            None => match rest[window..].iter().position(|&b| b == b'\n') {
+                Some(nl) => window + nl,
+                None => rest.len(),
+            },
+        };
+        if cut > MAX_TASKUNIT {
+            return Err(format!(
+                "the input has a line longer than the {MAX_TASKUNIT}-byte taskunit limit"
+            ));
+        }
+        let unit = data.slice(*pos..*pos + cut);
+        *pos = (*pos + cut + 1).min(data.len());
+        if !unit.is_empty() {
             emit(unit)?;
+        }
+    }
+    Ok(())
+}
+
+/// What a split reads: a stream, or bytes already in memory or mapped from
+/// a file, which the line split cuts into taskunits without copying them.
+pub enum SplitInput {
+    Stream(Box<dyn Read + Send>),
+    Bytes { data: SharedBytes, pos: usize },
+}
+
+impl Read for SplitInput {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            SplitInput::Stream(r) => r.read(buf),
+            SplitInput::Bytes { data, pos } => {
+                let n = (&data[*pos..]).read(buf)?;
+                *pos += n;
+                Ok(n)
+            }
         }
     }
 }
@@ -689,8 +749,8 @@ pub fn run_split(
     env: &Environment,
     component: &Component,
     limits: Limits,
-    input: Box<dyn Read + Send>,
-    emit: Box<dyn FnMut(Vec<u8>) -> Result<(), String> + Send>,
+    input: SplitInput,
+    emit: Box<dyn FnMut(SharedBytes) -> Result<(), String> + Send>,
 ) -> Result<SplitOutcome, TaskError> {
     let io = HostIo::Split {
         input,
@@ -769,7 +829,8 @@ pub fn default_combine(
 
 #[cfg(test)]
 mod tests {
-    use super::split_lines;
+    use super::{split_lines, split_lines_shared};
+    use crate::wire::SharedBytes;
     use proptest::prelude::*;
 
     /// Hands out the input a few bytes at a time, as a pipe might.
@@ -820,6 +881,21 @@ mod tests {
                 got.extend(lines(u));
             }
             prop_assert_eq!(got, lines(&input));
+            // Cutting the same bytes in memory gives the same taskunits,
+            // each a slice of the input rather than a copy.
+            let shared = SharedBytes::from(input.clone());
+            let mut sliced = Vec::new();
+            split_lines_shared(&shared, &mut 0, max, &mut |u| {
+                sliced.push(u);
+                Ok(())
+            })
+            .unwrap();
+            prop_assert_eq!(&sliced, &units);
+            let within = shared.as_ptr_range();
+            for u in &sliced {
+                let r = u.as_ptr_range();
+                prop_assert!(within.start <= r.start && r.end <= within.end, "not a slice of the input");
+            }
         }
     }
 
@@ -836,7 +912,7 @@ mod tests {
         assert!(
             units
                 .iter()
-                .all(|u| u == b"aaaa\nbbbb" || u == b"cccc\ndddd")
+                .all(|u| &u[..] == b"aaaa\nbbbb" || &u[..] == b"cccc\ndddd")
         );
     }
 

@@ -21,6 +21,7 @@ pub mod control;
 pub mod executor;
 pub mod http;
 pub mod journal;
+pub mod mapped;
 pub mod network;
 pub mod peer;
 pub mod scheduler;

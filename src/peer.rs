@@ -17,12 +17,14 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::executor::{self, Environment, Limits, SplitOutcome, TaskError, TaskRunner};
+use crate::executor::{self, Environment, Limits, SplitInput, SplitOutcome, TaskError, TaskRunner};
 use crate::journal::{Journal, JournalError};
+use crate::mapped::{self, Damage};
 use crate::network::{self, Client, Event, NetConfig, PeerInfo};
 use crate::scheduler::{self, JobBook, Progress};
 use crate::wire::{
-    Announce, ByteBuf, JobId, MAX_MODULE, MAX_TASKUNIT, ModuleHash, Request, Response, TaskOutcome,
+    Announce, ByteBuf, JobId, MAX_MODULE, MAX_TASKUNIT, ModuleHash, Request, Response, SharedBytes,
+    TaskOutcome,
 };
 
 /// Hand memory freed by the allocator back to the OS (glibc keeps it).
@@ -146,6 +148,8 @@ pub enum SubmitError {
     Journal(#[from] JournalError),
     #[error("the job was cancelled")]
     Cancelled,
+    #[error("the input file shrank while the job ran; run the job again on the whole file")]
+    InputChanged,
     #[error("--replicate {need} needs {need} peers, but this peer sees {have} (itself included)")]
     NotEnoughPeers { need: u8, have: usize },
     #[error("this peer already runs {0} jobs, its limit (--max-jobs)")]
@@ -161,10 +165,29 @@ pub enum InputSpec {
 }
 
 impl InputSpec {
-    fn open(&self) -> std::io::Result<Box<dyn std::io::Read + Send>> {
+    /// The input for a split. A regular file is mapped, so the line split
+    /// cuts taskunits out of the page cache without reading them into
+    /// buffers first (with the [`Damage`] flag that tells whether the file
+    /// shrank meanwhile); anything else (a pipe, or a failed mapping) is read.
+    fn open(&self) -> std::io::Result<(SplitInput, Option<Damage>)> {
         Ok(match self {
-            InputSpec::Path(p) => Box::new(std::io::BufReader::new(std::fs::File::open(p)?)),
-            InputSpec::Bytes(b) => Box::new(std::io::Cursor::new(b.clone().into_vec())),
+            InputSpec::Path(p) => {
+                let file = std::fs::File::open(p)?;
+                match mapped::map_file(&file) {
+                    Some((data, damage)) => (SplitInput::Bytes { data, pos: 0 }, Some(damage)),
+                    None => (
+                        SplitInput::Stream(Box::new(std::io::BufReader::new(file))),
+                        None,
+                    ),
+                }
+            }
+            InputSpec::Bytes(b) => (
+                SplitInput::Bytes {
+                    data: b.clone().into_vec().into(),
+                    pos: 0,
+                },
+                None,
+            ),
         })
     }
 }
@@ -256,6 +279,8 @@ struct MasterJob {
     book: Mutex<JobBook>,
     /// Signalled when results arrive (holds a permit if nobody waits yet).
     progress: Notify,
+    /// Set for each mapping of the input file the split made.
+    input_damage: Mutex<Vec<Damage>>,
 }
 
 /// A job some other peer announced.
@@ -901,6 +926,7 @@ impl Peer {
             limits,
             book: Mutex::new(book),
             progress: Notify::new(),
+            input_damage: Mutex::new(Vec::new()),
         });
         self.shared
             .masters
@@ -930,7 +956,15 @@ impl Peer {
             );
             let work = self.shared.work_waker();
             tokio::task::spawn_blocking(move || {
-                let result = split_job(&env, &component, limits, &input, tx, work);
+                let result = split_job(
+                    &env,
+                    &component,
+                    limits,
+                    &input,
+                    &master.input_damage,
+                    tx,
+                    work,
+                );
                 debug!(job = %id, ms = master.started.elapsed().as_millis() as u64, ok = result.is_ok(), "split ended");
                 let mut book = master.book.lock().unwrap();
                 match result {
@@ -995,6 +1029,19 @@ impl Peer {
         drop(feed);
         let _ = split.await;
         self.shared.masters.lock().unwrap().remove(&id);
+        if master
+            .input_damage
+            .lock()
+            .unwrap()
+            .iter()
+            .any(Damage::happened)
+        {
+            // Taskunits cut after the file shrank hold zeros: no result to trust.
+            if let Some(journal) = master.book.lock().unwrap().finish().journal {
+                journal.remove();
+            }
+            return Err(SubmitError::InputChanged);
+        }
 
         let done = {
             let mut book = master.book.lock().unwrap();
@@ -1096,7 +1143,7 @@ struct UnitSender<W> {
 }
 
 impl<W: Fn()> UnitSender<W> {
-    fn send(&mut self, unit: Vec<u8>) -> Result<(), String> {
+    fn send(&mut self, unit: SharedBytes) -> Result<(), String> {
         if unit.len() > MAX_TASKUNIT {
             return Err(format!(
                 "a taskunit of {} bytes is larger than the {MAX_TASKUNIT}-byte limit",
@@ -1132,6 +1179,7 @@ fn split_job(
     component: &wasmtime::component::Component,
     limits: Limits,
     input: &InputSpec,
+    damage: &Mutex<Vec<Damage>>,
     tx: scheduler::SplitSender,
     wake: impl Fn() + Send + Sync + 'static,
 ) -> Result<u64, String> {
@@ -1142,36 +1190,55 @@ fn split_job(
     };
     let emit = {
         let mut sender = sender.fork();
-        Box::new(move |unit: Vec<u8>| sender.send(unit))
+        Box::new(move |unit: SharedBytes| sender.send(unit))
     };
     let open = || {
-        input
+        let (input, mapped) = input
             .open()
-            .map_err(|e| format!("cannot open the input: {e}"))
+            .map_err(|e| format!("cannot open the input: {e}"))?;
+        damage.lock().unwrap().extend(mapped);
+        Ok::<_, String>(input)
     };
     match executor::run_split(env, component, limits, open()?, emit) {
         Ok(SplitOutcome::Emitted(_)) => {}
-        Ok(SplitOutcome::Default) => {
-            use std::io::BufRead;
-            let mut reader = std::io::BufReader::new(open()?);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                let n = reader
-                    .read_until(b'\n', &mut line)
-                    .map_err(|e| format!("reading the input: {e}"))?;
-                if n == 0 {
-                    break;
+        Ok(SplitOutcome::Default) => match open()? {
+            // One taskunit per line (without its `\n` or `\r\n`).
+            SplitInput::Bytes { data, pos } => {
+                let mut start = pos;
+                while start < data.len() {
+                    let (end, next) = match data[start..].iter().position(|&b| b == b'\n') {
+                        Some(nl) if nl > 0 && data[start + nl - 1] == b'\r' => {
+                            (start + nl - 1, start + nl + 1)
+                        }
+                        Some(nl) => (start + nl, start + nl + 1),
+                        None => (data.len(), data.len()),
+                    };
+                    sender.send(data.slice(start..end))?;
+                    start = next;
                 }
-                if line.last() == Some(&b'\n') {
-                    line.pop();
-                    if line.last() == Some(&b'\r') {
-                        line.pop();
-                    }
-                }
-                sender.send(line.clone())?;
             }
-        }
+            SplitInput::Stream(stream) => {
+                use std::io::BufRead;
+                let mut reader = std::io::BufReader::new(stream);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    let n = reader
+                        .read_until(b'\n', &mut line)
+                        .map_err(|e| format!("reading the input: {e}"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                        if line.last() == Some(&b'\r') {
+                            line.pop();
+                        }
+                    }
+                    sender.send(line.clone().into())?;
+                }
+            }
+        },
         Err(e) => return Err(e.to_string()),
     }
     (sender.wake)();

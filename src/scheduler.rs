@@ -97,7 +97,7 @@ struct Budget {
 
 #[derive(Clone)]
 pub struct SplitSender {
-    tx: SyncSender<Vec<u8>>,
+    tx: SyncSender<SharedBytes>,
     budget: Arc<Budget>,
 }
 
@@ -107,7 +107,8 @@ pub struct SplitClosed;
 
 impl SplitSender {
     /// Queue a taskunit, blocking while the queue is full.
-    pub fn send(&self, unit: Vec<u8>) -> Result<(), SplitClosed> {
+    pub fn send(&self, unit: impl Into<SharedBytes>) -> Result<(), SplitClosed> {
+        let unit = unit.into();
         let len = unit.len();
         {
             let b = &self.budget;
@@ -125,12 +126,12 @@ impl SplitSender {
 }
 
 pub struct SplitReceiver {
-    rx: Receiver<Vec<u8>>,
+    rx: Receiver<SharedBytes>,
     budget: Arc<Budget>,
 }
 
 impl SplitReceiver {
-    fn try_recv(&self) -> Result<Vec<u8>, TryRecvError> {
+    fn try_recv(&self) -> Result<SharedBytes, TryRecvError> {
         let unit = self.rx.try_recv()?;
         let mut state = self.budget.state.lock().unwrap();
         state.0 -= unit.len();
@@ -399,7 +400,7 @@ impl JobBook {
                     if self.results.contains_key(&index) {
                         continue; // done in an earlier run
                     }
-                    self.open.insert(index, data.into());
+                    self.open.insert(index, data);
                     self.queue.extend((1..self.replicas).map(|r| (index, r)));
                     return Some((index, 0));
                 }
@@ -680,9 +681,9 @@ mod tests {
         };
         std::thread::sleep(Duration::from_millis(50));
         assert!(!sender.is_finished(), "send should wait for room");
-        assert_eq!(rx.try_recv().unwrap(), vec![0; 6]);
+        assert_eq!(&rx.try_recv().unwrap()[..], &[0; 6]);
         sender.join().unwrap().unwrap();
-        assert_eq!(rx.try_recv().unwrap(), vec![1; 6]);
+        assert_eq!(&rx.try_recv().unwrap()[..], &[1; 6]);
         // One unit bigger than the bound still passes when the queue is empty.
         tx.send(vec![2; 50]).unwrap();
         // A blocked sender is released with an error when the receiver goes.

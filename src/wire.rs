@@ -118,9 +118,22 @@ pub struct TaskUnit {
 
 /// Bytes shared instead of copied: the master holds each taskunit once, and
 /// every lease (local slot, batch for a remote peer, backup) points at it.
-/// On the wire it is a plain CBOR byte string.
+/// A taskunit cut from a mapped input file is a slice of the mapping. On the
+/// wire it is a plain CBOR byte string.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SharedBytes(pub std::sync::Arc<Vec<u8>>);
+pub struct SharedBytes(pub bytes::Bytes);
+
+impl SharedBytes {
+    /// Bytes owned by `owner` (a file mapping, say), without copying them.
+    pub fn from_owner(owner: impl AsRef<[u8]> + Send + 'static) -> Self {
+        SharedBytes(bytes::Bytes::from_owner(owner))
+    }
+
+    /// `self[range]`, sharing the same bytes.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Self {
+        SharedBytes(self.0.slice(range))
+    }
+}
 
 impl std::ops::Deref for SharedBytes {
     type Target = [u8];
@@ -131,7 +144,7 @@ impl std::ops::Deref for SharedBytes {
 
 impl From<Vec<u8>> for SharedBytes {
     fn from(v: Vec<u8>) -> Self {
-        SharedBytes(std::sync::Arc::new(v))
+        SharedBytes(v.into())
     }
 }
 

@@ -62,6 +62,54 @@ fn loop_bomb_trap_and_huge_output_fail_alone() {
     assert_eq!(s["failed"], 5);
 }
 
+/// The input file is mapped, not read: when it shrinks while the job runs,
+/// the job fails with a clear error instead of using taskunits that lost
+/// their bytes, and the peer (here `submit`'s own) survives the SIGBUS.
+#[test]
+fn an_input_file_that_shrinks_mid_job_fails_the_job_not_the_peer() {
+    let dir = scratch();
+    let input = dir.path().join("in.txt");
+    // The first taskunit keeps the only slot busy until its timeout; the
+    // others, on pages past the first, are still to run when the file shrinks.
+    std::fs::write(&input, format!("loop\n{}", "a\n".repeat(100_000))).unwrap();
+    let faulty = artifact("faulty");
+    let mut args = vec!["submit"];
+    args.extend(LOCAL);
+    args.extend([
+        faulty.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--slots",
+        "1",
+        "--task-timeout",
+        "2s",
+        "--attempts",
+        "1",
+        "--keep-going",
+    ]);
+    let mut job = spawn_antnest(&args, b"");
+    job.job_id(T);
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&input)
+        .unwrap()
+        .set_len(5)
+        .unwrap();
+    let out = job.finish(T);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a job failure, not a crash: {stderr}"
+    );
+    assert!(
+        stderr.contains("the input file shrank while the job ran"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "no output from a changed input");
+}
+
 #[test]
 fn a_failing_taskunit_fails_the_job_with_its_error() {
     let out = submit_faulty("a\ntrap\nb\n", &[]);
