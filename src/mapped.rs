@@ -93,9 +93,10 @@ pub fn map_file(file: &std::fs::File) -> Option<(SharedBytes, Damage)> {
     }
     install_handler()?;
     let file = Arc::new(file.try_clone().ok()?);
+    // Not populated up front: a big file is paged in as the split reaches it.
     // SAFETY: a read-only private mapping; if the file shrinks meanwhile,
     // the SIGBUS handler below keeps the accesses past its end valid.
-    let map = unsafe { memmap2::MmapOptions::new().populate().map(&*file) }.ok()?;
+    let map = unsafe { memmap2::MmapOptions::new().map(&*file) }.ok()?;
     let damaged = Arc::new(AtomicBool::new(false));
     let start = map.as_ptr() as usize;
     let entry = TABLE.iter().position(|r| {
