@@ -583,11 +583,11 @@ pub fn split_lines_shared(
     while *pos < data.len() {
         let rest = &data[*pos..];
         let window = rest.len().min(max + 1);
-        let cut = match rest[..window].iter().rposition(|&b| b == b'\n') {
+        let cut = match memchr::memrchr(b'\n', &rest[..window]) {
             Some(nl) => nl,
             None if rest.len() <= max => rest.len(),
             // A line longer than `max`: it ends at the next newline.
-            None => match rest[window..].iter().position(|&b| b == b'\n') {
+            None => match memchr::memchr(b'\n', &rest[window..]) {
                 Some(nl) => window + nl,
                 None => rest.len(),
             },

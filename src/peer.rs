@@ -1206,7 +1206,7 @@ fn split_job(
             SplitInput::Bytes { data, pos } => {
                 let mut start = pos;
                 while start < data.len() {
-                    let (end, next) = match data[start..].iter().position(|&b| b == b'\n') {
+                    let (end, next) = match memchr::memchr(b'\n', &data[start..]) {
                         Some(nl) if nl > 0 && data[start + nl - 1] == b'\r' => {
                             (start + nl - 1, start + nl + 1)
                         }
