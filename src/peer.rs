@@ -446,12 +446,15 @@ impl Peer {
         }
         let now = Instant::now();
         let mut remotes = self.shared.remotes.lock().unwrap();
-        let job = remotes.entry(a.job).or_insert_with(|| RemoteJob {
-            master,
-            module: a.module,
-            limits: a.limits,
-            seen: now,
-            retry_at: now,
+        let job = remotes.entry(a.job).or_insert_with(|| {
+            debug!(%master, job = %a.job, "job announced");
+            RemoteJob {
+                master,
+                module: a.module,
+                limits: a.limits,
+                seen: now,
+                retry_at: now,
+            }
         });
         job.seen = now;
         drop(remotes);
@@ -582,8 +585,13 @@ impl Peer {
         let mut delivering: Option<tokio::task::JoinHandle<()>> = None;
         let thread = SlotThread::spawn(slot);
         while !*stop.borrow() {
+            // Listen before looking: work that turns up while `find_work`
+            // runs (a job announced, taskunits split) still wakes this slot
+            // instead of waiting out `idle`.
+            let notified = self.shared.work.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             let Some(batch) = self.find_work(&per_unit).await else {
-                let notified = self.shared.work.notified();
                 let _ = tokio::time::timeout(idle, notified).await;
                 idle = (idle * 2).min(Duration::from_millis(50));
                 // An idle peer gives its instances' memory back.
