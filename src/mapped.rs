@@ -35,11 +35,14 @@ static TABLE: [Region; REGIONS] = [const {
     }
 }; REGIONS];
 
+/// The page size, read once outside the handler.
+static PAGE: AtomicUsize = AtomicUsize::new(4096);
+
 /// The SIGBUS action in place before ours.
 static PREVIOUS: std::sync::OnceLock<libc::sigaction> = std::sync::OnceLock::new();
 
 /// A mapped input file. Whoever holds its [`Damage`] learns whether the
-/// file shrank while it was mapped.
+/// file changed while it was mapped.
 struct Mapped {
     map: memmap2::Mmap,
     entry: usize,
@@ -65,8 +68,11 @@ impl Drop for Mapped {
 
 /// Tells whether a mapped input file changed since it was mapped: it
 /// shrank under the mapping (the SIGBUS handler saw it), or its size or
-/// modification time differ now (a write in place, or a truncation within
-/// the last page, which zeroes bytes without a fault).
+/// modification time differ now (a write in place, a truncation within the
+/// last page, which zeroes bytes without a fault, or an append). An append
+/// alone leaves the mapped bytes intact, but metadata cannot tell it from a
+/// rewrite, so it counts too: the job's result must come from one version
+/// of the file.
 #[derive(Clone, Debug)]
 pub struct Damage {
     faulted: Arc<AtomicBool>,
@@ -131,6 +137,7 @@ fn install_handler() -> Option<()> {
             // SAFETY: a zeroed sigaction is valid; `on_sigbus` has the
             // SA_SIGINFO signature.
             unsafe {
+                PAGE.store(libc::sysconf(libc::_SC_PAGESIZE) as usize, Ordering::SeqCst);
                 let mut action: libc::sigaction = std::mem::zeroed();
                 action.sa_sigaction = on_sigbus as *const () as usize;
                 action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER;
@@ -160,10 +167,10 @@ extern "C" fn on_sigbus(
         if start == 0 || addr < start || addr >= start + len {
             continue;
         }
-        // SAFETY: sysconf and mmap are plain system calls; the replaced
-        // range lies inside a mapping this module made and still owns.
+        // SAFETY: mmap is a plain system call; the replaced range lies
+        // inside a mapping this module made and still owns.
         unsafe {
-            let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
+            let page = PAGE.load(Ordering::SeqCst);
             let from = addr & !(page - 1);
             let to = (start + len).div_ceil(page) * page;
             let zeros = libc::mmap(
@@ -221,6 +228,16 @@ mod tests {
         // Same size, other bytes: no fault, but the time stamp moves.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(file.path(), b"ONE\nTWO\n").unwrap();
+        assert!(damage.happened());
+    }
+
+    #[test]
+    fn an_append_counts_as_changed_and_leaves_the_mapped_bytes_alone() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"one\n").unwrap();
+        let (data, damage) = map_file(&file).unwrap();
+        file.write_all(b"two\n").unwrap();
+        assert_eq!(&data[..], b"one\n");
         assert!(damage.happened());
     }
 

@@ -148,7 +148,9 @@ pub enum SubmitError {
     Journal(#[from] JournalError),
     #[error("the job was cancelled")]
     Cancelled,
-    #[error("the input file shrank while the job ran; run the job again on the whole file")]
+    #[error(
+        "the input file changed while the job ran (it was truncated, written or appended to); run the job again"
+    )]
     InputChanged,
     #[error("--replicate {need} needs {need} peers, but this peer sees {have} (itself included)")]
     NotEnoughPeers { need: u8, have: usize },
@@ -168,7 +170,7 @@ impl InputSpec {
     /// The input for a split. A regular file is mapped, so the line split
     /// cuts taskunits out of the page cache without reading them into
     /// buffers first (with the [`Damage`] flag that tells whether the file
-    /// shrank meanwhile); anything else (a pipe, or a failed mapping) is read.
+    /// changed meanwhile); anything else (a pipe, or a failed mapping) is read.
     fn open(&self) -> std::io::Result<(SplitInput, Option<Damage>)> {
         Ok(match self {
             InputSpec::Path(p) => {
@@ -1044,7 +1046,7 @@ impl Peer {
             .iter()
             .any(Damage::happened)
         {
-            // Taskunits cut after the file shrank hold zeros: no result to trust.
+            // Some taskunits may hold zeros or newer bytes: no result to trust.
             if let Some(journal) = master.book.lock().unwrap().finish().journal {
                 journal.remove();
             }

@@ -104,7 +104,7 @@ fn an_input_file_that_shrinks_mid_job_fails_the_job_not_the_peer() {
         "a job failure, not a crash: {stderr}"
     );
     assert!(
-        stderr.contains("the input file shrank while the job ran"),
+        stderr.contains("the input file changed while the job ran"),
         "{stderr}"
     );
     assert!(out.stdout.is_empty(), "no output from a changed input");
