@@ -40,7 +40,20 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+/// Most lengths and counts fit in one byte: that case stays inline.
+#[inline(always)]
 fn get_varint(bytes: &[u8], at: &mut usize) -> Result<u64, String> {
+    match bytes.get(*at) {
+        Some(&b) if b < 0x80 => {
+            *at += 1;
+            Ok(u64::from(b))
+        }
+        _ => get_long_varint(bytes, at),
+    }
+}
+
+#[inline(never)]
+fn get_long_varint(bytes: &[u8], at: &mut usize) -> Result<u64, String> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let b = *bytes.get(*at).ok_or("truncated result")?;
