@@ -50,7 +50,22 @@ proptest! {
         for chunk in &chunks {
             counter.count(chunk);
             prop_assert_eq!(counted(&counter), plain(chunk));
-            counter = counter.recycle();
+            counter = counter.drain(|_, _| {});
+            prop_assert!(counted(&counter).is_empty());
+        }
+    }
+
+    #[test]
+    fn drain_lists_every_count_and_leaves_the_table_empty(chunks in proptest::collection::vec(text(), 1..6)) {
+        // The same, emptying the table with `drain` as the job does.
+        let mut counter = count::Counter::new();
+        for chunk in &chunks {
+            counter.count(chunk);
+            let mut drained = HashMap::new();
+            counter = counter.drain(|w, n| {
+                assert!(drained.insert(w.to_vec(), n).is_none(), "word listed twice");
+            });
+            prop_assert_eq!(drained, plain(chunk));
             prop_assert!(counted(&counter).is_empty());
         }
     }

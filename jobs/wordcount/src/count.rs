@@ -204,12 +204,21 @@ impl<'a> Counter<'a> {
         true
     }
 
-    /// Forgets every word but keeps the table's memory, so the next chunk
-    /// does not allocate, zero and grow a table again. The result borrows
-    /// nothing.
-    pub fn recycle<'b>(mut self) -> Counter<'b> {
-        if self.used > 0 {
-            self.slots.fill(Slot::default());
+    /// Calls `f` with every word and its count, and forgets them all but
+    /// keeps the table's memory, so the next chunk does not allocate, zero
+    /// and grow a table again. Each used slot is cleared as it is read; the
+    /// rest of the table is clear already and is not written at all. The
+    /// result borrows nothing.
+    pub fn drain<'b>(mut self, mut f: impl FnMut(&[u8], u64)) -> Counter<'b> {
+        for s in self.slots.iter_mut().filter(|s| s.len != 0) {
+            let mut w = [0u8; 16];
+            w[..8].copy_from_slice(&s.a.to_le_bytes());
+            w[8..].copy_from_slice(&s.b.to_le_bytes());
+            f(&w[..s.len as usize], s.count);
+            *s = Slot::default();
+        }
+        for (w, c) in &self.long {
+            f(w.as_ref(), *c);
         }
         Counter {
             slots: self.slots,

@@ -21,15 +21,15 @@ thread_local! {
 
 /// A taskunit's counts travel to `combine` as records of
 /// `varint(word length) word varint(count)` (LEB128), which is cheaper to
-/// write and to merge than text.
-fn write_records(counter: &count::Counter) -> Vec<u8> {
+/// write and to merge than text. Returns them and the emptied counter.
+fn write_records(counter: count::Counter) -> (Vec<u8>, count::Counter<'static>) {
     let mut out = Vec::with_capacity(64 * 1024);
-    counter.each(|w, n| {
+    let empty = counter.drain(|w, n| {
         put_varint(&mut out, w.len() as u64);
         out.extend_from_slice(w);
         put_varint(&mut out, n);
     });
-    out
+    (out, empty)
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -110,8 +110,8 @@ impl Guest for WordCount {
         // One table serves every taskunit this instance counts.
         let mut counter: count::Counter = TABLE.take().unwrap_or_default();
         counter.count(&unit);
-        let out = write_records(&counter);
-        TABLE.set(Some(counter.recycle()));
+        let (out, empty) = write_records(counter);
+        TABLE.set(Some(empty));
         Ok(out)
     }
 
