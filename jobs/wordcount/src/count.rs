@@ -27,6 +27,17 @@ pub struct Counter<'a> {
     long: HashMap<Cow<'a, [u8]>, u64>,
 }
 
+impl Slot {
+    /// Hands the slot's word (rebuilt from its two `u64`s) and count to `f`.
+    #[inline(always)]
+    fn visit(&self, f: &mut impl FnMut(&[u8], u64)) {
+        let mut w = [0u8; 16];
+        w[..8].copy_from_slice(&self.a.to_le_bytes());
+        w[8..].copy_from_slice(&self.b.to_le_bytes());
+        f(&w[..self.len as usize], self.count);
+    }
+}
+
 const K: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// `MASKS[n]` keeps the low `n` bytes of a `u64`.
@@ -211,10 +222,7 @@ impl<'a> Counter<'a> {
     /// result borrows nothing.
     pub fn drain<'b>(mut self, mut f: impl FnMut(&[u8], u64)) -> Counter<'b> {
         for s in self.slots.iter_mut().filter(|s| s.len != 0) {
-            let mut w = [0u8; 16];
-            w[..8].copy_from_slice(&s.a.to_le_bytes());
-            w[8..].copy_from_slice(&s.b.to_le_bytes());
-            f(&w[..s.len as usize], s.count);
+            s.visit(&mut f);
             *s = Slot::default();
         }
         for (w, c) in &self.long {
@@ -230,10 +238,7 @@ impl<'a> Counter<'a> {
     /// Calls `f` with every word and its count, in no particular order.
     pub fn each(&self, mut f: impl FnMut(&[u8], u64)) {
         for s in self.slots.iter().filter(|s| s.len != 0) {
-            let mut w = [0u8; 16];
-            w[..8].copy_from_slice(&s.a.to_le_bytes());
-            w[8..].copy_from_slice(&s.b.to_le_bytes());
-            f(&w[..s.len as usize], s.count);
+            s.visit(&mut f);
         }
         for (w, c) in &self.long {
             f(w.as_ref(), *c);
