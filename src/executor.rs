@@ -531,26 +531,22 @@ pub fn split_lines(
         if buf.is_empty() {
             return Ok(());
         }
-        // Cut after the last newline among the first max+1 bytes (the
-        // newline itself is not part of the taskunit).
         let window = buf.len().min(max + 1);
-        let cut = match buf[..window].iter().rposition(|&b| b == b'\n') {
+        let cut = match last_line_end(&buf, max) {
             Some(nl) => nl,
             None if buf.len() <= max => buf.len(), // the end of the input
             None => {
                 // A line longer than `max`: it ends at the next newline.
                 let mut from = window;
                 loop {
-                    if let Some(nl) = buf[from..].iter().position(|&b| b == b'\n') {
+                    if let Some(nl) = memchr::memchr(b'\n', &buf[from..]) {
                         break from + nl;
                     }
                     if eof {
                         break buf.len();
                     }
                     if buf.len() > MAX_TASKUNIT {
-                        return Err(format!(
-                            "the input has a line longer than the {MAX_TASKUNIT}-byte taskunit limit"
-                        ));
+                        return Err(line_too_long());
                     }
                     from = buf.len();
                     let want = buf.len() * 2;
@@ -583,7 +579,7 @@ pub fn split_lines_shared(
     while *pos < data.len() {
         let rest = &data[*pos..];
         let window = rest.len().min(max + 1);
-        let cut = match memchr::memrchr(b'\n', &rest[..window]) {
+        let cut = match last_line_end(rest, max) {
             Some(nl) => nl,
             None if rest.len() <= max => rest.len(),
             // A line longer than `max`: it ends at the next newline.
@@ -593,9 +589,7 @@ pub fn split_lines_shared(
             },
         };
         if cut > MAX_TASKUNIT {
-            return Err(format!(
-                "the input has a line longer than the {MAX_TASKUNIT}-byte taskunit limit"
-            ));
+            return Err(line_too_long());
         }
         let unit = data.slice(*pos..*pos + cut);
         *pos = (*pos + cut + 1).min(data.len());
@@ -604,6 +598,17 @@ pub fn split_lines_shared(
         }
     }
     Ok(())
+}
+
+/// Where the taskunit at the start of `buf` ends if whole lines of at most
+/// `max` bytes fit: at the last newline among the first `max + 1` bytes
+/// (the newline itself is not part of the taskunit).
+fn last_line_end(buf: &[u8], max: usize) -> Option<usize> {
+    memchr::memrchr(b'\n', &buf[..buf.len().min(max + 1)])
+}
+
+fn line_too_long() -> String {
+    format!("the input has a line longer than the {MAX_TASKUNIT}-byte taskunit limit")
 }
 
 /// What a split reads: a stream, or bytes already in memory or mapped from

@@ -9,7 +9,8 @@
 //! that vanished (the access then completes) and marks the mapping damaged.
 //! The job checks the mark and fails with a clear error instead of using
 //! results computed from zeros. Faults anywhere else go to the handler that
-//! was there before (wasmtime's, or the default, which ends the process).
+//! was there before (on Linux wasmtime installs none for SIGBUS, so that is
+//! Rust's stack-overflow handler or the default; both end the process).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};

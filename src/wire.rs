@@ -19,8 +19,9 @@ pub const MAX_REQUEST: u64 = 64 << 20;
 /// Largest response (a batch of taskunits, or a module) in bytes.
 pub const MAX_RESPONSE: u64 = 128 << 20;
 /// A batch of taskunits handed to another peer stops growing at this many
-/// bytes (a slot of the master's own peer is not capped). Small enough that a batch of data-heavy taskunits crosses the network in
-/// a few milliseconds and its buffers come from the heap instead of fresh
+/// bytes (a slot of the master's own peer is not capped). Small enough that
+/// a batch of data-heavy taskunits crosses the network in a few
+/// milliseconds and its buffers come from the heap instead of fresh
 /// mappings (W3, 1 MB taskunits: 16 MiB batches took 176 ms a job, 4 MiB
 /// batches 159 ms, with 10% less CPU).
 pub const MAX_BATCH_BYTES: usize = 4 << 20;
