@@ -20,13 +20,18 @@ fn three_peers_share_a_job_submitted_from_a_non_bootstrap_peer() {
     let a = PeerProc::loopback(dir.path(), "a", &[]);
     let b = PeerProc::loopback(dir.path(), "b", &["--bootstrap", a.addr()]);
     let c = PeerProc::loopback(dir.path(), "c", &["--bootstrap", a.addr()]);
-    // `antnest peers` on c sees a (its bootstrap) connected.
-    eventually(Duration::from_secs(20), "c connected to a", || {
+    // `antnest peers` on c sees a (its bootstrap) connected, and b, which
+    // it only learns of through a: the job below is to be shared by all
+    // three, so it waits until the mesh has formed.
+    eventually(Duration::from_secs(20), "c connected to a and b", || {
         let out = run(&["peers", "--control", c.control.to_str().unwrap()], b"", T);
         assert!(out.status.success(), "{}", text(&out.stderr));
-        text(&out.stdout)
-            .lines()
-            .any(|l| l.starts_with(&a.peer_id) && l.contains(" connected"))
+        let listed = text(&out.stdout);
+        [&a.peer_id, &b.peer_id].iter().all(|id| {
+            listed
+                .lines()
+                .any(|l| l.starts_with(id.as_str()) && l.contains(" connected"))
+        })
     });
     // ~100 taskunits of a few ms each: long enough for everyone to join in.
     let (input, want) = primes_input(160, 30_000);
