@@ -76,10 +76,23 @@ impl<'a> Counter<'a> {
         (hash(a, b, len) >> 32) as usize & (self.slots.len() - 1)
     }
 
+    /// The first probe is outside any loop: most words are found there,
+    /// and a wasm loop costs an epoch check each time it is entered.
     #[inline(always)]
     fn add_short(&mut self, a: u64, b: u64, len: usize, n: u64) {
+        let i = self.first_slot(a, b, len);
+        let s = &mut self.slots[i];
+        if (s.len == len as u32) & (s.a == a) & (s.b == b) {
+            s.count += n;
+            return;
+        }
+        self.add_short_probe(i, a, b, len, n);
+    }
+
+    /// The rest of a lookup: a new word, or one past a collision.
+    #[inline(never)]
+    fn add_short_probe(&mut self, mut i: usize, a: u64, b: u64, len: usize, n: u64) {
         let mask = self.slots.len() - 1;
-        let mut i = self.first_slot(a, b, len);
         loop {
             let s = &mut self.slots[i];
             if (s.len == len as u32) & (s.a == a) & (s.b == b) {
@@ -94,7 +107,8 @@ impl<'a> Counter<'a> {
                     count: n,
                 };
                 self.used += 1;
-                if self.used * 2 > self.slots.len() {
+                // At most a quarter full, so a lookup rarely probes twice.
+                if self.used * 4 > self.slots.len() {
                     self.grow();
                 }
                 return;
@@ -146,16 +160,26 @@ impl<'a> Counter<'a> {
                 ends &= ends - 1;
                 pending = None;
             }
-            while starts != 0 {
+            // Every end has its start in this block; a start left over
+            // begins a word that runs on. Two words per turn: a wasm loop
+            // costs an epoch check per turn.
+            while ends != 0 {
                 let s = base + starts.trailing_zeros() as usize;
-                starts &= starts - 1;
-                if ends == 0 {
-                    pending = Some(s);
-                    break;
-                }
                 let e = base + ends.trailing_zeros() as usize;
+                starts &= starts - 1;
                 ends &= ends - 1;
                 self.add(data, s, e, 1);
+                if ends == 0 {
+                    break;
+                }
+                let s = base + starts.trailing_zeros() as usize;
+                let e = base + ends.trailing_zeros() as usize;
+                starts &= starts - 1;
+                ends &= ends - 1;
+                self.add(data, s, e, 1);
+            }
+            if starts != 0 {
+                pending = Some(base + starts.trailing_zeros() as usize);
             }
             base += 64;
         }
