@@ -136,6 +136,9 @@ struct EnvInner {
     linker: Linker<GuestState>,
     cache_dir: Option<PathBuf>,
     loaded: Mutex<HashMap<ModuleHash, Component>>,
+    /// One gate per module being loaded, so that two threads wanting the
+    /// same module (a job's submit and a worker slot, say) compile it once.
+    loading: Mutex<HashMap<ModuleHash, Arc<Mutex<()>>>>,
     compiled: AtomicU64,
     disk_hits: AtomicU64,
     memory_hits: AtomicU64,
@@ -179,6 +182,7 @@ impl Environment {
                 linker,
                 cache_dir,
                 loaded: Mutex::new(HashMap::new()),
+                loading: Mutex::new(HashMap::new()),
                 compiled: AtomicU64::new(0),
                 disk_hits: AtomicU64::new(0),
                 memory_hits: AtomicU64::new(0),
@@ -235,10 +239,40 @@ impl Environment {
         hash: &ModuleHash,
         bytes: impl FnOnce() -> Option<Vec<u8>>,
     ) -> Result<Component, LoadError> {
-        if let Some(c) = self.inner.loaded.lock().unwrap().get(hash) {
-            self.inner.memory_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(c.clone());
+        if let Some(c) = self.memory_hit(hash) {
+            return Ok(c);
         }
+        let gate = self
+            .inner
+            .loading
+            .lock()
+            .unwrap()
+            .entry(*hash)
+            .or_default()
+            .clone();
+        let held = gate.lock().unwrap_or_else(|e| e.into_inner());
+        // Another thread may have loaded it while this one waited.
+        let loaded = match self.memory_hit(hash) {
+            Some(c) => Ok(c),
+            None => self.load(hash, bytes),
+        };
+        drop(held);
+        self.inner.loading.lock().unwrap().remove(hash);
+        loaded
+    }
+
+    fn memory_hit(&self, hash: &ModuleHash) -> Option<Component> {
+        let c = self.inner.loaded.lock().unwrap().get(hash).cloned()?;
+        self.inner.memory_hits.fetch_add(1, Ordering::Relaxed);
+        Some(c)
+    }
+
+    /// `component` past the memory cache: from disk or compiled.
+    fn load(
+        &self,
+        hash: &ModuleHash,
+        bytes: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Result<Component, LoadError> {
         let invalid = |reason: String| LoadError::InvalidModule {
             hash: *hash,
             reason,
@@ -331,7 +365,11 @@ impl Environment {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // A name of its own per write: two writers of the same file (threads or
+    // processes sharing a cache directory) must not rename each other's.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|source| LoadError::Cache {

@@ -181,3 +181,40 @@ fn a_peer_refuses_jobs_beyond_max_jobs() {
     let first = long.finish(T);
     assert!(first.status.success(), "the running job is unaffected");
 }
+
+/// Threads asking for the same module at once (a job's submit and a worker
+/// slot, say) all get it, and it is compiled once. Two compiles of one
+/// module used to race on the artifact's temporary file and fail a job
+/// with "No such file or directory".
+#[test]
+fn threads_loading_one_module_at_once_compile_it_once() {
+    use antnest::executor::Environment;
+    use antnest::wire::ModuleHash;
+
+    let bytes = std::fs::read(artifact("primes")).expect("primes.wasm");
+    let hash = ModuleHash::of(&bytes);
+    let cache = tempfile::tempdir().unwrap();
+    let env = Environment::new(Some(cache.path().to_owned())).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..4 {
+        let (env, bytes, tx) = (env.clone(), bytes.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(env.component(&hash, || Some(bytes)).map(drop));
+        });
+    }
+    for _ in 0..4 {
+        let loaded = rx.recv_timeout(T).expect("a loading thread hung");
+        assert!(loaded.is_ok(), "loading failed: {loaded:?}");
+    }
+    let stats = env.cache_stats();
+    assert_eq!(stats.compiled, 1, "{stats:?}");
+    assert_eq!(stats.memory_hits, 3, "{stats:?}");
+    let names: Vec<_> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.contains(".tmp")),
+        "temporary files left behind: {names:?}"
+    );
+}
