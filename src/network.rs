@@ -7,7 +7,8 @@
 //! (queried every few seconds, not the default five minutes); identify feeds
 //! listen addresses into Kademlia, which runs in server mode. Jobs are
 //! announced over gossipsub; taskunits, results and modules travel by
-//! request-response with the cbor codec and raised size limits.
+//! request-response with the cbor codec's wire format (our reader and
+//! writer, see `wire::Codec`) and raised size limits.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -73,7 +74,7 @@ struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
-    rr: request_response::cbor::Behaviour<Request, Response>,
+    rr: request_response::Behaviour<crate::wire::Codec>,
 }
 
 /// What the network tells the peer.
@@ -258,7 +259,7 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
                 gossip_cfg,
             )?;
-            let rr = request_response::cbor::Behaviour::with_codec(
+            let rr = request_response::Behaviour::with_codec(
                 crate::wire::codec(),
                 [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(request_timeout),
