@@ -283,6 +283,10 @@ struct MasterJob {
     progress: Notify,
     /// Set for each mapping of the input file the split made.
     input_damage: Mutex<Vec<Damage>>,
+    /// The split has made a taskunit: the job may be announced. (Announced
+    /// earlier, a peer's first pull found nothing yet and it backed off
+    /// for 20 ms and more: W2 jobs where the remote started 27 ms late.)
+    units_made: std::sync::atomic::AtomicBool,
 }
 
 /// A job some other peer announced.
@@ -937,6 +941,7 @@ impl Peer {
             book: Mutex::new(book),
             progress: Notify::new(),
             input_damage: Mutex::new(Vec::new()),
+            units_made: std::sync::atomic::AtomicBool::new(false),
         });
         self.shared
             .masters
@@ -964,7 +969,18 @@ impl Peer {
                 master.clone(),
                 spec.input.clone(),
             );
-            let work = self.shared.work_waker();
+            let work = {
+                let (slots, master) = (self.shared.work_waker(), master.clone());
+                // On the first taskunits (and now and then after): wake idle
+                // slots, and the loop below so that it announces the job.
+                move || {
+                    slots();
+                    master
+                        .units_made
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    master.progress.notify_one();
+                }
+            };
             tokio::task::spawn_blocking(move || {
                 let result = split_job(
                     &env,
@@ -1021,6 +1037,7 @@ impl Peer {
                 break;
             }
             if has_work
+                && master.units_made.load(std::sync::atomic::Ordering::Relaxed)
                 && last_announce.is_none_or(|t| t.elapsed() >= self.shared.config.announce_every)
             {
                 self.shared.client.announce(&announce).await;
