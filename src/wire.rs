@@ -118,9 +118,8 @@ impl libp2p::request_response::Codec for Codec {
         };
         let message = Self::read_message(io, MAX_RESPONSE, expect).await?;
         let response = decode(message)?;
-        if let Response::Tasks { units, .. } = &response {
-            let size = units.iter().map(|u| u.data.len() + 16).sum::<usize>() + 64;
-            self.last_batch.store(size, Relaxed);
+        if let Response::Tasks { .. } = &response {
+            self.last_batch.store(response.size_hint(), Relaxed);
         }
         Ok(response)
     }
@@ -135,14 +134,7 @@ impl libp2p::request_response::Codec for Codec {
         T: futures::AsyncWrite + Unpin + Send,
     {
         self.pulled = matches!(request, Request::Pull { .. });
-        let size = match &request {
-            Request::Results { outcomes, .. } => outcomes
-                .iter()
-                .map(|o| o.result.as_ref().map_or(64, |r| r.len() + 32))
-                .sum::<usize>(),
-            _ => 0,
-        };
-        Self::write_message(io, &request, size + 128).await
+        Self::write_message(io, &request, request.size_hint()).await
     }
 
     async fn write_response<T>(
@@ -154,12 +146,33 @@ impl libp2p::request_response::Codec for Codec {
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        let size = match &response {
+        Self::write_message(io, &response, response.size_hint()).await
+    }
+}
+
+impl Request {
+    /// About how many bytes the message takes encoded (a little more).
+    fn size_hint(&self) -> usize {
+        let payload = match self {
+            Request::Results { outcomes, .. } => outcomes
+                .iter()
+                .map(|o| o.result.as_ref().map_or(64, |r| r.len() + 32))
+                .sum(),
+            _ => 0,
+        };
+        payload + 128
+    }
+}
+
+impl Response {
+    /// About how many bytes the message takes encoded (a little more).
+    fn size_hint(&self) -> usize {
+        let payload = match self {
             Response::Tasks { units, .. } => units.iter().map(|u| u.data.len() + 16).sum(),
             Response::Module(bytes) => bytes.len(),
             _ => 0,
         };
-        Self::write_message(io, &response, size + 128).await
+        payload + 128
     }
 }
 
