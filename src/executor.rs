@@ -257,7 +257,11 @@ impl Environment {
             None => self.load(hash, bytes),
         };
         drop(held);
-        self.inner.loading.lock().unwrap().remove(hash);
+        let mut loading = self.inner.loading.lock().unwrap();
+        // Only our own gate: a later caller's may be in place already.
+        if loading.get(hash).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
+            loading.remove(hash);
+        }
         loaded
     }
 
