@@ -117,9 +117,10 @@ impl libp2p::request_response::Codec for Codec {
             0
         };
         let message = Self::read_message(io, MAX_RESPONSE, expect).await?;
+        let len = message.len();
         let response = decode(message)?;
         if let Response::Tasks { .. } = &response {
-            self.last_batch.store(response.size_hint(), Relaxed);
+            self.last_batch.store(len, Relaxed);
         }
         Ok(response)
     }
@@ -180,6 +181,12 @@ thread_local! {
     /// The message being decoded on this thread, so that taskunits can be
     /// slices of it (see `SharedBytes`'s `Deserialize`).
     static DECODING: std::cell::RefCell<Option<bytes::Bytes>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Whether `part` lies in the memory of `whole` (a buffer's pointer range).
+fn lies_within(whole: std::ops::Range<*const u8>, part: &[u8]) -> bool {
+    let part = part.as_ptr_range();
+    whole.start <= part.start && part.end <= whole.end
 }
 
 /// Decodes one message; its taskunits share `message`'s buffer.
@@ -339,10 +346,7 @@ impl<'de> Deserialize<'de> for SharedBytes {
                 let shared = DECODING.with(|d| {
                     let d = d.borrow();
                     let message = d.as_ref()?;
-                    let within = message.as_ptr_range();
-                    let v_range = v.as_ptr_range();
-                    (within.start <= v_range.start && v_range.end <= within.end)
-                        .then(|| message.slice_ref(v))
+                    lies_within(message.as_ptr_range(), v).then(|| message.slice_ref(v))
                 });
                 Ok(SharedBytes(
                     shared.unwrap_or_else(|| bytes::Bytes::copy_from_slice(v)),
@@ -579,9 +583,8 @@ mod tests {
         };
         assert_eq!(&decoded, units);
         for u in &decoded {
-            let r = u.data.as_ptr_range();
             assert!(
-                within.start <= r.start && r.end <= within.end,
+                lies_within(within.clone(), &u.data),
                 "unit {} was copied",
                 u.index
             );

@@ -164,18 +164,12 @@ impl<'a> Counter<'a> {
             // begins a word that runs on. Two words per turn: a wasm loop
             // costs an epoch check per turn.
             while ends != 0 {
-                let s = base + starts.trailing_zeros() as usize;
-                let e = base + ends.trailing_zeros() as usize;
-                starts &= starts - 1;
-                ends &= ends - 1;
+                let (s, e) = next_word(&mut starts, &mut ends, base);
                 self.add(data, s, e, 1);
                 if ends == 0 {
                     break;
                 }
-                let s = base + starts.trailing_zeros() as usize;
-                let e = base + ends.trailing_zeros() as usize;
-                starts &= starts - 1;
-                ends &= ends - 1;
+                let (s, e) = next_word(&mut starts, &mut ends, base);
                 self.add(data, s, e, 1);
             }
             if starts != 0 {
@@ -268,6 +262,17 @@ impl<'a> Counter<'a> {
             f(w.as_ref(), *c);
         }
     }
+}
+
+/// Takes the lowest start and end bits: the next word of a block at
+/// `base`, as `(start, end)` offsets into the chunk.
+#[inline(always)]
+fn next_word(starts: &mut u64, ends: &mut u64, base: usize) -> (usize, usize) {
+    let s = base + starts.trailing_zeros() as usize;
+    let e = base + ends.trailing_zeros() as usize;
+    *starts &= *starts - 1;
+    *ends &= *ends - 1;
+    (s, e)
 }
 
 /// The first 16 bytes of `word` (at most 16 long) as two little-endian
