@@ -30,13 +30,13 @@ fn counted(c: &count::Counter) -> HashMap<Vec<u8>, u64> {
 }
 
 /// Bytes drawn mostly from a few letters and whitespace (so words repeat),
-/// with vertical tab and non-ASCII bytes, which are not whitespace.
+/// with vertical tab, NUL and non-ASCII bytes, which are not whitespace.
 fn text() -> impl Strategy<Value = Vec<u8>> {
     proptest::collection::vec(
         prop_oneof![
             8 => proptest::sample::select(b"abcdexyz".to_vec()),
             3 => proptest::sample::select(b" \t\n\r\x0c".to_vec()),
-            1 => proptest::sample::select(vec![0x0b, 0xc3, 0xa9, b'_']),
+            1 => proptest::sample::select(vec![0x0b, 0xc3, 0xa9, b'_', 0]),
         ],
         0..400,
     )
@@ -68,6 +68,30 @@ proptest! {
             prop_assert_eq!(drained, plain(chunk));
             prop_assert!(counted(&counter).is_empty());
         }
+    }
+}
+
+proptest! {
+    #[test]
+    fn each_sorted_lists_every_word_once_in_byte_order(
+        chunk in text(),
+        long in proptest::collection::vec(proptest::collection::vec(b'a'..=b'c', 14..20), 0..8),
+    ) {
+        // Words around 16 bytes (the table's limit; longer ones live in a
+        // map) next to short ones, with NUL bytes: "ab" and "ab\0" differ
+        // only in length once zero-filled.
+        let mut data = chunk.clone();
+        for w in &long {
+            data.push(b' ');
+            data.extend_from_slice(w);
+        }
+        let mut counter = count::Counter::new();
+        counter.count(&data);
+        let mut listed = Vec::new();
+        counter.each_sorted(|w, n| listed.push((w.to_vec(), n)));
+        let mut expected: Vec<(Vec<u8>, u64)> = plain(&data).into_iter().collect();
+        expected.sort();
+        prop_assert_eq!(listed, expected);
     }
 }
 

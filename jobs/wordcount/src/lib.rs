@@ -84,19 +84,30 @@ fn merge_records(bytes: &[u8], into: &mut count::Counter) -> Result<(), String> 
     Ok(())
 }
 
-/// `word\tcount\n` lines sorted by word: the job's output.
+/// `word\tcount\n` lines sorted by word (byte order): the job's output.
 fn write_sorted(counter: &count::Counter) -> Vec<u8> {
-    let mut words: Vec<(Vec<u8>, u64)> = Vec::new();
-    counter.each(|w, n| words.push((w.to_vec(), n)));
-    words.sort_unstable();
     let mut out = Vec::with_capacity(64 * 1024);
-    for (w, n) in &words {
+    counter.each_sorted(|w, n| {
         out.extend_from_slice(w);
         out.push(b'\t');
-        out.extend_from_slice(n.to_string().as_bytes());
+        put_decimal(&mut out, n);
         out.push(b'\n');
-    }
+    });
     out
+}
+
+fn put_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 impl Guest for WordCount {
