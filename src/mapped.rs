@@ -45,7 +45,8 @@ static PREVIOUS: std::sync::OnceLock<libc::sigaction> = std::sync::OnceLock::new
 /// A mapped input file. Whoever holds its [`Damage`] learns whether the
 /// file changed while it was mapped.
 struct Mapped {
-    map: memmap2::Mmap,
+    /// `None` only while dropping.
+    map: Option<memmap2::Mmap>,
     entry: usize,
     /// The flag the handler sets, kept alive while the region is known.
     _damaged: Arc<AtomicBool>,
@@ -53,7 +54,7 @@ struct Mapped {
 
 impl AsRef<[u8]> for Mapped {
     fn as_ref(&self) -> &[u8] {
-        &self.map
+        self.map.as_deref().unwrap_or_default()
     }
 }
 
@@ -64,8 +65,20 @@ impl Drop for Mapped {
         r.len.store(0, Ordering::SeqCst);
         r.damaged.store(std::ptr::null_mut(), Ordering::SeqCst);
         r.start.store(0, Ordering::SeqCst);
+        // Unmapping a big file takes milliseconds (a page table entry per
+        // 4 KiB), and the last reference usually goes with the job's last
+        // result: unmap on a thread of its own, off the job's critical path.
+        // Should the thread not start, the closure drops and unmaps here.
+        if let Some(map) = self.map.take().filter(|m| m.len() >= UNMAP_ASIDE) {
+            let _ = std::thread::Builder::new()
+                .name("antnest-unmap".into())
+                .spawn(move || drop(map));
+        }
     }
 }
+
+/// Mappings at least this big are unmapped on a thread of their own.
+const UNMAP_ASIDE: usize = 8 << 20;
 
 /// Tells whether a mapped input file changed since it was mapped: it
 /// shrank under the mapping (the SIGBUS handler saw it), or its size or
@@ -123,7 +136,7 @@ pub fn map_file(file: &std::fs::File) -> Option<(SharedBytes, Damage)> {
     };
     Some((
         SharedBytes::from_owner(Mapped {
-            map,
+            map: Some(map),
             entry,
             _damaged: damaged,
         }),
