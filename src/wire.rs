@@ -78,6 +78,27 @@ impl Codec {
         }
     }
 
+    /// Writes a batch of taskunits without first copying them into one
+    /// message: the encoder's own bytes are gathered, taskunits of
+    /// [`GATHER_MIN`] bytes or more are written from where they are.
+    async fn write_gathered<T>(
+        io: &mut T,
+        response: &Response,
+        units: &[TaskUnit],
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        use futures::AsyncWriteExt as _;
+        let mut gather = Gather::new(units);
+        cbor4ii::serde::to_writer(&mut gather, response).map_err(std::io::Error::other)?;
+        gather.finish();
+        for piece in gather.pieces() {
+            io.write_all(piece).await?;
+        }
+        Ok(())
+    }
+
     async fn write_message<T, M>(io: &mut T, message: &M, size: usize) -> std::io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
@@ -147,7 +168,99 @@ impl libp2p::request_response::Codec for Codec {
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        Self::write_message(io, &response, response.size_hint()).await
+        match &response {
+            Response::Tasks { units, .. } => Self::write_gathered(io, &response, units).await,
+            _ => Self::write_message(io, &response, response.size_hint()).await,
+        }
+    }
+}
+
+/// Taskunits at least this big are written from their own buffers instead
+/// of being copied into the encoded message.
+const GATHER_MIN: usize = 4096;
+
+/// An encoded message in pieces: the encoder's own bytes (headers, small
+/// values) copied into `own`, big taskunits referred to by position.
+/// Serde hands each taskunit's bytes to the writer as the very slice the
+/// unit holds, in order, so a pointer comparison finds them.
+struct Gather<'a> {
+    units: &'a [TaskUnit],
+    /// The next unit to look for.
+    next: usize,
+    own: Vec<u8>,
+    /// In order: `Own(end)` is `own[previous end..end]`, `Unit(i)` is unit i.
+    pieces: Vec<Piece>,
+}
+
+enum Piece {
+    Own(usize),
+    Unit(usize),
+}
+
+impl<'a> Gather<'a> {
+    fn new(units: &'a [TaskUnit]) -> Self {
+        Gather {
+            units,
+            next: 0,
+            own: Vec::with_capacity(256 + 16 * units.len()),
+            pieces: Vec::new(),
+        }
+    }
+
+    /// Ends the last piece of own bytes.
+    fn finish(&mut self) {
+        if self.own.len() > self.own_end() {
+            self.pieces.push(Piece::Own(self.own.len()));
+        }
+    }
+
+    fn pieces(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        self.pieces.iter().map(move |p| match *p {
+            Piece::Own(end) => {
+                let piece = &self.own[start..end];
+                start = end;
+                piece
+            }
+            Piece::Unit(i) => self.units[i].data.as_ref(),
+        })
+    }
+
+    /// Where the last `Own` piece ended.
+    fn own_end(&self) -> usize {
+        self.pieces
+            .iter()
+            .rev()
+            .find_map(|p| match *p {
+                Piece::Own(end) => Some(end),
+                Piece::Unit(_) => None,
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl std::io::Write for Gather<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // Units come in order, so only the next one can match. Whether it
+        // does or not, the bytes written are the same.
+        let unit = self
+            .units
+            .get(self.next)
+            .is_some_and(|u| std::ptr::eq(u.data.as_ref(), buf));
+        if unit {
+            self.next += 1;
+        }
+        if unit && buf.len() >= GATHER_MIN {
+            self.finish();
+            self.pieces.push(Piece::Unit(self.next - 1));
+        } else {
+            self.own.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -515,7 +628,8 @@ mod tests {
                 units: (0..3)
                     .map(|i| TaskUnit {
                         index: i,
-                        data: vec![i as u8; 1000 * (i as usize + 1)].into(),
+                        // Below and above GATHER_MIN: copied and gathered.
+                        data: vec![i as u8; [1000, 9000, 5000][i as usize]].into(),
                     })
                     .collect(),
                 lease: Duration::from_secs(30),
@@ -567,6 +681,33 @@ mod tests {
                 resp
             );
         }
+    }
+
+    /// A batch is written with its big taskunits straight from their own
+    /// buffers: only the small one is copied among the encoder's bytes.
+    #[test]
+    fn big_taskunits_are_written_without_a_copy() {
+        let response = &sample_responses()[0];
+        let Response::Tasks { units, .. } = response else {
+            unreachable!()
+        };
+        let mut gather = Gather::new(units);
+        cbor4ii::serde::to_writer(&mut gather, response).unwrap();
+        gather.finish();
+        let gathered: Vec<usize> = gather
+            .pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Unit(i) => Some(*i),
+                Piece::Own(_) => None,
+            })
+            .collect();
+        assert_eq!(gathered, [1, 2]);
+        assert!(gather.own.len() < units[0].data.len() + 200);
+        assert_eq!(
+            gather.pieces().collect::<Vec<_>>().concat(),
+            cbor4ii::serde::to_vec(Vec::new(), response).unwrap()
+        );
     }
 
     /// Decoded taskunits are slices of the message, not copies; byte
