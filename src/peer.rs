@@ -470,26 +470,22 @@ impl Peer {
     /// Answer a request from another peer. Never blocks for long.
     fn answer(&self, peer: PeerId, request: Request) -> Response {
         match request {
-            Request::Pull { job, max } => {
+            Request::Pull { job, max } => match self.master_job(job) {
+                Some(master) => self.lease(&master, peer, max),
+                None => Response::NoWork { finished: true },
+            },
+            Request::Results {
+                job,
+                outcomes,
+                pull,
+                ..
+            } => {
                 let Some(master) = self.master_job(job) else {
-                    return Response::NoWork { finished: true };
-                };
-                let mut book = master.book.lock().unwrap();
-                let units = book.take(&peer.to_string(), max.min(4096) as usize, Instant::now());
-                if units.is_empty() {
-                    Response::NoWork {
-                        finished: !book.has_work(),
-                    }
-                } else {
-                    Response::Tasks {
-                        units,
-                        lease: self.shared.config.lease,
-                    }
-                }
-            }
-            Request::Results { job, outcomes, .. } => {
-                let Some(master) = self.master_job(job) else {
-                    return Response::Refused(format!("no job {job} here"));
+                    return if pull > 0 {
+                        Response::NoWork { finished: true }
+                    } else {
+                        Response::Refused(format!("no job {job} here"))
+                    };
                 };
                 let limit = master.limits.output;
                 let outcomes = outcomes
@@ -512,7 +508,11 @@ impl Peer {
                     .unwrap()
                     .complete(&peer.to_string(), outcomes);
                 master.progress.notify_one();
-                Response::Ack
+                if pull > 0 {
+                    self.lease(&master, peer, pull)
+                } else {
+                    Response::Ack
+                }
             }
             Request::FetchModule { hash } => {
                 let bytes = self
@@ -528,6 +528,22 @@ impl Peer {
                     Some(b) => Response::Module(b),
                     None => Response::Refused(format!("module {hash} is not here")),
                 }
+            }
+        }
+    }
+
+    /// Lease up to `max` taskunits of `master`'s job to `peer`.
+    fn lease(&self, master: &MasterJob, peer: PeerId, max: u32) -> Response {
+        let mut book = master.book.lock().unwrap();
+        let units = book.take(&peer.to_string(), max.min(4096) as usize, Instant::now());
+        if units.is_empty() {
+            Response::NoWork {
+                finished: !book.has_work(),
+            }
+        } else {
+            Response::Tasks {
+                units,
+                lease: self.shared.config.lease,
             }
         }
     }
@@ -589,6 +605,8 @@ impl Peer {
         let mut idle = Duration::from_millis(1);
         let mut idle_since = Instant::now();
         let mut delivering: Option<tokio::task::JoinHandle<()>> = None;
+        // A batch that came back with the results of the last one.
+        let mut next: Option<Batch> = None;
         let thread = SlotThread::spawn(slot);
         while !*stop.borrow() {
             // Listen before looking: work that turns up while `find_work`
@@ -597,7 +615,11 @@ impl Peer {
             let notified = self.shared.work.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let Some(batch) = self.find_work(&per_unit).await else {
+            let batch = match next.take() {
+                Some(batch) => Some(batch),
+                None => self.find_work(&per_unit).await,
+            };
+            let Some(batch) = batch else {
                 let _ = tokio::time::timeout(idle, notified).await;
                 idle = (idle * 2).min(Duration::from_millis(50));
                 // An idle peer gives its instances' memory back.
@@ -676,6 +698,19 @@ impl Peer {
                     master.progress.notify_one();
                 }
                 Source::Remote(peer) => {
+                    // Ask for the next batch of the job with these results,
+                    // unless this peer's own jobs have work (they come first).
+                    if !self.local_work_waiting() {
+                        let pull = Self::batch_size(&per_unit, job, REMOTE_BATCH) as u32;
+                        let req = Request::Results {
+                            job,
+                            outcomes,
+                            compute,
+                            pull,
+                        };
+                        next = self.request_batch(job, peer, module, limits, req).await;
+                        continue;
+                    }
                     if let Some(previous) = delivering.take() {
                         let _ = previous.await;
                     }
@@ -684,6 +719,7 @@ impl Peer {
                         job,
                         outcomes,
                         compute,
+                        pull: 0,
                     };
                     delivering = Some(tokio::spawn(async move {
                         if let Err(e) = client.request(peer, req).await {
@@ -763,6 +799,16 @@ impl Peer {
         None
     }
 
+    /// Whether a job this peer is master of has taskunits to hand out.
+    fn local_work_waiting(&self) -> bool {
+        self.shared
+            .masters
+            .lock()
+            .unwrap()
+            .values()
+            .any(|m| m.book.lock().unwrap().has_work())
+    }
+
     /// Ask `master` for up to `max` taskunits of `job`.
     async fn pull_remote(
         &self,
@@ -772,12 +818,27 @@ impl Peer {
         limits: Limits,
         max: u32,
     ) -> Option<Batch> {
+        self.request_batch(job, master, module, limits, Request::Pull { job, max })
+            .await
+    }
+
+    /// Send `request` (a pull, or results with a pull) and take the batch
+    /// that comes back, if any.
+    async fn request_batch(
+        &self,
+        job: JobId,
+        master: PeerId,
+        module: ModuleHash,
+        limits: Limits,
+        request: Request,
+    ) -> Option<Batch> {
         let asked = Instant::now();
-        let reply = self
-            .shared
-            .client
-            .request(master, Request::Pull { job, max })
-            .await;
+        let max = match &request {
+            Request::Pull { max, .. } => *max,
+            Request::Results { pull, .. } => *pull,
+            Request::FetchModule { .. } => 0,
+        };
+        let reply = self.shared.client.request(master, request).await;
         if let Ok(Response::Tasks { units, .. }) = &reply {
             debug!(
                 %job,

@@ -155,7 +155,10 @@ impl libp2p::request_response::Codec for Codec {
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        self.pulled = matches!(request, Request::Pull { .. });
+        self.pulled = matches!(
+            request,
+            Request::Pull { .. } | Request::Results { pull: 1.., .. }
+        );
         Self::write_message(io, &request, request.size_hint()).await
     }
 
@@ -506,11 +509,15 @@ pub type ByteBuf = serde_bytes::ByteBuf;
 pub enum Request {
     /// Give me up to `max` taskunits of `job`.
     Pull { job: JobId, max: u32 },
-    /// Here are results for `job`; `compute` is the time spent computing them.
+    /// Here are results for `job`; `compute` is the time spent computing
+    /// them. With `pull` above 0, also lease me up to `pull` more taskunits
+    /// of the job, as a `Pull` would: one round trip instead of two.
     Results {
         job: JobId,
         outcomes: Vec<TaskOutcome>,
         compute: Duration,
+        #[serde(default)]
+        pull: u32,
     },
     /// Send me the module with this hash.
     FetchModule { hash: ModuleHash },
@@ -566,6 +573,7 @@ mod tests {
                 },
             ],
             compute: Duration::from_millis(5),
+            pull: 0,
         });
         roundtrip(Response::Tasks {
             units: vec![TaskUnit {
@@ -618,6 +626,7 @@ mod tests {
                     stderr: None,
                 }],
                 compute: Duration::from_micros(7),
+                pull: 9,
             },
         ]
     }
