@@ -700,14 +700,18 @@ impl Peer {
                 Source::Remote(peer) => {
                     // Ask for the next batch of the job with these results,
                     // unless this peer's own jobs have work (they come first).
-                    if !self.local_work_waiting() {
-                        let pull = Self::batch_size(&per_unit, job, REMOTE_BATCH) as u32;
-                        let req = Request::Results {
-                            job,
-                            outcomes,
-                            compute,
-                            pull,
-                        };
+                    let pull = if self.local_work_waiting() {
+                        0
+                    } else {
+                        Self::batch_size(&per_unit, job, REMOTE_BATCH) as u32
+                    };
+                    let req = Request::Results {
+                        job,
+                        outcomes,
+                        compute,
+                        pull,
+                    };
+                    if pull > 0 {
                         next = self.request_batch(job, peer, module, limits, req).await;
                         continue;
                     }
@@ -715,12 +719,6 @@ impl Peer {
                         let _ = previous.await;
                     }
                     let client = self.shared.client.clone();
-                    let req = Request::Results {
-                        job,
-                        outcomes,
-                        compute,
-                        pull: 0,
-                    };
                     delivering = Some(tokio::spawn(async move {
                         if let Err(e) = client.request(peer, req).await {
                             // The leases will expire and the master re-issues them.

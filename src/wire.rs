@@ -191,54 +191,52 @@ struct Gather<'a> {
     /// The next unit to look for.
     next: usize,
     own: Vec<u8>,
-    /// In order: `Own(end)` is `own[previous end..end]`, `Unit(i)` is unit i.
+    /// Where the own bytes not yet in `pieces` start.
+    flushed: usize,
     pieces: Vec<Piece>,
 }
 
 enum Piece {
-    Own(usize),
+    /// `own[range]`.
+    Own(std::ops::Range<usize>),
     Unit(usize),
 }
 
 impl<'a> Gather<'a> {
     fn new(units: &'a [TaskUnit]) -> Self {
+        // Headers, and the small units that are copied.
+        let own: usize = units
+            .iter()
+            .map(|u| {
+                16 + if u.data.len() < GATHER_MIN {
+                    u.data.len()
+                } else {
+                    0
+                }
+            })
+            .sum();
         Gather {
             units,
             next: 0,
-            own: Vec::with_capacity(256 + 16 * units.len()),
+            own: Vec::with_capacity(256 + own),
+            flushed: 0,
             pieces: Vec::new(),
         }
     }
 
     /// Ends the last piece of own bytes.
     fn finish(&mut self) {
-        if self.own.len() > self.own_end() {
-            self.pieces.push(Piece::Own(self.own.len()));
+        if self.own.len() > self.flushed {
+            self.pieces.push(Piece::Own(self.flushed..self.own.len()));
+            self.flushed = self.own.len();
         }
     }
 
     fn pieces(&self) -> impl Iterator<Item = &[u8]> {
-        let mut start = 0;
-        self.pieces.iter().map(move |p| match *p {
-            Piece::Own(end) => {
-                let piece = &self.own[start..end];
-                start = end;
-                piece
-            }
-            Piece::Unit(i) => self.units[i].data.as_ref(),
+        self.pieces.iter().map(|p| match p {
+            Piece::Own(range) => &self.own[range.clone()],
+            Piece::Unit(i) => self.units[*i].data.as_ref(),
         })
-    }
-
-    /// Where the last `Own` piece ended.
-    fn own_end(&self) -> usize {
-        self.pieces
-            .iter()
-            .rev()
-            .find_map(|p| match *p {
-                Piece::Own(end) => Some(end),
-                Piece::Unit(_) => None,
-            })
-            .unwrap_or(0)
     }
 }
 

@@ -39,7 +39,7 @@ impl Slot {
 
     #[inline(always)]
     fn holds(&self, a: u64, b: u64, len: usize) -> bool {
-        ((self.tally & LEN_MASK) == len as u64) & (self.a == a) & (self.b == b)
+        (self.len() == len) & (self.a == a) & (self.b == b)
     }
 
     /// Hands the slot's word (rebuilt from its two `u64`s) and count to `f`.
