@@ -361,9 +361,9 @@ async fn efficiency(
     let [mesh1, meshn, native1, nativen] = [mesh1, meshn, native1, nativen].map(median);
     eprintln!(
         "W2 efficiency T(1)/({n}*T({n})), {rounds} alternating rounds, medians: \
-         lone peer {mesh1:.4} s, {n}-peer mesh {meshn:.4} s -> {:.2}; \
-         no mesh, 1 thread {native1:.4} s, {n} threads {nativen:.4} s -> machine ceiling {:.2}; \
-         mesh/ceiling per round: median {:.2}",
+         lone peer {mesh1:.4} s, {n}-peer mesh {meshn:.4} s -> {:.3}; \
+         no mesh, 1 thread {native1:.4} s, {n} threads {nativen:.4} s -> machine ceiling {:.3}; \
+         mesh/ceiling per round: median {:.3}",
         eff(mesh1, meshn),
         eff(native1, nativen),
         median(of_ceiling),

@@ -14,6 +14,12 @@ use libp2p::Multiaddr;
     about = "A peer-to-peer compute mesh for split/process/combine jobs in WebAssembly"
 )]
 pub(crate) struct Cli {
+    /// Threads for networking and coordination. Taskunits run on threads
+    /// of their own (one per slot), so this stays small: one per 4 cores,
+    /// at least one. A second thread on a 2-core machine only takes turns
+    /// with the slots.
+    #[arg(long, global = true, env = "ANTNEST_NET_THREADS", value_name = "N")]
+    pub(crate) net_threads: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }

@@ -28,7 +28,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let net_threads = cli.net_threads.map_or_else(
+        || {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / 4).max(1)
+        },
+        |n| n.get(),
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(net_threads)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("antnest: cannot start the runtime: {e}");

@@ -61,11 +61,16 @@ pub fn tune_allocator() {
 /// How far (in bytes of taskunits) a job's split may run ahead of its workers.
 const SPLIT_AHEAD_BYTES: usize = 32 << 20;
 
-/// Work per batch from this peer's own jobs (no round trip to amortize).
-const LOCAL_BATCH: Duration = Duration::from_millis(20);
+/// Work per batch from this peer's own jobs. The slot's thread takes the
+/// next batch itself, so small batches cost nothing and let the master's
+/// own slots even out the end of a job.
+const LOCAL_BATCH: Duration = Duration::from_millis(1);
+/// How often a slot running its own peer's job wakes the job's loop (to
+/// pass results to the combine; the end of the job wakes it at once).
+const NOTIFY_EVERY: Duration = Duration::from_millis(5);
 /// Work per batch pulled from another peer: longer, so the pull's round
 /// trip is a smaller share of it.
-const REMOTE_BATCH: Duration = Duration::from_millis(40);
+const REMOTE_BATCH: Duration = Duration::from_millis(80);
 
 /// A worker slot idle this long drops its cached instances.
 const IDLE_RELEASE: Duration = Duration::from_secs(5);
@@ -658,75 +663,89 @@ impl Peer {
                     }
                 }
             };
-            let n = units.len() as u32;
-            let (runner, outcomes, compute) = thread
+            // A batch of the master's own job goes on from the book on the
+            // slot's thread, with no trip through tokio between batches.
+            let local = match &source {
+                Source::Local(master) => Some((master.clone(), stop.clone())),
+                Source::Remote(_) => None,
+            };
+            let shared = self.shared.clone();
+            let (runner, handed_in, unit_time) = thread
                 .run(move || {
                     let mut runner = runner;
-                    let started = Instant::now();
-                    let outcomes: Vec<TaskOutcome> = units
-                        .into_iter()
-                        .map(|u| {
-                            let result = runner.process(&u.data).map(ByteBuf::from);
-                            let stderr = Some(runner.take_stderr()).filter(|s| !s.is_empty());
-                            TaskOutcome {
-                                index: u.index,
-                                result,
-                                stderr,
-                            }
-                        })
-                        .collect();
-                    (runner, outcomes, started.elapsed())
+                    let mut units = units;
+                    let mut notify_at = Instant::now();
+                    loop {
+                        let started = Instant::now();
+                        let n = units.len() as u32;
+                        let outcomes = run_batch(&mut runner, units);
+                        let compute = started.elapsed();
+                        let unit_time = compute / n.max(1);
+                        debug!(slot, %job, n, compute_ms = compute.as_secs_f64() * 1e3, "batch computed");
+                        shared
+                            .tasks_done
+                            .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
+                        let Some((master, stop)) = &local else {
+                            return (runner, Some((outcomes, compute)), unit_time);
+                        };
+                        let mut book = master.book.lock().unwrap();
+                        book.complete(&shared.local, outcomes);
+                        let now = Instant::now();
+                        // The job's loop looks every 20 ms anyway; wake it
+                        // for the end and now and then for the combine.
+                        if now >= notify_at || book.is_finished() {
+                            master.progress.notify_one();
+                            notify_at = now + NOTIFY_EVERY;
+                        }
+                        if *stop.borrow() {
+                            return (runner, None, unit_time);
+                        }
+                        let max = units_for(unit_time, LOCAL_BATCH);
+                        units = book.take_local(&shared.local, max, now);
+                        if units.is_empty() {
+                            master.progress.notify_one();
+                            return (runner, None, unit_time);
+                        }
+                    }
                 })
                 .await
                 .expect("task batch");
-            per_unit.insert(job, compute / n.max(1));
-            debug!(slot, %job, n, compute_ms = compute.as_secs_f64() * 1e3, "batch computed");
-            self.shared
-                .tasks_done
-                .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
+            per_unit.insert(job, unit_time);
             if runners.len() >= 4 {
                 runners.clear();
             }
             runners.insert(module, runner);
-            match source {
-                Source::Local(master) => {
-                    master
-                        .book
-                        .lock()
-                        .unwrap()
-                        .complete(&self.shared.local, outcomes);
-                    master.progress.notify_one();
-                }
-                Source::Remote(peer) => {
-                    // Ask for the next batch of the job with these results,
-                    // unless this peer's own jobs have work (they come first).
-                    let pull = if self.local_work_waiting() {
-                        0
-                    } else {
-                        Self::batch_size(&per_unit, job, REMOTE_BATCH) as u32
-                    };
-                    let req = Request::Results {
-                        job,
-                        outcomes,
-                        compute,
-                        pull,
-                    };
-                    if pull > 0 {
-                        next = self.request_batch(job, peer, module, limits, req).await;
-                        continue;
-                    }
-                    if let Some(previous) = delivering.take() {
-                        let _ = previous.await;
-                    }
-                    let client = self.shared.client.clone();
-                    delivering = Some(tokio::spawn(async move {
-                        if let Err(e) = client.request(peer, req).await {
-                            // The leases will expire and the master re-issues them.
-                            debug!(%job, "results not delivered: {e}");
-                        }
-                    }));
-                }
+            // Results of a remote job's batch go back to its master.
+            let (Source::Remote(peer), Some((outcomes, compute))) = (source, handed_in) else {
+                continue;
+            };
+            // Ask for the next batch of the job with these results, unless
+            // this peer's own jobs have work (they come first).
+            let pull = if self.local_work_waiting() {
+                0
+            } else {
+                Self::batch_size(&per_unit, job, REMOTE_BATCH) as u32
+            };
+            let req = Request::Results {
+                job,
+                outcomes,
+                compute,
+                pull,
+            };
+            if pull > 0 {
+                next = self.request_batch(job, peer, module, limits, req).await;
+                continue;
             }
+            if let Some(previous) = delivering.take() {
+                let _ = previous.await;
+            }
+            let client = self.shared.client.clone();
+            delivering = Some(tokio::spawn(async move {
+                if let Err(e) = client.request(peer, req).await {
+                    // The leases will expire and the master re-issues them.
+                    debug!(%job, "results not delivered: {e}");
+                }
+            }));
         }
         if let Some(last) = delivering {
             let _ = last.await;
@@ -735,13 +754,7 @@ impl Peer {
 
     /// How many taskunits to ask for: about `target` of work, 1..=4096.
     fn batch_size(per_unit: &HashMap<JobId, Duration>, job: JobId, target: Duration) -> usize {
-        match per_unit.get(&job) {
-            None => 1,
-            Some(d) => {
-                let target = target.as_nanos();
-                (target / d.as_nanos().max(1)).clamp(1, 4096) as usize
-            }
-        }
+        per_unit.get(&job).map_or(1, |d| units_for(*d, target))
     }
 
     async fn find_work(&self, per_unit: &HashMap<JobId, Duration>) -> Option<Batch> {
@@ -1204,6 +1217,27 @@ impl Shared {
             }
         }
     }
+}
+
+/// About `target` of work at `unit_time` per taskunit, 1..=4096 taskunits.
+fn units_for(unit_time: Duration, target: Duration) -> usize {
+    (target.as_nanos() / unit_time.as_nanos().max(1)).clamp(1, 4096) as usize
+}
+
+/// Run a batch's taskunits in order on `runner`.
+fn run_batch(runner: &mut TaskRunner, units: Vec<crate::wire::TaskUnit>) -> Vec<TaskOutcome> {
+    units
+        .into_iter()
+        .map(|u| {
+            let result = runner.process(&u.data).map(ByteBuf::from);
+            let stderr = Some(runner.take_stderr()).filter(|s| !s.is_empty());
+            TaskOutcome {
+                index: u.index,
+                result,
+                stderr,
+            }
+        })
+        .collect()
 }
 
 enum Source {

@@ -32,6 +32,9 @@ struct Lease {
     worker: WorkerId,
     since: Instant,
     deadline: Instant,
+    /// Taskunits leased together with this one (the worker runs them in
+    /// turn and hands their results in together).
+    batch: u32,
 }
 
 /// One replica's result, waiting for the others.
@@ -159,6 +162,11 @@ pub struct JobBook {
     /// Straggler backups (only without replication): near the end of a job,
     /// an idle worker gets a copy of a slot leased to someone else.
     backups: HashMap<Slot, WorkerId>,
+    /// Time per taskunit from lease to result (network included) of each
+    /// worker's last batch, and of the last batch of any worker: what a
+    /// batch is expected to take.
+    turnaround: HashMap<WorkerId, Duration>,
+    last_turnaround: Option<Duration>,
     /// Results in so far of replicated taskunits.
     votes: HashMap<u64, Vec<Vote>>,
     /// How many distinct workers must agree on each result.
@@ -209,6 +217,8 @@ impl JobBook {
             queue: VecDeque::new(),
             leases: HashMap::new(),
             backups: HashMap::new(),
+            turnaround: HashMap::new(),
+            last_turnaround: None,
             votes: HashMap::new(),
             replicas: 1,
             mismatches: 0,
@@ -294,26 +304,20 @@ impl JobBook {
     /// Lease up to `max` taskunits to `worker`, a batch that will cross the
     /// network, so it stops growing at [`MAX_BATCH_BYTES`]. Once the split's
     /// total is known, batches shrink as the job nears its end (guided
-    /// self-scheduling: at most half a fair share of what is left), so no
-    /// worker sits on a big batch while the others idle.
+    /// self-scheduling: at most a fair share of what is left), so no worker
+    /// sits on a big batch while the others idle.
     pub fn take(&mut self, worker: &str, max: usize, now: Instant) -> Vec<TaskUnit> {
-        self.take_up_to(worker, max, MAX_BATCH_BYTES, now)
+        self.take_up_to(worker, max, false, now)
     }
 
     /// [`Self::take`] for a slot of the master's own peer: its batch shares
     /// the taskunits in memory and crosses no network, so it is not capped
     /// in bytes.
     pub fn take_local(&mut self, worker: &str, max: usize, now: Instant) -> Vec<TaskUnit> {
-        self.take_up_to(worker, max, usize::MAX, now)
+        self.take_up_to(worker, max, true, now)
     }
 
-    fn take_up_to(
-        &mut self,
-        worker: &str,
-        max: usize,
-        max_bytes: usize,
-        now: Instant,
-    ) -> Vec<TaskUnit> {
+    fn take_up_to(&mut self, worker: &str, max: usize, local: bool, now: Instant) -> Vec<TaskUnit> {
         self.reclaim_expired(now);
         let max = match self.split_total {
             Some(total) => {
@@ -322,11 +326,13 @@ impl JobBook {
                     self.per_worker.keys().map(String::as_str).collect();
                 workers.extend(self.leases.values().map(|l| l.worker.as_str()));
                 workers.insert(worker);
-                max.min(unissued.div_ceil(2 * workers.len()).max(1))
+                max.min(unissued.div_ceil(workers.len()).max(1))
             }
             None => max,
         };
+        let max_bytes = if local { usize::MAX } else { MAX_BATCH_BYTES };
         let mut units = Vec::new();
+        let mut taken = Vec::new();
         let mut bytes = 0;
         // Slots this worker may not take (it has another replica of them).
         let mut skipped = Vec::new();
@@ -350,29 +356,47 @@ impl JobBook {
                     worker: worker.to_owned(),
                     since: now,
                     deadline: now + self.lease_time,
+                    batch: 1,
                 },
             );
+            taken.push(slot);
             units.push(TaskUnit {
                 index: slot.0,
                 data,
             });
         }
+        for slot in &taken {
+            if let Some(l) = self.leases.get_mut(slot) {
+                l.batch = taken.len() as u32;
+            }
+        }
         for slot in skipped.into_iter().rev() {
             self.queue.push_front(slot);
         }
         if units.is_empty() && self.split.is_none() && self.replicas == 1 {
-            units = self.take_backups(worker, max);
+            units = self.take_backups(worker, max, now);
         }
         units
     }
 
     /// Nothing fresh is left: copy the longest-held taskunits of other
     /// workers (one backup each) so a slow worker does not hold up the end.
-    fn take_backups(&mut self, worker: &str, max: usize) -> Vec<TaskUnit> {
+    /// Only overdue batches are copied: held half as long again as their
+    /// worker's last batch took per taskunit (or any worker's, for a worker
+    /// new to the job). This is speculation for stragglers, as in
+    /// MapReduce: a batch on time finishes first anyway, and its copy would
+    /// only take a core from the job's last steps.
+    fn take_backups(&mut self, worker: &str, max: usize, now: Instant) -> Vec<TaskUnit> {
+        let overdue = |l: &Lease| {
+            self.turnaround
+                .get(&l.worker)
+                .or(self.last_turnaround.as_ref())
+                .is_none_or(|t| now.saturating_duration_since(l.since) > *t * l.batch * 3 / 2)
+        };
         let mut held: Vec<(Instant, Slot)> = self
             .leases
             .iter()
-            .filter(|(s, l)| l.worker != worker && !self.backups.contains_key(s))
+            .filter(|(s, l)| l.worker != worker && !self.backups.contains_key(s) && overdue(l))
             .map(|(s, l)| (l.since, *s))
             .collect();
         held.sort_unstable();
@@ -446,6 +470,21 @@ impl JobBook {
     /// Record results from `worker`. Results for retired taskunits (a
     /// duplicate from an expired lease) are ignored.
     pub fn complete(&mut self, worker: &str, outcomes: Vec<TaskOutcome>) {
+        self.complete_at(worker, outcomes, Instant::now());
+    }
+
+    /// [`Self::complete`], with the results handed in at `now`.
+    pub fn complete_at(&mut self, worker: &str, outcomes: Vec<TaskOutcome>, now: Instant) {
+        // The batch's lease, for how long it took (a backup has none).
+        if let Some(l) = outcomes.first().and_then(|o| {
+            (0..self.replicas)
+                .filter_map(|r| self.leases.get(&(o.index, r)))
+                .find(|l| l.worker == worker)
+        }) {
+            let t = now.saturating_duration_since(l.since) / l.batch.max(1);
+            self.turnaround.insert(worker.to_owned(), t);
+            self.last_turnaround = Some(t);
+        }
         for TaskOutcome {
             index,
             result,
@@ -754,10 +793,15 @@ mod tests {
     fn idle_workers_back_up_stragglers_and_the_first_result_wins() {
         let mut b = book(&["a", "b"]);
         let now = Instant::now();
+        let ms = Duration::from_millis;
         assert_eq!(b.take("slow", 1, now).len(), 1);
         assert_eq!(b.take("fast", 1, now).len(), 1);
-        b.complete("fast", vec![ok(1, "B")]);
-        // Nothing fresh is left: "fast" gets a backup of "slow"'s taskunit, once.
+        b.complete_at("fast", vec![ok(1, "B")], now + ms(10));
+        // Nothing fresh is left, but "slow" is not late yet: its taskunit
+        // was expected to take about as long as "fast"'s (10 ms).
+        assert!(b.take("fast", 4, now + ms(14)).is_empty(), "not overdue");
+        // Half as long again: "fast" gets a backup of "slow"'s taskunit, once.
+        let now = now + ms(16);
         let backup = b.take("fast", 4, now);
         assert_eq!(backup.iter().map(|u| u.index).collect::<Vec<_>>(), vec![0]);
         assert!(
@@ -773,6 +817,29 @@ mod tests {
         assert!(b.is_finished());
         assert_eq!(b.take_results()[&0], b"A from backup");
         assert_eq!(b.per_worker()["fast"], 2);
+    }
+
+    #[test]
+    fn a_batch_is_backed_up_only_once_late_for_its_worker_and_size() {
+        let mut b = book(&["a", "b", "c", "d", "e", "f"]);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let indices = |units: Vec<TaskUnit>| units.iter().map(|u| u.index).collect::<Vec<_>>();
+        assert_eq!(indices(b.take("remote", 2, at(0))), vec![0, 1]);
+        assert_eq!(indices(b.take_local("local", 1, at(0))), vec![2]);
+        b.complete_at("local", vec![ok(2, "C")], at(10));
+        // The remote's first batch took 20 ms per taskunit.
+        b.complete_at("remote", vec![ok(0, "A"), ok(1, "B")], at(40));
+        assert_eq!(indices(b.take_local("local", 1, at(40))), vec![3]);
+        assert_eq!(indices(b.take("remote", 2, at(40))), vec![4, 5]);
+        b.complete_at("local", vec![ok(3, "D")], at(50));
+        // 40 ms into a 2-taskunit batch of a 20 ms worker: on time, though
+        // the last batch in (the master's own slot's) took 10 ms.
+        assert!(b.take_local("local", 1, at(80)).is_empty());
+        assert!(b.take_local("local", 1, at(99)).is_empty());
+        // Past half as long again (60 ms): backed up, one taskunit a call.
+        assert_eq!(indices(b.take_local("local", 1, at(101))), vec![4]);
+        assert_eq!(indices(b.take_local("local", 1, at(101))), vec![5]);
     }
 
     fn book_k(units: &[&str], k: u8) -> JobBook {
