@@ -304,8 +304,9 @@ impl JobBook {
     /// Lease up to `max` taskunits to `worker`, a batch that will cross the
     /// network, so it stops growing at [`MAX_BATCH_BYTES`]. Once the split's
     /// total is known, batches shrink as the job nears its end (guided
-    /// self-scheduling: at most a fair share of what is left), so no worker
-    /// sits on a big batch while the others idle.
+    /// self-scheduling: at most `worker`'s share of what is left, see
+    /// [`Self::share`]), so no worker sits on a big batch while the others
+    /// idle.
     pub fn take(&mut self, worker: &str, max: usize, now: Instant) -> Vec<TaskUnit> {
         self.take_up_to(worker, max, false, now)
     }
@@ -322,11 +323,7 @@ impl JobBook {
         let max = match self.split_total {
             Some(total) => {
                 let unissued = total.saturating_sub(self.next_index) as usize + self.queue.len();
-                let mut workers: HashSet<&str> =
-                    self.per_worker.keys().map(String::as_str).collect();
-                workers.extend(self.leases.values().map(|l| l.worker.as_str()));
-                workers.insert(worker);
-                max.min(unissued.div_ceil(workers.len()).max(1))
+                max.min(self.share(worker, unissued))
             }
             None => max,
         };
@@ -377,6 +374,31 @@ impl JobBook {
             units = self.take_backups(worker, max, now);
         }
         units
+    }
+
+    /// `worker`'s share of `unissued` taskunits: in proportion to how fast
+    /// each worker of the job turned its last batch around (a worker not
+    /// timed yet counts as the mean of the others, or all alike), so a
+    /// slower worker's last batch ends about when the others' do. At
+    /// least one.
+    fn share(&self, worker: &str, unissued: usize) -> usize {
+        let mut workers: HashSet<&str> = self.per_worker.keys().map(String::as_str).collect();
+        workers.extend(self.leases.values().map(|l| l.worker.as_str()));
+        workers.insert(worker);
+        let speed = |w: &str| {
+            self.turnaround
+                .get(w)
+                .map(|t| 1.0 / t.as_secs_f64().max(1e-9))
+        };
+        let known: Vec<f64> = workers.iter().filter_map(|w| speed(w)).collect();
+        let mean = if known.is_empty() {
+            1.0
+        } else {
+            known.iter().sum::<f64>() / known.len() as f64
+        };
+        let total: f64 = workers.iter().map(|w| speed(w).unwrap_or(mean)).sum();
+        let share = unissued as f64 * speed(worker).unwrap_or(mean) / total;
+        (share.round() as usize).max(1)
     }
 
     /// Nothing fresh is left: copy the longest-held taskunits of other
@@ -840,6 +862,23 @@ mod tests {
         // Past half as long again (60 ms): backed up, one taskunit a call.
         assert_eq!(indices(b.take_local("local", 1, at(101))), vec![4]);
         assert_eq!(indices(b.take_local("local", 1, at(101))), vec![5]);
+    }
+
+    #[test]
+    fn the_end_is_shared_out_by_how_fast_each_worker_turns_batches_around() {
+        let names: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+        let mut b = book(&names.iter().map(String::as_str).collect::<Vec<_>>());
+        b.split_done(10);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(b.take("fast", 1, at(0)).len(), 1);
+        assert_eq!(b.take("slow", 1, at(0)).len(), 1);
+        b.complete_at("fast", vec![ok(0, "a")], at(10));
+        b.complete_at("slow", vec![ok(1, "b")], at(30));
+        // 8 left; "fast" is three times as fast, so its share is 3/4.
+        assert_eq!(b.take("fast", 100, at(30)).len(), 6);
+        assert_eq!(b.take("slow", 100, at(30)).len(), 1);
+        assert_eq!(b.take("newcomer", 100, at(30)).len(), 1, "at least one");
     }
 
     fn book_k(units: &[&str], k: u8) -> JobBook {
