@@ -319,6 +319,9 @@ impl JobBook {
     }
 
     fn take_up_to(&mut self, worker: &str, max: usize, local: bool, now: Instant) -> Vec<TaskUnit> {
+        if self.fatal.is_some() {
+            return Vec::new(); // failed or cancelled: nothing more to run
+        }
         self.reclaim_expired(now);
         let max = match self.split_total {
             Some(total) => {
@@ -879,6 +882,22 @@ mod tests {
         assert_eq!(b.take("fast", 100, at(30)).len(), 6);
         assert_eq!(b.take("slow", 100, at(30)).len(), 1);
         assert_eq!(b.take("newcomer", 100, at(30)).len(), 1, "at least one");
+    }
+
+    #[test]
+    fn a_cancelled_job_hands_out_nothing_not_even_backups() {
+        let mut b = book(&["a", "b", "c"]);
+        let now = Instant::now();
+        assert_eq!(b.take("w1", 1, now).len(), 1);
+        b.release_worker("w1"); // its taskunit waits in the queue again
+        assert_eq!(b.take("w2", 1, now).len(), 1);
+        b.cancel();
+        assert!(
+            b.take_local("local", 10, now + Duration::from_secs(60))
+                .is_empty()
+        );
+        assert!(b.take("w3", 10, now + Duration::from_secs(60)).is_empty());
+        assert!(b.is_finished());
     }
 
     fn book_k(units: &[&str], k: u8) -> JobBook {
