@@ -691,9 +691,10 @@ impl Peer {
                         let mut book = master.book.lock().unwrap();
                         book.complete(&shared.local, outcomes);
                         let now = Instant::now();
-                        // The job's loop looks every 20 ms anyway; wake it
-                        // for the end and now and then for the combine.
-                        if now >= notify_at || book.is_finished() {
+                        // The job's loop looks every 20 ms anyway: wake it
+                        // now and then for the combine, and below when
+                        // nothing is left to take (a finished job included).
+                        if now >= notify_at {
                             master.progress.notify_one();
                             notify_at = now + NOTIFY_EVERY;
                         }
@@ -803,7 +804,8 @@ impl Peer {
                 continue;
             }
             let max = Self::batch_size(per_unit, job, REMOTE_BATCH) as u32;
-            if let Some(batch) = self.pull_remote(job, master, module, limits, max).await {
+            let pull = Request::Pull { job, max };
+            if let Some(batch) = self.request_batch(job, master, module, limits, pull).await {
                 return Some(batch);
             }
         }
@@ -818,19 +820,6 @@ impl Peer {
             .unwrap()
             .values()
             .any(|m| m.book.lock().unwrap().has_work())
-    }
-
-    /// Ask `master` for up to `max` taskunits of `job`.
-    async fn pull_remote(
-        &self,
-        job: JobId,
-        master: PeerId,
-        module: ModuleHash,
-        limits: Limits,
-        max: u32,
-    ) -> Option<Batch> {
-        self.request_batch(job, master, module, limits, Request::Pull { job, max })
-            .await
     }
 
     /// Send `request` (a pull, or results with a pull) and take the batch
