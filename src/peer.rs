@@ -688,24 +688,28 @@ impl Peer {
                         let Some((master, stop)) = &local else {
                             return (runner, Some((outcomes, compute)), unit_time);
                         };
-                        let mut book = master.book.lock().unwrap();
-                        book.complete(&shared.local, outcomes);
                         let now = Instant::now();
+                        let stopped = *stop.borrow();
+                        units = {
+                            let mut book = master.book.lock().unwrap();
+                            book.complete(&shared.local, outcomes);
+                            if stopped {
+                                Vec::new()
+                            } else {
+                                book.take_local(&shared.local, units_for(unit_time, LOCAL_BATCH), now)
+                            }
+                        };
                         // The job's loop looks every 20 ms anyway: wake it
-                        // now and then for the combine, and below when
-                        // nothing is left to take (a finished job included).
-                        if now >= notify_at {
-                            master.progress.notify_one();
-                            notify_at = now + NOTIFY_EVERY;
-                        }
-                        if *stop.borrow() {
-                            return (runner, None, unit_time);
-                        }
-                        let max = units_for(unit_time, LOCAL_BATCH);
-                        units = book.take_local(&shared.local, max, now);
+                        // now and then for the combine, and when nothing is
+                        // left to take (a finished job included). Only with
+                        // the book unlocked, or the loop wakes to wait for it.
                         if units.is_empty() {
                             master.progress.notify_one();
                             return (runner, None, unit_time);
+                        }
+                        if now >= notify_at {
+                            master.progress.notify_one();
+                            notify_at = now + NOTIFY_EVERY;
                         }
                     }
                 })
@@ -965,7 +969,7 @@ impl Peer {
             .with_replicas(spec.replicate);
         // Results go to the combine as they are accepted: it runs alongside
         // the job and sees the end of the feed when `feed` is dropped.
-        let (feed, feed_rx) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
+        let (feed, feed_rx) = std::sync::mpsc::channel::<Vec<(u64, Vec<u8>)>>();
         let journal_root = self
             .shared
             .config
@@ -976,9 +980,7 @@ impl Peer {
             (Some(id), Some(root)) => {
                 let (journal, done) = Journal::resume(root, id, &hash)?;
                 info!(job = %id, results = done.len(), "resuming from the journal");
-                for (i, r) in &done {
-                    let _ = feed.send((*i, r.clone()));
-                }
+                let _ = feed.send(done.iter().map(|(i, r)| (*i, r.clone())).collect());
                 book.set_journal(journal, done);
                 id
             }
@@ -1087,12 +1089,15 @@ impl Peer {
                     let _ = events.send(JobEvent::Log { index, text }).await;
                 }
             }
-            for (index, bytes) in accepted {
-                if let Some(events) = events.as_ref().filter(|_| spec.stream) {
-                    let bytes = bytes.clone();
+            if let Some(events) = events.as_ref().filter(|_| spec.stream) {
+                for (index, bytes) in &accepted {
+                    let (index, bytes) = (*index, bytes.clone());
                     let _ = events.send(JobEvent::Result { index, bytes }).await;
                 }
-                let _ = feed.send((index, bytes));
+            }
+            // All at once: each send may wake the combine's thread.
+            if !accepted.is_empty() {
+                let _ = feed.send(accepted);
             }
             if finished {
                 break;
@@ -1187,7 +1192,8 @@ impl Peer {
             Err(e) => return Err(SubmitError::Combine(e.to_string())),
         };
         if let Some(journal) = done.journal {
-            journal.remove();
+            // Off the answer's path; the runtime waits for it at exit.
+            tokio::task::spawn_blocking(move || journal.remove());
         }
         report.output = ByteBuf::from(output);
         report.stats.wall_ms = started.elapsed().as_millis() as u64;
@@ -1358,14 +1364,14 @@ fn split_job(
 /// needed. Once the feed ends, indexes that never came (taskunits that
 /// failed, with `keep_going`) are skipped.
 struct InOrder {
-    feed: std::sync::mpsc::Receiver<(u64, Vec<u8>)>,
+    feed: std::sync::mpsc::Receiver<Vec<(u64, Vec<u8>)>>,
     pending: std::collections::BTreeMap<u64, Vec<u8>>,
     next: u64,
     ended: bool,
 }
 
 impl InOrder {
-    fn new(feed: std::sync::mpsc::Receiver<(u64, Vec<u8>)>) -> Self {
+    fn new(feed: std::sync::mpsc::Receiver<Vec<(u64, Vec<u8>)>>) -> Self {
         InOrder {
             feed,
             pending: Default::default(),
@@ -1389,10 +1395,11 @@ impl Iterator for InOrder {
                 continue;
             }
             match self.feed.recv() {
-                Ok((i, r)) if i >= self.next => {
-                    self.pending.insert(i, r);
+                Ok(results) => {
+                    // Indexes below `next` were already passed on.
+                    let fresh = results.into_iter().filter(|(i, _)| *i >= self.next);
+                    self.pending.extend(fresh);
                 }
-                Ok(_) => {} // already passed on
                 Err(_) => self.ended = true,
             }
         }
@@ -1465,9 +1472,9 @@ mod tests {
     #[test]
     fn results_come_in_order_and_missing_ones_are_skipped_at_the_end() {
         let (tx, rx) = std::sync::mpsc::channel();
-        for (i, r) in [(2, "c"), (0, "a"), (4, "e"), (3, "d")] {
-            tx.send((i, r.as_bytes().to_vec())).unwrap();
-        }
+        let result = |i: u64, r: &str| (i, r.as_bytes().to_vec());
+        tx.send(vec![result(2, "c"), result(0, "a")]).unwrap();
+        tx.send(vec![result(4, "e"), result(3, "d")]).unwrap();
         let mut it = InOrder::new(rx);
         assert_eq!(it.next().as_deref(), Some(&b"a"[..]));
         // 1 never comes (it failed): the rest follows once the feed ends.
