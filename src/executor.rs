@@ -9,7 +9,8 @@
 //! instance may not be entered again.
 //!
 //! Deadlines use epoch interruption: one ticker thread per [`Environment`]
-//! bumps the engine epoch every [`TICK`]. The deadline callback compares
+//! bumps the engine epoch every [`TICK`] while guest code runs (it sleeps
+//! when none has run for a few ticks, so an idle peer stays quiet). The deadline callback compares
 //! against a wall-clock deadline kept in the store, which host calls that
 //! block (a split waiting for workers to take its taskunits) push forward,
 //! so only time spent computing counts.
@@ -17,7 +18,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,11 @@ use bindings::Job;
 
 /// How often the epoch advances; deadlines are accurate to about this much.
 pub const TICK: Duration = Duration::from_millis(10);
+/// The ticker sleeps after this many ticks with no guest call running, and
+/// wakes on the next call (or after [`IDLE_CHECK`], to see whether its
+/// engine is gone).
+const IDLE_TICKS: u32 = 3;
+const IDLE_CHECK: Duration = Duration::from_secs(10);
 
 /// How much guest stderr is kept to explain a failure.
 const STDERR_CAPTURE: usize = 64 * 1024;
@@ -133,6 +139,7 @@ pub struct Environment {
 
 struct EnvInner {
     engine: Engine,
+    ticker: Ticker,
     linker: Linker<GuestState>,
     cache_dir: Option<PathBuf>,
     loaded: Mutex<HashMap<ModuleHash, Component>>,
@@ -165,20 +172,11 @@ impl Environment {
                 source,
             })?;
         }
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("antnest-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(TICK);
-                }
-            })
-            .expect("spawn epoch thread");
+        let ticker = Ticker::start(&engine);
         Ok(Environment {
             inner: Arc::new(EnvInner {
                 engine,
+                ticker,
                 linker,
                 cache_dir,
                 loaded: Mutex::new(HashMap::new()),
@@ -362,9 +360,74 @@ impl Environment {
                 ))
             }
         });
-        let job = Job::instantiate(&mut store, component, &self.inner.linker)
-            .map_err(|e| TaskError::Load(format!("instantiate: {e:#}")))?;
+        let job = {
+            let _running = self.running();
+            Job::instantiate(&mut store, component, &self.inner.linker)
+                .map_err(|e| TaskError::Load(format!("instantiate: {e:#}")))?
+        };
         Ok((store, job))
+    }
+
+    /// Mark guest code as running (so that the epoch ticks) until the
+    /// guard drops.
+    fn running(&self) -> Running<'_> {
+        self.inner.ticker.enter()
+    }
+}
+
+/// The thread that advances an engine's epoch, and how many guest calls
+/// run now.
+struct Ticker {
+    thread: std::thread::Thread,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Ticker {
+    fn start(engine: &Engine) -> Ticker {
+        let weak = engine.weak();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let running = calls.clone();
+        let handle = std::thread::Builder::new()
+            .name("antnest-epoch".into())
+            .spawn(move || {
+                let mut idle = 0;
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    idle = if running.load(Ordering::SeqCst) > 0 {
+                        0
+                    } else {
+                        idle + 1
+                    };
+                    if idle >= IDLE_TICKS {
+                        // A call starting from now on unparks this thread
+                        // (or has left it a token, and this returns at once).
+                        std::thread::park_timeout(IDLE_CHECK);
+                    } else {
+                        std::thread::sleep(TICK);
+                    }
+                }
+            })
+            .expect("spawn epoch thread");
+        Ticker {
+            thread: handle.thread().clone(),
+            calls,
+        }
+    }
+
+    fn enter(&self) -> Running<'_> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        // Only a system call if the thread is parked.
+        self.thread.unpark();
+        Running(&self.calls)
+    }
+}
+
+struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -758,7 +821,11 @@ impl TaskRunner {
                 .instantiate(&self.component, self.limits, HostIo::None)?,
         };
         store.data_mut().deadline = Instant::now() + self.limits.time;
-        match job.call_process(&mut store, unit) {
+        let called = {
+            let _running = self.env.running();
+            job.call_process(&mut store, unit)
+        };
+        match called {
             Ok(Ok(out)) if out.len() > self.limits.output => {
                 self.keep(store, job);
                 Err(TaskError::OutputTooLarge {
@@ -806,7 +873,10 @@ pub fn run_split(
     };
     let (mut store, job) = env.instantiate(component, limits, io)?;
     store.data_mut().deadline = Instant::now() + limits.time;
-    let result = job.call_split(&mut store);
+    let result = {
+        let _running = env.running();
+        job.call_split(&mut store)
+    };
     let emitted = match &store.data().io {
         HostIo::Split { emitted, .. } => *emitted,
         _ => 0,
@@ -837,7 +907,10 @@ pub fn run_combine(
     };
     let (mut store, job) = env.instantiate(component, limits, io)?;
     store.data_mut().deadline = Instant::now() + limits.time;
-    let result = job.call_combine(&mut store);
+    let result = {
+        let _running = env.running();
+        job.call_combine(&mut store)
+    };
     let output = match &mut store.data_mut().io {
         HostIo::Combine { output, .. } => std::mem::take(output),
         _ => Vec::new(),

@@ -68,6 +68,12 @@ const LOCAL_BATCH: Duration = Duration::from_millis(1);
 /// How often a slot running its own peer's job wakes the job's loop (to
 /// pass results to the combine; the end of the job wakes it at once).
 const NOTIFY_EVERY: Duration = Duration::from_millis(5);
+
+/// A master passes accepted results to the job's combine once this many
+/// bytes, or this many results, are waiting (and at the job's end).
+const FEED_BYTES: usize = 64 << 10;
+const FEED_RESULTS: usize = 1024;
+
 /// Work per batch pulled from another peer: longer, so the pull's round
 /// trip is a smaller share of it.
 const REMOTE_BATCH: Duration = Duration::from_millis(80);
@@ -1071,6 +1077,9 @@ impl Peer {
         };
         let mut last_announce: Option<Instant> = None;
         let mut last_progress = Instant::now();
+        // Results accepted and not yet passed to the combine.
+        let mut unfed: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut unfed_bytes = 0;
         loop {
             let (finished, has_work, prog, accepted, logs) = {
                 let mut book = master.book.lock().unwrap();
@@ -1095,9 +1104,16 @@ impl Peer {
                     let _ = events.send(JobEvent::Result { index, bytes }).await;
                 }
             }
-            // All at once: each send may wake the combine's thread.
-            if !accepted.is_empty() {
-                let _ = feed.send(accepted);
+            // In pieces of some size: each send may wake the combine's
+            // thread, which takes a core from a slot. Small results wait
+            // (the combine merges a few small ones at the end in no time).
+            unfed_bytes += accepted.iter().map(|(_, r)| r.len()).sum::<usize>();
+            unfed.extend(accepted);
+            if !unfed.is_empty()
+                && (finished || unfed_bytes >= FEED_BYTES || unfed.len() >= FEED_RESULTS)
+            {
+                let _ = feed.send(std::mem::take(&mut unfed));
+                unfed_bytes = 0;
             }
             if finished {
                 break;

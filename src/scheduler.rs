@@ -78,7 +78,7 @@ pub struct Finished {
 pub fn split_channel(max_units: usize, max_bytes: usize) -> (SplitSender, SplitReceiver) {
     let (tx, rx) = std::sync::mpsc::sync_channel(max_units);
     let budget = Arc::new(Budget {
-        state: Mutex::new((0, false)),
+        state: Mutex::new(BudgetState::default()),
         changed: Condvar::new(),
         max: max_bytes,
     });
@@ -92,10 +92,21 @@ pub fn split_channel(max_units: usize, max_bytes: usize) -> (SplitSender, SplitR
 }
 
 struct Budget {
-    /// Bytes queued, and whether the receiver is gone.
-    state: Mutex<(usize, bool)>,
+    state: Mutex<BudgetState>,
     changed: Condvar,
     max: usize,
+}
+
+#[derive(Default)]
+struct BudgetState {
+    /// Bytes queued.
+    queued: usize,
+    /// The receiver is gone.
+    closed: bool,
+    /// The split waits for room: only then does taking a taskunit notify
+    /// it (a `Condvar` notify is a system call even with nobody waiting,
+    /// and the book takes every taskunit).
+    waiting: bool,
 }
 
 #[derive(Clone)]
@@ -116,13 +127,15 @@ impl SplitSender {
         {
             let b = &self.budget;
             let mut state = b.state.lock().unwrap();
-            while !state.1 && state.0 > 0 && state.0 + len > b.max {
+            while !state.closed && state.queued > 0 && state.queued + len > b.max {
+                state.waiting = true;
                 state = b.changed.wait(state).unwrap();
             }
-            if state.1 {
+            state.waiting = false;
+            if state.closed {
                 return Err(SplitClosed);
             }
-            state.0 += len;
+            state.queued += len;
         }
         self.tx.send(unit).map_err(|_| SplitClosed)
     }
@@ -137,16 +150,21 @@ impl SplitReceiver {
     fn try_recv(&self) -> Result<SharedBytes, TryRecvError> {
         let unit = self.rx.try_recv()?;
         let mut state = self.budget.state.lock().unwrap();
-        state.0 -= unit.len();
-        self.budget.changed.notify_all();
+        state.queued -= unit.len();
+        if state.waiting {
+            self.budget.changed.notify_all();
+        }
         Ok(unit)
     }
 }
 
 impl Drop for SplitReceiver {
     fn drop(&mut self) {
-        self.budget.state.lock().unwrap().1 = true;
-        self.budget.changed.notify_all();
+        let mut state = self.budget.state.lock().unwrap();
+        state.closed = true;
+        if state.waiting {
+            self.budget.changed.notify_all();
+        }
     }
 }
 

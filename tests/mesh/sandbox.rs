@@ -218,3 +218,39 @@ fn threads_loading_one_module_at_once_compile_it_once() {
         "temporary files left behind: {names:?}"
     );
 }
+
+/// The epoch ticker sleeps while no guest code runs. A taskunit that starts
+/// after a quiet spell has to wake it, or an endless loop would never be
+/// stopped.
+#[test]
+fn an_endless_loop_after_a_quiet_spell_still_times_out() {
+    use antnest::executor::{Environment, Limits, TaskError, TaskRunner};
+    use antnest::wire::ModuleHash;
+
+    let bytes = std::fs::read(artifact("faulty")).expect("faulty.wasm");
+    let env = Environment::new(None).unwrap();
+    let component = env
+        .component(&ModuleHash::of(&bytes), || Some(bytes.clone()))
+        .unwrap();
+    let limit = Duration::from_millis(300);
+    let limits = Limits {
+        time: limit,
+        ..Limits::default()
+    };
+    let mut runner = TaskRunner::new(env, component, limits);
+    assert_eq!(runner.process(b"a").unwrap(), b"A");
+    // Far longer than the few idle ticks after which the ticker sleeps.
+    std::thread::sleep(Duration::from_millis(500));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(runner.process(b"loop")));
+    // Stopped about when its 300 ms are up: without the wake-up the ticker
+    // would sleep on for its idle check (10 s). The bound is loose, for a
+    // busy machine.
+    let result = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the endless loop was not stopped in time");
+    assert!(
+        matches!(result, Err(TaskError::Timeout(t)) if t == limit),
+        "{result:?}"
+    );
+}
