@@ -21,7 +21,7 @@ use crate::executor::{self, Environment, Limits, SplitInput, SplitOutcome, TaskE
 use crate::journal::{Journal, JournalError};
 use crate::mapped::{self, Damage};
 use crate::network::{self, Client, Event, NetConfig, PeerInfo};
-use crate::scheduler::{self, JobBook, Progress};
+use crate::scheduler::{self, JobBook, Progress, WorkerId};
 use crate::wire::{
     Announce, ByteBuf, JobId, MAX_MODULE, MAX_TASKUNIT, ModuleHash, Request, Response, SharedBytes,
     TaskOutcome,
@@ -323,7 +323,13 @@ struct Shared {
     work: Notify,
     /// Taskunits run by this peer's slots (for metrics).
     tasks_done: std::sync::atomic::AtomicU64,
+    /// What each worker's batches took per taskunit in the last job of each
+    /// module this peer was master of (see [`JobBook::with_turnaround`]).
+    turnarounds: Mutex<HashMap<ModuleHash, HashMap<WorkerId, Duration>>>,
 }
+
+/// Modules whose workers' figures a master remembers.
+const REMEMBERED_MODULES: usize = 64;
 
 /// A handle on a running peer. Cheap to clone.
 #[derive(Clone)]
@@ -376,6 +382,7 @@ pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
         fetching: tokio::sync::Mutex::new(()),
         work: Notify::new(),
         tasks_done: std::sync::atomic::AtomicU64::new(0),
+        turnarounds: Mutex::new(HashMap::new()),
     });
     let peer = Peer { shared };
     let (stop, stop_rx) = watch::channel(false);
@@ -610,9 +617,10 @@ impl Peer {
     /// taskunit).
     async fn work_loop(self, slot: usize, stop: watch::Receiver<bool>) {
         // Per-slot state: one runner per module (instances are reused), and
-        // the measured time per taskunit of each job, to size batches.
+        // the measured time per taskunit of each module, to size batches (a
+        // new job of a module starts from its last job's figure).
         let mut runners: HashMap<ModuleHash, TaskRunner> = HashMap::new();
-        let mut per_unit: HashMap<JobId, Duration> = HashMap::new();
+        let mut per_unit: HashMap<ModuleHash, Duration> = HashMap::new();
         let mut idle = Duration::from_millis(1);
         let mut idle_since = Instant::now();
         let mut delivering: Option<tokio::task::JoinHandle<()>> = None;
@@ -721,7 +729,7 @@ impl Peer {
                 })
                 .await
                 .expect("task batch");
-            per_unit.insert(job, unit_time);
+            per_unit.insert(module, unit_time);
             if runners.len() >= 4 {
                 runners.clear();
             }
@@ -735,7 +743,7 @@ impl Peer {
             let pull = if self.local_work_waiting() {
                 0
             } else {
-                Self::batch_size(&per_unit, job, REMOTE_BATCH) as u32
+                Self::batch_size(&per_unit, module, REMOTE_BATCH) as u32
             };
             let req = Request::Results {
                 job,
@@ -764,11 +772,15 @@ impl Peer {
     }
 
     /// How many taskunits to ask for: about `target` of work, 1..=4096.
-    fn batch_size(per_unit: &HashMap<JobId, Duration>, job: JobId, target: Duration) -> usize {
-        per_unit.get(&job).map_or(1, |d| units_for(*d, target))
+    fn batch_size(
+        per_unit: &HashMap<ModuleHash, Duration>,
+        module: ModuleHash,
+        target: Duration,
+    ) -> usize {
+        per_unit.get(&module).map_or(1, |d| units_for(*d, target))
     }
 
-    async fn find_work(&self, per_unit: &HashMap<JobId, Duration>) -> Option<Batch> {
+    async fn find_work(&self, per_unit: &HashMap<ModuleHash, Duration>) -> Option<Batch> {
         let local: Vec<(JobId, Arc<MasterJob>)> = self
             .shared
             .masters
@@ -778,7 +790,7 @@ impl Peer {
             .map(|(id, j)| (*id, j.clone()))
             .collect();
         for (job, master) in local {
-            let max = Self::batch_size(per_unit, job, LOCAL_BATCH);
+            let max = Self::batch_size(per_unit, master.module, LOCAL_BATCH);
             let units =
                 master
                     .book
@@ -813,7 +825,7 @@ impl Peer {
                 self.back_off(job, Duration::from_secs(5));
                 continue;
             }
-            let max = Self::batch_size(per_unit, job, REMOTE_BATCH) as u32;
+            let max = Self::batch_size(per_unit, module, REMOTE_BATCH) as u32;
             let pull = Request::Pull { job, max };
             if let Some(batch) = self.request_batch(job, master, module, limits, pull).await {
                 return Some(batch);
@@ -971,8 +983,10 @@ impl Peer {
             }
         }
         let (tx, rx) = scheduler::split_channel(4096, SPLIT_AHEAD_BYTES);
+        let known = self.shared.turnarounds.lock().unwrap().get(&hash).cloned();
         let mut book = JobBook::new(rx, self.shared.config.lease, spec.max_attempts)
-            .with_replicas(spec.replicate);
+            .with_replicas(spec.replicate)
+            .with_turnaround(known.unwrap_or_default());
         // Results go to the combine as they are accepted: it runs alongside
         // the job and sees the end of the feed when `feed` is dropped.
         let (feed, feed_rx) = std::sync::mpsc::channel::<Vec<(u64, Vec<u8>)>>();
@@ -1160,6 +1174,11 @@ impl Peer {
             if let Some(e) = book.fatal() {
                 return Err(SubmitError::Split(e.to_string()));
             }
+            let mut known = self.shared.turnarounds.lock().unwrap();
+            if known.len() >= REMEMBERED_MODULES && !known.contains_key(&hash) {
+                known.clear();
+            }
+            known.insert(hash, book.turnaround().clone());
             book.finish()
         };
         let prog = done.progress;

@@ -99,8 +99,9 @@ struct Budget {
 
 #[derive(Default)]
 struct BudgetState {
-    /// Bytes queued.
+    /// Bytes queued, and taskunits.
     queued: usize,
+    units: usize,
     /// The receiver is gone.
     closed: bool,
     /// The split waits for room: only then does taking a taskunit notify
@@ -136,6 +137,7 @@ impl SplitSender {
                 return Err(SplitClosed);
             }
             state.queued += len;
+            state.units += 1;
         }
         self.tx.send(unit).map_err(|_| SplitClosed)
     }
@@ -151,10 +153,18 @@ impl SplitReceiver {
         let unit = self.rx.try_recv()?;
         let mut state = self.budget.state.lock().unwrap();
         state.queued -= unit.len();
+        state.units -= 1;
         if state.waiting {
             self.budget.changed.notify_all();
         }
         Ok(unit)
+    }
+}
+
+impl SplitReceiver {
+    /// Taskunits the split has made and the book has not taken yet.
+    fn queued_units(&self) -> usize {
+        self.budget.state.lock().unwrap().units
     }
 }
 
@@ -260,6 +270,19 @@ impl JobBook {
 
     /// The split finished after making `total` taskunits (some may still
     /// wait in the channel).
+    /// Start from what each worker's batches took per taskunit in an
+    /// earlier job of the same module, so that a worker's first batch is
+    /// already its share (a worker's measured figure replaces it).
+    pub fn with_turnaround(mut self, turnaround: HashMap<WorkerId, Duration>) -> Self {
+        self.turnaround = turnaround;
+        self
+    }
+
+    /// What each worker's last batch took per taskunit.
+    pub fn turnaround(&self) -> &HashMap<WorkerId, Duration> {
+        &self.turnaround
+    }
+
     pub fn split_done(&mut self, total: u64) {
         self.split_total = Some(total);
     }
@@ -341,13 +364,13 @@ impl JobBook {
             return Vec::new(); // failed or cancelled: nothing more to run
         }
         self.reclaim_expired(now);
-        let max = match self.split_total {
-            Some(total) => {
-                let unissued = total.saturating_sub(self.next_index) as usize + self.queue.len();
-                max.min(self.share(worker, unissued))
-            }
-            None => max,
-        };
+        let unissued = self.queue.len()
+            + match self.split_total {
+                Some(total) => total.saturating_sub(self.next_index) as usize,
+                // The split still runs: what it has made so far.
+                None => self.split.as_ref().map_or(0, SplitReceiver::queued_units),
+            };
+        let max = max.min(self.share(worker, unissued));
         let max_bytes = if local { usize::MAX } else { MAX_BATCH_BYTES };
         let mut units = Vec::new();
         let mut taken = Vec::new();
@@ -792,7 +815,13 @@ mod tests {
             tx.send(vec![b'x'; unit]).unwrap();
         }
         drop(tx);
-        let mut b = JobBook::new(rx, Duration::from_secs(10), 2);
+        // The local slot is far the faster, so its share is all that is
+        // left: only a byte cap could stop it.
+        let known = [
+            ("local".to_owned(), Duration::from_micros(1)),
+            ("remote".to_owned(), Duration::from_secs(1)),
+        ];
+        let mut b = JobBook::new(rx, Duration::from_secs(10), 2).with_turnaround(known.into());
         let now = Instant::now();
         assert_eq!(b.take("remote", 100, now).len(), fits);
         assert_eq!(b.take_local("local", 100, now).len(), fits + 2);
@@ -864,25 +893,23 @@ mod tests {
 
     #[test]
     fn a_batch_is_backed_up_only_once_late_for_its_worker_and_size() {
-        let mut b = book(&["a", "b", "c", "d", "e", "f"]);
+        let mut b = book(&["a", "b", "c", "d", "e"]);
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
         let indices = |units: Vec<TaskUnit>| units.iter().map(|u| u.index).collect::<Vec<_>>();
         assert_eq!(indices(b.take("remote", 2, at(0))), vec![0, 1]);
-        assert_eq!(indices(b.take_local("local", 1, at(0))), vec![2]);
-        b.complete_at("local", vec![ok(2, "C")], at(10));
         // The remote's first batch took 20 ms per taskunit.
         b.complete_at("remote", vec![ok(0, "A"), ok(1, "B")], at(40));
-        assert_eq!(indices(b.take_local("local", 1, at(40))), vec![3]);
-        assert_eq!(indices(b.take("remote", 2, at(40))), vec![4, 5]);
-        b.complete_at("local", vec![ok(3, "D")], at(50));
+        assert_eq!(indices(b.take("remote", 2, at(40))), vec![2, 3]);
+        assert_eq!(indices(b.take_local("local", 1, at(40))), vec![4]);
+        b.complete_at("local", vec![ok(4, "E")], at(50));
         // 40 ms into a 2-taskunit batch of a 20 ms worker: on time, though
         // the last batch in (the master's own slot's) took 10 ms.
         assert!(b.take_local("local", 1, at(80)).is_empty());
         assert!(b.take_local("local", 1, at(99)).is_empty());
         // Past half as long again (60 ms): backed up, one taskunit a call.
-        assert_eq!(indices(b.take_local("local", 1, at(101))), vec![4]);
-        assert_eq!(indices(b.take_local("local", 1, at(101))), vec![5]);
+        assert_eq!(indices(b.take_local("local", 1, at(101))), vec![2]);
+        assert_eq!(indices(b.take_local("local", 1, at(101))), vec![3]);
     }
 
     #[test]
@@ -900,6 +927,47 @@ mod tests {
         assert_eq!(b.take("fast", 100, at(30)).len(), 6);
         assert_eq!(b.take("slow", 100, at(30)).len(), 1);
         assert_eq!(b.take("newcomer", 100, at(30)).len(), 1, "at least one");
+    }
+
+    #[test]
+    fn a_workers_first_batch_is_its_share_by_the_last_job_of_the_module() {
+        let book_with = |known: &[(&str, u64)]| {
+            let known = known
+                .iter()
+                .map(|(w, ms)| (w.to_string(), Duration::from_millis(*ms)))
+                .collect();
+            let (tx, rx) = split_channel(64, 1 << 20);
+            for i in 0..64 {
+                tx.send(vec![i]).unwrap();
+            }
+            let mut b = JobBook::new(rx, Duration::from_secs(10), 2).with_turnaround(known);
+            b.split_done(64);
+            b
+        };
+        let now = Instant::now();
+        // The master's own slot holds one; 63 are left. In the module's
+        // last job the remote took three times as long per taskunit.
+        let mut b = book_with(&[("local", 2), ("remote", 6)]);
+        assert_eq!(b.take_local("local", 1, now).len(), 1);
+        assert_eq!(b.take("remote", 100, now).len(), 16);
+        // Without figures the two count alike.
+        let mut b = book_with(&[]);
+        assert_eq!(b.take_local("local", 1, now).len(), 1);
+        assert_eq!(b.take("remote", 100, now).len(), 32);
+    }
+
+    #[test]
+    fn while_the_split_runs_a_batch_is_a_share_of_what_it_has_made() {
+        let (tx, rx) = split_channel(64, 1 << 20);
+        for i in 0..10 {
+            tx.send(vec![i]).unwrap();
+        }
+        let mut b = JobBook::new(rx, Duration::from_secs(10), 2);
+        let now = Instant::now();
+        assert_eq!(b.take_local("local", 1, now).len(), 1);
+        // 9 made and not handed out, two workers alike: 4.5, rounded.
+        assert_eq!(b.take("remote", 100, now).len(), 5);
+        drop(tx);
     }
 
     #[test]
