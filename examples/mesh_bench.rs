@@ -166,6 +166,7 @@ async fn submit(
 ) -> Result<JobReport> {
     let spec = JobSpec {
         module: ByteBuf::from(module.to_vec()),
+        module_hash: None,
         input,
         limits: None,
         max_attempts: 3,

@@ -41,6 +41,9 @@ pub enum ControlReply {
         local: String,
         peers: Vec<PeerInfo>,
     },
+    /// A submission by module hash, of a module this peer does not have:
+    /// submit again with the module's bytes.
+    NeedModule,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +160,11 @@ async fn handle(mut stream: UnixStream, peer: Peer) -> Result<(), ControlError> 
                     }
                 }
             };
-            write_msg(&mut stream, &reply_for(result)).await
+            let reply = match result {
+                Err(SubmitError::ModuleNotHere(_)) => ControlReply::NeedModule,
+                result => reply_for(result),
+            };
+            write_msg(&mut stream, &reply).await
         }
     }
 }

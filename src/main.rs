@@ -15,7 +15,7 @@ use antnest::executor::Limits;
 use antnest::network::NetConfig;
 use antnest::peer::{self, InputSpec, JobEvent, JobReport, JobSpec, PeerConfig};
 use antnest::scheduler::Progress;
-use antnest::wire::{ByteBuf, JobId};
+use antnest::wire::{ByteBuf, JobId, ModuleHash};
 use cli::{Cli, Command, NetArgs, SubmitArgs};
 
 fn main() -> ExitCode {
@@ -271,10 +271,14 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     let cfg = peer_config(&args.net)?;
     let job_path = args.job.clone();
     let cache = cfg.cache_dir.clone();
-    let module =
-        tokio::task::spawn_blocking(move || antnest::source::load(&job_path, cache.as_deref()))
-            .await?
-            .with_context(|| format!("loading job {}", args.job.display()))?;
+    let (module, hash) = tokio::task::spawn_blocking(move || {
+        antnest::source::load(&job_path, cache.as_deref()).map(|m| {
+            let hash = ModuleHash::of(&m);
+            (m, hash)
+        })
+    })
+    .await?
+    .with_context(|| format!("loading job {}", args.job.display()))?;
     let input = match &args.input {
         Some(p) if p.as_os_str() != "-" => {
             let p = std::fs::canonicalize(p).with_context(|| format!("input {}", p.display()))?;
@@ -284,8 +288,11 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         None if !std::io::stdin().is_terminal() => InputSpec::Bytes(ByteBuf::from(read_stdin()?)),
         None => InputSpec::Bytes(ByteBuf::new()),
     };
-    let spec = JobSpec {
-        module: ByteBuf::from(module),
+    // A running peer gets the module's hash first, and its bytes only if
+    // it does not have them.
+    let mut spec = JobSpec {
+        module: ByteBuf::new(),
+        module_hash: Some(hash),
         input,
         limits: Some(Limits {
             time: args.task_timeout,
@@ -329,19 +336,22 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         printer.clear();
     });
     let reply = match conn {
-        Some(mut conn) => {
-            control::write_msg(&mut conn, &ControlRequest::Submit(Box::new(spec))).await?;
-            loop {
-                match control::read_msg::<ControlReply>(&mut conn).await? {
-                    Some(ControlReply::Event(event)) => {
-                        let _ = events_tx.send(event).await;
-                    }
-                    Some(reply) => break reply,
-                    None => bail!("the local peer closed the connection before the job ended"),
+        Some(conn) => {
+            let request = ControlRequest::Submit(Box::new(spec.clone()));
+            match submit_over(conn, &request, &events_tx).await? {
+                ControlReply::NeedModule => {
+                    spec.module = ByteBuf::from(module);
+                    let conn = tokio::net::UnixStream::connect(&socket)
+                        .await
+                        .with_context(|| format!("control socket {}", socket.display()))?;
+                    let request = ControlRequest::Submit(Box::new(spec));
+                    submit_over(conn, &request, &events_tx).await?
                 }
+                reply => reply,
             }
         }
         None => {
+            spec.module = ByteBuf::from(module);
             let running = peer::start(cfg).await?;
             let result = running.peer.submit(spec, Some(events_tx.clone())).await;
             running.shutdown().await;
@@ -351,6 +361,25 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     drop(events_tx);
     let _ = consumer.await;
     finish(&args, reply)
+}
+
+/// Send a submission over a control connection and pass its events on
+/// until the reply that ends it.
+async fn submit_over(
+    mut conn: tokio::net::UnixStream,
+    request: &ControlRequest,
+    events: &tokio::sync::mpsc::Sender<JobEvent>,
+) -> Result<ControlReply> {
+    control::write_msg(&mut conn, request).await?;
+    loop {
+        match control::read_msg::<ControlReply>(&mut conn).await? {
+            Some(ControlReply::Event(event)) => {
+                let _ = events.send(event).await;
+            }
+            Some(reply) => return Ok(reply),
+            None => bail!("the local peer closed the connection before the job ended"),
+        }
+    }
 }
 
 /// Shows a job's progress on stderr: one updating line on a terminal, a

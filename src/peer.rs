@@ -167,6 +167,8 @@ pub enum SubmitError {
     NotEnoughPeers { need: u8, have: usize },
     #[error("this peer already runs {0} jobs, its limit (--max-jobs)")]
     Busy(usize),
+    #[error("this peer does not have module {0}: send its bytes")]
+    ModuleNotHere(ModuleHash),
 }
 
 /// Where a job's input comes from. Re-openable, so the default split can
@@ -208,7 +210,12 @@ impl InputSpec {
 /// A job as submitted.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct JobSpec {
+    /// The module's bytes; empty when `module_hash` names a module the
+    /// peer may have already (it answers [`SubmitError::ModuleNotHere`] if
+    /// not, and the submitter sends the bytes).
     pub module: ByteBuf,
+    #[serde(default)]
+    pub module_hash: Option<ModuleHash>,
     pub input: InputSpec,
     /// Tighter limits than the peer's, if wanted.
     pub limits: Option<Limits>,
@@ -242,6 +249,10 @@ pub struct JobStats {
     pub mismatches: u64,
     /// From submission to the first taskunit result, in milliseconds.
     pub first_result_ms: Option<f64>,
+    /// Whether the submitter sent the module's bytes (not when the peer
+    /// had them already and the hash was enough).
+    #[serde(default)]
+    pub module_sent: bool,
 }
 
 /// What a finished job gives back.
@@ -943,17 +954,44 @@ impl Peer {
         events: Option<mpsc::Sender<JobEvent>>,
     ) -> Result<JobReport, SubmitError> {
         let started = Instant::now();
-        let bytes = spec.module.into_vec();
-        if bytes.len() > MAX_MODULE {
-            return Err(SubmitError::ModuleTooLarge {
-                size: bytes.len(),
-                max: MAX_MODULE,
-            });
-        }
-        let hash = ModuleHash::of(&bytes);
+        let module_sent = !spec.module.is_empty();
         let env = self.shared.env.clone();
+        let (hash, bytes) = match spec.module_hash {
+            // By hash: from a job of this module running here, or from the
+            // module store (written only after the bytes matched the hash).
+            Some(hash) if !module_sent => {
+                let running = self
+                    .shared
+                    .masters
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .find(|j| j.module == hash)
+                    .map(|j| j.bytes.clone());
+                let bytes = match running {
+                    Some(b) => Some(b),
+                    None => {
+                        let env = env.clone();
+                        tokio::task::spawn_blocking(move || env.stored_module(&hash))
+                            .await
+                            .expect("module read task")
+                            .map(Arc::new)
+                    }
+                };
+                (hash, bytes.ok_or(SubmitError::ModuleNotHere(hash))?)
+            }
+            _ => {
+                let bytes = spec.module.into_vec();
+                if bytes.len() > MAX_MODULE {
+                    return Err(SubmitError::ModuleTooLarge {
+                        size: bytes.len(),
+                        max: MAX_MODULE,
+                    });
+                }
+                (ModuleHash::of(&bytes), Arc::new(bytes))
+            }
+        };
         let compiled_before = env.cache_stats().compiled;
-        let bytes = Arc::new(bytes);
         let component = {
             let (env, bytes) = (env.clone(), bytes.clone());
             tokio::task::spawn_blocking(move || {
@@ -1196,6 +1234,7 @@ impl Peer {
             first_result_ms: done
                 .first_result
                 .map(|t| t.saturating_duration_since(started).as_secs_f64() * 1000.0),
+            module_sent,
         };
         let mut report = JobReport {
             output: ByteBuf::new(),

@@ -110,3 +110,34 @@ fn guest_stderr_reaches_the_submitter() {
     let quiet = submit_local(&artifact("faulty"), &["-q"], b"say\n");
     assert!(!text(&quiet.stderr).contains("hello from the guest"));
 }
+
+/// `submit` gives a running peer the module's hash first and its bytes only
+/// when the peer lacks them: the second submission of a job sends none.
+#[test]
+fn a_peer_that_has_the_module_gets_only_its_hash() {
+    let dir = scratch();
+    let cache = dir.path().join("cache");
+    let peer = PeerProc::loopback(dir.path(), "p", &["--cache-dir", cache.to_str().unwrap()]);
+    let job = artifact("reverse_strings");
+    let module_sent = |name: &str| {
+        let stats = dir.path().join(format!("{name}.json"));
+        let out = peer.submit(
+            &job,
+            &["--stats-json", stats.to_str().unwrap()],
+            b"ab\ncd\n",
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "ba\ndc");
+        stats_of(&stats)["module_sent"]
+            .as_bool()
+            .expect("module_sent")
+    };
+    assert!(
+        module_sent("first"),
+        "a peer with an empty cache needs the bytes"
+    );
+    assert!(
+        !module_sent("second"),
+        "the second time, the hash is enough"
+    );
+}
