@@ -545,13 +545,8 @@ impl Peer {
             }
             Request::FetchModule { hash } => {
                 let bytes = self
-                    .shared
-                    .masters
-                    .lock()
-                    .unwrap()
-                    .values()
-                    .find(|j| j.module == hash)
-                    .map(|j| j.bytes.as_ref().clone())
+                    .running_module(hash)
+                    .map(|b| b.as_ref().clone())
                     .or_else(|| self.shared.env.stored_module(&hash));
                 match bytes {
                     Some(b) => Response::Module(b),
@@ -559,6 +554,13 @@ impl Peer {
                 }
             }
         }
+    }
+
+    /// The bytes of `hash`, if a job of it runs with this peer as master.
+    fn running_module(&self, hash: ModuleHash) -> Option<Arc<Vec<u8>>> {
+        let masters = self.shared.masters.lock().unwrap();
+        let job = masters.values().find(|j| j.module == hash)?;
+        Some(job.bytes.clone())
     }
 
     /// Lease up to `max` taskunits of `master`'s job to `peer`.
@@ -960,15 +962,7 @@ impl Peer {
             // By hash: from a job of this module running here, or from the
             // module store (written only after the bytes matched the hash).
             Some(hash) if !module_sent => {
-                let running = self
-                    .shared
-                    .masters
-                    .lock()
-                    .unwrap()
-                    .values()
-                    .find(|j| j.module == hash)
-                    .map(|j| j.bytes.clone());
-                let bytes = match running {
+                let bytes = match self.running_module(hash) {
                     Some(b) => Some(b),
                     None => {
                         let env = env.clone();
