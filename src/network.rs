@@ -29,6 +29,9 @@ use tracing::{debug, info, warn};
 
 use crate::wire::{Announce, JOBS_TOPIC, PROTOCOL, Request, Response};
 
+/// How often Kademlia looks for peers again (a query to a few known peers).
+const KAD_REBOOTSTRAP: Duration = Duration::from_secs(5);
+
 /// How the swarm is set up.
 #[derive(Debug, Clone)]
 pub struct NetConfig {
@@ -241,8 +244,11 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
                 None
             };
             let mut kad_cfg = kad::Config::new(StreamProtocol::new("/antnest/kad/1"));
-            // Bootstrapped by hand once a first peer is identified.
-            kad_cfg.set_periodic_bootstrap_interval(None);
+            // Bootstrapped by hand once a first peer is identified, and again
+            // every few seconds: peers that join through the same bootstrap
+            // peer at the same moment may each ask it before it knows the
+            // other, and would never meet otherwise.
+            kad_cfg.set_periodic_bootstrap_interval(Some(KAD_REBOOTSTRAP));
             let mut kad = kad::Behaviour::with_config(
                 peer_id,
                 kad::store::MemoryStore::new(peer_id),
