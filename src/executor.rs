@@ -10,10 +10,10 @@
 //!
 //! Deadlines use epoch interruption: one ticker thread per [`Environment`]
 //! bumps the engine epoch every [`TICK`] while guest code runs (it sleeps
-//! when none has run for a few ticks, so an idle peer stays quiet). The deadline callback compares
-//! against a wall-clock deadline kept in the store, which host calls that
-//! block (a split waiting for workers to take its taskunits) push forward,
-//! so only time spent computing counts.
+//! when none has run for a few ticks, so an idle peer stays quiet). The
+//! deadline callback compares against a wall-clock deadline kept in the
+//! store, which host calls that block (a split waiting for workers to take
+//! its taskunits) push forward, so only time spent computing counts.
 
 use std::collections::HashMap;
 use std::io::Read;

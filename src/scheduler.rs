@@ -159,9 +159,7 @@ impl SplitReceiver {
         }
         Ok(unit)
     }
-}
 
-impl SplitReceiver {
     /// Taskunits the split has made and the book has not taken yet.
     fn queued_units(&self) -> usize {
         self.budget.state.lock().unwrap().units
@@ -268,8 +266,6 @@ impl JobBook {
         }
     }
 
-    /// The split finished after making `total` taskunits (some may still
-    /// wait in the channel).
     /// Start from what each worker's batches took per taskunit in an
     /// earlier job of the same module, so that a worker's first batch is
     /// already its share (a worker's measured figure replaces it).
@@ -283,6 +279,8 @@ impl JobBook {
         &self.turnaround
     }
 
+    /// The split finished after making `total` taskunits (some may still
+    /// wait in the channel).
     pub fn split_done(&mut self, total: u64) {
         self.split_total = Some(total);
     }
