@@ -187,6 +187,8 @@ pub struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     known: HashMap<PeerId, HashSet<Multiaddr>>,
     agents: HashMap<PeerId, String>,
+    /// Dialed once the listeners are up (see [`EventLoop::run`]).
+    bootstrap: Vec<Multiaddr>,
 }
 
 fn setup_err(e: impl std::fmt::Display) -> NetError {
@@ -271,9 +273,13 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
                 request_response::Config::default().with_request_timeout(request_timeout),
             );
             Ok(Behaviour {
+                // A listen address that appears later (a new interface, or
+                // a listener slower than `wait_listening`'s wait) is pushed
+                // to connected peers, so they can tell others where we are.
                 identify: identify::Behaviour::new(
                     identify::Config::new("/antnest/1".into(), key.public())
-                        .with_agent_version(format!("antnest/{}", env!("CARGO_PKG_VERSION"))),
+                        .with_agent_version(format!("antnest/{}", env!("CARGO_PKG_VERSION")))
+                        .with_push_listen_addr_updates(true),
                 ),
                 mdns: mdns.into(),
                 kad,
@@ -294,11 +300,6 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
     for addr in &config.listen {
         swarm.listen_on(addr.clone()).map_err(setup_err)?;
     }
-    for addr in &config.bootstrap {
-        if let Err(e) = swarm.dial(addr.clone()) {
-            warn!(%addr, "cannot dial bootstrap peer: {e}");
-        }
-    }
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (ev_tx, ev_rx) = mpsc::channel(256);
     Ok((
@@ -313,6 +314,7 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
             listen_addrs: Vec::new(),
             known: HashMap::new(),
             agents: HashMap::new(),
+            bootstrap: config.bootstrap,
         },
     ))
 }
@@ -334,7 +336,18 @@ impl EventLoop {
         &self.listen_addrs
     }
 
+    /// Dial the bootstrap peers, then serve until `shutdown`.
+    ///
+    /// The dials wait for this point, after [`EventLoop::wait_listening`],
+    /// so that identify tells the bootstrap peer where we listen: a peer
+    /// that dials before its listener is up identifies itself with no
+    /// address, and the bootstrap peer cannot point others to it.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        for addr in std::mem::take(&mut self.bootstrap) {
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                warn!(%addr, "cannot dial bootstrap peer: {e}");
+            }
+        }
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -461,6 +474,7 @@ impl EventLoop {
                 info,
                 ..
             })) => {
+                debug!(%peer_id, addrs = info.listen_addrs.len(), "identified");
                 self.agents.insert(peer_id, info.agent_version.clone());
                 for addr in info.listen_addrs {
                     self.learn(peer_id, addr);

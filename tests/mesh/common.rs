@@ -55,7 +55,12 @@ pub(crate) fn antnest() -> Command {
     cmd.env("ANTNEST_CACHE", cache_dir())
         .env("CARGO_TARGET_DIR", jobs_target())
         .env_remove("ANTNEST_CONTROL")
-        .env("RUST_LOG", "warn,libp2p_kad=error");
+        .env(
+            "RUST_LOG",
+            // ANTNEST_TEST_LOG turns the peers' logs up when a test is
+            // being investigated.
+            std::env::var("ANTNEST_TEST_LOG").unwrap_or_else(|_| "warn,libp2p_kad=error".into()),
+        );
     cmd
 }
 
@@ -258,9 +263,28 @@ impl Drop for PeerProc {
 
 /// Poll `check` until it holds or `timeout` passes.
 pub(crate) fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    eventually_or(timeout, what, || {
+        if check() { Ok(()) } else { Err("no".into()) }
+    });
+}
+
+/// Poll `check` until it returns `Ok` or `timeout` passes; the panic shows
+/// what the last `Err` said.
+pub(crate) fn eventually_or(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<(), String>,
+) {
     let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+    loop {
+        let last = match check() {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last seen: {last}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -23,15 +23,30 @@ fn three_peers_share_a_job_submitted_from_a_non_bootstrap_peer() {
     // `antnest peers` on c sees a (its bootstrap) connected, and b, which
     // it only learns of through a: the job below is to be shared by all
     // three, so it waits until the mesh has formed.
-    eventually(Duration::from_secs(20), "c connected to a and b", || {
-        let out = run(&["peers", "--control", c.control.to_str().unwrap()], b"", T);
+    let peers_of = |p: &PeerProc| {
+        let out = run(&["peers", "--control", p.control.to_str().unwrap()], b"", T);
         assert!(out.status.success(), "{}", text(&out.stderr));
-        let listed = text(&out.stdout);
-        [&a.peer_id, &b.peer_id].iter().all(|id| {
+        text(&out.stdout)
+    };
+    eventually_or(Duration::from_secs(20), "c connected to a and b", || {
+        let listed = peers_of(&c);
+        let met = [&a.peer_id, &b.peer_id].iter().all(|id| {
             listed
                 .lines()
                 .any(|l| l.starts_with(id.as_str()) && l.contains(" connected"))
-        })
+        });
+        if met {
+            return Ok(());
+        }
+        // What each peer knows, to tell which step of discovery is missing.
+        Err(format!(
+            "a={} b={} c={}\na knows:\n{}b knows:\n{}c knows:\n{listed}",
+            a.peer_id,
+            b.peer_id,
+            c.peer_id,
+            peers_of(&a),
+            peers_of(&b)
+        ))
     });
     // ~100 taskunits of a few ms each: long enough for everyone to join in.
     let (input, want) = primes_input(160, 30_000);
