@@ -37,7 +37,7 @@ mod bindings {
     });
 }
 
-use bindings::Job;
+use bindings::{Job, JobPre};
 
 /// How often the epoch advances; deadlines are accurate to about this much.
 pub const TICK: Duration = Duration::from_millis(10);
@@ -143,6 +143,10 @@ struct EnvInner {
     linker: Linker<GuestState>,
     cache_dir: Option<PathBuf>,
     loaded: Mutex<HashMap<ModuleHash, Component>>,
+    /// Each component's imports resolved against the linker once
+    /// (`instantiate_pre` type-checks every WASI import, ~50 µs), keyed by
+    /// the address of its code, which stays put while the entry holds it.
+    ready: Mutex<HashMap<usize, JobPre<GuestState>>>,
     /// One gate per module being loaded, so that two threads wanting the
     /// same module (a job's submit and a worker slot, say) compile it once.
     loading: Mutex<HashMap<ModuleHash, Arc<Mutex<()>>>>,
@@ -180,6 +184,7 @@ impl Environment {
                 linker,
                 cache_dir,
                 loaded: Mutex::new(HashMap::new()),
+                ready: Mutex::new(HashMap::new()),
                 loading: Mutex::new(HashMap::new()),
                 compiled: AtomicU64::new(0),
                 disk_hits: AtomicU64::new(0),
@@ -360,12 +365,29 @@ impl Environment {
                 ))
             }
         });
+        let pre = self.ready(component)?;
         let job = {
             let _running = self.running();
-            Job::instantiate(&mut store, component, &self.inner.linker)
+            pre.instantiate(&mut store)
                 .map_err(|e| TaskError::Load(format!("instantiate: {e:#}")))?
         };
         Ok((store, job))
+    }
+
+    /// `component` linked, ready to instantiate.
+    fn ready(&self, component: &Component) -> Result<JobPre<GuestState>, TaskError> {
+        let key = component.image_range().start as usize;
+        if let Some(pre) = self.inner.ready.lock().unwrap().get(&key) {
+            return Ok(pre.clone());
+        }
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(component)
+            .and_then(JobPre::new)
+            .map_err(|e| TaskError::Load(format!("instantiate: {e:#}")))?;
+        self.inner.ready.lock().unwrap().insert(key, pre.clone());
+        Ok(pre)
     }
 
     /// Mark guest code as running (so that the epoch ticks) until the

@@ -1040,7 +1040,7 @@ impl Peer {
             (None, root) => {
                 let id = JobId::random();
                 if let Some(root) = root {
-                    book.set_journal(Journal::create(root, id, &hash)?, Default::default());
+                    book.set_journal(Journal::create(root, id, &hash), Default::default());
                 }
                 id
             }
@@ -1259,7 +1259,7 @@ impl Peer {
             .map_err(|e| SubmitError::Combine(e.to_string()))?,
             Err(e) => return Err(SubmitError::Combine(e.to_string())),
         };
-        if let Some(journal) = done.journal {
+        if let Some(journal) = done.journal.filter(Journal::on_disk) {
             // Off the answer's path; the runtime waits for it at exit.
             tokio::task::spawn_blocking(move || journal.remove());
         }

@@ -219,6 +219,29 @@ fn threads_loading_one_module_at_once_compile_it_once() {
     );
 }
 
+/// An environment links each module once and reuses that for every new
+/// instance; two modules instantiated turn about each get their own code.
+#[test]
+fn modules_instantiated_turn_about_each_run_their_own_code() {
+    use antnest::executor::{Environment, Limits, TaskRunner};
+    use antnest::wire::ModuleHash;
+
+    let env = Environment::new(None).unwrap();
+    let load = |name: &str| {
+        let bytes = std::fs::read(artifact(name)).unwrap();
+        env.component(&ModuleHash::of(&bytes), || Some(bytes.clone()))
+            .unwrap()
+    };
+    let (primes, faulty) = (load("primes"), load("faulty"));
+    for _ in 0..3 {
+        // A fresh runner each time: every one instantiates anew.
+        let mut p = TaskRunner::new(env.clone(), primes.clone(), Limits::default());
+        let mut f = TaskRunner::new(env.clone(), faulty.clone(), Limits::default());
+        assert_eq!(p.process(b"30").unwrap(), b"10", "primes below 30");
+        assert_eq!(f.process(b"a").unwrap(), b"A", "faulty upper-cases");
+    }
+}
+
 /// The epoch ticker sleeps while no guest code runs. A taskunit that starts
 /// after a quiet spell has to wake it, or an endless loop would never be
 /// stopped.
