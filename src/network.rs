@@ -288,7 +288,14 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
             })
         })
         .map_err(setup_err)?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .with_swarm_config(|c| {
+            // A stream opened for one protocol (every request has its own
+            // stream) sends its request with the protocol's name instead of
+            // waiting a round trip for the listener to confirm it; the wire
+            // format is multistream-select's own, so any peer understands.
+            c.with_idle_connection_timeout(Duration::from_secs(300))
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
 
     let topic = gossipsub::IdentTopic::new(JOBS_TOPIC);

@@ -516,6 +516,7 @@ impl Peer {
                         Response::Refused(format!("no job {job} here"))
                     };
                 };
+                debug!(%job, %peer, n = outcomes.len(), "results in");
                 let limit = master.limits.output;
                 let outcomes = outcomes
                     .into_iter()
