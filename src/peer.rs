@@ -80,6 +80,9 @@ const REMOTE_BATCH: Duration = Duration::from_millis(80);
 
 /// A worker slot idle this long drops its cached instances.
 const IDLE_RELEASE: Duration = Duration::from_secs(5);
+/// How long a slot with no job known anywhere sleeps between looks, unless
+/// woken first (a job announced or submitted wakes it at once).
+const IDLE_NO_JOBS: Duration = Duration::from_secs(5);
 
 /// How a peer runs.
 #[derive(Debug, Clone)]
@@ -653,7 +656,15 @@ impl Peer {
                 None => self.find_work(&per_unit).await,
             };
             let Some(batch) = batch else {
-                let _ = tokio::time::timeout(idle, notified).await;
+                // Jobs that may have work later (a master that said "not
+                // yet", leases that may expire) are looked at again soon;
+                // with no job at all, only a wake-up brings work.
+                let wait = if self.knows_no_jobs() {
+                    IDLE_NO_JOBS
+                } else {
+                    idle
+                };
+                let _ = tokio::time::timeout(wait, notified).await;
                 idle = (idle * 2).min(Duration::from_millis(50));
                 // An idle peer gives its instances' memory back.
                 if idle_since.elapsed() > IDLE_RELEASE && !runners.is_empty() {
@@ -846,6 +857,12 @@ impl Peer {
             }
         }
         None
+    }
+
+    /// Whether this peer knows of no running job, its own or announced.
+    fn knows_no_jobs(&self) -> bool {
+        self.shared.masters.lock().unwrap().is_empty()
+            && self.shared.remotes.lock().unwrap().is_empty()
     }
 
     /// Whether a job this peer is master of has taskunits to hand out.
