@@ -3,12 +3,14 @@
 //! replies) and receives [`Event`]s on a bounded channel. The loop ends
 //! when every `Client` is dropped or `shutdown` fires.
 //!
-//! Discovery: bootstrap addresses are dialed at start; mDNS finds LAN peers
-//! (queried every few seconds, not the default five minutes); identify feeds
-//! listen addresses into Kademlia, which runs in server mode. Jobs are
-//! announced over gossipsub; taskunits, results and modules travel by
-//! request-response with the cbor codec's wire format (our reader and
-//! writer, see `wire::Codec`) and raised size limits.
+//! Discovery: bootstrap addresses are dialed once the listeners are up;
+//! mDNS finds LAN peers (queried every few seconds, not the default five
+//! minutes); identify feeds listen addresses into Kademlia, which runs in
+//! server mode. Jobs are announced over gossipsub. Pulls and results travel
+//! on one long-lived stream per worker slot and master (`libp2p-stream`,
+//! messages framed by `wire::Frames`); modules, and pulls when a stream
+//! cannot be had, by request-response with the cbor codec's wire format
+//! (our reader and writer, see `wire::Codec`) and raised size limits.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -69,6 +71,8 @@ pub enum NetError {
     Request { peer: PeerId, reason: String },
     #[error("the network event loop has stopped")]
     Stopped,
+    #[error("stream to {peer}: {reason}")]
+    Stream { peer: PeerId, reason: String },
 }
 
 #[derive(NetworkBehaviour)]
@@ -78,6 +82,7 @@ struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
     rr: request_response::Behaviour<crate::wire::Codec>,
+    streams: libp2p_stream::Behaviour,
 }
 
 /// What the network tells the peer.
@@ -126,9 +131,34 @@ enum Command {
 pub struct Client {
     tx: mpsc::Sender<Command>,
     local: PeerId,
+    /// Opens and accepts long-lived streams; the swarm behind it stays in
+    /// the [`EventLoop`].
+    streams: libp2p_stream::Control,
 }
 
 impl Client {
+    /// A new long-lived stream to `peer` for exchanges framed by
+    /// [`crate::wire::Frames`].
+    pub async fn open_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NetError> {
+        self.streams
+            .clone()
+            .open_stream(peer, StreamProtocol::new(crate::wire::STREAM_PROTOCOL))
+            .await
+            .map_err(|e| NetError::Stream {
+                peer,
+                reason: e.to_string(),
+            })
+    }
+
+    /// The streams other peers open to this one. Only one caller may
+    /// accept them.
+    pub fn accept_streams(&self) -> Result<libp2p_stream::IncomingStreams, NetError> {
+        self.streams
+            .clone()
+            .accept(StreamProtocol::new(crate::wire::STREAM_PROTOCOL))
+            .map_err(|e| NetError::Setup(e.to_string()))
+    }
+
     pub fn local_peer_id(&self) -> PeerId {
         self.local
     }
@@ -285,6 +315,7 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
                 kad,
                 gossipsub,
                 rr,
+                streams: libp2p_stream::Behaviour::new(),
             })
         })
         .map_err(setup_err)?
@@ -298,6 +329,7 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
         })
         .build();
 
+    let streams = swarm.behaviour().streams.new_control();
     let topic = gossipsub::IdentTopic::new(JOBS_TOPIC);
     swarm
         .behaviour_mut()
@@ -310,7 +342,11 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (ev_tx, ev_rx) = mpsc::channel(256);
     Ok((
-        Client { tx: cmd_tx, local },
+        Client {
+            tx: cmd_tx,
+            local,
+            streams,
+        },
         ev_rx,
         EventLoop {
             swarm,

@@ -23,8 +23,8 @@ use crate::mapped::{self, Damage};
 use crate::network::{self, Client, Event, NetConfig, PeerInfo};
 use crate::scheduler::{self, JobBook, Progress, WorkerId};
 use crate::wire::{
-    Announce, ByteBuf, JobId, MAX_MODULE, MAX_TASKUNIT, ModuleHash, Request, Response, SharedBytes,
-    TaskOutcome,
+    Announce, ByteBuf, Frames, JobId, MAX_MODULE, MAX_TASKUNIT, ModuleHash, Request, Response,
+    SharedBytes, TaskOutcome,
 };
 
 /// Hand memory freed by the allocator back to the OS (glibc keeps it).
@@ -381,6 +381,7 @@ pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
     let env = Environment::new(config.cache_dir.clone())?;
     let expected_listeners = config.net.listen.len();
     let (client, events, mut event_loop) = network::new(config.net.clone())?;
+    let incoming = client.accept_streams()?;
     event_loop
         .wait_listening(expected_listeners, Duration::from_secs(5))
         .await;
@@ -403,6 +404,7 @@ pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
     let mut tasks = JoinSet::new();
     tasks.spawn(event_loop.run(stopped(stop_rx.clone())));
     tasks.spawn(peer.clone().handle_events(events, stop_rx.clone()));
+    tasks.spawn(peer.clone().serve_streams(incoming, stop_rx.clone()));
     for slot in 0..peer.shared.config.slots.max(1) {
         tasks.spawn(peer.clone().work_loop(slot, stop_rx.clone()));
     }
@@ -497,6 +499,56 @@ impl Peer {
         job.seen = now;
         drop(remotes);
         self.shared.work.notify_waiters();
+    }
+
+    /// Answer the exchanges on streams other peers open to this one (a
+    /// worker slot keeps one to each master it pulls from).
+    async fn serve_streams(
+        self,
+        mut incoming: libp2p_stream::IncomingStreams,
+        stop: watch::Receiver<bool>,
+    ) {
+        use futures::StreamExt as _;
+        let stop = stopped(stop);
+        tokio::pin!(stop);
+        let mut streams = JoinSet::new();
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut stop => return,
+                Some(done) = streams.join_next(), if !streams.is_empty() => {
+                    if let Err(e) = done {
+                        warn!("stream task ended badly: {e}");
+                    }
+                }
+                next = incoming.next() => match next {
+                    Some((peer, stream)) => {
+                        streams.spawn(self.clone().serve_stream(peer, stream));
+                    }
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// One stream: read a request, answer it, until the stream ends. A
+    /// malformed or oversized message ends the stream, not the peer.
+    async fn serve_stream(self, peer: PeerId, mut stream: libp2p::Stream) {
+        loop {
+            let request = match Frames::read_request(&mut stream).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    debug!(%peer, "stream closed: {e}");
+                    return;
+                }
+            };
+            let response = self.answer(peer, request);
+            if let Err(e) = Frames::write_response(&mut stream, &response).await {
+                debug!(%peer, "stream closed: {e}");
+                return;
+            }
+        }
     }
 
     /// Answer a request from another peer. Never blocks for long.
@@ -641,6 +693,8 @@ impl Peer {
         let mut idle = Duration::from_millis(1);
         let mut idle_since = Instant::now();
         let mut delivering: Option<tokio::task::JoinHandle<()>> = None;
+        // This slot's stream to each master it pulls from.
+        let mut streams: HashMap<PeerId, libp2p::Stream> = HashMap::new();
         // A batch that came back with the results of the last one.
         let mut next: Option<Batch> = None;
         let thread = SlotThread::spawn(slot);
@@ -653,7 +707,7 @@ impl Peer {
             notified.as_mut().enable();
             let batch = match next.take() {
                 Some(batch) => Some(batch),
-                None => self.find_work(&per_unit).await,
+                None => self.find_work(&per_unit, &mut streams).await,
             };
             let Some(batch) = batch else {
                 // Jobs that may have work later (a master that said "not
@@ -670,6 +724,7 @@ impl Peer {
                 if idle_since.elapsed() > IDLE_RELEASE && !runners.is_empty() {
                     runners.clear();
                     per_unit.clear();
+                    streams.clear();
                     release_freed_memory();
                     debug!(slot, "idle: instances dropped, freed memory released");
                 }
@@ -777,7 +832,9 @@ impl Peer {
                 pull,
             };
             if pull > 0 {
-                next = self.request_batch(job, peer, module, limits, req).await;
+                next = self
+                    .request_batch(job, peer, module, limits, req, &mut streams)
+                    .await;
                 continue;
             }
             if let Some(previous) = delivering.take() {
@@ -805,7 +862,11 @@ impl Peer {
         per_unit.get(&module).map_or(1, |d| units_for(*d, target))
     }
 
-    async fn find_work(&self, per_unit: &HashMap<ModuleHash, Duration>) -> Option<Batch> {
+    async fn find_work(
+        &self,
+        per_unit: &HashMap<ModuleHash, Duration>,
+        streams: &mut HashMap<PeerId, libp2p::Stream>,
+    ) -> Option<Batch> {
         let local: Vec<(JobId, Arc<MasterJob>)> = self
             .shared
             .masters
@@ -852,7 +913,10 @@ impl Peer {
             }
             let max = Self::batch_size(per_unit, module, REMOTE_BATCH) as u32;
             let pull = Request::Pull { job, max };
-            if let Some(batch) = self.request_batch(job, master, module, limits, pull).await {
+            if let Some(batch) = self
+                .request_batch(job, master, module, limits, pull, streams)
+                .await
+            {
                 return Some(batch);
             }
         }
@@ -884,6 +948,7 @@ impl Peer {
         module: ModuleHash,
         limits: Limits,
         request: Request,
+        streams: &mut HashMap<PeerId, libp2p::Stream>,
     ) -> Option<Batch> {
         let asked = Instant::now();
         let max = match &request {
@@ -891,7 +956,7 @@ impl Peer {
             Request::Results { pull, .. } => *pull,
             Request::FetchModule { .. } => 0,
         };
-        let reply = self.shared.client.request(master, request).await;
+        let reply = self.exchange(streams, master, request).await;
         if let Ok(Response::Tasks { units, .. }) = &reply {
             debug!(
                 %job,
@@ -924,6 +989,43 @@ impl Peer {
                 None
             }
         }
+    }
+
+    /// Send `request` to `master` on this slot's stream to it (opened on
+    /// first use) and read the response. If the stream cannot be opened or
+    /// fails, it is dropped and the request goes by request-response
+    /// instead; results sent twice that way are ignored as duplicates.
+    async fn exchange(
+        &self,
+        streams: &mut HashMap<PeerId, libp2p::Stream>,
+        master: PeerId,
+        request: Request,
+    ) -> Result<Response, network::NetError> {
+        let stream = match streams.entry(master) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                match self.shared.client.open_stream(master).await {
+                    Ok(s) => Some(e.insert(s)),
+                    Err(err) => {
+                        debug!(%master, "no stream, request-response instead: {err}");
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(stream) = stream {
+            let exchange = async {
+                Frames::write_request(stream, &request).await?;
+                Frames::read_response(stream).await
+            };
+            match tokio::time::timeout(self.shared.config.net.request_timeout, exchange).await {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(e)) => debug!(%master, "stream failed: {e}"),
+                Err(_) => debug!(%master, "stream timed out"),
+            }
+            streams.remove(&master);
+        }
+        self.shared.client.request(master, request).await
     }
 
     fn back_off(&self, job: JobId, wait: Duration) {

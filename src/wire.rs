@@ -12,6 +12,9 @@ use crate::executor::{Limits, TaskError};
 
 /// The request-response protocol name.
 pub const PROTOCOL: &str = "/antnest/task/1";
+/// The same requests and responses on one long-lived stream per worker
+/// slot and master, each message framed by its length (see [`Frames`]).
+pub const STREAM_PROTOCOL: &str = "/antnest/task-stream/1";
 /// The gossipsub topic jobs are announced on.
 pub const JOBS_TOPIC: &str = "antnest/jobs/1";
 /// Largest request (a batch of results) in bytes.
@@ -175,6 +178,112 @@ impl libp2p::request_response::Codec for Codec {
             Response::Tasks { units, .. } => Self::write_gathered(io, &response, units).await,
             _ => Self::write_message(io, &response, response.size_hint()).await,
         }
+    }
+}
+
+/// Requests and responses on a long-lived stream: each message is its
+/// length (u32, little-endian) and then the bytes [`Codec`] would send on a
+/// stream of its own. A stream carries one exchange at a time: a request,
+/// then its response. Compared with a stream per request, this saves
+/// opening, negotiating and closing a stream (three TCP segments where one
+/// does) and libp2p-request-response's timer per request.
+pub struct Frames;
+
+impl Frames {
+    pub async fn write_request<T>(io: &mut T, request: &Request) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        let bytes = cbor4ii::serde::to_vec(Vec::with_capacity(request.size_hint()), request)
+            .map_err(std::io::Error::other)?;
+        Self::write_pieces(io, &[&bytes]).await
+    }
+
+    pub async fn write_response<T>(io: &mut T, response: &Response) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        match response {
+            Response::Tasks { units, .. } => {
+                let mut gather = Gather::new(units);
+                cbor4ii::serde::to_writer(&mut gather, response).map_err(std::io::Error::other)?;
+                gather.finish();
+                Self::write_pieces(io, &gather.pieces().collect::<Vec<_>>()).await
+            }
+            _ => {
+                let bytes =
+                    cbor4ii::serde::to_vec(Vec::with_capacity(response.size_hint()), response)
+                        .map_err(std::io::Error::other)?;
+                Self::write_pieces(io, &[&bytes]).await
+            }
+        }
+    }
+
+    async fn write_pieces<T>(io: &mut T, pieces: &[&[u8]]) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        use futures::AsyncWriteExt as _;
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        let len = u32::try_from(len).map_err(|_| std::io::Error::other("message over 4 GiB"))?;
+        io.write_all(&len.to_le_bytes()).await?;
+        for piece in pieces {
+            io.write_all(piece).await?;
+        }
+        io.flush().await
+    }
+
+    /// The next request; `Ok(None)` when the other side closed the stream
+    /// between messages.
+    pub async fn read_request<T>(io: &mut T) -> std::io::Result<Option<Request>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        match Self::read_message(io, MAX_REQUEST).await? {
+            Some(message) => decode(message).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn read_response<T>(io: &mut T) -> std::io::Result<Response>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        match Self::read_message(io, MAX_RESPONSE).await? {
+            Some(message) => decode(message),
+            None => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+
+    async fn read_message<T>(io: &mut T, limit: u64) -> std::io::Result<Option<Vec<u8>>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        use futures::AsyncReadExt as _;
+        let mut len = [0u8; 4];
+        let mut got = 0;
+        while got < len.len() {
+            match io.read(&mut len[got..]).await? {
+                0 if got == 0 => return Ok(None),
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => got += n,
+            }
+        }
+        let len = u64::from(u32::from_le_bytes(len));
+        if len > limit {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("message of {len} bytes, over the {limit}-byte limit"),
+            ));
+        }
+        // Read in pieces as it arrives, so a length that lies costs no
+        // more memory than the bytes that really come.
+        let mut message = Vec::with_capacity((len as usize).min(READ_CHUNK));
+        io.take(len).read_to_end(&mut message).await?;
+        if message.len() as u64 != len {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(Some(message))
     }
 }
 

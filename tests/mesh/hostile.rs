@@ -1,5 +1,6 @@
 //! A live peer fed malformed CBOR, oversized frames and unknown module
-//! hashes over a real libp2p connection keeps serving jobs.
+//! hashes over a real libp2p connection, by request-response or on a
+//! long-lived stream, keeps serving jobs.
 
 use std::time::Duration;
 
@@ -113,6 +114,100 @@ async fn malformed_requests_leave_the_peer_serving() {
         &json!({"NoWork": {"finished": true}})
     );
     // The peer still runs jobs.
+    let out = run(
+        &[
+            "submit",
+            "--control",
+            peer.control.to_str().unwrap(),
+            artifact("reverse_strings").to_str().unwrap(),
+        ],
+        b"abc\nxyz\n",
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "cba\nzyx");
+}
+
+/// The long-lived stream a worker slot keeps to a master: a frame that
+/// claims more than the limit, or holds bytes that are no request, ends
+/// that stream only; a well-formed request on a new stream is answered,
+/// and the peer still runs jobs.
+#[tokio::test]
+async fn malformed_frames_on_a_stream_leave_the_peer_serving() {
+    use antnest::wire::{Frames, JobId, Request, Response};
+    use futures::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = scratch();
+    let peer = PeerProc::loopback(dir.path(), "p", &[]);
+    let addr: Multiaddr = peer.addr().parse().unwrap();
+    let Some(libp2p::multiaddr::Protocol::P2p(id)) = addr.iter().last() else {
+        panic!("address without /p2p/");
+    };
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let mut control = swarm.behaviour().new_control();
+    swarm.dial(addr).unwrap();
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let protocol = StreamProtocol::new(antnest::wire::STREAM_PROTOCOL);
+    let t = Duration::from_secs(60);
+    // Ends when the peer closes the stream (or resets it).
+    let closed = |mut s: libp2p::Stream| async move {
+        let mut buf = [0u8; 16];
+        matches!(s.read(&mut buf).await, Ok(0) | Err(_))
+    };
+
+    let mut s = tokio::time::timeout(t, control.open_stream(id, protocol.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    s.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(t, closed(s)).await.unwrap(),
+        "a 4 GiB frame was not refused"
+    );
+
+    let mut s = control.open_stream(id, protocol.clone()).await.unwrap();
+    s.write_all(&5u32.to_le_bytes()).await.unwrap();
+    s.write_all(b"\xff\x00abc").await.unwrap();
+    s.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(t, closed(s)).await.unwrap(),
+        "a frame that is no request was answered"
+    );
+
+    let mut s = control.open_stream(id, protocol).await.unwrap();
+    for _ in 0..2 {
+        let pull = Request::Pull {
+            job: JobId(12345),
+            max: 10,
+        };
+        Frames::write_request(&mut s, &pull).await.unwrap();
+        let response = tokio::time::timeout(t, Frames::read_response(&mut s))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(response, Response::NoWork { finished: true }),
+            "{response:?}"
+        );
+    }
+    driver.abort();
+
     let out = run(
         &[
             "submit",
