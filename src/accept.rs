@@ -1,6 +1,7 @@
 //! One accept loop for the peer's local servers (the control socket and the
-//! web UI): every connection runs as its own task, and all of them end when
-//! `shutdown` resolves.
+//! web UI) and for the streams other peers open to it: every connection or
+//! stream runs as its own task, and all of them end when `shutdown`
+//! resolves.
 
 use std::future::Future;
 
@@ -25,6 +26,21 @@ impl Listener for tokio::net::UnixListener {
     type Stream = tokio::net::UnixStream;
     async fn accept_one(&self) -> std::io::Result<Self::Stream> {
         self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// The streams other peers open to this one (see
+/// [`crate::network::Client::accept_streams`]), with the peer of each.
+impl Listener for tokio::sync::Mutex<libp2p_stream::IncomingStreams> {
+    type Stream = (libp2p::PeerId, libp2p::Stream);
+    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
+        use futures::StreamExt as _;
+        match self.lock().await.next().await {
+            Some(incoming) => Ok(incoming),
+            // The network has stopped: nothing more comes, and the
+            // shutdown that ends the loop follows.
+            None => std::future::pending().await,
+        }
     }
 }
 

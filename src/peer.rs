@@ -505,30 +505,12 @@ impl Peer {
     /// worker slot keeps one to each master it pulls from).
     async fn serve_streams(
         self,
-        mut incoming: libp2p_stream::IncomingStreams,
+        incoming: libp2p_stream::IncomingStreams,
         stop: watch::Receiver<bool>,
     ) {
-        use futures::StreamExt as _;
-        let stop = stopped(stop);
-        tokio::pin!(stop);
-        let mut streams = JoinSet::new();
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut stop => return,
-                Some(done) = streams.join_next(), if !streams.is_empty() => {
-                    if let Err(e) = done {
-                        warn!("stream task ended badly: {e}");
-                    }
-                }
-                next = incoming.next() => match next {
-                    Some((peer, stream)) => {
-                        streams.spawn(self.clone().serve_stream(peer, stream));
-                    }
-                    None => return,
-                },
-            }
-        }
+        let incoming = tokio::sync::Mutex::new(incoming);
+        let serve = move |(peer, stream)| self.clone().serve_stream(peer, stream);
+        crate::accept::serve("stream", incoming, serve, stopped(stop)).await;
     }
 
     /// One stream: read a request, answer it, until the stream ends. A

@@ -14,11 +14,10 @@ use crate::common::*;
 
 type Rr = request_response::cbor::Behaviour<Value, Value>;
 
-async fn abuse(addr: Multiaddr) -> Vec<Result<Value, String>> {
-    let codec = request_response::cbor::codec::Codec::<Value, Value>::default()
-        .set_request_size_maximum(200 << 20)
-        .set_response_size_maximum(1 << 20);
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+/// A swarm of a fresh identity with only `behaviour`: a stranger to talk
+/// to a peer with.
+fn outsider<B: libp2p::swarm::NetworkBehaviour>(behaviour: B) -> libp2p::Swarm<B> {
+    libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
             tcp::Config::default(),
@@ -26,19 +25,24 @@ async fn abuse(addr: Multiaddr) -> Vec<Result<Value, String>> {
             yamux::Config::default,
         )
         .unwrap()
-        .with_behaviour(|_| {
-            Rr::with_codec(
-                codec,
-                [(
-                    StreamProtocol::new(antnest::wire::PROTOCOL),
-                    ProtocolSupport::Outbound,
-                )],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
-            )
-        })
+        .with_behaviour(|_| behaviour)
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+        .build()
+}
+
+async fn abuse(addr: Multiaddr) -> Vec<Result<Value, String>> {
+    let codec = request_response::cbor::codec::Codec::<Value, Value>::default()
+        .set_request_size_maximum(200 << 20)
+        .set_response_size_maximum(1 << 20);
+    let mut swarm = outsider(Rr::with_codec(
+        codec,
+        [(
+            StreamProtocol::new(antnest::wire::PROTOCOL),
+            ProtocolSupport::Outbound,
+        )],
+        request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
+    ));
     let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
         panic!("address without /p2p/");
     };
@@ -93,6 +97,21 @@ async fn abuse(addr: Multiaddr) -> Vec<Result<Value, String>> {
     }
 }
 
+fn still_runs_jobs(peer: &PeerProc) {
+    let out = run(
+        &[
+            "submit",
+            "--control",
+            peer.control.to_str().unwrap(),
+            artifact("reverse_strings").to_str().unwrap(),
+        ],
+        b"abc\nxyz\n",
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "cba\nzyx");
+}
+
 #[tokio::test]
 async fn malformed_requests_leave_the_peer_serving() {
     let dir = scratch();
@@ -114,18 +133,7 @@ async fn malformed_requests_leave_the_peer_serving() {
         &json!({"NoWork": {"finished": true}})
     );
     // The peer still runs jobs.
-    let out = run(
-        &[
-            "submit",
-            "--control",
-            peer.control.to_str().unwrap(),
-            artifact("reverse_strings").to_str().unwrap(),
-        ],
-        b"abc\nxyz\n",
-        Duration::from_secs(120),
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "cba\nzyx");
+    still_runs_jobs(&peer);
 }
 
 /// The long-lived stream a worker slot keeps to a master: a frame that
@@ -143,18 +151,7 @@ async fn malformed_frames_on_a_stream_leave_the_peer_serving() {
     let Some(libp2p::multiaddr::Protocol::P2p(id)) = addr.iter().last() else {
         panic!("address without /p2p/");
     };
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let mut swarm = outsider(libp2p_stream::Behaviour::new());
     let mut control = swarm.behaviour().new_control();
     swarm.dial(addr).unwrap();
     let driver = tokio::spawn(async move {
@@ -208,16 +205,5 @@ async fn malformed_frames_on_a_stream_leave_the_peer_serving() {
     }
     driver.abort();
 
-    let out = run(
-        &[
-            "submit",
-            "--control",
-            peer.control.to_str().unwrap(),
-            artifact("reverse_strings").to_str().unwrap(),
-        ],
-        b"abc\nxyz\n",
-        Duration::from_secs(120),
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "cba\nzyx");
+    still_runs_jobs(&peer);
 }
