@@ -337,14 +337,17 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     });
     let reply = match conn {
         Some(conn) => {
-            let request = ControlRequest::Submit(Box::new(spec.clone()));
+            // Not a copy of the spec: its input may be all of stdin.
+            let mut request = ControlRequest::Submit(Box::new(spec));
             match submit_over(conn, &request, &events_tx).await? {
                 ControlReply::NeedModule => {
+                    let ControlRequest::Submit(spec) = &mut request else {
+                        unreachable!("made as a submission above")
+                    };
                     spec.module = ByteBuf::from(module);
                     let conn = tokio::net::UnixStream::connect(&socket)
                         .await
                         .with_context(|| format!("control socket {}", socket.display()))?;
-                    let request = ControlRequest::Submit(Box::new(spec));
                     submit_over(conn, &request, &events_tx).await?
                 }
                 reply => reply,

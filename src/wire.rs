@@ -80,37 +80,60 @@ impl Codec {
             }
         }
     }
+}
 
-    /// Writes a batch of taskunits without first copying them into one
-    /// message: the encoder's own bytes are gathered, taskunits of
-    /// [`GATHER_MIN`] bytes or more are written from where they are.
-    async fn write_gathered<T>(
-        io: &mut T,
-        response: &Response,
-        units: &[TaskUnit],
-    ) -> std::io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        use futures::AsyncWriteExt as _;
+/// A message encoded for the wire, as [`Codec`] and [`Frames`] send it.
+enum Encoded<'a> {
+    /// In one buffer sized for the message up front.
+    Whole(Vec<u8>),
+    /// A batch of taskunits not first copied into one message: the
+    /// encoder's own bytes are gathered, taskunits of [`GATHER_MIN`] bytes
+    /// or more are written from where they are.
+    Gathered(Gather<'a>),
+}
+
+impl<'a> Encoded<'a> {
+    fn request(request: &Request) -> std::io::Result<Encoded<'static>> {
+        Self::whole(request, request.size_hint())
+    }
+
+    fn response(response: &'a Response) -> std::io::Result<Encoded<'a>> {
+        let Response::Tasks { units, .. } = response else {
+            return Self::whole(response, response.size_hint());
+        };
         let mut gather = Gather::new(units);
         cbor4ii::serde::to_writer(&mut gather, response).map_err(std::io::Error::other)?;
         gather.finish();
-        for piece in gather.pieces() {
-            io.write_all(piece).await?;
-        }
-        Ok(())
+        Ok(Encoded::Gathered(gather))
     }
 
-    async fn write_message<T, M>(io: &mut T, message: &M, size: usize) -> std::io::Result<()>
+    fn whole(message: &impl Serialize, size: usize) -> std::io::Result<Encoded<'static>> {
+        cbor4ii::serde::to_vec(Vec::with_capacity(size), message)
+            .map(Encoded::Whole)
+            .map_err(std::io::Error::other)
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Encoded::Whole(bytes) => bytes.len(),
+            Encoded::Gathered(gather) => gather.pieces().map(<[u8]>::len).sum(),
+        }
+    }
+
+    async fn write_to<T>(&self, io: &mut T) -> std::io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
-        M: Serialize,
     {
         use futures::AsyncWriteExt as _;
-        let bytes = cbor4ii::serde::to_vec(Vec::with_capacity(size), message)
-            .map_err(std::io::Error::other)?;
-        io.write_all(&bytes).await
+        match self {
+            Encoded::Whole(bytes) => io.write_all(bytes).await,
+            Encoded::Gathered(gather) => {
+                for piece in gather.pieces() {
+                    io.write_all(piece).await?;
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -162,7 +185,7 @@ impl libp2p::request_response::Codec for Codec {
             request,
             Request::Pull { .. } | Request::Results { pull: 1.., .. }
         );
-        Self::write_message(io, &request, request.size_hint()).await
+        Encoded::request(&request)?.write_to(io).await
     }
 
     async fn write_response<T>(
@@ -174,10 +197,7 @@ impl libp2p::request_response::Codec for Codec {
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        match &response {
-            Response::Tasks { units, .. } => Self::write_gathered(io, &response, units).await,
-            _ => Self::write_message(io, &response, response.size_hint()).await,
-        }
+        Encoded::response(&response)?.write_to(io).await
     }
 }
 
@@ -194,42 +214,25 @@ impl Frames {
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        let bytes = cbor4ii::serde::to_vec(Vec::with_capacity(request.size_hint()), request)
-            .map_err(std::io::Error::other)?;
-        Self::write_pieces(io, &[&bytes]).await
+        Self::write(io, Encoded::request(request)?).await
     }
 
     pub async fn write_response<T>(io: &mut T, response: &Response) -> std::io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
-        match response {
-            Response::Tasks { units, .. } => {
-                let mut gather = Gather::new(units);
-                cbor4ii::serde::to_writer(&mut gather, response).map_err(std::io::Error::other)?;
-                gather.finish();
-                Self::write_pieces(io, &gather.pieces().collect::<Vec<_>>()).await
-            }
-            _ => {
-                let bytes =
-                    cbor4ii::serde::to_vec(Vec::with_capacity(response.size_hint()), response)
-                        .map_err(std::io::Error::other)?;
-                Self::write_pieces(io, &[&bytes]).await
-            }
-        }
+        Self::write(io, Encoded::response(response)?).await
     }
 
-    async fn write_pieces<T>(io: &mut T, pieces: &[&[u8]]) -> std::io::Result<()>
+    async fn write<T>(io: &mut T, message: Encoded<'_>) -> std::io::Result<()>
     where
         T: futures::AsyncWrite + Unpin + Send,
     {
         use futures::AsyncWriteExt as _;
-        let len: usize = pieces.iter().map(|p| p.len()).sum();
-        let len = u32::try_from(len).map_err(|_| std::io::Error::other("message over 4 GiB"))?;
+        let len = u32::try_from(message.len())
+            .map_err(|_| std::io::Error::other("message over 4 GiB"))?;
         io.write_all(&len.to_le_bytes()).await?;
-        for piece in pieces {
-            io.write_all(piece).await?;
-        }
+        message.write_to(io).await?;
         io.flush().await
     }
 
