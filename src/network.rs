@@ -136,18 +136,28 @@ pub struct Client {
     streams: libp2p_stream::Control,
 }
 
+/// How long opening a task stream may take, dial included.
+const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Client {
     /// A new long-lived stream to `peer` for exchanges framed by
     /// [`crate::wire::Frames`].
+    /// Fails after [`OPEN_STREAM_TIMEOUT`] (a peer that went away may
+    /// otherwise be dialed for as long as its addresses are tried).
     pub async fn open_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NetError> {
-        self.streams
-            .clone()
-            .open_stream(peer, StreamProtocol::new(crate::wire::STREAM_PROTOCOL))
-            .await
-            .map_err(|e| NetError::Stream {
+        let mut control = self.streams.clone();
+        let open = control.open_stream(peer, StreamProtocol::new(crate::wire::STREAM_PROTOCOL));
+        match tokio::time::timeout(OPEN_STREAM_TIMEOUT, open).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(NetError::Stream {
                 peer,
                 reason: e.to_string(),
-            })
+            }),
+            Err(_) => Err(NetError::Stream {
+                peer,
+                reason: format!("not open after {OPEN_STREAM_TIMEOUT:?}"),
+            }),
+        }
     }
 
     /// The streams other peers open to this one. Only one caller may

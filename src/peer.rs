@@ -78,11 +78,26 @@ const FEED_RESULTS: usize = 1024;
 /// trip is a smaller share of it.
 const REMOTE_BATCH: Duration = Duration::from_millis(80);
 
+/// How long a peer shutting down waits for its tasks to end on their own.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A remote batch's early results leave at least this long (of work)
+/// before the batch's end: more if exchanges with its master take longer.
+const PREFETCH_MIN: Duration = Duration::from_micros(500);
+
 /// A worker slot idle this long drops its cached instances.
 const IDLE_RELEASE: Duration = Duration::from_secs(5);
 /// How long a slot with no job known anywhere sleeps between looks, unless
 /// woken first (a job announced or submitted wakes it at once).
 const IDLE_NO_JOBS: Duration = Duration::from_secs(5);
+/// How long a master holds a worker's `Wait` before it answers `NoWork`
+/// (and the worker asks again).
+const WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// A task stream, read through a buffer: a slot waiting on it, or a master
+/// holding a `Wait` on it, can look for the next bytes without taking them
+/// (`fill_buf` is cancel-safe where a half-read message would be lost).
+type TaskStream = futures::io::BufReader<libp2p::Stream>;
 
 /// How a peer runs.
 #[derive(Debug, Clone)]
@@ -361,13 +376,21 @@ pub struct RunningPeer {
 
 impl RunningPeer {
     /// Stop every task of the peer and wait for them.
+    /// Slots finish the batch in hand and hand in its results; what is not
+    /// done after [`SHUTDOWN_GRACE`] is stopped.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         self.peer.shared.work.notify_waiters();
-        while let Some(res) = self.tasks.join_next().await {
-            if let Err(e) = res {
-                warn!("peer task ended badly: {e}");
+        let drain = async {
+            while let Some(res) = self.tasks.join_next().await {
+                if let Err(e) = res {
+                    warn!("peer task ended badly: {e}");
+                }
             }
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            warn!("peer tasks still busy {SHUTDOWN_GRACE:?} after shutdown began: stopped");
+            self.tasks.shutdown().await;
         }
     }
 }
@@ -450,7 +473,9 @@ impl Peer {
                     let response = self.answer(peer, request);
                     self.shared.client.respond(channel, response).await;
                 }
-                Event::Announced { from, announce } => self.learn_job(from, announce),
+                Event::Announced { from, announce } => {
+                    self.learn_job(from, announce);
+                }
                 Event::PeerGone(peer) => {
                     let who = peer.to_string();
                     for (id, job) in self.shared.masters.lock().unwrap().iter() {
@@ -470,19 +495,21 @@ impl Peer {
         }
     }
 
-    fn learn_job(&self, from: PeerId, a: Announce) {
+    /// Take note of a job announced (or assigned) by `from`; whether it is
+    /// one this peer may work on.
+    fn learn_job(&self, from: PeerId, a: Announce) -> bool {
         let Ok(master) = PeerId::from_bytes(&a.master) else {
             debug!(%from, "announcement with a bad master id ignored");
-            return;
+            return false;
         };
         if master.to_string() == self.shared.local || a.module_size as usize > MAX_MODULE {
-            return;
+            return false;
         }
         if let Some(allowed) = &self.shared.config.allowed_masters
             && !allowed.contains(&master)
         {
             debug!(%master, job = %a.job, "job from a master not on the allowlist ignored");
-            return;
+            return false;
         }
         let now = Instant::now();
         let mut remotes = self.shared.remotes.lock().unwrap();
@@ -499,6 +526,7 @@ impl Peer {
         job.seen = now;
         drop(remotes);
         self.shared.work.notify_waiters();
+        true
     }
 
     /// Answer the exchanges on streams other peers open to this one (a
@@ -515,7 +543,8 @@ impl Peer {
 
     /// One stream: read a request, answer it, until the stream ends. A
     /// malformed or oversized message ends the stream, not the peer.
-    async fn serve_stream(self, peer: PeerId, mut stream: libp2p::Stream) {
+    async fn serve_stream(self, peer: PeerId, stream: libp2p::Stream) {
+        let mut stream = TaskStream::new(stream);
         loop {
             let request = match Frames::read_request(&mut stream).await {
                 Ok(Some(r)) => r,
@@ -525,17 +554,85 @@ impl Peer {
                     return;
                 }
             };
-            let response = self.answer(peer, request);
-            if let Err(e) = Frames::write_response(&mut stream, &response).await {
+            let response = match request {
+                Request::Wait { sizes } => self.hold_wait(peer, &sizes, &mut stream).await,
+                request => self.answer(peer, request),
+            };
+            if let Err(e) = Frames::write_response(stream.get_mut(), &response).await {
                 debug!(%peer, "stream closed: {e}");
                 return;
             }
         }
     }
 
+    /// A worker's `Wait`: lease it a batch as soon as a job of this peer
+    /// has taskunits for it; `NoWork` after [`WAIT_MAX`], or as soon as the
+    /// worker sends anything else (its `EndWait`, then read and answered as
+    /// a request of its own).
+    async fn hold_wait(
+        &self,
+        peer: PeerId,
+        sizes: &[(ModuleHash, u32)],
+        stream: &mut TaskStream,
+    ) -> Response {
+        use futures::AsyncBufReadExt as _;
+        let sizes: HashMap<ModuleHash, u32> = sizes.iter().take(64).copied().collect();
+        let deadline = tokio::time::sleep(WAIT_MAX);
+        tokio::pin!(deadline);
+        loop {
+            // Listen before looking, as a slot does.
+            let notified = self.shared.work.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(assigned) = self.assign(peer, &sizes) {
+                return assigned;
+            }
+            tokio::select! {
+                biased;
+                _ = stream.fill_buf() => break,
+                _ = &mut deadline => break,
+                _ = notified => {}
+            }
+        }
+        Response::NoWork { finished: false }
+    }
+
+    /// A batch of the first job of this peer's that has taskunits for
+    /// `peer`, as the answer to its `Wait`.
+    fn assign(&self, peer: PeerId, sizes: &HashMap<ModuleHash, u32>) -> Option<Response> {
+        let jobs: Vec<(JobId, Arc<MasterJob>)> = {
+            let masters = self.shared.masters.lock().unwrap();
+            masters.iter().map(|(id, j)| (*id, j.clone())).collect()
+        };
+        jobs.into_iter().find_map(|(id, master)| {
+            let max = sizes.get(&master.module).copied().unwrap_or(1);
+            match self.lease(&master, peer, max) {
+                Response::Tasks { units, lease } => Some(Response::Assigned {
+                    job: self.announcement(id, &master),
+                    units,
+                    lease,
+                }),
+                _ => None,
+            }
+        })
+    }
+
+    /// What other peers are told of this peer's job `id`.
+    fn announcement(&self, id: JobId, master: &MasterJob) -> Announce {
+        Announce {
+            job: id,
+            master: self.shared.client.local_peer_id().to_bytes(),
+            module: master.module,
+            module_size: master.bytes.len() as u64,
+            limits: master.limits,
+        }
+    }
+
     /// Answer a request from another peer. Never blocks for long.
     fn answer(&self, peer: PeerId, request: Request) -> Response {
         match request {
+            Request::Wait { .. } => Response::Refused("a wait needs a task stream".into()),
+            Request::EndWait => Response::Ack,
             Request::Pull { job, max } => match self.master_job(job) {
                 Some(master) => self.lease(&master, peer, max),
                 None => Response::NoWork { finished: true },
@@ -543,8 +640,8 @@ impl Peer {
             Request::Results {
                 job,
                 outcomes,
+                compute,
                 pull,
-                ..
             } => {
                 let Some(master) = self.master_job(job) else {
                     return if pull > 0 {
@@ -573,7 +670,7 @@ impl Peer {
                     .book
                     .lock()
                     .unwrap()
-                    .complete(&peer.to_string(), outcomes);
+                    .complete_computed(&peer.to_string(), outcomes, compute);
                 master.progress.notify_one();
                 if pull > 0 {
                     self.lease(&master, peer, pull)
@@ -675,10 +772,16 @@ impl Peer {
         let mut idle = Duration::from_millis(1);
         let mut idle_since = Instant::now();
         let mut delivering: Option<tokio::task::JoinHandle<()>> = None;
-        // This slot's stream to each master it pulls from.
-        let mut streams: HashMap<PeerId, libp2p::Stream> = HashMap::new();
-        // A batch that came back with the results of the last one.
+        // This slot's stream to each master it pulls from, and the master
+        // of the last remote batch it ran (where it waits for more).
+        let mut streams: HashMap<PeerId, TaskStream> = HashMap::new();
+        let mut last_master: Option<PeerId> = None;
+        // A batch that came back with the results of the last one, and the
+        // last one's final results, which go with the next one's.
         let mut next: Option<Batch> = None;
+        let mut carry: Option<Carry> = None;
+        // How long an exchange with each master took last.
+        let mut exchange_time: HashMap<PeerId, Duration> = HashMap::new();
         let thread = SlotThread::spawn(slot);
         while !*stop.borrow() {
             // Listen before looking: work that turns up while `find_work`
@@ -687,26 +790,51 @@ impl Peer {
             let notified = self.shared.work.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if next.is_none()
+                && let Some(c) = carry.take()
+            {
+                let req = Request::Results {
+                    job: c.job,
+                    outcomes: c.outcomes,
+                    compute: c.compute,
+                    pull: 0,
+                };
+                self.deliver(&mut delivering, c.peer, req).await;
+            }
             let batch = match next.take() {
                 Some(batch) => Some(batch),
                 None => self.find_work(&per_unit, &mut streams).await,
             };
             let Some(batch) = batch else {
-                // Jobs that may have work later (a master that said "not
-                // yet", leases that may expire) are looked at again soon;
-                // with no job at all, only a wake-up brings work.
-                let wait = if self.knows_no_jobs() {
-                    IDLE_NO_JOBS
+                // Known only to the master of the last remote batch, the
+                // slot waits there: the master answers as soon as a job of
+                // its has taskunits, with no announcement and pull between.
+                // Otherwise jobs that may have work later (a master that
+                // said "not yet", leases that may expire) are looked at
+                // again soon; with no job at all, only a wake-up brings work.
+                let waiting_at =
+                    last_master.filter(|m| streams.contains_key(m) && self.waits_only_on(*m));
+                if let Some(master) = waiting_at {
+                    next = self
+                        .wait_at(master, &per_unit, &mut streams, notified, &stop)
+                        .await;
                 } else {
-                    idle
-                };
-                let _ = tokio::time::timeout(wait, notified).await;
+                    let wait = if self.knows_no_jobs() {
+                        IDLE_NO_JOBS
+                    } else {
+                        idle
+                    };
+                    let _ = tokio::time::timeout(wait, notified).await;
+                }
+                if next.is_some() {
+                    continue;
+                }
                 idle = (idle * 2).min(Duration::from_millis(50));
                 // An idle peer gives its instances' memory back.
                 if idle_since.elapsed() > IDLE_RELEASE && !runners.is_empty() {
                     runners.clear();
                     per_unit.clear();
-                    streams.clear();
+                    streams.retain(|m, _| Some(*m) == last_master);
                     release_freed_memory();
                     debug!(slot, "idle: instances dropped, freed memory released");
                 }
@@ -745,61 +873,135 @@ impl Peer {
                 Source::Local(master) => Some((master.clone(), stop.clone())),
                 Source::Remote(_) => None,
             };
+            let remote = match &source {
+                Source::Remote(peer) => Some(*peer),
+                Source::Local(_) => None,
+            };
+            // A remote batch hands in its results early, before its last
+            // taskunits (about one exchange's time of work), asking for the
+            // next batch: the round trip runs while the slot computes.
+            let (early_tx, early_rx) = oneshot::channel::<(Vec<TaskOutcome>, Duration)>();
+            let early_at = remote.map_or(usize::MAX, |peer| {
+                let ahead = exchange_time
+                    .get(&peer)
+                    .map_or(PREFETCH_MIN, |t| (*t * 3 / 2).max(PREFETCH_MIN));
+                let last = per_unit.get(&module).map_or(1, |u| {
+                    (ahead.as_nanos() / u.as_nanos().max(1)) as usize + 1
+                });
+                units.len().saturating_sub(last)
+            });
             let shared = self.shared.clone();
-            let (runner, handed_in, unit_time) = thread
-                .run(move || {
-                    let mut runner = runner;
-                    let mut units = units;
-                    let mut notify_at = Instant::now();
-                    loop {
-                        let started = Instant::now();
-                        let n = units.len() as u32;
-                        let outcomes = run_batch(&mut runner, units);
-                        let compute = started.elapsed();
-                        let unit_time = compute / n.max(1);
-                        debug!(slot, %job, n, compute_ms = compute.as_secs_f64() * 1e3, "batch computed");
-                        shared
-                            .tasks_done
-                            .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
-                        let Some((master, stop)) = &local else {
-                            return (runner, Some((outcomes, compute)), unit_time);
-                        };
-                        let now = Instant::now();
-                        let stopped = *stop.borrow();
-                        units = {
-                            let mut book = master.book.lock().unwrap();
-                            book.complete(&shared.local, outcomes);
-                            if stopped {
-                                Vec::new()
-                            } else {
-                                book.take_local(&shared.local, units_for(unit_time, LOCAL_BATCH), now)
-                            }
-                        };
-                        // The job's loop looks every 20 ms anyway: wake it
-                        // now and then for the combine, and when nothing is
-                        // left to take (a finished job included). Only with
-                        // the book unlocked, or the loop wakes to wait for it.
-                        if units.is_empty() {
-                            master.progress.notify_one();
-                            return (runner, None, unit_time);
+            let run = thread.run(move || {
+                let mut runner = runner;
+                let mut units = units;
+                let mut early_tx = Some(early_tx);
+                let mut notify_at = Instant::now();
+                loop {
+                    let started = Instant::now();
+                    let n = units.len() as u32;
+                    let (outcomes, compute) = match early_tx.take() {
+                        Some(early) if early_at < units.len() => {
+                            let rest = units.split_off(early_at);
+                            let first = run_batch(&mut runner, units);
+                            let _ = early.send((first, started.elapsed()));
+                            let rest_started = Instant::now();
+                            let rest = run_batch(&mut runner, rest);
+                            (rest, rest_started.elapsed())
                         }
-                        if now >= notify_at {
-                            master.progress.notify_one();
-                            notify_at = now + NOTIFY_EVERY;
+                        _ => {
+                            let outcomes = run_batch(&mut runner, units);
+                            (outcomes, started.elapsed())
                         }
+                    };
+                    let total = started.elapsed();
+                    let unit_time = total / n.max(1);
+                    debug!(slot, %job, n, compute_ms = total.as_secs_f64() * 1e3, "batch computed");
+                    shared
+                        .tasks_done
+                        .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
+                    let Some((master, stop)) = &local else {
+                        return (runner, Some((outcomes, compute)), unit_time);
+                    };
+                    let now = Instant::now();
+                    let stopped = *stop.borrow();
+                    units = {
+                        let mut book = master.book.lock().unwrap();
+                        book.complete(&shared.local, outcomes);
+                        if stopped {
+                            Vec::new()
+                        } else {
+                            book.take_local(&shared.local, units_for(unit_time, LOCAL_BATCH), now)
+                        }
+                    };
+                    // The job's loop looks every 20 ms anyway: wake it
+                    // now and then for the combine, and when nothing is
+                    // left to take (a finished job included). Only with
+                    // the book unlocked, or the loop wakes to wait for it.
+                    if units.is_empty() {
+                        master.progress.notify_one();
+                        return (runner, None, unit_time);
                     }
-                })
-                .await
-                .expect("task batch");
+                    if now >= notify_at {
+                        master.progress.notify_one();
+                        notify_at = now + NOTIFY_EVERY;
+                    }
+                }
+            });
+            let prefetch = async {
+                let peer = remote?;
+                let (mut outcomes, mut compute) = early_rx.await.ok()?;
+                if let Some(c) = carry.take_if(|c| c.job == job && c.peer == peer) {
+                    outcomes.extend(c.outcomes);
+                    compute += c.compute;
+                }
+                // This peer's own jobs come first: then results only.
+                let pull = if self.local_work_waiting() {
+                    0
+                } else {
+                    Self::batch_size(&per_unit, module, REMOTE_BATCH) as u32
+                };
+                let req = Request::Results {
+                    job,
+                    outcomes,
+                    compute,
+                    pull,
+                };
+                let asked = Instant::now();
+                let batch = if pull > 0 {
+                    self.request_batch(job, peer, module, limits, req, &mut streams)
+                        .await
+                } else {
+                    if let Err(e) = self.exchange(&mut streams, peer, req).await {
+                        debug!(%job, "results not delivered: {e}");
+                    }
+                    None
+                };
+                exchange_time.insert(peer, asked.elapsed());
+                batch
+            };
+            let (done, prefetched) = tokio::join!(run, prefetch);
+            let (runner, handed_in, unit_time) = done.expect("task batch");
             per_unit.insert(module, unit_time);
             if runners.len() >= 4 {
                 runners.clear();
             }
             runners.insert(module, runner);
             // Results of a remote job's batch go back to its master.
-            let (Source::Remote(peer), Some((outcomes, compute))) = (source, handed_in) else {
+            let (Some(peer), Some((outcomes, compute))) = (remote, handed_in) else {
                 continue;
             };
+            last_master = Some(peer);
+            if let Some(batch) = prefetched {
+                // The last results go with the next batch's.
+                carry = Some(Carry {
+                    job,
+                    peer,
+                    outcomes,
+                    compute,
+                });
+                next = Some(batch);
+                continue;
+            }
             // Ask for the next batch of the job with these results, unless
             // this peer's own jobs have work (they come first).
             let pull = if self.local_work_waiting() {
@@ -819,20 +1021,31 @@ impl Peer {
                     .await;
                 continue;
             }
-            if let Some(previous) = delivering.take() {
-                let _ = previous.await;
-            }
-            let client = self.shared.client.clone();
-            delivering = Some(tokio::spawn(async move {
-                if let Err(e) = client.request(peer, req).await {
-                    // The leases will expire and the master re-issues them.
-                    debug!(%job, "results not delivered: {e}");
-                }
-            }));
+            self.deliver(&mut delivering, peer, req).await;
         }
         if let Some(last) = delivering {
             let _ = last.await;
         }
+    }
+
+    /// Send results with no pull, by request-response from a task of their
+    /// own (after the previous such send), so the slot goes on at once.
+    async fn deliver(
+        &self,
+        delivering: &mut Option<tokio::task::JoinHandle<()>>,
+        peer: PeerId,
+        req: Request,
+    ) {
+        if let Some(previous) = delivering.take() {
+            let _ = previous.await;
+        }
+        let client = self.shared.client.clone();
+        *delivering = Some(tokio::spawn(async move {
+            if let Err(e) = client.request(peer, req).await {
+                // The leases will expire and the master re-issues them.
+                debug!("results not delivered: {e}");
+            }
+        }));
     }
 
     /// How many taskunits to ask for: about `target` of work, 1..=4096.
@@ -847,7 +1060,7 @@ impl Peer {
     async fn find_work(
         &self,
         per_unit: &HashMap<ModuleHash, Duration>,
-        streams: &mut HashMap<PeerId, libp2p::Stream>,
+        streams: &mut HashMap<PeerId, TaskStream>,
     ) -> Option<Batch> {
         let local: Vec<(JobId, Arc<MasterJob>)> = self
             .shared
@@ -905,6 +1118,121 @@ impl Peer {
         None
     }
 
+    /// Whether every job this peer knows of is `master`'s (none its own).
+    fn waits_only_on(&self, master: PeerId) -> bool {
+        self.shared.masters.lock().unwrap().is_empty()
+            && self
+                .shared
+                .remotes
+                .lock()
+                .unwrap()
+                .values()
+                .all(|j| j.master == master)
+    }
+
+    /// Park a `Wait` at `master` on this slot's open stream to it, until the
+    /// master assigns a batch (returned), or the wait ends without one: the
+    /// master's time limit, other work turning up (`notified` with a job
+    /// elsewhere; the slot then ends the wait, and takes a batch assigned
+    /// meanwhile), shutdown, or a failed stream (dropped).
+    async fn wait_at<'a>(
+        &'a self,
+        master: PeerId,
+        per_unit: &HashMap<ModuleHash, Duration>,
+        streams: &mut HashMap<PeerId, TaskStream>,
+        mut notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'a>>,
+        stop: &watch::Receiver<bool>,
+    ) -> Option<Batch> {
+        use futures::AsyncBufReadExt as _;
+        let stream = streams.get_mut(&master)?;
+        let sizes = per_unit
+            .iter()
+            .map(|(m, d)| (*m, units_for(*d, REMOTE_BATCH) as u32))
+            .collect();
+        let waited = async {
+            Frames::write_request(stream.get_mut(), &Request::Wait { sizes }).await?;
+            loop {
+                tokio::select! {
+                    biased;
+                    // The answer is coming.
+                    read = stream.fill_buf() => {
+                        read?;
+                        break;
+                    }
+                    _ = notified.as_mut() => {
+                        if *stop.borrow() {
+                            return Err(std::io::Error::other("stopping"));
+                        }
+                        if self.waits_only_on(master) {
+                            // Nothing new but `master`'s own jobs: wait on.
+                            notified.set(self.shared.work.notified());
+                            notified.as_mut().enable();
+                            continue;
+                        }
+                        Frames::write_request(stream.get_mut(), &Request::EndWait).await?;
+                        let answer = Frames::read_response(stream).await?;
+                        Frames::read_response(stream).await?; // the EndWait's Ack
+                        return Ok(answer);
+                    }
+                }
+            }
+            Frames::read_response(stream).await
+        };
+        let limit = WAIT_MAX + self.shared.config.net.request_timeout;
+        let (job, units) = match tokio::time::timeout(limit, waited).await {
+            Ok(Ok(Response::Assigned { job, units, .. })) if !units.is_empty() => (job, units),
+            Ok(Ok(_)) => return None,
+            Ok(Err(e)) => {
+                debug!(%master, "wait ended: {e}");
+                streams.remove(&master);
+                return None;
+            }
+            Err(_) => {
+                debug!(%master, "wait timed out");
+                streams.remove(&master);
+                return None;
+            }
+        };
+        debug!(job = %job.job, units = units.len(), "assigned");
+        // Taskunits only from a job of the master that leased them.
+        if job.master != master.to_bytes() || !self.learn_job(master, job.clone()) {
+            debug!(%master, job = %job.job, "assigned taskunits refused");
+            return None;
+        }
+        if let Err(e) = self.ensure_module(master, job.module).await {
+            warn!(job = %job.job, %master, "cannot get the job's module: {e}");
+            self.back_off(job.job, Duration::from_secs(5));
+            return None;
+        }
+        Some(Batch {
+            job: job.job,
+            source: Source::Remote(master),
+            module: job.module,
+            limits: job.limits.min(self.shared.config.limits),
+            units,
+        })
+    }
+
+    /// This slot's stream to `master`, opened on first use.
+    async fn stream_to<'s>(
+        &self,
+        streams: &'s mut HashMap<PeerId, TaskStream>,
+        master: PeerId,
+    ) -> Option<&'s mut TaskStream> {
+        match streams.entry(master) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                match self.shared.client.open_stream(master).await {
+                    Ok(s) => Some(e.insert(TaskStream::new(s))),
+                    Err(err) => {
+                        debug!(%master, "no stream: {err}");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
     /// Whether this peer knows of no running job, its own or announced.
     fn knows_no_jobs(&self) -> bool {
         self.shared.masters.lock().unwrap().is_empty()
@@ -930,13 +1258,13 @@ impl Peer {
         module: ModuleHash,
         limits: Limits,
         request: Request,
-        streams: &mut HashMap<PeerId, libp2p::Stream>,
+        streams: &mut HashMap<PeerId, TaskStream>,
     ) -> Option<Batch> {
         let asked = Instant::now();
         let max = match &request {
             Request::Pull { max, .. } => *max,
             Request::Results { pull, .. } => *pull,
-            Request::FetchModule { .. } => 0,
+            _ => 0,
         };
         let reply = self.exchange(streams, master, request).await;
         if let Ok(Response::Tasks { units, .. }) = &reply {
@@ -979,25 +1307,13 @@ impl Peer {
     /// instead; results sent twice that way are ignored as duplicates.
     async fn exchange(
         &self,
-        streams: &mut HashMap<PeerId, libp2p::Stream>,
+        streams: &mut HashMap<PeerId, TaskStream>,
         master: PeerId,
         request: Request,
     ) -> Result<Response, network::NetError> {
-        let stream = match streams.entry(master) {
-            std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                match self.shared.client.open_stream(master).await {
-                    Ok(s) => Some(e.insert(s)),
-                    Err(err) => {
-                        debug!(%master, "no stream, request-response instead: {err}");
-                        None
-                    }
-                }
-            }
-        };
-        if let Some(stream) = stream {
+        if let Some(stream) = self.stream_to(streams, master).await {
             let exchange = async {
-                Frames::write_request(stream, &request).await?;
+                Frames::write_request(stream.get_mut(), &request).await?;
                 Frames::read_response(stream).await
             };
             match tokio::time::timeout(self.shared.config.net.request_timeout, exchange).await {
@@ -1216,13 +1532,7 @@ impl Peer {
                 }
             })
         };
-        let announce = Announce {
-            job: id,
-            master: self.shared.client.local_peer_id().to_bytes(),
-            module: hash,
-            module_size: master.bytes.len() as u64,
-            limits,
-        };
+        let announce = self.announcement(id, &master);
         let mut last_announce: Option<Instant> = None;
         let mut last_progress = Instant::now();
         // Results accepted and not yet passed to the combine.
@@ -1270,7 +1580,9 @@ impl Peer {
                 && master.units_made.load(std::sync::atomic::Ordering::Relaxed)
                 && last_announce.is_none_or(|t| t.elapsed() >= self.shared.config.announce_every)
             {
+                debug!(job = %id, "probe announce");
                 self.shared.client.announce(&announce).await;
+                debug!(job = %id, "probe announced");
                 last_announce = Some(Instant::now());
             }
             if let Some(events) = &events
@@ -1410,6 +1722,14 @@ enum Source {
     Remote(PeerId),
 }
 
+/// A remote batch's last results, held to go with the next batch's.
+struct Carry {
+    job: JobId,
+    peer: PeerId,
+    outcomes: Vec<TaskOutcome>,
+    compute: Duration,
+}
+
 struct Batch {
     job: JobId,
     source: Source,
@@ -1484,7 +1804,10 @@ fn split_job(
         damage.lock().unwrap().extend(mapped);
         Ok::<_, String>(input)
     };
-    match executor::run_split(env, component, limits, open()?, emit) {
+    let t0 = Instant::now();
+    let r = executor::run_split(env, component, limits, open()?, emit);
+    debug!(us = t0.elapsed().as_micros() as u64, "probe run_split");
+    match r {
         Ok(SplitOutcome::Emitted(_)) => {}
         Ok(SplitOutcome::Default) => match open()? {
             // One taskunit per line (without its `\n` or `\r\n`).
@@ -1526,6 +1849,7 @@ fn split_job(
         },
         Err(e) => return Err(e.to_string()),
     }
+    debug!(us = t0.elapsed().as_micros() as u64, "probe lines sent");
     (sender.wake)();
     Ok(sender.count.load(std::sync::atomic::Ordering::Relaxed))
 }

@@ -188,9 +188,11 @@ pub struct JobBook {
     /// Straggler backups (only without replication): near the end of a job,
     /// an idle worker gets a copy of a slot leased to someone else.
     backups: HashMap<Slot, WorkerId>,
-    /// Time per taskunit from lease to result (network included) of each
-    /// worker's last batch, and of the last batch of any worker: what a
-    /// batch is expected to take.
+    /// Time per taskunit of each worker's last batch, and of the last batch
+    /// of any worker: what a batch is expected to take. From lease to
+    /// result for the master's own slots; as a remote worker measured it
+    /// (it asks for its next batch before its last ends, so the network
+    /// is off its path).
     turnaround: HashMap<WorkerId, Duration>,
     last_turnaround: Option<Duration>,
     /// Results in so far of replicated taskunits.
@@ -226,6 +228,10 @@ pub struct JobBook {
 
 /// The most guest stderr one job forwards to its submitter.
 const MAX_LOG: usize = 1 << 20;
+
+/// With this few taskunits left to issue, a batch over the network is
+/// sized by who would finish each first (see [`JobBook::end_game`]).
+const END_GAME: usize = 256;
 
 impl JobBook {
     /// Guest stderr since the last call, by taskunit.
@@ -368,7 +374,16 @@ impl JobBook {
                 // The split still runs: what it has made so far.
                 None => self.split.as_ref().map_or(0, SplitReceiver::queued_units),
             };
-        let max = max.min(self.share(worker, unissued));
+        // A batch over the network is at most half the worker's share
+        // (factoring): a share misjudged costs at most half of it at the
+        // end, and the rest is shared out by what the first half showed.
+        // At the very end, only what it would finish first.
+        let share = self.share(worker, unissued);
+        let max = if local {
+            max.min(share)
+        } else {
+            max.min(share).min(self.end_game(worker, unissued, now))
+        };
         let max_bytes = if local { usize::MAX } else { MAX_BATCH_BYTES };
         let mut units = Vec::new();
         let mut taken = Vec::new();
@@ -424,8 +439,11 @@ impl JobBook {
     /// slower worker's last batch ends about when the others' do. At
     /// least one.
     fn share(&self, worker: &str, unissued: usize) -> usize {
+        // Those at work on the job, and those timed on the module's last
+        // job (who will likely ask soon).
         let mut workers: HashSet<&str> = self.per_worker.keys().map(String::as_str).collect();
         workers.extend(self.leases.values().map(|l| l.worker.as_str()));
+        workers.extend(self.turnaround.keys().map(String::as_str));
         workers.insert(worker);
         let speed = |w: &str| {
             self.turnaround
@@ -443,11 +461,61 @@ impl JobBook {
         (share.round() as usize).max(1)
     }
 
+    /// How many of the last `unissued` taskunits `worker` would finish
+    /// before any other worker at work on the job could: each goes, in
+    /// thought, to whoever would end it first, given the taskunits each
+    /// holds and its pace. A worker that asks before its batch ends (while
+    /// others may be about to be free) so gets only what it will really
+    /// be first to. A worker holding nothing gets at least one. Past
+    /// [`END_GAME`] taskunits, no limit.
+    fn end_game(&self, worker: &str, unissued: usize, now: Instant) -> usize {
+        if unissued > END_GAME {
+            return usize::MAX;
+        }
+        let Some(fallback) = self.last_turnaround else {
+            return usize::MAX;
+        };
+        let pace = |w: &str| self.turnaround.get(w).copied().unwrap_or(fallback);
+        // Each worker holding taskunits: how many, since when.
+        let mut held: HashMap<&str, (usize, Instant)> = HashMap::new();
+        for l in self.leases.values() {
+            let e = held.entry(l.worker.as_str()).or_insert((0, l.since));
+            e.0 += 1;
+            e.1 = e.1.min(l.since);
+        }
+        // When each would be free: the asker is at work on what it holds
+        // now; others started theirs when leased.
+        let mine = held.get(worker).map_or(0, |h| h.0);
+        let mut free = now + pace(worker) * mine as u32;
+        let mut others: Vec<(Instant, Duration)> = held
+            .iter()
+            .filter(|(w, _)| **w != worker)
+            .map(|(w, (n, since))| {
+                let t = pace(w);
+                ((*since + t * *n as u32).max(now), t)
+            })
+            .collect();
+        let t = pace(worker);
+        let mut count = 0;
+        for _ in 0..unissued {
+            let first = others.iter_mut().min_by_key(|(f, t)| *f + *t);
+            match first {
+                Some((f, t_other)) if *f + *t_other < free + t => *f += *t_other,
+                _ => {
+                    count += 1;
+                    free += t;
+                }
+            }
+        }
+        if mine == 0 { count.max(1) } else { count }
+    }
+
     /// Nothing fresh is left: copy the longest-held taskunits of other
     /// workers (one backup each) so a slow worker does not hold up the end.
-    /// Only overdue batches are copied: held half as long again as their
-    /// worker's last batch took per taskunit (or any worker's, for a worker
-    /// new to the job). This is speculation for stragglers, as in
+    /// Only overdue batches are copied: held half as long again as the
+    /// batch and one more taskunit (a worker asks for its next batch before
+    /// it ends the last) take at their worker's last pace (or any worker's,
+    /// for a worker new to the job). This is speculation for stragglers, as in
     /// MapReduce: a batch on time finishes first anyway, and its copy would
     /// only take a core from the job's last steps.
     fn take_backups(&mut self, worker: &str, max: usize, now: Instant) -> Vec<TaskUnit> {
@@ -455,7 +523,7 @@ impl JobBook {
             self.turnaround
                 .get(&l.worker)
                 .or(self.last_turnaround.as_ref())
-                .is_none_or(|t| now.saturating_duration_since(l.since) > *t * l.batch * 3 / 2)
+                .is_none_or(|t| now.saturating_duration_since(l.since) > *t * (l.batch + 1) * 3 / 2)
         };
         let mut held: Vec<(Instant, Slot)> = self
             .leases
@@ -545,10 +613,38 @@ impl JobBook {
                 .filter_map(|r| self.leases.get(&(o.index, r)))
                 .find(|l| l.worker == worker)
         }) {
+            // Small batches, one taskunit each often: their pace smoothed.
             let t = now.saturating_duration_since(l.since) / l.batch.max(1);
-            self.turnaround.insert(worker.to_owned(), t);
-            self.last_turnaround = Some(t);
+            let t = match self.turnaround.get(worker) {
+                Some(before) if l.batch < 4 => (*before * 3 + t) / 4,
+                _ => t,
+            };
+            self.timed(worker, t);
         }
+        self.take_outcomes(worker, outcomes);
+    }
+
+    /// Results from a worker that hands them in while it computes on (so
+    /// the time since its lease says little): `compute`, its own measure of
+    /// the time they took, gives its turnaround.
+    pub fn complete_computed(
+        &mut self,
+        worker: &str,
+        outcomes: Vec<TaskOutcome>,
+        compute: Duration,
+    ) {
+        if !outcomes.is_empty() && !compute.is_zero() {
+            self.timed(worker, compute / outcomes.len() as u32);
+        }
+        self.take_outcomes(worker, outcomes);
+    }
+
+    fn timed(&mut self, worker: &str, per_unit: Duration) {
+        self.turnaround.insert(worker.to_owned(), per_unit);
+        self.last_turnaround = Some(per_unit);
+    }
+
+    fn take_outcomes(&mut self, worker: &str, outcomes: Vec<TaskOutcome>) {
         for TaskOutcome {
             index,
             result,

@@ -98,7 +98,7 @@ impl<'a> Encoded<'a> {
     }
 
     fn response(response: &'a Response) -> std::io::Result<Encoded<'a>> {
-        let Response::Tasks { units, .. } = response else {
+        let (Response::Tasks { units, .. } | Response::Assigned { units, .. }) = response else {
             return Self::whole(response, response.size_hint());
         };
         let mut gather = Gather::new(units);
@@ -395,7 +395,9 @@ impl Response {
     /// About how many bytes the message takes encoded (a little more).
     fn size_hint(&self) -> usize {
         let payload = match self {
-            Response::Tasks { units, .. } => units.iter().map(|u| u.data.len() + 16).sum(),
+            Response::Tasks { units, .. } | Response::Assigned { units, .. } => {
+                units.iter().map(|u| u.data.len() + 16).sum()
+            }
             Response::Module(bytes) => bytes.len(),
             _ => 0,
         };
@@ -631,12 +633,27 @@ pub enum Request {
     },
     /// Send me the module with this hash.
     FetchModule { hash: ModuleHash },
+    /// Lease me a batch of any of your jobs as soon as one has taskunits
+    /// (a long poll, on a task stream only): up to `sizes`' count for a
+    /// module listed there, one of any other. Answered `Assigned`, or
+    /// `NoWork` after a while or as soon as anything else comes on the
+    /// stream (see `EndWait`).
+    Wait { sizes: Vec<(ModuleHash, u32)> },
+    /// Stop waiting: the open `Wait` is answered first, then this, `Ack`.
+    EndWait,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     /// Taskunits leased to the asker until `lease` runs out.
     Tasks {
+        units: Vec<TaskUnit>,
+        lease: Duration,
+    },
+    /// The answer to a `Wait`: taskunits of the job `job` describes,
+    /// leased to the asker until `lease` runs out.
+    Assigned {
+        job: Announce,
         units: Vec<TaskUnit>,
         lease: Duration,
     },
@@ -692,12 +709,25 @@ mod tests {
             }],
             lease: Duration::from_secs(30),
         });
-        roundtrip(Announce {
+        let announce = Announce {
             job: JobId::random(),
             master: vec![1, 2, 3],
             module: ModuleHash::of(b"x"),
             module_size: 1,
             limits: Limits::default(),
+        };
+        roundtrip(announce.clone());
+        roundtrip(Request::Wait {
+            sizes: vec![(ModuleHash::of(b"x"), 12)],
+        });
+        roundtrip(Request::EndWait);
+        roundtrip(Response::Assigned {
+            job: announce,
+            units: vec![TaskUnit {
+                index: 4,
+                data: vec![7; 3].into(),
+            }],
+            lease: Duration::from_secs(30),
         });
     }
 
@@ -728,6 +758,10 @@ mod tests {
             Request::FetchModule {
                 hash: ModuleHash::of(b"m"),
             },
+            Request::Wait {
+                sizes: vec![(ModuleHash::of(b"m"), 3)],
+            },
+            Request::EndWait,
             Request::Results {
                 job: JobId(3),
                 outcomes: vec![TaskOutcome {
@@ -742,15 +776,27 @@ mod tests {
     }
 
     fn sample_responses() -> Vec<Response> {
+        let units: Vec<TaskUnit> = (0..3)
+            .map(|i| TaskUnit {
+                index: i,
+                // Below and above GATHER_MIN: copied and gathered.
+                data: vec![i as u8; [1000, 9000, 5000][i as usize]].into(),
+            })
+            .collect();
         vec![
             Response::Tasks {
-                units: (0..3)
-                    .map(|i| TaskUnit {
-                        index: i,
-                        // Below and above GATHER_MIN: copied and gathered.
-                        data: vec![i as u8; [1000, 9000, 5000][i as usize]].into(),
-                    })
-                    .collect(),
+                units: units.clone(),
+                lease: Duration::from_secs(30),
+            },
+            Response::Assigned {
+                job: Announce {
+                    job: JobId(5),
+                    master: vec![9; 38],
+                    module: ModuleHash::of(b"m"),
+                    module_size: 4,
+                    limits: Limits::default(),
+                },
+                units,
                 lease: Duration::from_secs(30),
             },
             Response::NoWork { finished: true },
@@ -806,27 +852,29 @@ mod tests {
     /// buffers: only the small one is copied among the encoder's bytes.
     #[test]
     fn big_taskunits_are_written_without_a_copy() {
-        let response = &sample_responses()[0];
-        let Response::Tasks { units, .. } = response else {
-            unreachable!()
-        };
-        let mut gather = Gather::new(units);
-        cbor4ii::serde::to_writer(&mut gather, response).unwrap();
-        gather.finish();
-        let gathered: Vec<usize> = gather
-            .pieces
-            .iter()
-            .filter_map(|p| match p {
-                Piece::Unit(i) => Some(*i),
-                Piece::Own(_) => None,
-            })
-            .collect();
-        assert_eq!(gathered, [1, 2]);
-        assert!(gather.own.len() < units[0].data.len() + 200);
-        assert_eq!(
-            gather.pieces().collect::<Vec<_>>().concat(),
-            cbor4ii::serde::to_vec(Vec::new(), response).unwrap()
-        );
+        for response in &sample_responses()[..2] {
+            let (Response::Tasks { units, .. } | Response::Assigned { units, .. }) = response
+            else {
+                unreachable!()
+            };
+            let mut gather = Gather::new(units);
+            cbor4ii::serde::to_writer(&mut gather, response).unwrap();
+            gather.finish();
+            let gathered: Vec<usize> = gather
+                .pieces
+                .iter()
+                .filter_map(|p| match p {
+                    Piece::Unit(i) => Some(*i),
+                    Piece::Own(_) => None,
+                })
+                .collect();
+            assert_eq!(gathered, [1, 2]);
+            assert!(gather.own.len() < units[0].data.len() + 300);
+            assert_eq!(
+                gather.pieces().collect::<Vec<_>>().concat(),
+                cbor4ii::serde::to_vec(Vec::new(), response).unwrap()
+            );
+        }
     }
 
     /// Decoded taskunits are slices of the message, not copies; byte
