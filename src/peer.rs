@@ -885,9 +885,9 @@ impl Peer {
                 let ahead = exchange_time
                     .get(&peer)
                     .map_or(PREFETCH_MIN, |t| (*t * 3 / 2).max(PREFETCH_MIN));
-                let last = per_unit.get(&module).map_or(1, |u| {
-                    (ahead.as_nanos() / u.as_nanos().max(1)) as usize + 1
-                });
+                let last = per_unit
+                    .get(&module)
+                    .map_or(1, |u| (ahead.as_nanos() / u.as_nanos().max(1)) as usize + 1);
                 units.len().saturating_sub(last)
             });
             let shared = self.shared.clone();

@@ -472,7 +472,10 @@ impl JobBook {
         if unissued > END_GAME {
             return usize::MAX;
         }
-        let Some(fallback) = self.last_turnaround else {
+        let Some(fallback) = self
+            .last_turnaround
+            .or_else(|| self.turnaround.values().min().copied())
+        else {
             return usize::MAX;
         };
         let pace = |w: &str| self.turnaround.get(w).copied().unwrap_or(fallback);
@@ -909,16 +912,27 @@ mod tests {
             tx.send(vec![b'x'; unit]).unwrap();
         }
         drop(tx);
+        let book = |rx, known: &[(&str, Duration)]| {
+            let known = known.iter().map(|(w, t)| (w.to_string(), *t)).collect();
+            JobBook::new(rx, Duration::from_secs(10), 2).with_turnaround(known)
+        };
+        let now = Instant::now();
+        // With no figures, a lone worker's share is all there is.
+        let mut b = book(rx, &[]);
+        assert_eq!(b.take("remote", 100, now).len(), fits);
         // The local slot is far the faster, so its share is all that is
         // left: only a byte cap could stop it.
-        let known = [
-            ("local".to_owned(), Duration::from_micros(1)),
-            ("remote".to_owned(), Duration::from_secs(1)),
+        let (tx, rx) = split_channel(64, 64 << 20);
+        for _ in 0..2 * fits + 2 {
+            tx.send(vec![b'x'; unit]).unwrap();
+        }
+        drop(tx);
+        let paces = [
+            ("local", Duration::from_micros(1)),
+            ("remote", Duration::from_secs(1)),
         ];
-        let mut b = JobBook::new(rx, Duration::from_secs(10), 2).with_turnaround(known.into());
-        let now = Instant::now();
-        assert_eq!(b.take("remote", 100, now).len(), fits);
-        assert_eq!(b.take_local("local", 100, now).len(), fits + 2);
+        let mut b = book(rx, &paces);
+        assert_eq!(b.take_local("local", 100, now).len(), 2 * fits + 2);
     }
 
     #[test]
@@ -964,10 +978,11 @@ mod tests {
         assert_eq!(b.take("fast", 1, now).len(), 1);
         b.complete_at("fast", vec![ok(1, "B")], now + ms(10));
         // Nothing fresh is left, but "slow" is not late yet: its taskunit
-        // was expected to take about as long as "fast"'s (10 ms).
-        assert!(b.take("fast", 4, now + ms(14)).is_empty(), "not overdue");
+        // (and one it may have had in hand) were expected to take about as
+        // long as "fast"'s (10 ms each).
+        assert!(b.take("fast", 4, now + ms(29)).is_empty(), "not overdue");
         // Half as long again: "fast" gets a backup of "slow"'s taskunit, once.
-        let now = now + ms(16);
+        let now = now + ms(31);
         let backup = b.take("fast", 4, now);
         assert_eq!(backup.iter().map(|u| u.index).collect::<Vec<_>>(), vec![0]);
         assert!(
@@ -997,13 +1012,14 @@ mod tests {
         assert_eq!(indices(b.take("remote", 2, at(40))), vec![2, 3]);
         assert_eq!(indices(b.take_local("local", 1, at(40))), vec![4]);
         b.complete_at("local", vec![ok(4, "E")], at(50));
-        // 40 ms into a 2-taskunit batch of a 20 ms worker: on time, though
-        // the last batch in (the master's own slot's) took 10 ms.
+        // 80 ms into a 2-taskunit batch of a 20 ms worker (that may have
+        // had one more in hand): on time, though the last batch in (the
+        // master's own slot's) took 10 ms.
         assert!(b.take_local("local", 1, at(80)).is_empty());
-        assert!(b.take_local("local", 1, at(99)).is_empty());
-        // Past half as long again (60 ms): backed up, one taskunit a call.
-        assert_eq!(indices(b.take_local("local", 1, at(101))), vec![2]);
-        assert_eq!(indices(b.take_local("local", 1, at(101))), vec![3]);
+        assert!(b.take_local("local", 1, at(129)).is_empty());
+        // Past half as long again (90 ms): backed up, one taskunit a call.
+        assert_eq!(indices(b.take_local("local", 1, at(131))), vec![2]);
+        assert_eq!(indices(b.take_local("local", 1, at(131))), vec![3]);
     }
 
     #[test]
@@ -1048,6 +1064,45 @@ mod tests {
         let mut b = book_with(&[]);
         assert_eq!(b.take_local("local", 1, now).len(), 1);
         assert_eq!(b.take("remote", 100, now).len(), 32);
+    }
+
+    #[test]
+    fn at_the_end_a_worker_gets_only_what_it_would_finish_first() {
+        let known = [("local", 10), ("remote", 10)]
+            .iter()
+            .map(|(w, ms)| (w.to_string(), Duration::from_millis(*ms)))
+            .collect();
+        let mut b = book(&["a", "b", "c", "d"]).with_turnaround(known);
+        b.split_done(4);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(b.take_local("local", 1, at(0)).len(), 1);
+        assert_eq!(b.take("remote", 1, at(0)).len(), 1);
+        // The remote asks ahead, 2 ms into its taskunit: of the two left,
+        // the master's slot (free at 10 ms) would end one at 20 ms, the
+        // remote (free at 12 ms) the other at 22 ms.
+        assert_eq!(b.take("remote", 100, at(2)).len(), 1);
+        // Asking again at 3 ms, it holds two: the last one would end at
+        // 33 ms with it, at 20 ms with the master's slot.
+        assert!(b.take("remote", 100, at(3)).is_empty());
+        b.complete_at("local", vec![ok(0, "A")], at(10));
+        assert_eq!(b.take_local("local", 1, at(10)).len(), 1);
+        // Paced as it measured its work, not by the time since its lease.
+        b.complete_computed("remote", vec![ok(1, "B")], Duration::from_millis(30));
+        assert_eq!(b.turnaround()["remote"], Duration::from_millis(30));
+    }
+
+    #[test]
+    fn a_worker_holding_nothing_gets_one_even_if_others_would_be_first() {
+        let known = [("fast", 1), ("slow", 100)]
+            .iter()
+            .map(|(w, ms)| (w.to_string(), Duration::from_millis(*ms)))
+            .collect();
+        let mut b = book(&["a", "b", "c"]).with_turnaround(known);
+        b.split_done(3);
+        let now = Instant::now();
+        assert_eq!(b.take("fast", 1, now).len(), 1);
+        assert_eq!(b.take("slow", 100, now).len(), 1);
     }
 
     #[test]

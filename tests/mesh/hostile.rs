@@ -56,6 +56,8 @@ async fn abuse(addr: Multiaddr) -> Vec<Result<Value, String>> {
         // A well-formed request for a module nobody has.
         json!({"FetchModule": {"hash": vec![7u8; 32]}}),
         json!({"Pull": {"job": 12345, "max": 10}}),
+        // A long poll belongs on a task stream.
+        json!({"Wait": {"sizes": []}}),
     ];
     let mut ids = Vec::new();
     let mut results: Vec<Option<Result<Value, String>>> = vec![None; requests.len()];
@@ -132,6 +134,11 @@ async fn malformed_requests_leave_the_peer_serving() {
         results[5].as_ref().unwrap(),
         &json!({"NoWork": {"finished": true}})
     );
+    let refused = results[6].as_ref().expect("a refusal, not a failure");
+    assert!(
+        refused["Refused"].as_str().unwrap().contains("task stream"),
+        "{refused}"
+    );
     // The peer still runs jobs.
     still_runs_jobs(&peer);
 }
@@ -206,4 +213,104 @@ async fn malformed_frames_on_a_stream_leave_the_peer_serving() {
     driver.abort();
 
     still_runs_jobs(&peer);
+}
+
+/// The long poll a worker slot parks at its last master: a `Wait` on a
+/// task stream is held while the peer has no job, answered with taskunits
+/// as soon as a job has some (no announcement needed), and an `EndWait`
+/// ends one early: its answer first, then the `EndWait`'s.
+#[tokio::test]
+async fn a_wait_is_answered_with_taskunits_when_a_job_has_some() {
+    use antnest::wire::{ByteBuf, Frames, Request, Response, TaskOutcome};
+
+    let dir = scratch();
+    let peer = PeerProc::loopback(dir.path(), "p", &[]);
+    let addr: Multiaddr = peer.addr().parse().unwrap();
+    let Some(libp2p::multiaddr::Protocol::P2p(id)) = addr.iter().last() else {
+        panic!("address without /p2p/");
+    };
+    let mut swarm = outsider(libp2p_stream::Behaviour::new());
+    let mut control = swarm.behaviour().new_control();
+    swarm.dial(addr).unwrap();
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let protocol = StreamProtocol::new(antnest::wire::STREAM_PROTOCOL);
+    let t = Duration::from_secs(60);
+    let mut s = tokio::time::timeout(t, control.open_stream(id, protocol))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // No job: the wait is held (nothing is read, so giving up the read
+    // loses no bytes).
+    let wait = Request::Wait { sizes: vec![] };
+    Frames::write_request(&mut s, &wait).await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(500), Frames::read_response(&mut s));
+    assert!(early.await.is_err(), "a wait answered with no job running");
+
+    // A job of slow taskunits: the peer's own slot takes one at a time, so
+    // the wait gets one (no size asked for the module: one).
+    let numbers = [150_000u64, 150_001, 150_002, 150_003, 150_004, 150_005];
+    let input: String = numbers.iter().map(|n| format!("{n}\n")).collect();
+    let job = peer.spawn_submit(&artifact("primes"), &[], input.as_bytes());
+    let (announced, units) = match tokio::time::timeout(t, Frames::read_response(&mut s))
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Response::Assigned { job, units, .. } => (job, units),
+        other => panic!("not taskunits: {other:?}"),
+    };
+    assert_eq!(announced.master, id.to_bytes());
+    assert_eq!(units.len(), 1, "{units:?}");
+    let unit = &units[0];
+    let n: u64 = std::str::from_utf8(&unit.data).unwrap().parse().unwrap();
+    assert_eq!(n, numbers[unit.index as usize]);
+    // Hand in a wrong count: the job's sum shows whose result was taken.
+    let results = Request::Results {
+        job: announced.job,
+        outcomes: vec![TaskOutcome {
+            index: unit.index,
+            result: Ok(ByteBuf::from(b"1000000".to_vec())),
+            stderr: None,
+        }],
+        compute: Duration::from_millis(50),
+        pull: 0,
+    };
+    Frames::write_request(&mut s, &results).await.unwrap();
+    let ack = tokio::time::timeout(t, Frames::read_response(&mut s)).await;
+    assert!(matches!(ack, Ok(Ok(Response::Ack))), "{ack:?}");
+    let out = job.finish(Duration::from_secs(300));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let count = |n: u64| {
+        (2..n)
+            .filter(|k| (2..).take_while(|d| d * d <= *k).all(|d| k % d != 0))
+            .count() as u64
+    };
+    let expected: u64 = numbers
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            if i as u64 == unit.index {
+                1_000_000
+            } else {
+                count(*n)
+            }
+        })
+        .sum();
+    assert_eq!(text(&out.stdout).trim(), expected.to_string());
+
+    // Ending a wait: its answer (no work), then the EndWait's.
+    Frames::write_request(&mut s, &wait).await.unwrap();
+    Frames::write_request(&mut s, &Request::EndWait)
+        .await
+        .unwrap();
+    for expected in [Response::NoWork { finished: false }, Response::Ack] {
+        let got = tokio::time::timeout(t, Frames::read_response(&mut s)).await;
+        assert!(matches!(&got, Ok(Ok(r)) if *r == expected), "{got:?}");
+    }
+    driver.abort();
 }
