@@ -21,7 +21,7 @@ use crate::executor::{self, Environment, Limits, SplitInput, SplitOutcome, TaskE
 use crate::journal::{Journal, JournalError};
 use crate::mapped::{self, Damage};
 use crate::network::{self, Client, Event, NetConfig, PeerInfo};
-use crate::scheduler::{self, JobBook, Progress, WorkerId};
+use crate::scheduler::{self, JobBook, Progress, WorkerTimes};
 use crate::wire::{
     Announce, ByteBuf, Frames, JobId, MAX_MODULE, MAX_TASKUNIT, ModuleHash, Request, Response,
     SharedBytes, TaskOutcome,
@@ -353,8 +353,8 @@ struct Shared {
     /// Taskunits run by this peer's slots (for metrics).
     tasks_done: std::sync::atomic::AtomicU64,
     /// What each worker's batches took per taskunit in the last job of each
-    /// module this peer was master of (see [`JobBook::with_turnaround`]).
-    turnarounds: Mutex<HashMap<ModuleHash, HashMap<WorkerId, Duration>>>,
+    /// module this peer was master of (see [`JobBook::with_times`]).
+    turnarounds: Mutex<HashMap<ModuleHash, WorkerTimes>>,
 }
 
 /// Modules whose workers' figures a master remembers.
@@ -888,7 +888,9 @@ impl Peer {
                 let last = per_unit
                     .get(&module)
                     .map_or(1, |u| (ahead.as_nanos() / u.as_nanos().max(1)) as usize + 1);
-                units.len().saturating_sub(last)
+                // Not before half the batch is done: its results would
+                // wait for the next batch's.
+                units.len().saturating_sub(last).max(units.len() / 2)
             });
             let shared = self.shared.clone();
             let run = thread.run(move || {
@@ -1436,7 +1438,7 @@ impl Peer {
         let known = self.shared.turnarounds.lock().unwrap().get(&hash).cloned();
         let mut book = JobBook::new(rx, self.shared.config.lease, spec.max_attempts)
             .with_replicas(spec.replicate)
-            .with_turnaround(known.unwrap_or_default());
+            .with_times(known.unwrap_or_default());
         // Results go to the combine as they are accepted: it runs alongside
         // the job and sees the end of the feed when `feed` is dropped.
         let (feed, feed_rx) = std::sync::mpsc::channel::<Vec<(u64, Vec<u8>)>>();
@@ -1624,7 +1626,7 @@ impl Peer {
             if known.len() >= REMEMBERED_MODULES && !known.contains_key(&hash) {
                 known.clear();
             }
-            known.insert(hash, book.turnaround().clone());
+            known.insert(hash, book.times());
             book.finish()
         };
         let prog = done.progress;

@@ -188,13 +188,20 @@ pub struct JobBook {
     /// Straggler backups (only without replication): near the end of a job,
     /// an idle worker gets a copy of a slot leased to someone else.
     backups: HashMap<Slot, WorkerId>,
-    /// Time per taskunit of each worker's last batch, and of the last batch
-    /// of any worker: what a batch is expected to take. From lease to
-    /// result for the master's own slots; as a remote worker measured it
-    /// (it asks for its next batch before its last ends, so the network
-    /// is off its path).
+    /// Time per taskunit from lease to result (network and a batch queued
+    /// behind another included) of each worker's last batch, and of the
+    /// last batch of any worker: how long a batch is expected to be held.
     turnaround: HashMap<WorkerId, Duration>,
     last_turnaround: Option<Duration>,
+    /// Compute time per taskunit of each worker's last batch (a remote
+    /// worker's own measure: it asks for its next batch before its last
+    /// ends, so the network is off its path), and of any worker's: how
+    /// fast each works through its share.
+    pace: HashMap<WorkerId, Duration>,
+    last_pace: Option<Duration>,
+    /// When each remote worker last handed in results, and whether it got
+    /// taskunits in the same exchange (so it was busy since).
+    reported: HashMap<WorkerId, (Instant, bool)>,
     /// Results in so far of replicated taskunits.
     votes: HashMap<u64, Vec<Vote>>,
     /// How many distinct workers must agree on each result.
@@ -229,6 +236,14 @@ pub struct JobBook {
 /// The most guest stderr one job forwards to its submitter.
 const MAX_LOG: usize = 1 << 20;
 
+/// What each worker's batches of a job took per taskunit (see
+/// [`JobBook::with_times`]).
+#[derive(Debug, Clone, Default)]
+pub struct WorkerTimes {
+    pub turnaround: HashMap<WorkerId, Duration>,
+    pub pace: HashMap<WorkerId, Duration>,
+}
+
 /// With this few taskunits left to issue, a batch over the network is
 /// sized by who would finish each first (see [`JobBook::end_game`]).
 const END_GAME: usize = 256;
@@ -251,6 +266,9 @@ impl JobBook {
             backups: HashMap::new(),
             turnaround: HashMap::new(),
             last_turnaround: None,
+            pace: HashMap::new(),
+            last_pace: None,
+            reported: HashMap::new(),
             votes: HashMap::new(),
             replicas: 1,
             mismatches: 0,
@@ -274,15 +292,19 @@ impl JobBook {
 
     /// Start from what each worker's batches took per taskunit in an
     /// earlier job of the same module, so that a worker's first batch is
-    /// already its share (a worker's measured figure replaces it).
-    pub fn with_turnaround(mut self, turnaround: HashMap<WorkerId, Duration>) -> Self {
-        self.turnaround = turnaround;
+    /// already its share (a worker's measured figures replace these).
+    pub fn with_times(mut self, times: WorkerTimes) -> Self {
+        self.turnaround = times.turnaround;
+        self.pace = times.pace;
         self
     }
 
     /// What each worker's last batch took per taskunit.
-    pub fn turnaround(&self) -> &HashMap<WorkerId, Duration> {
-        &self.turnaround
+    pub fn times(&self) -> WorkerTimes {
+        WorkerTimes {
+            turnaround: self.turnaround.clone(),
+            pace: self.pace.clone(),
+        }
     }
 
     /// The split finished after making `total` taskunits (some may still
@@ -374,10 +396,10 @@ impl JobBook {
                 // The split still runs: what it has made so far.
                 None => self.split.as_ref().map_or(0, SplitReceiver::queued_units),
             };
-        // A batch over the network is at most half the worker's share
-        // (factoring): a share misjudged costs at most half of it at the
-        // end, and the rest is shared out by what the first half showed.
-        // At the very end, only what it would finish first.
+        // A batch is at most the worker's share; over the network, and
+        // near the end, only what it would finish first. Backups (below)
+        // may fill what was asked for.
+        let asked = max;
         let share = self.share(worker, unissued);
         let max = if local {
             max.min(share)
@@ -428,28 +450,26 @@ impl JobBook {
             self.queue.push_front(slot);
         }
         if units.is_empty() && self.split.is_none() && self.replicas == 1 {
-            units = self.take_backups(worker, max, now);
+            units = self.take_backups(worker, asked, now);
+        }
+        if let Some((_, busy)) = self.reported.get_mut(worker) {
+            *busy = !units.is_empty();
         }
         units
     }
 
-    /// `worker`'s share of `unissued` taskunits: in proportion to how fast
-    /// each worker of the job turned its last batch around (a worker not
-    /// timed yet counts as the mean of the others, or all alike), so a
-    /// slower worker's last batch ends about when the others' do. At
-    /// least one.
+    /// `worker`'s share of `unissued` taskunits: in proportion to each
+    /// worker's pace on its last batch (a worker not timed yet counts as
+    /// the mean of the others, or all alike), so a slower worker's last
+    /// batch ends about when the others' do. At least one.
     fn share(&self, worker: &str, unissued: usize) -> usize {
         // Those at work on the job, and those timed on the module's last
         // job (who will likely ask soon).
         let mut workers: HashSet<&str> = self.per_worker.keys().map(String::as_str).collect();
         workers.extend(self.leases.values().map(|l| l.worker.as_str()));
-        workers.extend(self.turnaround.keys().map(String::as_str));
+        workers.extend(self.pace.keys().map(String::as_str));
         workers.insert(worker);
-        let speed = |w: &str| {
-            self.turnaround
-                .get(w)
-                .map(|t| 1.0 / t.as_secs_f64().max(1e-9))
-        };
+        let speed = |w: &str| self.pace.get(w).map(|t| 1.0 / t.as_secs_f64().max(1e-9));
         let known: Vec<f64> = workers.iter().filter_map(|w| speed(w)).collect();
         let mean = if known.is_empty() {
             1.0
@@ -472,13 +492,10 @@ impl JobBook {
         if unissued > END_GAME {
             return usize::MAX;
         }
-        let Some(fallback) = self
-            .last_turnaround
-            .or_else(|| self.turnaround.values().min().copied())
-        else {
+        let Some(fallback) = self.last_pace.or_else(|| self.pace.values().min().copied()) else {
             return usize::MAX;
         };
-        let pace = |w: &str| self.turnaround.get(w).copied().unwrap_or(fallback);
+        let pace = |w: &str| self.pace.get(w).copied().unwrap_or(fallback);
         // Each worker holding taskunits: how many, since when.
         let mut held: HashMap<&str, (usize, Instant)> = HashMap::new();
         for l in self.leases.values() {
@@ -610,41 +627,85 @@ impl JobBook {
 
     /// [`Self::complete`], with the results handed in at `now`.
     pub fn complete_at(&mut self, worker: &str, outcomes: Vec<TaskOutcome>, now: Instant) {
-        // The batch's lease, for how long it took (a backup has none).
-        if let Some(l) = outcomes.first().and_then(|o| {
-            (0..self.replicas)
-                .filter_map(|r| self.leases.get(&(o.index, r)))
-                .find(|l| l.worker == worker)
-        }) {
-            // Small batches, one taskunit each often: their pace smoothed.
-            let t = now.saturating_duration_since(l.since) / l.batch.max(1);
-            let t = match self.turnaround.get(worker) {
-                Some(before) if l.batch < 4 => (*before * 3 + t) / 4,
+        if let Some((t, batch)) = self.held_for(worker, &outcomes, now) {
+            // The master's own slots: lease to result is their compute
+            // time. Small batches (often one taskunit): smoothed.
+            let pace = match self.pace.get(worker) {
+                Some(before) if batch < 4 => (*before * 3 + t) / 4,
                 _ => t,
             };
-            self.timed(worker, t);
+            self.paced(worker, pace);
         }
         self.take_outcomes(worker, outcomes);
     }
 
-    /// Results from a worker that hands them in while it computes on (so
-    /// the time since its lease says little): `compute`, its own measure of
-    /// the time they took, gives its turnaround.
+    /// How long `worker` held the taskunits of the first outcome's batch,
+    /// per taskunit of it handed in now (a batch may come in parts), and
+    /// the batch's size; noted as its turnaround. `None` for a backup.
+    fn held_for(
+        &mut self,
+        worker: &str,
+        outcomes: &[TaskOutcome],
+        now: Instant,
+    ) -> Option<(Duration, u32)> {
+        let lease = |index: u64| {
+            (0..self.replicas)
+                .filter_map(|r| self.leases.get(&(index, r)))
+                .find(|l| l.worker == worker)
+        };
+        let first = lease(outcomes.first()?.index)?;
+        let (since, batch) = (first.since, first.batch);
+        let done = outcomes
+            .iter()
+            .filter(|o| lease(o.index).is_some_and(|l| l.since == since))
+            .count() as u32;
+        let t = now.saturating_duration_since(since) / done.max(1);
+        self.turnaround.insert(worker.to_owned(), t);
+        self.last_turnaround = Some(t);
+        Some((t, batch))
+    }
+
+    /// Results from a remote worker, which hands them in while it computes
+    /// on: its pace is `compute`, its own measure of the time they took,
+    /// or the time since its last results if it was busy since and that
+    /// is longer (waiting for taskunits to arrive slows it as much as
+    /// computing); the time since their lease is its turnaround.
     pub fn complete_computed(
         &mut self,
         worker: &str,
         outcomes: Vec<TaskOutcome>,
         compute: Duration,
     ) {
-        if !outcomes.is_empty() && !compute.is_zero() {
-            self.timed(worker, compute / outcomes.len() as u32);
+        self.complete_computed_at(worker, outcomes, compute, Instant::now());
+    }
+
+    /// [`Self::complete_computed`], with the results handed in at `now`.
+    pub fn complete_computed_at(
+        &mut self,
+        worker: &str,
+        outcomes: Vec<TaskOutcome>,
+        compute: Duration,
+        now: Instant,
+    ) {
+        self.held_for(worker, &outcomes, now);
+        if !outcomes.is_empty() {
+            let n = outcomes.len() as u32;
+            let between = match self.reported.get(worker) {
+                Some((at, true)) => now.saturating_duration_since(*at) / n,
+                _ => Duration::ZERO,
+            };
+            let pace = (compute / n).max(between);
+            if !pace.is_zero() {
+                self.paced(worker, pace);
+            }
+            self.reported.insert(worker.to_owned(), (now, false));
         }
         self.take_outcomes(worker, outcomes);
     }
 
-    fn timed(&mut self, worker: &str, per_unit: Duration) {
-        self.turnaround.insert(worker.to_owned(), per_unit);
-        self.last_turnaround = Some(per_unit);
+    fn paced(&mut self, worker: &str, per_unit: Duration) {
+        self.pace.insert(worker.to_owned(), per_unit);
+        self.last_pace = Some(per_unit);
     }
 
     fn take_outcomes(&mut self, worker: &str, outcomes: Vec<TaskOutcome>) {
@@ -862,6 +923,14 @@ mod tests {
     use super::*;
     use crate::wire::ByteBuf;
 
+    /// Figures from an earlier job: each worker's turnaround and pace alike.
+    fn paces(known: HashMap<WorkerId, Duration>) -> WorkerTimes {
+        WorkerTimes {
+            turnaround: known.clone(),
+            pace: known,
+        }
+    }
+
     fn book(units: &[&str]) -> JobBook {
         let (tx, rx) = split_channel(16, 1 << 20);
         for u in units {
@@ -914,7 +983,7 @@ mod tests {
         drop(tx);
         let book = |rx, known: &[(&str, Duration)]| {
             let known = known.iter().map(|(w, t)| (w.to_string(), *t)).collect();
-            JobBook::new(rx, Duration::from_secs(10), 2).with_turnaround(known)
+            JobBook::new(rx, Duration::from_secs(10), 2).with_times(paces(known))
         };
         let now = Instant::now();
         // With no figures, a lone worker's share is all there is.
@@ -1050,7 +1119,7 @@ mod tests {
             for i in 0..64 {
                 tx.send(vec![i]).unwrap();
             }
-            let mut b = JobBook::new(rx, Duration::from_secs(10), 2).with_turnaround(known);
+            let mut b = JobBook::new(rx, Duration::from_secs(10), 2).with_times(paces(known));
             b.split_done(64);
             b
         };
@@ -1072,7 +1141,7 @@ mod tests {
             .iter()
             .map(|(w, ms)| (w.to_string(), Duration::from_millis(*ms)))
             .collect();
-        let mut b = book(&["a", "b", "c", "d"]).with_turnaround(known);
+        let mut b = book(&["a", "b", "c", "d"]).with_times(paces(known));
         b.split_done(4);
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
@@ -1089,7 +1158,7 @@ mod tests {
         assert_eq!(b.take_local("local", 1, at(10)).len(), 1);
         // Paced as it measured its work, not by the time since its lease.
         b.complete_computed("remote", vec![ok(1, "B")], Duration::from_millis(30));
-        assert_eq!(b.turnaround()["remote"], Duration::from_millis(30));
+        assert_eq!(b.times().pace["remote"], Duration::from_millis(30));
     }
 
     #[test]
@@ -1098,7 +1167,7 @@ mod tests {
             .iter()
             .map(|(w, ms)| (w.to_string(), Duration::from_millis(*ms)))
             .collect();
-        let mut b = book(&["a", "b", "c"]).with_turnaround(known);
+        let mut b = book(&["a", "b", "c"]).with_times(paces(known));
         b.split_done(3);
         let now = Instant::now();
         assert_eq!(b.take("fast", 1, now).len(), 1);
