@@ -793,13 +793,8 @@ impl Peer {
             if next.is_none()
                 && let Some(c) = carry.take()
             {
-                let req = Request::Results {
-                    job: c.job,
-                    outcomes: c.outcomes,
-                    compute: c.compute,
-                    pull: 0,
-                };
-                self.deliver(&mut delivering, c.peer, req).await;
+                let (peer, req) = c.into_results();
+                self.deliver(&mut delivering, peer, req).await;
             }
             let batch = match next.take() {
                 Some(batch) => Some(batch),
@@ -956,12 +951,7 @@ impl Peer {
                     outcomes.extend(c.outcomes);
                     compute += c.compute;
                 }
-                // This peer's own jobs come first: then results only.
-                let pull = if self.local_work_waiting() {
-                    0
-                } else {
-                    Self::batch_size(&per_unit, module, REMOTE_BATCH) as u32
-                };
+                let pull = self.pull_size(&per_unit, module);
                 let req = Request::Results {
                     job,
                     outcomes,
@@ -1004,13 +994,8 @@ impl Peer {
                 next = Some(batch);
                 continue;
             }
-            // Ask for the next batch of the job with these results, unless
-            // this peer's own jobs have work (they come first).
-            let pull = if self.local_work_waiting() {
-                0
-            } else {
-                Self::batch_size(&per_unit, module, REMOTE_BATCH) as u32
-            };
+            // Ask for the next batch of the job with these results.
+            let pull = self.pull_size(&per_unit, module);
             let req = Request::Results {
                 job,
                 outcomes,
@@ -1023,6 +1008,11 @@ impl Peer {
                     .await;
                 continue;
             }
+            self.deliver(&mut delivering, peer, req).await;
+        }
+        // Stopping: results held for the next batch go now.
+        if let Some(c) = carry.take() {
+            let (peer, req) = c.into_results();
             self.deliver(&mut delivering, peer, req).await;
         }
         if let Some(last) = delivering {
@@ -1048,6 +1038,17 @@ impl Peer {
                 debug!("results not delivered: {e}");
             }
         }));
+    }
+
+    /// How many taskunits of a remote job of `module` to ask for with
+    /// results: none while this peer's own jobs have work (they come
+    /// first), else about [`REMOTE_BATCH`] of work.
+    fn pull_size(&self, per_unit: &HashMap<ModuleHash, Duration>, module: ModuleHash) -> u32 {
+        if self.local_work_waiting() {
+            0
+        } else {
+            Self::batch_size(per_unit, module, REMOTE_BATCH) as u32
+        }
     }
 
     /// How many taskunits to ask for: about `target` of work, 1..=4096.
@@ -1582,9 +1583,8 @@ impl Peer {
                 && master.units_made.load(std::sync::atomic::Ordering::Relaxed)
                 && last_announce.is_none_or(|t| t.elapsed() >= self.shared.config.announce_every)
             {
-                debug!(job = %id, "probe announce");
                 self.shared.client.announce(&announce).await;
-                debug!(job = %id, "probe announced");
+                debug!(job = %id, "announced");
                 last_announce = Some(Instant::now());
             }
             if let Some(events) = &events
@@ -1732,6 +1732,19 @@ struct Carry {
     compute: Duration,
 }
 
+impl Carry {
+    /// The results to send on their own, and where.
+    fn into_results(self) -> (PeerId, Request) {
+        let req = Request::Results {
+            job: self.job,
+            outcomes: self.outcomes,
+            compute: self.compute,
+            pull: 0,
+        };
+        (self.peer, req)
+    }
+}
+
 struct Batch {
     job: JobId,
     source: Source,
@@ -1806,10 +1819,7 @@ fn split_job(
         damage.lock().unwrap().extend(mapped);
         Ok::<_, String>(input)
     };
-    let t0 = Instant::now();
-    let r = executor::run_split(env, component, limits, open()?, emit);
-    debug!(us = t0.elapsed().as_micros() as u64, "probe run_split");
-    match r {
+    match executor::run_split(env, component, limits, open()?, emit) {
         Ok(SplitOutcome::Emitted(_)) => {}
         Ok(SplitOutcome::Default) => match open()? {
             // One taskunit per line (without its `\n` or `\r\n`).
@@ -1851,7 +1861,6 @@ fn split_job(
         },
         Err(e) => return Err(e.to_string()),
     }
-    debug!(us = t0.elapsed().as_micros() as u64, "probe lines sent");
     (sender.wake)();
     Ok(sender.count.load(std::sync::atomic::Ordering::Relaxed))
 }
