@@ -951,13 +951,7 @@ impl Peer {
                     outcomes.extend(c.outcomes);
                     compute += c.compute;
                 }
-                let pull = self.pull_size(&per_unit, module);
-                let req = Request::Results {
-                    job,
-                    outcomes,
-                    compute,
-                    pull,
-                };
+                let (req, pull) = self.results_with_pull(&per_unit, job, module, outcomes, compute);
                 let asked = Instant::now();
                 let batch = if pull > 0 {
                     self.request_batch(job, peer, module, limits, req, &mut streams)
@@ -995,13 +989,7 @@ impl Peer {
                 continue;
             }
             // Ask for the next batch of the job with these results.
-            let pull = self.pull_size(&per_unit, module);
-            let req = Request::Results {
-                job,
-                outcomes,
-                compute,
-                pull,
-            };
+            let (req, pull) = self.results_with_pull(&per_unit, job, module, outcomes, compute);
             if pull > 0 {
                 next = self
                     .request_batch(job, peer, module, limits, req, &mut streams)
@@ -1040,15 +1028,29 @@ impl Peer {
         }));
     }
 
-    /// How many taskunits of a remote job of `module` to ask for with
-    /// results: none while this peer's own jobs have work (they come
-    /// first), else about [`REMOTE_BATCH`] of work.
-    fn pull_size(&self, per_unit: &HashMap<ModuleHash, Duration>, module: ModuleHash) -> u32 {
-        if self.local_work_waiting() {
+    /// Results of a remote job of `module`, asking for the next batch: none
+    /// while this peer's own jobs have work (they come first), else about
+    /// [`REMOTE_BATCH`] of work. With the number asked for.
+    fn results_with_pull(
+        &self,
+        per_unit: &HashMap<ModuleHash, Duration>,
+        job: JobId,
+        module: ModuleHash,
+        outcomes: Vec<TaskOutcome>,
+        compute: Duration,
+    ) -> (Request, u32) {
+        let pull = if self.local_work_waiting() {
             0
         } else {
             Self::batch_size(per_unit, module, REMOTE_BATCH) as u32
-        }
+        };
+        let req = Request::Results {
+            job,
+            outcomes,
+            compute,
+            pull,
+        };
+        (req, pull)
     }
 
     /// How many taskunits to ask for: about `target` of work, 1..=4096.

@@ -924,11 +924,17 @@ mod tests {
     use crate::wire::ByteBuf;
 
     /// Figures from an earlier job: each worker's turnaround and pace alike.
-    fn paces(known: HashMap<WorkerId, Duration>) -> WorkerTimes {
+    fn paces(known: &[(&str, Duration)]) -> WorkerTimes {
+        let known: HashMap<WorkerId, Duration> =
+            known.iter().map(|(w, t)| (w.to_string(), *t)).collect();
         WorkerTimes {
             turnaround: known.clone(),
             pace: known,
         }
+    }
+
+    fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
     }
 
     fn book(units: &[&str]) -> JobBook {
@@ -982,7 +988,6 @@ mod tests {
         }
         drop(tx);
         let book = |rx, known: &[(&str, Duration)]| {
-            let known = known.iter().map(|(w, t)| (w.to_string(), *t)).collect();
             JobBook::new(rx, Duration::from_secs(10), 2).with_times(paces(known))
         };
         let now = Instant::now();
@@ -1110,11 +1115,7 @@ mod tests {
 
     #[test]
     fn a_workers_first_batch_is_its_share_by_the_last_job_of_the_module() {
-        let book_with = |known: &[(&str, u64)]| {
-            let known = known
-                .iter()
-                .map(|(w, ms)| (w.to_string(), Duration::from_millis(*ms)))
-                .collect();
+        let book_with = |known: &[(&str, Duration)]| {
             let (tx, rx) = split_channel(64, 1 << 20);
             for i in 0..64 {
                 tx.send(vec![i]).unwrap();
@@ -1126,7 +1127,7 @@ mod tests {
         let now = Instant::now();
         // The master's own slot holds one; 63 are left. In the module's
         // last job the remote took three times as long per taskunit.
-        let mut b = book_with(&[("local", 2), ("remote", 6)]);
+        let mut b = book_with(&[("local", ms(2)), ("remote", ms(6))]);
         assert_eq!(b.take_local("local", 1, now).len(), 1);
         assert_eq!(b.take("remote", 100, now).len(), 16);
         // Without figures the two count alike.
@@ -1137,11 +1138,8 @@ mod tests {
 
     #[test]
     fn at_the_end_a_worker_gets_only_what_it_would_finish_first() {
-        let known = [("local", 10), ("remote", 10)]
-            .iter()
-            .map(|(w, ms)| (w.to_string(), Duration::from_millis(*ms)))
-            .collect();
-        let mut b = book(&["a", "b", "c", "d"]).with_times(paces(known));
+        let known = paces(&[("local", ms(10)), ("remote", ms(10))]);
+        let mut b = book(&["a", "b", "c", "d"]).with_times(known);
         b.split_done(4);
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
@@ -1163,11 +1161,8 @@ mod tests {
 
     #[test]
     fn a_worker_holding_nothing_gets_one_even_if_others_would_be_first() {
-        let known = [("fast", 1), ("slow", 100)]
-            .iter()
-            .map(|(w, ms)| (w.to_string(), Duration::from_millis(*ms)))
-            .collect();
-        let mut b = book(&["a", "b", "c"]).with_times(paces(known));
+        let known = paces(&[("fast", ms(1)), ("slow", ms(100))]);
+        let mut b = book(&["a", "b", "c"]).with_times(known);
         b.split_done(3);
         let now = Instant::now();
         assert_eq!(b.take("fast", 1, now).len(), 1);

@@ -99,6 +99,30 @@ async fn abuse(addr: Multiaddr) -> Vec<Result<Value, String>> {
     }
 }
 
+/// An outsider dialing `peer` to open task streams to it: the peer's id,
+/// the outsider's stream control, and the task driving its swarm.
+fn stream_outsider(
+    peer: &PeerProc,
+) -> (
+    libp2p::PeerId,
+    libp2p_stream::Control,
+    tokio::task::JoinHandle<()>,
+) {
+    let addr: Multiaddr = peer.addr().parse().unwrap();
+    let Some(libp2p::multiaddr::Protocol::P2p(id)) = addr.iter().last() else {
+        panic!("address without /p2p/");
+    };
+    let mut swarm = outsider(libp2p_stream::Behaviour::new());
+    let control = swarm.behaviour().new_control();
+    swarm.dial(addr).unwrap();
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    (id, control, driver)
+}
+
 fn still_runs_jobs(peer: &PeerProc) {
     let out = run(
         &[
@@ -154,18 +178,7 @@ async fn malformed_frames_on_a_stream_leave_the_peer_serving() {
 
     let dir = scratch();
     let peer = PeerProc::loopback(dir.path(), "p", &[]);
-    let addr: Multiaddr = peer.addr().parse().unwrap();
-    let Some(libp2p::multiaddr::Protocol::P2p(id)) = addr.iter().last() else {
-        panic!("address without /p2p/");
-    };
-    let mut swarm = outsider(libp2p_stream::Behaviour::new());
-    let mut control = swarm.behaviour().new_control();
-    swarm.dial(addr).unwrap();
-    let driver = tokio::spawn(async move {
-        loop {
-            swarm.select_next_some().await;
-        }
-    });
+    let (id, mut control, driver) = stream_outsider(&peer);
     let protocol = StreamProtocol::new(antnest::wire::STREAM_PROTOCOL);
     let t = Duration::from_secs(60);
     // Ends when the peer closes the stream (or resets it).
@@ -225,18 +238,7 @@ async fn a_wait_is_answered_with_taskunits_when_a_job_has_some() {
 
     let dir = scratch();
     let peer = PeerProc::loopback(dir.path(), "p", &[]);
-    let addr: Multiaddr = peer.addr().parse().unwrap();
-    let Some(libp2p::multiaddr::Protocol::P2p(id)) = addr.iter().last() else {
-        panic!("address without /p2p/");
-    };
-    let mut swarm = outsider(libp2p_stream::Behaviour::new());
-    let mut control = swarm.behaviour().new_control();
-    swarm.dial(addr).unwrap();
-    let driver = tokio::spawn(async move {
-        loop {
-            swarm.select_next_some().await;
-        }
-    });
+    let (id, mut control, driver) = stream_outsider(&peer);
     let protocol = StreamProtocol::new(antnest::wire::STREAM_PROTOCOL);
     let t = Duration::from_secs(60);
     let mut s = tokio::time::timeout(t, control.open_stream(id, protocol))
