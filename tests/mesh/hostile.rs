@@ -254,17 +254,27 @@ async fn a_wait_is_answered_with_taskunits_when_a_job_has_some() {
     assert!(early.await.is_err(), "a wait answered with no job running");
 
     // A job of slow taskunits: the peer's own slot takes one at a time, so
-    // the wait gets one (no size asked for the module: one).
-    let numbers = [150_000u64, 150_001, 150_002, 150_003, 150_004, 150_005];
+    // the wait gets one (no size asked for the module: one), and the
+    // slot is busy long enough not to back that one up before it is in.
+    let numbers: Vec<u64> = (150_000..150_012).collect();
     let input: String = numbers.iter().map(|n| format!("{n}\n")).collect();
     let job = peer.spawn_submit(&artifact("primes"), &[], input.as_bytes());
-    let (announced, units) = match tokio::time::timeout(t, Frames::read_response(&mut s))
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        Response::Assigned { job, units, .. } => (job, units),
-        other => panic!("not taskunits: {other:?}"),
+    // A wait ends with `NoWork` after 5 s (a debug build may take longer
+    // to compile the job): then it is asked again, as a slot does.
+    let mut waits = 0;
+    let (announced, units) = loop {
+        match tokio::time::timeout(t, Frames::read_response(&mut s))
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Response::Assigned { job, units, .. } => break (job, units),
+            Response::NoWork { finished: false } if waits < 24 => {
+                waits += 1;
+                Frames::write_request(&mut s, &wait).await.unwrap();
+            }
+            other => panic!("not taskunits: {other:?}"),
+        }
     };
     assert_eq!(announced.master, id.to_bytes());
     assert_eq!(units.len(), 1, "{units:?}");
