@@ -375,9 +375,9 @@ pub struct RunningPeer {
 }
 
 impl RunningPeer {
-    /// Stop every task of the peer and wait for them.
-    /// Slots finish the batch in hand and hand in its results; what is not
-    /// done after [`SHUTDOWN_GRACE`] is stopped.
+    /// Stop every task of the peer and wait for them: slots finish the
+    /// batch in hand and hand in its results; what is not done after
+    /// [`SHUTDOWN_GRACE`] is stopped.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         self.peer.shared.work.notify_waiters();
@@ -600,11 +600,7 @@ impl Peer {
     /// A batch of the first job of this peer's that has taskunits for
     /// `peer`, as the answer to its `Wait`.
     fn assign(&self, peer: PeerId, sizes: &HashMap<ModuleHash, u32>) -> Option<Response> {
-        let jobs: Vec<(JobId, Arc<MasterJob>)> = {
-            let masters = self.shared.masters.lock().unwrap();
-            masters.iter().map(|(id, j)| (*id, j.clone())).collect()
-        };
-        jobs.into_iter().find_map(|(id, master)| {
+        self.master_jobs().into_iter().find_map(|(id, master)| {
             let max = sizes.get(&master.module).copied().unwrap_or(1);
             match self.lease(&master, peer, max) {
                 Response::Tasks { units, lease } => Some(Response::Assigned {
@@ -615,6 +611,12 @@ impl Peer {
                 _ => None,
             }
         })
+    }
+
+    /// The jobs this peer is master of, taken out of the lock.
+    fn master_jobs(&self) -> Vec<(JobId, Arc<MasterJob>)> {
+        let masters = self.shared.masters.lock().unwrap();
+        masters.iter().map(|(id, j)| (*id, j.clone())).collect()
     }
 
     /// What other peers are told of this peer's job `id`.
@@ -1067,15 +1069,7 @@ impl Peer {
         per_unit: &HashMap<ModuleHash, Duration>,
         streams: &mut HashMap<PeerId, TaskStream>,
     ) -> Option<Batch> {
-        let local: Vec<(JobId, Arc<MasterJob>)> = self
-            .shared
-            .masters
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, j)| (*id, j.clone()))
-            .collect();
-        for (job, master) in local {
+        for (job, master) in self.master_jobs() {
             let max = Self::batch_size(per_unit, master.module, LOCAL_BATCH);
             let units =
                 master

@@ -676,17 +676,7 @@ impl JobBook {
         outcomes: Vec<TaskOutcome>,
         compute: Duration,
     ) {
-        self.complete_computed_at(worker, outcomes, compute, Instant::now());
-    }
-
-    /// [`Self::complete_computed`], with the results handed in at `now`.
-    pub fn complete_computed_at(
-        &mut self,
-        worker: &str,
-        outcomes: Vec<TaskOutcome>,
-        compute: Duration,
-        now: Instant,
-    ) {
+        let now = Instant::now();
         self.held_for(worker, &outcomes, now);
         if !outcomes.is_empty() {
             let n = outcomes.len() as u32;
