@@ -65,6 +65,9 @@ struct Args {
     /// threads in this process (no mesh at all).
     #[arg(long, default_value_t = 0)]
     efficiency: usize,
+    /// Write each peer's stderr (its log: set RUST_LOG) to DIR/peerN.log.
+    #[arg(long)]
+    peer_logs: Option<PathBuf>,
     /// The antnest binary (default: beside this example's directory).
     #[arg(long)]
     antnest: Option<PathBuf>,
@@ -122,6 +125,7 @@ fn start_peer(
     i: usize,
     slots: usize,
     bootstrap: Option<&str>,
+    logs: Option<&Path>,
 ) -> Result<PeerProc> {
     let control = dir.join(format!("p{i}.sock"));
     let mut cmd = Command::new(bin);
@@ -140,7 +144,11 @@ fn start_peer(
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let stderr = match logs {
+        Some(d) => Stdio::from(std::fs::File::create(d.join(format!("peer{i}.log")))?),
+        None => Stdio::null(),
+    };
+    let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn()?;
     let mut addr = None;
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line?;
@@ -417,11 +425,19 @@ async fn main() -> Result<()> {
     let modules = job_modules()?;
     let dir = tempfile::tempdir()?;
 
+    let logs = args.peer_logs.as_deref();
     let t0 = Instant::now();
-    let mut peers = vec![start_peer(&bin, dir.path(), 0, args.slots, None)?];
+    let mut peers = vec![start_peer(&bin, dir.path(), 0, args.slots, None, logs)?];
     let first = peers[0].addr.clone();
     for i in 1..args.nodes {
-        peers.push(start_peer(&bin, dir.path(), i, args.slots, Some(&first))?);
+        peers.push(start_peer(
+            &bin,
+            dir.path(),
+            i,
+            args.slots,
+            Some(&first),
+            logs,
+        )?);
     }
     let master = peers[0].control.clone();
     let fresh_rss = rss_kib(peers[peers.len() - 1].child.id(), "VmRSS:");
@@ -527,7 +543,7 @@ async fn main() -> Result<()> {
     }
     if args.efficiency > 0 {
         // A one-slot peer of its own, outside the mesh, gives T(1).
-        let lone = start_peer(&bin, dir.path(), args.nodes, 1, None)?;
+        let lone = start_peer(&bin, dir.path(), args.nodes, 1, None, logs)?;
         let w2 = args.inputs.join("w2.txt");
         let input = warmup_input("W2", &args.inputs)?;
         submit(

@@ -248,6 +248,10 @@ pub struct WorkerTimes {
 /// sized by who would finish each first (see [`JobBook::end_game`]).
 const END_GAME: usize = 256;
 
+/// A worker's pace follows this many taskunits' times (see
+/// [`JobBook::paced`]).
+const PACE_UNITS: f64 = 16.0;
+
 impl JobBook {
     /// Guest stderr since the last call, by taskunit.
     pub fn take_logs(&mut self) -> Vec<(u64, String)> {
@@ -627,21 +631,17 @@ impl JobBook {
 
     /// [`Self::complete`], with the results handed in at `now`.
     pub fn complete_at(&mut self, worker: &str, outcomes: Vec<TaskOutcome>, now: Instant) {
-        if let Some((t, batch)) = self.held_for(worker, &outcomes, now) {
-            // The master's own slots: lease to result is their compute
-            // time. Small batches (often one taskunit): smoothed.
-            let pace = match self.pace.get(worker) {
-                Some(before) if batch < 4 => (*before * 3 + t) / 4,
-                _ => t,
-            };
-            self.paced(worker, pace);
+        if let Some((t, done)) = self.held_for(worker, &outcomes, now) {
+            // The master's own slots: lease to result is their compute time.
+            self.paced(worker, t, done);
         }
         self.take_outcomes(worker, outcomes);
     }
 
     /// How long `worker` held the taskunits of the first outcome's batch,
     /// per taskunit of it handed in now (a batch may come in parts), and
-    /// the batch's size; noted as its turnaround. `None` for a backup.
+    /// how many of it are handed in; noted as its turnaround. `None` for a
+    /// backup.
     fn held_for(
         &mut self,
         worker: &str,
@@ -654,7 +654,7 @@ impl JobBook {
                 .find(|l| l.worker == worker)
         };
         let first = lease(outcomes.first()?.index)?;
-        let (since, batch) = (first.since, first.batch);
+        let since = first.since;
         let done = outcomes
             .iter()
             .filter(|o| lease(o.index).is_some_and(|l| l.since == since))
@@ -662,7 +662,7 @@ impl JobBook {
         let t = now.saturating_duration_since(since) / done.max(1);
         self.turnaround.insert(worker.to_owned(), t);
         self.last_turnaround = Some(t);
-        Some((t, batch))
+        Some((t, done))
     }
 
     /// Results from a remote worker, which hands them in while it computes
@@ -686,16 +686,26 @@ impl JobBook {
             };
             let pace = (compute / n).max(between);
             if !pace.is_zero() {
-                self.paced(worker, pace);
+                self.paced(worker, pace, n);
             }
             self.reported.insert(worker.to_owned(), (now, false));
         }
         self.take_outcomes(worker, outcomes);
     }
 
-    fn paced(&mut self, worker: &str, per_unit: Duration) {
-        self.pace.insert(worker.to_owned(), per_unit);
-        self.last_pace = Some(per_unit);
+    /// Note `worker`'s time per taskunit over `n` taskunits just handed in:
+    /// it moves the worker's pace by `n` in [`PACE_UNITS`] of the way
+    /// (all of it for a large batch), so one slow taskunit at the end of
+    /// a job (its combine and the next job's start share the cores) does
+    /// not make the next job's shares wrong.
+    fn paced(&mut self, worker: &str, per_unit: Duration, n: u32) {
+        let weight = (f64::from(n) / PACE_UNITS).min(1.0);
+        let pace = match self.pace.get(worker) {
+            Some(before) => before.mul_f64(1.0 - weight) + per_unit.mul_f64(weight),
+            None => per_unit,
+        };
+        self.pace.insert(worker.to_owned(), pace);
+        self.last_pace = Some(pace);
     }
 
     fn take_outcomes(&mut self, worker: &str, outcomes: Vec<TaskOutcome>) {
@@ -1144,9 +1154,37 @@ mod tests {
         assert!(b.take("remote", 100, at(3)).is_empty());
         b.complete_at("local", vec![ok(0, "A")], at(10));
         assert_eq!(b.take_local("local", 1, at(10)).len(), 1);
-        // Paced as it measured its work, not by the time since its lease.
+        // Paced as it measured its work, not by the time since its lease:
+        // one taskunit of 30 ms moves its 10 ms a sixteenth of the way.
         b.complete_computed("remote", vec![ok(1, "B")], Duration::from_millis(30));
-        assert_eq!(b.times().pace["remote"], Duration::from_millis(30));
+        assert_eq!(b.times().pace["remote"], Duration::from_micros(11_250));
+    }
+
+    #[test]
+    fn one_slow_taskunit_moves_a_pace_a_little_and_a_large_batch_sets_it() {
+        let (tx, rx) = split_channel(64, 1 << 20);
+        for i in 0..40 {
+            tx.send(vec![i]).unwrap();
+        }
+        let known = paces(&[("local", ms(2)), ("remote", ms(2))]);
+        let mut b = JobBook::new(rx, Duration::from_secs(10), 2).with_times(known);
+        b.split_done(40);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // The master's slot is held up 18 ms on one taskunit (its
+        // peer's combine and the next job's start share its core).
+        let one = b.take_local("local", 1, at(0));
+        b.complete_at("local", vec![ok(one[0].index, "x")], at(18));
+        assert_eq!(b.times().pace["local"], ms(3));
+        // The shares are still near even: 23 of the 38 left
+        // to the remote, not the 34 that an 18 ms pace would give it.
+        assert_eq!(b.share("remote", 38), 23);
+        // A batch of 16 or more taskunits sets the pace outright.
+        let batch = b.take("remote", 16, at(0));
+        assert_eq!(batch.len(), 16);
+        let done = batch.iter().map(|u| ok(u.index, "y")).collect();
+        b.complete_computed("remote", done, ms(16 * 4));
+        assert_eq!(b.times().pace["remote"], ms(4));
     }
 
     #[test]
