@@ -166,15 +166,17 @@ fn start_peer(
     })
 }
 
+/// Submit a job as `antnest submit` does: the module's hash first, and its
+/// bytes only if the peer asks for them.
 async fn submit(
     control: &Path,
     module: &[u8],
     input: InputSpec,
     timeout: Duration,
 ) -> Result<JobReport> {
-    let spec = JobSpec {
-        module: ByteBuf::from(module.to_vec()),
-        module_hash: None,
+    let mut spec = JobSpec {
+        module: ByteBuf::new(),
+        module_hash: Some(ModuleHash::of(module)),
         input,
         limits: None,
         max_attempts: 3,
@@ -184,14 +186,21 @@ async fn submit(
         stream: false,
     };
     let run = async {
-        let mut s = tokio::net::UnixStream::connect(control).await?;
-        control::write_msg(&mut s, &ControlRequest::Submit(Box::new(spec))).await?;
         loop {
-            match control::read_msg::<ControlReply>(&mut s).await? {
-                Some(ControlReply::Event(_)) => continue,
-                Some(ControlReply::Done(r)) => return Ok(*r),
-                Some(ControlReply::Failed { error, .. }) => bail!("job failed: {error}"),
-                other => bail!("unexpected reply {other:?}"),
+            let mut s = tokio::net::UnixStream::connect(control).await?;
+            let request = ControlRequest::Submit(Box::new(spec.clone()));
+            control::write_msg(&mut s, &request).await?;
+            loop {
+                match control::read_msg::<ControlReply>(&mut s).await? {
+                    Some(ControlReply::Event(_)) => continue,
+                    Some(ControlReply::Done(r)) => return Ok(*r),
+                    Some(ControlReply::NeedModule) if spec.module.is_empty() => {
+                        spec.module = ByteBuf::from(module.to_vec());
+                        break;
+                    }
+                    Some(ControlReply::Failed { error, .. }) => bail!("job failed: {error}"),
+                    other => bail!("unexpected reply {other:?}"),
+                }
             }
         }
     };

@@ -268,6 +268,12 @@ impl Environment {
         loaded
     }
 
+    /// The compiled component for `hash` if it is in memory (never blocks
+    /// for long: no disk, no compile).
+    pub fn loaded(&self, hash: &ModuleHash) -> Option<Component> {
+        self.memory_hit(hash)
+    }
+
     fn memory_hit(&self, hash: &ModuleHash) -> Option<Component> {
         let c = self.inner.loaded.lock().unwrap().get(hash).cloned()?;
         self.inner.memory_hits.fetch_add(1, Ordering::Relaxed);

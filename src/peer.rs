@@ -1376,21 +1376,10 @@ impl Peer {
         let module_sent = !spec.module.is_empty();
         let env = self.shared.env.clone();
         let (hash, bytes) = match spec.module_hash {
-            // By hash: from a job of this module running here, or from the
-            // module store (written only after the bytes matched the hash).
-            Some(hash) if !module_sent => {
-                let bytes = match self.running_module(hash) {
-                    Some(b) => Some(b),
-                    None => {
-                        let env = env.clone();
-                        tokio::task::spawn_blocking(move || env.stored_module(&hash))
-                            .await
-                            .expect("module read task")
-                            .map(Arc::new)
-                    }
-                };
-                (hash, bytes.ok_or(SubmitError::ModuleNotHere(hash))?)
-            }
+            // By hash: from a job of this module running here, or (below)
+            // from the module store (written only after the bytes matched
+            // the hash).
+            Some(hash) if !module_sent => (hash, self.running_module(hash)),
             _ => {
                 let bytes = spec.module.into_vec();
                 if bytes.len() > MAX_MODULE {
@@ -1399,18 +1388,31 @@ impl Peer {
                         max: MAX_MODULE,
                     });
                 }
-                (ModuleHash::of(&bytes), Arc::new(bytes))
+                (ModuleHash::of(&bytes), Some(Arc::new(bytes)))
             }
         };
         let compiled_before = env.cache_stats().compiled;
-        let component = {
-            let (env, bytes) = (env.clone(), bytes.clone());
-            tokio::task::spawn_blocking(move || {
-                env.component(&hash, || Some(bytes.as_ref().clone()))
-            })
-            .await
-            .expect("compile task")
-            .map_err(|e| SubmitError::InvalidModule(e.to_string()))?
+        let (bytes, component) = match (bytes, env.loaded(&hash)) {
+            // Compiled already and the bytes at hand: no blocking thread.
+            (Some(bytes), Some(component)) => (bytes, component),
+            (bytes, _) => {
+                let env = env.clone();
+                tokio::task::spawn_blocking(move || {
+                    let bytes = match bytes {
+                        Some(b) => b,
+                        None => Arc::new(
+                            env.stored_module(&hash)
+                                .ok_or(SubmitError::ModuleNotHere(hash))?,
+                        ),
+                    };
+                    let component = env
+                        .component(&hash, || Some(bytes.as_ref().clone()))
+                        .map_err(|e| SubmitError::InvalidModule(e.to_string()))?;
+                    Ok::<_, SubmitError>((bytes, component))
+                })
+                .await
+                .expect("compile task")?
+            }
         };
         let compiled = env.cache_stats().compiled - compiled_before;
         let limits = spec.limits.map_or(self.shared.config.limits, |l| {
