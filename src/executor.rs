@@ -242,7 +242,7 @@ impl Environment {
         hash: &ModuleHash,
         bytes: impl FnOnce() -> Option<Vec<u8>>,
     ) -> Result<Component, LoadError> {
-        if let Some(c) = self.memory_hit(hash) {
+        if let Some(c) = self.loaded(hash) {
             return Ok(c);
         }
         let gate = self
@@ -255,7 +255,7 @@ impl Environment {
             .clone();
         let held = gate.lock().unwrap_or_else(|e| e.into_inner());
         // Another thread may have loaded it while this one waited.
-        let loaded = match self.memory_hit(hash) {
+        let loaded = match self.loaded(hash) {
             Some(c) => Ok(c),
             None => self.load(hash, bytes),
         };
@@ -269,12 +269,8 @@ impl Environment {
     }
 
     /// The compiled component for `hash` if it is in memory (never blocks
-    /// for long: no disk, no compile).
+    /// for long: no disk, no compile); counted as a memory hit.
     pub fn loaded(&self, hash: &ModuleHash) -> Option<Component> {
-        self.memory_hit(hash)
-    }
-
-    fn memory_hit(&self, hash: &ModuleHash) -> Option<Component> {
         let c = self.inner.loaded.lock().unwrap().get(hash).cloned()?;
         self.inner.memory_hits.fetch_add(1, Ordering::Relaxed);
         Some(c)

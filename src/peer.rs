@@ -1100,9 +1100,7 @@ impl Peer {
         };
         for (job, master, module, limits) in candidates {
             let limits = limits.min(self.shared.config.limits);
-            if let Err(e) = self.ensure_module(master, module).await {
-                warn!(%job, %master, "cannot get the job's module: {e}");
-                self.back_off(job, Duration::from_secs(5));
+            if !self.module_ready(job, master, module).await {
                 continue;
             }
             let max = Self::batch_size(per_unit, module, REMOTE_BATCH) as u32;
@@ -1198,9 +1196,7 @@ impl Peer {
             debug!(%master, job = %job.job, "assigned taskunits refused");
             return None;
         }
-        if let Err(e) = self.ensure_module(master, job.module).await {
-            warn!(job = %job.job, %master, "cannot get the job's module: {e}");
-            self.back_off(job.job, Duration::from_secs(5));
+        if !self.module_ready(job.job, master, job.module).await {
             return None;
         }
         Some(Batch {
@@ -1331,6 +1327,19 @@ impl Peer {
         }
     }
 
+    /// [`Self::ensure_module`] for `job`'s module; if it cannot be had, the
+    /// job is set aside for 5 s.
+    async fn module_ready(&self, job: JobId, master: PeerId, module: ModuleHash) -> bool {
+        match self.ensure_module(master, module).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(%job, %master, "cannot get the job's module: {e}");
+                self.back_off(job, Duration::from_secs(5));
+                false
+            }
+        }
+    }
+
     /// Make sure the module is compiled here, fetching it from `from` once.
     async fn ensure_module(&self, from: PeerId, hash: ModuleHash) -> Result<(), String> {
         let env = &self.shared.env;
@@ -1392,7 +1401,10 @@ impl Peer {
             }
         };
         let compiled_before = env.cache_stats().compiled;
-        let (bytes, component) = match (bytes, env.loaded(&hash)) {
+        // Looked up only with the bytes at hand (else the blocking path
+        // below looks again, and the cache would count two hits).
+        let in_memory = bytes.as_ref().and_then(|_| env.loaded(&hash));
+        let (bytes, component) = match (bytes, in_memory) {
             // Compiled already and the bytes at hand: no blocking thread.
             (Some(bytes), Some(component)) => (bytes, component),
             (bytes, _) => {
