@@ -193,11 +193,11 @@ pub struct JobBook {
     /// last batch of any worker: how long a batch is expected to be held.
     turnaround: HashMap<WorkerId, Duration>,
     last_turnaround: Option<Duration>,
-    /// Compute time per taskunit of each worker's last batch (a remote
-    /// worker's own measure: it asks for its next batch before its last
-    /// ends, so the network is off its path), and of any worker's: how
-    /// fast each works through its share.
-    pace: HashMap<WorkerId, Duration>,
+    /// Compute time per taskunit of each worker's recent taskunits (a
+    /// remote worker's own measure: it asks for its next batch before its
+    /// last ends, so the network is off its path), and of any worker's
+    /// last batch: how fast each works through its share.
+    pace: HashMap<WorkerId, Pace>,
     last_pace: Option<Duration>,
     /// When each remote worker last handed in results, and whether it got
     /// taskunits in the same exchange (so it was busy since).
@@ -241,16 +241,68 @@ const MAX_LOG: usize = 1 << 20;
 #[derive(Debug, Clone, Default)]
 pub struct WorkerTimes {
     pub turnaround: HashMap<WorkerId, Duration>,
-    pub pace: HashMap<WorkerId, Duration>,
+    pub pace: HashMap<WorkerId, Pace>,
+}
+
+/// A worker's time per taskunit: the median over its last [`PACE_UNITS`]
+/// taskunits (those of one batch count alike, at the batch's mean). One
+/// slow taskunit does not move it (the last of a job share the cores with
+/// the combine, the answer and the next submit); a steady change does,
+/// within half as many taskunits, and a batch of [`PACE_UNITS`] or more
+/// sets it outright.
+#[derive(Debug, Clone)]
+pub struct Pace {
+    /// (time per taskunit, how many taskunits), oldest first, counting
+    /// [`PACE_UNITS`] in all.
+    runs: VecDeque<(Duration, u32)>,
+}
+
+impl Pace {
+    /// A pace as if its last [`PACE_UNITS`] taskunits all took `per_unit`.
+    pub fn steady(per_unit: Duration) -> Pace {
+        Pace {
+            runs: VecDeque::from([(per_unit, PACE_UNITS)]),
+        }
+    }
+
+    fn add(&mut self, per_unit: Duration, n: u32) {
+        let n = n.clamp(1, PACE_UNITS);
+        self.runs.push_back((per_unit, n));
+        let mut over = self.runs.iter().map(|r| r.1).sum::<u32>() - PACE_UNITS;
+        while over > 0 {
+            let oldest = self.runs.front_mut().expect("runs count PACE_UNITS");
+            let cut = oldest.1.min(over);
+            oldest.1 -= cut;
+            over -= cut;
+            if oldest.1 == 0 {
+                self.runs.pop_front();
+            }
+        }
+    }
+
+    /// The median taskunit's time (the lower of the middle two).
+    pub fn median(&self) -> Duration {
+        let mut runs: Vec<(Duration, u32)> = self.runs.iter().copied().collect();
+        runs.sort_unstable();
+        let middle = PACE_UNITS.div_ceil(2);
+        let mut seen = 0;
+        for (t, n) in runs {
+            seen += n;
+            if seen >= middle {
+                return t;
+            }
+        }
+        Duration::ZERO
+    }
 }
 
 /// With this few taskunits left to issue, a batch over the network is
 /// sized by who would finish each first (see [`JobBook::end_game`]).
 const END_GAME: usize = 256;
 
-/// A worker's pace follows this many taskunits' times (see
-/// [`JobBook::paced`]).
-const PACE_UNITS: f64 = 16.0;
+/// A worker's pace is the median of this many taskunits' times (see
+/// [`Pace`]).
+const PACE_UNITS: u32 = 16;
 
 impl JobBook {
     /// Guest stderr since the last call, by taskunit.
@@ -473,7 +525,7 @@ impl JobBook {
         workers.extend(self.leases.values().map(|l| l.worker.as_str()));
         workers.extend(self.pace.keys().map(String::as_str));
         workers.insert(worker);
-        let speed = |w: &str| self.pace.get(w).map(|t| 1.0 / t.as_secs_f64().max(1e-9));
+        let speed = |w: &str| self.pace(w).map(|t| 1.0 / t.as_secs_f64().max(1e-9));
         let known: Vec<f64> = workers.iter().filter_map(|w| speed(w)).collect();
         let mean = if known.is_empty() {
             1.0
@@ -496,10 +548,13 @@ impl JobBook {
         if unissued > END_GAME {
             return usize::MAX;
         }
-        let Some(fallback) = self.last_pace.or_else(|| self.pace.values().min().copied()) else {
+        let Some(fallback) = self
+            .last_pace
+            .or_else(|| self.pace.values().map(Pace::median).min())
+        else {
             return usize::MAX;
         };
-        let pace = |w: &str| self.pace.get(w).copied().unwrap_or(fallback);
+        let pace = |w: &str| self.pace(w).unwrap_or(fallback);
         // Each worker holding taskunits: how many, since when.
         let mut held: HashMap<&str, (usize, Instant)> = HashMap::new();
         for l in self.leases.values() {
@@ -693,19 +748,19 @@ impl JobBook {
         self.take_outcomes(worker, outcomes);
     }
 
-    /// Note `worker`'s time per taskunit over `n` taskunits just handed in:
-    /// it moves the worker's pace by `n` in [`PACE_UNITS`] of the way
-    /// (all of it for a large batch), so one slow taskunit at the end of
-    /// a job (its combine and the next job's start share the cores) does
-    /// not make the next job's shares wrong.
+    /// Note `worker`'s time per taskunit over `n` taskunits just handed
+    /// in (a worker's first figure counts for all of its [`Pace`]).
     fn paced(&mut self, worker: &str, per_unit: Duration, n: u32) {
-        let weight = (f64::from(n) / PACE_UNITS).min(1.0);
-        let pace = match self.pace.get(worker) {
-            Some(before) => before.mul_f64(1.0 - weight) + per_unit.mul_f64(weight),
-            None => per_unit,
-        };
-        self.pace.insert(worker.to_owned(), pace);
-        self.last_pace = Some(pace);
+        self.pace
+            .entry(worker.to_owned())
+            .and_modify(|p| p.add(per_unit, n))
+            .or_insert_with(|| Pace::steady(per_unit));
+        self.last_pace = self.pace(worker);
+    }
+
+    /// `worker`'s time per taskunit, if it has been timed.
+    fn pace(&self, worker: &str) -> Option<Duration> {
+        self.pace.get(worker).map(Pace::median)
     }
 
     fn take_outcomes(&mut self, worker: &str, outcomes: Vec<TaskOutcome>) {
@@ -928,8 +983,11 @@ mod tests {
         let known: HashMap<WorkerId, Duration> =
             known.iter().map(|(w, t)| (w.to_string(), *t)).collect();
         WorkerTimes {
-            turnaround: known.clone(),
-            pace: known,
+            pace: known
+                .iter()
+                .map(|(w, t)| (w.clone(), Pace::steady(*t)))
+                .collect(),
+            turnaround: known,
         }
     }
 
@@ -1154,14 +1212,20 @@ mod tests {
         assert!(b.take("remote", 100, at(3)).is_empty());
         b.complete_at("local", vec![ok(0, "A")], at(10));
         assert_eq!(b.take_local("local", 1, at(10)).len(), 1);
-        // Paced as it measured its work, not by the time since its lease:
-        // one taskunit of 30 ms moves its 10 ms a sixteenth of the way.
-        b.complete_computed("remote", vec![ok(1, "B")], Duration::from_millis(30));
-        assert_eq!(b.times().pace["remote"], Duration::from_micros(11_250));
+        // Paced as it measured its work, not by the time since its lease;
+        // a few fast taskunits do not move its pace, half the window does.
+        b.complete_computed("remote", vec![ok(1, "B")], ms(7));
+        b.complete_computed("remote", vec![ok(2, "C")], ms(7));
+        for _ in 0..5 {
+            b.paced("remote", ms(7), 1);
+        }
+        assert_eq!(b.pace("remote"), Some(ms(10)), "7 of 16 taskunits at 7 ms");
+        b.paced("remote", ms(7), 1);
+        assert_eq!(b.pace("remote"), Some(ms(7)), "8 of 16 taskunits at 7 ms");
     }
 
     #[test]
-    fn one_slow_taskunit_moves_a_pace_a_little_and_a_large_batch_sets_it() {
+    fn a_pace_is_the_median_of_recent_taskunits_and_a_large_batch_sets_it() {
         let (tx, rx) = split_channel(64, 1 << 20);
         for i in 0..40 {
             tx.send(vec![i]).unwrap();
@@ -1171,20 +1235,28 @@ mod tests {
         b.split_done(40);
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
-        // The master's slot is held up 18 ms on one taskunit (its
-        // peer's combine and the next job's start share its core).
+        // The master's slot is held up 18 ms on one taskunit, then 6 ms on
+        // the next (its peer's combine and the next job's start share its
+        // core): its pace does not move.
         let one = b.take_local("local", 1, at(0));
         b.complete_at("local", vec![ok(one[0].index, "x")], at(18));
-        assert_eq!(b.times().pace["local"], ms(3));
-        // The shares are still near even: 23 of the 38 left
-        // to the remote, not the 34 that an 18 ms pace would give it.
-        assert_eq!(b.share("remote", 38), 23);
+        let two = b.take_local("local", 1, at(18));
+        b.complete_at("local", vec![ok(two[0].index, "x")], at(24));
+        assert_eq!(b.pace("local"), Some(ms(2)));
+        // So the shares stay even: 19 of the 38 left to the remote, not
+        // the 34 that an 18 ms pace would give it.
+        assert_eq!(b.share("remote", 38), 19);
         // A batch of 16 or more taskunits sets the pace outright.
         let batch = b.take("remote", 16, at(0));
         assert_eq!(batch.len(), 16);
         let done = batch.iter().map(|u| ok(u.index, "y")).collect();
         b.complete_computed("remote", done, ms(16 * 4));
-        assert_eq!(b.times().pace["remote"], ms(4));
+        assert_eq!(b.pace("remote"), Some(ms(4)));
+        // And the next job starts from the window as it is.
+        let (_tx, rx) = split_channel(1, 1);
+        let next = JobBook::new(rx, Duration::from_secs(10), 2).with_times(b.times());
+        assert_eq!(next.pace("local"), Some(ms(2)));
+        assert_eq!(next.pace("remote"), Some(ms(4)));
     }
 
     #[test]
