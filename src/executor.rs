@@ -9,8 +9,12 @@
 //! instance may not be entered again.
 //!
 //! Deadlines use epoch interruption: one ticker thread per [`Environment`]
-//! bumps the engine epoch every [`TICK`] while guest code runs (it sleeps
-//! when none has run for a few ticks, so an idle peer stays quiet). The
+//! bumps the engine epoch while guest code runs, every 1/64 of the
+//! shortest time limit among the calls running (10 ms to 1 s), so a
+//! deadline is kept to within about 1.6% of its limit; it sleeps when none
+//! has run for a few ticks, so an idle peer stays quiet. Each tick takes a
+//! core from a busy slot for a moment (on a loaded machine, after waiting
+//! for the scheduler's next tick), hence no more ticks than that. The
 //! deadline callback compares against a wall-clock deadline kept in the
 //! store, which host calls that block (a split waiting for workers to take
 //! its taskunits) push forward, so only time spent computing counts.
@@ -39,8 +43,12 @@ mod bindings {
 
 use bindings::{Job, JobPre};
 
-/// How often the epoch advances; deadlines are accurate to about this much.
-pub const TICK: Duration = Duration::from_millis(10);
+/// The epoch advances this many times over the shortest time limit of the
+/// guest calls running, and no more often than [`TICK_MIN`], no less than
+/// [`TICK_MAX`]; deadlines are accurate to about one tick.
+const TICKS_PER_LIMIT: u32 = 64;
+pub const TICK_MIN: Duration = Duration::from_millis(10);
+pub const TICK_MAX: Duration = Duration::from_secs(1);
 /// The ticker sleeps after this many ticks with no guest call running, and
 /// wakes on the next call (or after [`IDLE_CHECK`], to see whether its
 /// engine is gone).
@@ -354,7 +362,8 @@ impl Environment {
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|ctx| {
+        let period = self.inner.ticker.period.clone();
+        store.epoch_deadline_callback(move |ctx| {
             let left = ctx
                 .data()
                 .deadline
@@ -362,14 +371,15 @@ impl Environment {
             if left.is_zero() {
                 Err(Trap::Interrupt.into())
             } else {
+                let tick = period.load(Ordering::SeqCst).max(1);
                 Ok(UpdateDeadline::Continue(
-                    (left.as_millis() / TICK.as_millis()).max(1) as u64,
+                    (left.as_nanos() / u128::from(tick)).max(1) as u64,
                 ))
             }
         });
         let pre = self.ready(component)?;
         let job = {
-            let _running = self.running();
+            let _running = self.running(limits.time);
             pre.instantiate(&mut store)
                 .map_err(|e| TaskError::Load(format!("instantiate: {e:#}")))?
         };
@@ -392,43 +402,57 @@ impl Environment {
         Ok(pre)
     }
 
-    /// Mark guest code as running (so that the epoch ticks) until the
-    /// guard drops.
-    fn running(&self) -> Running<'_> {
-        self.inner.ticker.enter()
+    /// Mark guest code with a time limit of `limit` as running (so that
+    /// the epoch ticks, often enough for it) until the guard drops.
+    fn running(&self, limit: Duration) -> Running<'_> {
+        self.inner.ticker.enter(limit)
     }
 }
 
-/// The thread that advances an engine's epoch, and how many guest calls
-/// run now.
+/// The thread that advances an engine's epoch, how many guest calls run
+/// now, and the period of its ticks.
 struct Ticker {
     thread: std::thread::Thread,
     calls: Arc<AtomicUsize>,
+    /// Nanoseconds between ticks, for the calls running.
+    period: Arc<AtomicU64>,
+    /// The ticker is parked until a call starts.
+    idle: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Ticker {
     fn start(engine: &Engine) -> Ticker {
         let weak = engine.weak();
         let calls = Arc::new(AtomicUsize::new(0));
-        let running = calls.clone();
+        let period = Arc::new(AtomicU64::new(TICK_MIN.as_nanos() as u64));
+        let idle = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (running, every, parked) = (calls.clone(), period.clone(), idle.clone());
         let handle = std::thread::Builder::new()
             .name("antnest-epoch".into())
             .spawn(move || {
-                let mut idle = 0;
+                let mut quiet = 0;
                 while let Some(engine) = weak.upgrade() {
                     engine.increment_epoch();
                     drop(engine);
-                    idle = if running.load(Ordering::SeqCst) > 0 {
+                    quiet = if running.load(Ordering::SeqCst) > 0 {
                         0
                     } else {
-                        idle + 1
+                        quiet + 1
                     };
-                    if idle >= IDLE_TICKS {
-                        // A call starting from now on unparks this thread
-                        // (or has left it a token, and this returns at once).
-                        std::thread::park_timeout(IDLE_CHECK);
+                    if quiet >= IDLE_TICKS {
+                        // A call starting from now on sees `idle` and
+                        // unparks this thread (or has left it a token, and
+                        // this returns at once).
+                        parked.store(true, Ordering::SeqCst);
+                        if running.load(Ordering::SeqCst) == 0 {
+                            std::thread::park_timeout(IDLE_CHECK);
+                        }
+                        parked.store(false, Ordering::SeqCst);
                     } else {
-                        std::thread::sleep(TICK);
+                        // Woken early by a call with a shorter limit.
+                        std::thread::park_timeout(Duration::from_nanos(
+                            every.load(Ordering::SeqCst),
+                        ));
                     }
                 }
             })
@@ -436,13 +460,25 @@ impl Ticker {
         Ticker {
             thread: handle.thread().clone(),
             calls,
+            period,
+            idle,
         }
     }
 
-    fn enter(&self) -> Running<'_> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        // Only a system call if the thread is parked.
-        self.thread.unpark();
+    fn enter(&self, limit: Duration) -> Running<'_> {
+        let tick = (limit / TICKS_PER_LIMIT)
+            .clamp(TICK_MIN, TICK_MAX)
+            .as_nanos() as u64;
+        let before = if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.period.swap(tick, Ordering::SeqCst)
+        } else {
+            self.period.fetch_min(tick, Ordering::SeqCst)
+        };
+        // A system call only if the ticker is parked: it is idle, or
+        // sleeps for a longer period than this call's limit allows.
+        if tick < before || self.idle.load(Ordering::SeqCst) {
+            self.thread.unpark();
+        }
         Running(&self.calls)
     }
 }
@@ -846,7 +882,7 @@ impl TaskRunner {
         };
         store.data_mut().deadline = Instant::now() + self.limits.time;
         let called = {
-            let _running = self.env.running();
+            let _running = self.env.running(self.limits.time);
             job.call_process(&mut store, unit)
         };
         match called {
@@ -898,7 +934,7 @@ pub fn run_split(
     let (mut store, job) = env.instantiate(component, limits, io)?;
     store.data_mut().deadline = Instant::now() + limits.time;
     let result = {
-        let _running = env.running();
+        let _running = env.running(limits.time);
         job.call_split(&mut store)
     };
     let emitted = match &store.data().io {
@@ -932,7 +968,7 @@ pub fn run_combine(
     let (mut store, job) = env.instantiate(component, limits, io)?;
     store.data_mut().deadline = Instant::now() + limits.time;
     let result = {
-        let _running = env.running();
+        let _running = env.running(limits.time);
         job.call_combine(&mut store)
     };
     let output = match &mut store.data_mut().io {

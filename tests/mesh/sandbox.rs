@@ -277,3 +277,56 @@ fn an_endless_loop_after_a_quiet_spell_still_times_out() {
         "{result:?}"
     );
 }
+
+/// The epoch ticks at a pace set by the shortest time limit of the calls
+/// running. An endless loop with a long limit has the ticker sleeping long;
+/// one with a short limit that starts meanwhile must still be stopped at
+/// its limit, and the long one must not be stopped at the short one's.
+#[test]
+fn endless_loops_with_different_limits_each_stop_at_their_own() {
+    use antnest::executor::{Environment, Limits, TaskError, TaskRunner};
+    use antnest::wire::ModuleHash;
+    use std::time::Instant;
+
+    let bytes = std::fs::read(artifact("faulty")).expect("faulty.wasm");
+    let env = Environment::new(None).unwrap();
+    let component = env
+        .component(&ModuleHash::of(&bytes), || Some(bytes.clone()))
+        .unwrap();
+    let run = |limit: Duration| {
+        let limits = Limits {
+            time: limit,
+            ..Limits::default()
+        };
+        let mut runner = TaskRunner::new(env.clone(), component.clone(), limits);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let result = runner.process(b"loop");
+            let _ = tx.send((result, started.elapsed()));
+        });
+        rx
+    };
+    let (long, short) = (Duration::from_secs(4), Duration::from_millis(300));
+    let long_rx = run(long);
+    std::thread::sleep(Duration::from_millis(200));
+    let short_rx = run(short);
+    // Bounds loose for a busy machine; what they catch is a short loop
+    // stopped only with the long one, or a long loop cut short.
+    let (result, took) = short_rx
+        .recv_timeout(Duration::from_secs(3))
+        .expect("the short loop ran on past its limit");
+    assert!(
+        matches!(result, Err(TaskError::Timeout(t)) if t == short),
+        "{result:?}"
+    );
+    assert!(took >= short, "stopped early: {took:?}");
+    let (result, took) = long_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the long loop was not stopped");
+    assert!(
+        matches!(result, Err(TaskError::Timeout(t)) if t == long),
+        "{result:?}"
+    );
+    assert!(took >= long, "stopped at another call's limit: {took:?}");
+}
