@@ -65,9 +65,14 @@ const SPLIT_AHEAD_BYTES: usize = 32 << 20;
 /// next batch itself, so small batches cost nothing and let the master's
 /// own slots even out the end of a job.
 const LOCAL_BATCH: Duration = Duration::from_millis(1);
-/// How often a slot running its own peer's job wakes the job's loop (to
-/// pass results to the combine; the end of the job wakes it at once).
+/// How often a slot running its own peer's job wakes the job's loop, when
+/// it has results to pass on (to the combine, or to a submitter that
+/// streams them); the end of the job wakes it at once.
 const NOTIFY_EVERY: Duration = Duration::from_millis(5);
+/// How often a job's loop looks at its book unwoken: for progress reports,
+/// announcements, and to nudge idle slots and waiting workers (a lease
+/// expired, a straggler to back up).
+const LOOK_EVERY: Duration = Duration::from_millis(50);
 
 /// A master passes accepted results to the job's combine once this many
 /// bytes, or this many results, are waiting (and at the job's end).
@@ -327,6 +332,8 @@ struct MasterJob {
     /// earlier, a peer's first pull found nothing yet and it backed off
     /// for 20 ms and more: W2 jobs where the remote started 27 ms late.)
     units_made: std::sync::atomic::AtomicBool,
+    /// Its submitter takes each result as it comes.
+    streams: bool,
 }
 
 /// A job some other peer announced.
@@ -923,24 +930,32 @@ impl Peer {
                     };
                     let now = Instant::now();
                     let stopped = *stop.borrow();
-                    units = {
+                    let feed;
+                    (units, feed) = {
                         let mut book = master.book.lock().unwrap();
                         book.complete(&shared.local, outcomes);
-                        if stopped {
+                        let (n, bytes) = book.accepted_waiting();
+                        let feed = master.streams || n >= FEED_RESULTS || bytes >= FEED_BYTES;
+                        let units = if stopped {
                             Vec::new()
                         } else {
                             book.take_local(&shared.local, units_for(unit_time, LOCAL_BATCH), now)
-                        }
+                        };
+                        (units, feed)
                     };
-                    // The job's loop looks every 20 ms anyway: wake it
-                    // now and then for the combine, and when nothing is
-                    // left to take (a finished job included). Only with
-                    // the book unlocked, or the loop wakes to wait for it.
+                    // The job's loop looks every [`LOOK_EVERY`] anyway: wake it
+                    // when nothing is left to take (a finished job
+                    // included), and now and then when it has results to
+                    // pass on (to the combine, or to a submitter that
+                    // streams them); not for each taskunit, as each
+                    // wake-up takes a core from a slot for a moment. Only
+                    // with the book unlocked, or the loop wakes to wait
+                    // for it.
                     if units.is_empty() {
                         master.progress.notify_one();
                         return (runner, None, unit_time);
                     }
-                    if now >= notify_at {
+                    if feed && now >= notify_at {
                         master.progress.notify_one();
                         notify_at = now + NOTIFY_EVERY;
                     }
@@ -1488,6 +1503,7 @@ impl Peer {
             progress: Notify::new(),
             input_damage: Mutex::new(Vec::new()),
             units_made: std::sync::atomic::AtomicBool::new(false),
+            streams: spec.stream && events.is_some(),
         });
         self.shared
             .masters
@@ -1543,6 +1559,9 @@ impl Peer {
                     Ok(total) => book.split_done(total),
                     Err(e) => book.fail(e),
                 }
+                drop(book);
+                // A job with no taskunits, or a failed split, is done.
+                master.progress.notify_one();
             })
         };
         let announce = self.announcement(id, &master);
@@ -1604,8 +1623,7 @@ impl Peer {
                 last_progress = Instant::now();
             }
             self.shared.work.notify_waiters();
-            let _ =
-                tokio::time::timeout(Duration::from_millis(20), master.progress.notified()).await;
+            let _ = tokio::time::timeout(LOOK_EVERY, master.progress.notified()).await;
         }
         drop(feed);
         let _ = split.await;

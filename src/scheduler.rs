@@ -224,6 +224,7 @@ pub struct JobBook {
     /// Results accepted since the last [`JobBook::take_accepted`] (the
     /// master passes them to the combine and to a streaming submitter).
     accepted: Vec<(u64, Vec<u8>)>,
+    accepted_bytes: usize,
     cancelled: bool,
     /// Taskunits the split made, once it has finished.
     split_total: Option<u64>,
@@ -339,6 +340,7 @@ impl JobBook {
             journal: None,
             resumed: 0,
             accepted: Vec::new(),
+            accepted_bytes: 0,
             cancelled: false,
             split_total: None,
             logs: Vec::new(),
@@ -371,7 +373,14 @@ impl JobBook {
 
     /// Results accepted since the last call, in the order they came.
     pub fn take_accepted(&mut self) -> Vec<(u64, Vec<u8>)> {
+        self.accepted_bytes = 0;
         std::mem::take(&mut self.accepted)
+    }
+
+    /// How many results, and how many bytes of them, wait to be taken by
+    /// [`Self::take_accepted`].
+    pub fn accepted_waiting(&self) -> (usize, usize) {
+        (self.accepted.len(), self.accepted_bytes)
     }
 
     /// Stop the job: nothing more is handed out and the split stops.
@@ -890,6 +899,7 @@ impl JobBook {
             self.journal = None;
         }
         self.retire(index);
+        self.accepted_bytes += bytes.len();
         self.accepted.push((index, bytes.clone()));
         self.results.insert(index, bytes);
         self.first_result.get_or_insert_with(Instant::now);
