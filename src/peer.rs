@@ -1516,12 +1516,17 @@ impl Peer {
         // result as soon as it and all before it are in, so only the last
         // few are left to merge when the last taskunit finishes. `None`: the
         // job asked for the default combine (done below over all results).
-        let combiner = {
+        // Started when there are results to pass it, or nothing is left to
+        // hand out (a slot of this peer is about to be free), not with the
+        // split: at a job's start the cores are busy enough.
+        let start_combine = |feed_rx| {
             let (env, component) = (env.clone(), component.clone());
             tokio::task::spawn_blocking(move || {
                 executor::run_combine(&env, &component, limits, Box::new(InOrder::new(feed_rx)))
             })
         };
+        let mut feed_rx = Some(feed_rx);
+        let mut combiner = None;
 
         // Split on a blocking thread; `tx` blocks when 4096 taskunits wait.
         let split = {
@@ -1571,13 +1576,14 @@ impl Peer {
         let mut unfed: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut unfed_bytes = 0;
         loop {
-            let (finished, has_work, prog, accepted, logs) = {
+            let (finished, has_work, all_issued, prog, accepted, logs) = {
                 let mut book = master.book.lock().unwrap();
                 let accepted = book.take_accepted();
                 let logs = book.take_logs();
                 (
                     book.is_finished(),
                     book.has_work(),
+                    book.all_issued(),
                     book.progress(),
                     accepted,
                     logs,
@@ -1599,9 +1605,12 @@ impl Peer {
             // (the combine merges a few small ones at the end in no time).
             unfed_bytes += accepted.iter().map(|(_, r)| r.len()).sum::<usize>();
             unfed.extend(accepted);
-            if !unfed.is_empty()
-                && (finished || unfed_bytes >= FEED_BYTES || unfed.len() >= FEED_RESULTS)
-            {
+            let feeding = !unfed.is_empty()
+                && (finished || unfed_bytes >= FEED_BYTES || unfed.len() >= FEED_RESULTS);
+            if combiner.is_none() && (feeding || finished || all_issued) {
+                combiner = feed_rx.take().map(start_combine);
+            }
+            if feeding {
                 let _ = feed.send(std::mem::take(&mut unfed));
                 unfed_bytes = 0;
             }
@@ -1693,6 +1702,10 @@ impl Peer {
         }
         let results = done.results;
         debug!(job = %id, ms = started.elapsed().as_millis() as u64, "all results in");
+        let combiner = match combiner {
+            Some(c) => c,
+            None => start_combine(feed_rx.take().expect("the combine starts once")),
+        };
         let output = match combiner.await.expect("combine task") {
             Ok(Some(out)) => out,
             Ok(None) => tokio::task::spawn_blocking(move || {

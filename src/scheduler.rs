@@ -455,12 +455,7 @@ impl JobBook {
             return Vec::new(); // failed or cancelled: nothing more to run
         }
         self.reclaim_expired(now);
-        let unissued = self.queue.len()
-            + match self.split_total {
-                Some(total) => total.saturating_sub(self.next_index) as usize,
-                // The split still runs: what it has made so far.
-                None => self.split.as_ref().map_or(0, SplitReceiver::queued_units),
-            };
+        let unissued = self.unissued();
         // A batch is at most the worker's share; over the network, and
         // near the end, only what it would finish first. Backups (below)
         // may fill what was asked for.
@@ -523,10 +518,11 @@ impl JobBook {
         units
     }
 
-    /// `worker`'s share of `unissued` taskunits: in proportion to each
-    /// worker's pace on its last batch (a worker not timed yet counts as
-    /// the mean of the others, or all alike), so a slower worker's last
-    /// batch ends about when the others' do. At least one.
+    /// `worker`'s share of `unissued` taskunits: its part of all that is
+    /// left (held by workers or not), in proportion to each worker's pace
+    /// (a worker not timed yet counts as the mean of the others, or all
+    /// alike), less what it holds; so a slower worker's last batch ends
+    /// about when the others' do. At least one.
     fn share(&self, worker: &str, unissued: usize) -> usize {
         // Those at work on the job, and those timed on the module's last
         // job (who will likely ask soon).
@@ -542,8 +538,14 @@ impl JobBook {
             known.iter().sum::<f64>() / known.len() as f64
         };
         let total: f64 = workers.iter().map(|w| speed(w).unwrap_or(mean)).sum();
-        let share = unissued as f64 * speed(worker).unwrap_or(mean) / total;
-        (share.round() as usize).max(1)
+        // Of all that is left, those held included (the master's own slot
+        // has one in hand when a remote first asks): a share of 64 less
+        // the one held, not a share of 63, which rounds 31.3 down for a
+        // worker 1% slower and leaves the other 33.
+        let held = self.leases.len();
+        let mine = self.leases.values().filter(|l| l.worker == worker).count();
+        let share = (unissued + held) as f64 * speed(worker).unwrap_or(mean) / total - mine as f64;
+        (share.round().max(1.0)) as usize
     }
 
     /// How many of the last `unissued` taskunits `worker` would finish
@@ -943,6 +945,22 @@ impl JobBook {
         self.split.is_none() && self.open.is_empty()
     }
 
+    /// Taskunits no worker holds: queued, or made by the split and not
+    /// pulled yet (while the split runs, what it has made so far).
+    fn unissued(&self) -> usize {
+        self.queue.len()
+            + match self.split_total {
+                Some(total) => total.saturating_sub(self.next_index) as usize,
+                None => self.split.as_ref().map_or(0, SplitReceiver::queued_units),
+            }
+    }
+
+    /// Whether every taskunit has been handed out (the split has ended):
+    /// what is left to do is held by workers.
+    pub fn all_issued(&self) -> bool {
+        self.fatal.is_some() || (self.split_total.is_some() && self.unissued() == 0)
+    }
+
     /// Whether a worker asking now could get something (or soon will).
     pub fn has_work(&self) -> bool {
         self.fatal.is_none()
@@ -1177,8 +1195,10 @@ mod tests {
         b.complete_at("slow", vec![ok(1, "b")], at(30));
         // 8 left; "fast" is three times as fast, so its share is 3/4.
         assert_eq!(b.take("fast", 100, at(30)).len(), 6);
-        assert_eq!(b.take("slow", 100, at(30)).len(), 1);
-        assert_eq!(b.take("newcomer", 100, at(30)).len(), 1, "at least one");
+        // A quarter of the 8 left (6 of them held by "fast"): its two end
+        // with the 6 of "fast", at 90 ms.
+        assert_eq!(b.take("slow", 100, at(30)).len(), 2);
+        assert!(b.take("newcomer", 100, at(30)).is_empty(), "none left");
     }
 
     #[test]
