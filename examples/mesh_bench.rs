@@ -376,12 +376,28 @@ async fn efficiency(
     let of_ceiling: Vec<f64> = (0..rounds)
         .map(|i| eff(mesh1[i], meshn[i]) / eff(native1[i], nativen[i]))
         .collect();
+    // How T(n) spread over the rounds: a slow stretch of the host shows as
+    // a high quartile, not only as a high median.
+    let spread = {
+        let mut v = meshn.clone();
+        v.sort_by(f64::total_cmp);
+        let at = |q: usize| v[(v.len() - 1) * q / 4] * 1e3;
+        format!(
+            "{:.1} / {:.1} / {:.1} / {:.1} / {:.1}",
+            at(0),
+            at(1),
+            at(2),
+            at(3),
+            at(4)
+        )
+    };
     let [mesh1, meshn, native1, nativen] = [mesh1, meshn, native1, nativen].map(median);
     eprintln!(
         "W2 efficiency T(1)/({n}*T({n})), {rounds} alternating rounds, medians: \
          lone peer {mesh1:.4} s, {n}-peer mesh {meshn:.4} s -> {:.3}; \
          no mesh, 1 thread {native1:.4} s, {n} threads {nativen:.4} s -> machine ceiling {:.3}; \
-         mesh/ceiling per round: median {:.3}",
+         mesh/ceiling per round: median {:.3}; {n}-peer mesh per round, \
+         min / 25% / median / 75% / max: {spread} ms",
         eff(mesh1, meshn),
         eff(native1, nativen),
         median(of_ceiling),
