@@ -247,20 +247,10 @@ fn modules_instantiated_turn_about_each_run_their_own_code() {
 /// stopped.
 #[test]
 fn an_endless_loop_after_a_quiet_spell_still_times_out() {
-    use antnest::executor::{Environment, Limits, TaskError, TaskRunner};
-    use antnest::wire::ModuleHash;
+    use antnest::executor::TaskError;
 
-    let bytes = std::fs::read(artifact("faulty")).expect("faulty.wasm");
-    let env = Environment::new(None).unwrap();
-    let component = env
-        .component(&ModuleHash::of(&bytes), || Some(bytes.clone()))
-        .unwrap();
     let limit = Duration::from_millis(300);
-    let limits = Limits {
-        time: limit,
-        ..Limits::default()
-    };
-    let mut runner = TaskRunner::new(env, component, limits);
+    let [mut runner] = faulty_runners([limit]);
     assert_eq!(runner.process(b"a").unwrap(), b"A");
     // Far longer than the few idle ticks after which the ticker sleeps.
     std::thread::sleep(Duration::from_millis(500));
@@ -284,21 +274,10 @@ fn an_endless_loop_after_a_quiet_spell_still_times_out() {
 /// its limit, and the long one must not be stopped at the short one's.
 #[test]
 fn endless_loops_with_different_limits_each_stop_at_their_own() {
-    use antnest::executor::{Environment, Limits, TaskError, TaskRunner};
-    use antnest::wire::ModuleHash;
+    use antnest::executor::TaskError;
     use std::time::Instant;
 
-    let bytes = std::fs::read(artifact("faulty")).expect("faulty.wasm");
-    let env = Environment::new(None).unwrap();
-    let component = env
-        .component(&ModuleHash::of(&bytes), || Some(bytes.clone()))
-        .unwrap();
-    let run = |limit: Duration| {
-        let limits = Limits {
-            time: limit,
-            ..Limits::default()
-        };
-        let mut runner = TaskRunner::new(env.clone(), component.clone(), limits);
+    let run = |mut runner: antnest::executor::TaskRunner| {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let started = Instant::now();
@@ -308,25 +287,40 @@ fn endless_loops_with_different_limits_each_stop_at_their_own() {
         rx
     };
     let (long, short) = (Duration::from_secs(4), Duration::from_millis(300));
-    let long_rx = run(long);
+    let [long_runner, short_runner] = faulty_runners([long, short]);
+    let long_rx = run(long_runner);
     std::thread::sleep(Duration::from_millis(200));
-    let short_rx = run(short);
+    let short_rx = run(short_runner);
     // Bounds loose for a busy machine; what they catch is a short loop
     // stopped only with the long one, or a long loop cut short.
-    let (result, took) = short_rx
-        .recv_timeout(Duration::from_secs(3))
-        .expect("the short loop ran on past its limit");
-    assert!(
-        matches!(result, Err(TaskError::Timeout(t)) if t == short),
-        "{result:?}"
-    );
-    assert!(took >= short, "stopped early: {took:?}");
-    let (result, took) = long_rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the long loop was not stopped");
-    assert!(
-        matches!(result, Err(TaskError::Timeout(t)) if t == long),
-        "{result:?}"
-    );
-    assert!(took >= long, "stopped at another call's limit: {took:?}");
+    for (rx, limit, within) in [(short_rx, short, 3), (long_rx, long, 20)] {
+        let (result, took) = rx
+            .recv_timeout(Duration::from_secs(within))
+            .unwrap_or_else(|_| panic!("the {limit:?} loop ran on past its limit"));
+        assert!(
+            matches!(result, Err(TaskError::Timeout(t)) if t == limit),
+            "{result:?}"
+        );
+        assert!(took >= limit, "the {limit:?} loop stopped early: {took:?}");
+    }
+}
+
+/// Runners of the `faulty` job in one in-process environment (so one epoch
+/// ticker), one per time limit.
+fn faulty_runners<const N: usize>(limits: [Duration; N]) -> [antnest::executor::TaskRunner; N] {
+    use antnest::executor::{Environment, Limits, TaskRunner};
+    use antnest::wire::ModuleHash;
+
+    let bytes = std::fs::read(artifact("faulty")).expect("faulty.wasm");
+    let env = Environment::new(None).unwrap();
+    let component = env
+        .component(&ModuleHash::of(&bytes), || Some(bytes.clone()))
+        .unwrap();
+    limits.map(|time| {
+        let limits = Limits {
+            time,
+            ..Limits::default()
+        };
+        TaskRunner::new(env.clone(), component.clone(), limits)
+    })
 }
