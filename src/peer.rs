@@ -79,6 +79,11 @@ const LOOK_EVERY: Duration = Duration::from_millis(50);
 const FEED_BYTES: usize = 64 << 10;
 const FEED_RESULTS: usize = 1024;
 
+/// Whether `n` results of `bytes` in all are enough to pass to a combine.
+fn enough_to_feed(n: usize, bytes: usize) -> bool {
+    n >= FEED_RESULTS || bytes >= FEED_BYTES
+}
+
 /// Work per batch pulled from another peer: longer, so the pull's round
 /// trip is a smaller share of it.
 const REMOTE_BATCH: Duration = Duration::from_millis(80);
@@ -935,7 +940,7 @@ impl Peer {
                         let mut book = master.book.lock().unwrap();
                         book.complete(&shared.local, outcomes);
                         let (n, bytes) = book.accepted_waiting();
-                        let feed = master.streams || n >= FEED_RESULTS || bytes >= FEED_BYTES;
+                        let feed = master.streams || enough_to_feed(n, bytes);
                         let units = if stopped {
                             Vec::new()
                         } else {
@@ -1594,7 +1599,7 @@ impl Peer {
                     let _ = events.send(JobEvent::Log { index, text }).await;
                 }
             }
-            if let Some(events) = events.as_ref().filter(|_| spec.stream) {
+            if let Some(events) = events.as_ref().filter(|_| master.streams) {
                 for (index, bytes) in &accepted {
                     let (index, bytes) = (*index, bytes.clone());
                     let _ = events.send(JobEvent::Result { index, bytes }).await;
@@ -1605,8 +1610,8 @@ impl Peer {
             // (the combine merges a few small ones at the end in no time).
             unfed_bytes += accepted.iter().map(|(_, r)| r.len()).sum::<usize>();
             unfed.extend(accepted);
-            let feeding = !unfed.is_empty()
-                && (finished || unfed_bytes >= FEED_BYTES || unfed.len() >= FEED_RESULTS);
+            let feeding =
+                !unfed.is_empty() && (finished || enough_to_feed(unfed.len(), unfed_bytes));
             if combiner.is_none() && (feeding || finished || all_issued) {
                 combiner = feed_rx.take().map(start_combine);
             }
