@@ -65,6 +65,10 @@ struct Args {
     /// threads in this process (no mesh at all).
     #[arg(long, default_value_t = 0)]
     efficiency: usize,
+    /// Write each efficiency round's four times (seconds: lone peer, mesh,
+    /// 1 thread, `nodes` threads) to FILE as CSV, to see the host drift.
+    #[arg(long)]
+    rounds_csv: Option<PathBuf>,
     /// Write each peer's stderr (its log: set RUST_LOG) to DIR/peerN.log.
     #[arg(long)]
     peer_logs: Option<PathBuf>,
@@ -340,6 +344,7 @@ async fn efficiency(
     module: &[u8],
     input: &Path,
     timeout: Duration,
+    rounds_csv: Option<&Path>,
 ) -> Result<()> {
     let env = Environment::new(None)?;
     let component = env.component(&ModuleHash::of(module), || Some(module.to_vec()))?;
@@ -370,6 +375,16 @@ async fn efficiency(
     }
     if outputs.len() != 1 {
         bail!("the lone peer and the mesh disagree on W2's result");
+    }
+    if let Some(path) = rounds_csv {
+        let mut csv = String::from("round,lone_s,mesh_s,native1_s,native_n_s\n");
+        for i in 0..rounds {
+            csv += &format!(
+                "{i},{:.6},{:.6},{:.6},{:.6}\n",
+                mesh1[i], meshn[i], native1[i], nativen[i]
+            );
+        }
+        std::fs::write(path, csv).with_context(|| path.display().to_string())?;
     }
     let eff = |one: f64, many: f64| one / (n as f64 * many);
     // Each round's mesh efficiency against the machine's in the same round.
@@ -586,6 +601,7 @@ async fn main() -> Result<()> {
             &modules["W2"],
             &w2,
             timeout,
+            args.rounds_csv.as_deref(),
         )
         .await?;
     }
