@@ -337,15 +337,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// machine itself, from `rounds` rounds that alternate all four runs so
 /// that the host's drift hits each alike.
 async fn efficiency(
-    rounds: usize,
+    args: &Args,
     lone: &Path,
     master: &Path,
-    n: usize,
     module: &[u8],
     input: &Path,
     timeout: Duration,
-    rounds_csv: Option<&Path>,
 ) -> Result<()> {
+    let (rounds, n) = (args.efficiency, args.nodes * args.slots);
     let env = Environment::new(None)?;
     let component = env.component(&ModuleHash::of(module), || Some(module.to_vec()))?;
     let units: Vec<Vec<u8>> = lines(&std::fs::read(input)?).map(<[u8]>::to_vec).collect();
@@ -376,7 +375,7 @@ async fn efficiency(
     if outputs.len() != 1 {
         bail!("the lone peer and the mesh disagree on W2's result");
     }
-    if let Some(path) = rounds_csv {
+    if let Some(path) = &args.rounds_csv {
         let mut csv = String::from("round,lone_s,mesh_s,native1_s,native_n_s\n");
         for i in 0..rounds {
             csv += &format!(
@@ -593,17 +592,7 @@ async fn main() -> Result<()> {
             timeout,
         )
         .await?;
-        efficiency(
-            args.efficiency,
-            &lone.control,
-            &master,
-            args.nodes * args.slots,
-            &modules["W2"],
-            &w2,
-            timeout,
-            args.rounds_csv.as_deref(),
-        )
-        .await?;
+        efficiency(&args, &lone.control, &master, &modules["W2"], &w2, timeout).await?;
     }
     // Worker slots drop their instances after 5 s without work.
     std::thread::sleep(Duration::from_secs(6));

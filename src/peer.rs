@@ -367,6 +367,8 @@ struct Shared {
     /// What each worker's batches took per taskunit in the last job of each
     /// module this peer was master of (see [`JobBook::with_times`]).
     turnarounds: Mutex<HashMap<ModuleHash, WorkerTimes>>,
+    /// The remote batches this peer's slots are working through.
+    claims: Mutex<Vec<Arc<Claims>>>,
 }
 
 /// Modules whose workers' figures a master remembers.
@@ -433,6 +435,7 @@ pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
         work: Notify::new(),
         tasks_done: std::sync::atomic::AtomicU64::new(0),
         turnarounds: Mutex::new(HashMap::new()),
+        claims: Mutex::new(Vec::new()),
     });
     let peer = Peer { shared };
     let (stop, stop_rx) = watch::channel(false);
@@ -647,6 +650,22 @@ impl Peer {
         match request {
             Request::Wait { .. } => Response::Refused("a wait needs a task stream".into()),
             Request::EndWait => Response::Ack,
+            Request::Reclaim { job, pace } => {
+                let claims: Vec<Arc<Claims>> = self
+                    .shared
+                    .claims
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|c| c.job == job && c.master == peer)
+                    .cloned()
+                    .collect();
+                let units: Vec<u64> = claims.iter().flat_map(|c| c.release(pace)).collect();
+                if !units.is_empty() {
+                    debug!(%job, n = units.len(), "taskunits given back");
+                }
+                Response::Released { units }
+            }
             Request::Pull { job, max } => match self.master_job(job) {
                 Some(master) => self.lease(&master, peer, max),
                 None => Response::NoWork { finished: true },
@@ -886,6 +905,13 @@ impl Peer {
                 Source::Remote(peer) => Some(*peer),
                 Source::Local(_) => None,
             };
+            // A remote batch's taskunits are handed out one by one to the
+            // slot, so that the master may take back those not started.
+            let claims = remote.map(|peer| {
+                let claims = Arc::new(Claims::new(job, peer, &units));
+                self.shared.claims.lock().unwrap().push(claims.clone());
+                claims
+            });
             // A remote batch hands in its results early, before its last
             // taskunits (about one exchange's time of work), asking for the
             // next batch: the round trip runs while the slot computes.
@@ -902,9 +928,32 @@ impl Peer {
                 units.len().saturating_sub(last).max(units.len() / 2)
             });
             let shared = self.shared.clone();
+            let claimed = claims.clone();
             let run = thread.run(move || {
                 let mut runner = runner;
                 let mut units = units;
+                if let Some(claims) = claimed {
+                    let started = Instant::now();
+                    let first = run_claimed(&mut runner, &units, &claims, early_at);
+                    let mut n = first.len() as u32;
+                    let handed_in = if early_at < units.len() {
+                        let _ = early_tx.send((first, started.elapsed()));
+                        let rest_started = Instant::now();
+                        let rest = run_claimed(&mut runner, &units, &claims, usize::MAX);
+                        n += rest.len() as u32;
+                        (rest, rest_started.elapsed())
+                    } else {
+                        (first, started.elapsed())
+                    };
+                    let total = started.elapsed();
+                    debug!(slot, %job, n, compute_ms = total.as_secs_f64() * 1e3, "batch computed");
+                    shared
+                        .tasks_done
+                        .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
+                    // None run (all given back): no time per taskunit.
+                    let unit_time = total.checked_div(n).unwrap_or_default();
+                    return (runner, Some(handed_in), unit_time);
+                }
                 let mut early_tx = Some(early_tx);
                 let mut notify_at = Instant::now();
                 loop {
@@ -988,8 +1037,20 @@ impl Peer {
                 batch
             };
             let (done, prefetched) = tokio::join!(run, prefetch);
+            if let Some(claims) = &claims {
+                self.shared
+                    .claims
+                    .lock()
+                    .unwrap()
+                    .retain(|c| !Arc::ptr_eq(c, claims));
+            }
             let (runner, handed_in, unit_time) = done.expect("task batch");
-            per_unit.insert(module, unit_time);
+            if !unit_time.is_zero() {
+                per_unit.insert(module, unit_time);
+            }
+            if let Source::Local(master) = &source {
+                self.reclaim(job, master);
+            }
             if runners.len() >= 4 {
                 runners.clear();
             }
@@ -1027,6 +1088,42 @@ impl Peer {
         }
         if let Some(last) = delivering {
             let _ = last.await;
+        }
+    }
+
+    /// This peer's slot has run out of `job`'s taskunits while other
+    /// workers may hold some: ask each (once per batch) to give back those
+    /// it has not started and would end later than this slot would.
+    fn reclaim(&self, job: JobId, master: &Arc<MasterJob>) {
+        let (workers, pace) = {
+            let mut book = master.book.lock().unwrap();
+            (
+                book.to_reclaim(&self.shared.local),
+                book.pace(&self.shared.local),
+            )
+        };
+        // Untimed, this slot cannot say when it would end them.
+        let Some(pace) = pace else {
+            return;
+        };
+        for worker in workers {
+            let Ok(peer) = worker.parse::<PeerId>() else {
+                continue;
+            };
+            let client = self.shared.client.clone();
+            let shared = self.shared.clone();
+            let master = master.clone();
+            tokio::spawn(async move {
+                match client.request(peer, Request::Reclaim { job, pace }).await {
+                    Ok(Response::Released { units }) if !units.is_empty() => {
+                        let n = master.book.lock().unwrap().give_back(&worker, &units);
+                        debug!(%job, %peer, n, "taskunits taken back");
+                        shared.work.notify_waiters();
+                    }
+                    Ok(_) => {}
+                    Err(e) => debug!(%job, %peer, "reclaim failed: {e}"),
+                }
+            });
         }
     }
 
@@ -1751,18 +1848,152 @@ fn units_for(unit_time: Duration, target: Duration) -> usize {
 
 /// Run a batch's taskunits in order on `runner`.
 fn run_batch(runner: &mut TaskRunner, units: Vec<crate::wire::TaskUnit>) -> Vec<TaskOutcome> {
-    units
-        .into_iter()
-        .map(|u| {
-            let result = runner.process(&u.data).map(ByteBuf::from);
-            let stderr = Some(runner.take_stderr()).filter(|s| !s.is_empty());
-            TaskOutcome {
-                index: u.index,
-                result,
-                stderr,
+    units.iter().map(|u| run_unit(runner, u)).collect()
+}
+
+fn run_unit(runner: &mut TaskRunner, unit: &crate::wire::TaskUnit) -> TaskOutcome {
+    let result = runner.process(&unit.data).map(ByteBuf::from);
+    let stderr = Some(runner.take_stderr()).filter(|s| !s.is_empty());
+    TaskOutcome {
+        index: unit.index,
+        result,
+        stderr,
+    }
+}
+
+/// Run a remote batch's taskunits on `runner` as `claims` hands them out,
+/// up to position `limit`.
+fn run_claimed(
+    runner: &mut TaskRunner,
+    units: &[crate::wire::TaskUnit],
+    claims: &Claims,
+    limit: usize,
+) -> Vec<TaskOutcome> {
+    let mut outcomes = Vec::new();
+    while let Some(i) = claims.next(limit) {
+        outcomes.push(run_unit(runner, &units[i]));
+    }
+    outcomes
+}
+
+/// How long a taskunit given back takes to reach the master's idle slot
+/// (the answer, the book, a wake-up), at most, on a LAN.
+const GIVE_BACK_REACH: Duration = Duration::from_millis(1);
+
+/// A remote batch as its slot works through it, one taskunit at a time; the
+/// master may take back those not started yet ([`Request::Reclaim`]).
+struct Claims {
+    job: JobId,
+    master: PeerId,
+    indices: Vec<u64>,
+    /// Taskunits started (low 32 bits) and where the batch now ends (high
+    /// 32 bits), changed together.
+    state: std::sync::atomic::AtomicU64,
+    started: Instant,
+    /// When the taskunit now running started, in ns after `started`.
+    current: std::sync::atomic::AtomicU64,
+}
+
+impl Claims {
+    fn new(job: JobId, master: PeerId, units: &[crate::wire::TaskUnit]) -> Self {
+        Claims {
+            job,
+            master,
+            indices: units.iter().map(|u| u.index).collect(),
+            state: std::sync::atomic::AtomicU64::new((units.len() as u64) << 32),
+            started: Instant::now(),
+            current: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The position of the next taskunit to run, if the batch goes on
+    /// before position `limit`.
+    fn next(&self, limit: usize) -> Option<usize> {
+        use std::sync::atomic::Ordering;
+        let mut state = self.state.load(Ordering::Acquire);
+        loop {
+            let (next, end) = ((state & 0xffff_ffff) as usize, (state >> 32) as usize);
+            if next >= end.min(limit) {
+                return None;
             }
-        })
-        .collect()
+            match self.state.compare_exchange_weak(
+                state,
+                state + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    let at = self.started.elapsed().as_nanos() as u64;
+                    self.current.store(at, Ordering::Release);
+                    return Some(next);
+                }
+                Err(now) => state = now,
+            }
+        }
+    }
+
+    /// Give up the taskunits not started that this slot would end later
+    /// than the master's slot, which takes `theirs` per taskunit; their
+    /// indices.
+    fn release(&self, theirs: Duration) -> Vec<u64> {
+        use std::sync::atomic::Ordering;
+        let mut state = self.state.load(Ordering::Acquire);
+        loop {
+            let (next, end) = ((state & 0xffff_ffff) as usize, (state >> 32) as usize);
+            let unstarted = end.saturating_sub(next);
+            if unstarted == 0 {
+                return Vec::new();
+            }
+            // This slot's pace in this batch so far (the taskunits before
+            // the running one), else the master's.
+            let current = Duration::from_nanos(self.current.load(Ordering::Acquire));
+            let mine = match next {
+                0 | 1 => theirs,
+                n => current / (n as u32 - 1),
+            };
+            let running_left = if next == 0 {
+                Duration::ZERO
+            } else {
+                mine.saturating_sub(self.started.elapsed().saturating_sub(current))
+            };
+            let k = give_back_count(unstarted, mine, running_left, theirs, GIVE_BACK_REACH);
+            if k == 0 {
+                return Vec::new();
+            }
+            let kept = (((end - k) as u64) << 32) | next as u64;
+            match self
+                .state
+                .compare_exchange(state, kept, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return self.indices[end - k..end].to_vec(),
+                Err(now) => state = now,
+            }
+        }
+    }
+}
+
+/// How many of `unstarted` taskunits a worker taking `mine` each (with
+/// `running_left` of the one it runs to go) should give to an idle worker
+/// taking `theirs` each, `reach` away: the number for which the later of
+/// the two ends comes soonest (the fewest, of those alike).
+fn give_back_count(
+    unstarted: usize,
+    mine: Duration,
+    running_left: Duration,
+    theirs: Duration,
+    reach: Duration,
+) -> usize {
+    let end_here = |k: usize| running_left + mine * (unstarted - k) as u32;
+    let end_there = |k: usize| {
+        if k == 0 {
+            Duration::ZERO
+        } else {
+            reach + theirs * k as u32
+        }
+    };
+    (0..=unstarted)
+        .min_by_key(|&k| (end_here(k).max(end_there(k)), k))
+        .unwrap_or(0)
 }
 
 enum Source {
@@ -1997,7 +2228,47 @@ impl SlotThread {
 
 #[cfg(test)]
 mod tests {
-    use super::{InOrder, SlotThread};
+    use super::{Claims, InOrder, SlotThread, give_back_count};
+    use crate::wire::{JobId, TaskUnit};
+    use std::time::Duration;
+
+    #[test]
+    fn a_slow_worker_gives_back_what_it_would_end_after_the_idle_one() {
+        let ms = |n: u64| Duration::from_millis(n);
+        // Nothing left to start: nothing to give.
+        assert_eq!(give_back_count(0, ms(3), ms(1), ms(2), ms(1)), 0);
+        // On pace (2 ms each, as the master): the reach makes it not worth it.
+        assert_eq!(give_back_count(1, ms(2), ms(1), ms(2), ms(1)), 0);
+        // Twice as slow, 6 to go: giving 4, it ends in 1 + 4×2 = 9 ms and
+        // the master in 1 + 2×4 = 9; giving 3, it ends in 13; giving 5,
+        // the master ends in 11.
+        assert_eq!(give_back_count(6, ms(4), ms(1), ms(2), ms(1)), 4);
+    }
+
+    #[test]
+    fn a_batch_hands_out_each_taskunit_once_and_gives_back_only_unstarted_ones() {
+        let units: Vec<TaskUnit> = (10..16)
+            .map(|i| TaskUnit {
+                index: i,
+                data: vec![0u8].into(),
+            })
+            .collect();
+        let master = libp2p::PeerId::random();
+        let claims = Claims::new(JobId(1), master, &units);
+        // Up to a limit, then on.
+        assert_eq!(claims.next(2), Some(0));
+        assert_eq!(claims.next(2), Some(1));
+        assert_eq!(claims.next(2), None);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(claims.next(usize::MAX), Some(2));
+        // Two taskunits took 20 ms: 10 ms each. A master taking 1 ms each
+        // gets all three not started: it ends them in 1 + 3 = 4 ms, before
+        // this slot ends the one it runs.
+        let given = claims.release(Duration::from_millis(1));
+        assert_eq!(given, vec![13, 14, 15]);
+        assert_eq!(claims.next(usize::MAX), None, "given back, not run here");
+        assert!(claims.release(Duration::from_millis(1)).is_empty());
+    }
 
     #[tokio::test]
     async fn a_slot_thread_runs_calls_on_one_thread_and_survives_a_panic() {

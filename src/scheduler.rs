@@ -202,6 +202,9 @@ pub struct JobBook {
     /// When each remote worker last handed in results, and whether it got
     /// taskunits in the same exchange (so it was busy since).
     reported: HashMap<WorkerId, (Instant, bool)>,
+    /// Batches (worker, lease time) already asked to give back what they
+    /// have not started (see [`JobBook::to_reclaim`]).
+    reclaim_asked: HashSet<(WorkerId, Instant)>,
     /// Results in so far of replicated taskunits.
     votes: HashMap<u64, Vec<Vote>>,
     /// How many distinct workers must agree on each result.
@@ -326,6 +329,7 @@ impl JobBook {
             pace: HashMap::new(),
             last_pace: None,
             reported: HashMap::new(),
+            reclaim_asked: HashSet::new(),
             votes: HashMap::new(),
             replicas: 1,
             mismatches: 0,
@@ -672,6 +676,49 @@ impl JobBook {
         }
     }
 
+    /// Workers other than `asker` holding taskunits of this job, each with
+    /// its batch not yet asked, to ask to give back what they have not
+    /// started: `asker`'s slots have run out of taskunits. Each batch is
+    /// asked once. Not with replicas (a taskunit given back would have to
+    /// go to a worker not already holding another of its replicas).
+    pub fn to_reclaim(&mut self, asker: &str) -> Vec<WorkerId> {
+        let unissued = !self.queue.is_empty() || self.split.is_some();
+        if self.replicas > 1 || unissued || self.fatal.is_some() {
+            return Vec::new();
+        }
+        let mut batches: Vec<(WorkerId, Instant)> = self
+            .leases
+            .values()
+            .filter(|l| l.worker != asker)
+            .map(|l| (l.worker.clone(), l.since))
+            .filter(|b| !self.reclaim_asked.contains(b))
+            .collect();
+        batches.sort_unstable();
+        batches.dedup();
+        let mut workers: Vec<WorkerId> = batches.iter().map(|(w, _)| w.clone()).collect();
+        workers.dedup();
+        self.reclaim_asked.extend(batches);
+        workers
+    }
+
+    /// `worker` gave back these taskunits unstarted: they go to the front
+    /// of the queue for whoever asks next. Indices it does not hold are
+    /// ignored. How many were taken back.
+    pub fn give_back(&mut self, worker: &str, indices: &[u64]) -> usize {
+        let mut n = 0;
+        for index in indices.iter().rev() {
+            let slot = (0..self.replicas)
+                .map(|r| (*index, r))
+                .find(|s| self.leases.get(s).is_some_and(|l| l.worker == worker));
+            if let Some(slot) = slot {
+                self.leases.remove(&slot);
+                self.queue.push_front(slot);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Re-issue every taskunit leased to `worker` (it went away).
     pub fn release_worker(&mut self, worker: &str) -> usize {
         let held: Vec<Slot> = self
@@ -770,7 +817,7 @@ impl JobBook {
     }
 
     /// `worker`'s time per taskunit, if it has been timed.
-    fn pace(&self, worker: &str) -> Option<Duration> {
+    pub fn pace(&self, worker: &str) -> Option<Duration> {
         self.pace.get(worker).map(Pace::median)
     }
 
@@ -1115,6 +1162,37 @@ mod tests {
         assert_eq!(results[&0], b"A");
         assert_eq!(b.per_worker()["w2"], 2);
         assert!(!b.per_worker().contains_key("w1"));
+    }
+
+    #[test]
+    fn taskunits_given_back_go_to_the_idle_worker_and_each_batch_is_asked_once() {
+        let mut b = book(&["a", "b", "c", "d", "e", "f"]);
+        let t0 = Instant::now();
+        let remote = b.take("remote", 4, t0);
+        assert_eq!(remote.len(), 4);
+        // While there are taskunits to hand out, nobody is asked.
+        assert!(b.to_reclaim("master").is_empty());
+        let mine = b.take_local("master", 10, t0);
+        assert_eq!(mine.len(), 2);
+        b.complete("master", vec![ok(4, "E"), ok(5, "F")]);
+        // The master's slot has run out: the remote's batch is asked, once.
+        assert_eq!(b.to_reclaim("master"), vec!["remote".to_string()]);
+        assert!(b.to_reclaim("master").is_empty());
+        // It gives back its last two (and an index it does not hold, ignored).
+        assert_eq!(b.give_back("remote", &[2, 3, 99]), 2);
+        assert_eq!(b.give_back("someone", &[0]), 0, "not its lease");
+        let back = b.take_local("master", 10, t0);
+        assert_eq!(back.iter().map(|u| u.index).collect::<Vec<_>>(), vec![2, 3]);
+        b.complete("master", vec![ok(2, "C"), ok(3, "D")]);
+        b.complete("remote", vec![ok(0, "A"), ok(1, "B")]);
+        assert!(b.is_finished());
+        assert_eq!(b.per_worker()["master"], 4);
+        assert_eq!(b.per_worker()["remote"], 2);
+        let results = b.take_results();
+        assert_eq!(
+            results.values().map(|r| r[0]).collect::<Vec<_>>(),
+            b"ABCDEF"
+        );
     }
 
     #[test]

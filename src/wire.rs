@@ -641,6 +641,11 @@ pub enum Request {
     Wait { sizes: Vec<(ModuleHash, u32)> },
     /// Stop waiting: the open `Wait` is answered first, then this, `Ack`.
     EndWait,
+    /// From a job's master, whose own slots have run out of its taskunits,
+    /// to a worker holding some: give back those you have not started and
+    /// would finish later than I would (I take `pace` per taskunit).
+    /// Answered `Released`.
+    Reclaim { job: JobId, pace: Duration },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -666,6 +671,11 @@ pub enum Response {
     Module(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The request was understood but refused.
     Refused(String),
+    /// The answer to a `Reclaim`: these taskunits (by index) will not be
+    /// run here; their leases are the master's again.
+    Released {
+        units: Vec<u64>,
+    },
 }
 
 #[cfg(test)]
@@ -684,6 +694,13 @@ mod tests {
         roundtrip(Request::Pull {
             job: JobId(7),
             max: 3,
+        });
+        roundtrip(Request::Reclaim {
+            job: JobId(7),
+            pace: Duration::from_micros(2300),
+        });
+        roundtrip(Response::Released {
+            units: vec![62, 63],
         });
         roundtrip(Request::Results {
             job: JobId(1),
