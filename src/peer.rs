@@ -275,6 +275,9 @@ pub struct JobStats {
     pub resumed: u64,
     /// Taskunits whose replicas disagreed and were run again (`--replicate`).
     pub mismatches: u64,
+    /// Taskunits slower workers gave back unstarted, for a faster one.
+    #[serde(default)]
+    pub taken_back: u64,
     /// From submission to the first taskunit result, in milliseconds.
     pub first_result_ms: Option<f64>,
     /// Whether the submitter sent the module's bytes (not when the peer
@@ -1780,6 +1783,7 @@ impl Peer {
             compiled,
             resumed: done.resumed,
             mismatches: prog.mismatches,
+            taken_back: prog.taken_back,
             first_result_ms: done
                 .first_result
                 .map(|t| t.saturating_duration_since(started).as_secs_f64() * 1000.0),

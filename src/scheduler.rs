@@ -56,6 +56,10 @@ pub struct Progress {
     pub workers: u64,
     /// Taskunits whose replicas disagreed (and were run again).
     pub mismatches: u64,
+    /// Taskunits slower workers gave back unstarted (see
+    /// [`JobBook::give_back`]).
+    #[serde(default)]
+    pub taken_back: u64,
 }
 
 /// What a finished job leaves (see [`JobBook::finish`]).
@@ -205,6 +209,7 @@ pub struct JobBook {
     /// Batches (worker, lease time) already asked to give back what they
     /// have not started (see [`JobBook::to_reclaim`]).
     reclaim_asked: HashSet<(WorkerId, Instant)>,
+    taken_back: u64,
     /// Results in so far of replicated taskunits.
     votes: HashMap<u64, Vec<Vote>>,
     /// How many distinct workers must agree on each result.
@@ -330,6 +335,7 @@ impl JobBook {
             last_pace: None,
             reported: HashMap::new(),
             reclaim_asked: HashSet::new(),
+            taken_back: 0,
             votes: HashMap::new(),
             replicas: 1,
             mismatches: 0,
@@ -716,6 +722,7 @@ impl JobBook {
                 n += 1;
             }
         }
+        self.taken_back += n as u64;
         n
     }
 
@@ -1029,6 +1036,7 @@ impl JobBook {
                 .collect::<HashSet<_>>()
                 .len() as u64,
             mismatches: self.mismatches,
+            taken_back: self.taken_back,
         }
     }
 
@@ -1181,6 +1189,7 @@ mod tests {
         // It gives back its last two (and an index it does not hold, ignored).
         assert_eq!(b.give_back("remote", &[2, 3, 99]), 2);
         assert_eq!(b.give_back("someone", &[0]), 0, "not its lease");
+        assert_eq!(b.progress().taken_back, 2);
         let back = b.take_local("master", 10, t0);
         assert_eq!(back.iter().map(|u| u.index).collect::<Vec<_>>(), vec![2, 3]);
         b.complete("master", vec![ok(2, "C"), ok(3, "D")]);

@@ -309,3 +309,135 @@ fn a_crashed_master_resumes_without_recomputing() {
 fn m_control(dir: &std::path::Path) -> String {
     dir.join("m.sock").to_str().unwrap().to_string()
 }
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: reads this thread's affinity into a zeroed bitmap, by a valid
+    // pointer of the bitmap's size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|c| libc::CPU_ISSET(*c, &set))
+            .collect()
+    }
+}
+
+/// `antnest` held to one CPU (all its threads), by `taskset`.
+fn antnest_on(cpu: usize) -> Command {
+    let plain = antnest();
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", &cpu.to_string()]).arg(plain.get_program());
+    for (key, value) in plain.get_envs() {
+        match value {
+            Some(v) => cmd.env(key, v),
+            None => cmd.env_remove(key),
+        };
+    }
+    cmd
+}
+
+/// Threads spinning on `cpu` until dropped, to slow whatever else runs there.
+struct Hogs {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Hogs {
+    fn on(cpu: usize, n: usize) -> Hogs {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    // SAFETY: sets this thread's affinity to one CPU the
+                    // process may use, from a zeroed bitmap.
+                    unsafe {
+                        let mut one: libc::cpu_set_t = std::mem::zeroed();
+                        libc::CPU_SET(cpu, &mut one);
+                        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one);
+                    }
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::black_box(0u64);
+                    }
+                })
+            })
+            .collect();
+        Hogs { stop, threads }
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_worker_that_slows_down_mid_job_gives_back_what_it_has_not_started() {
+    let cpus = allowed_cpus();
+    if cpus.len() < 2 || Command::new("taskset").arg("-V").output().is_err() {
+        eprintln!("skipped: needs two CPUs and taskset");
+        return;
+    }
+    let (on_a, on_b) = (cpus[0], cpus[1]);
+    let dir = scratch();
+    let a = PeerProc::start_with(antnest_on(on_a), dir.path(), "a", &LOOPBACK_PEER);
+    let mut b_args = LOOPBACK_PEER.to_vec();
+    b_args.extend(["--bootstrap", a.addr()]);
+    let b = PeerProc::start_with(antnest_on(on_b), dir.path(), "b", &b_args);
+    eventually(Duration::from_secs(30), "b connected to a", || {
+        let out = run(
+            &["peers", "--control", b.control.to_str().unwrap()],
+            b"",
+            Duration::from_secs(30),
+        );
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with(&a.peer_id) && l.contains(" connected"))
+    });
+    // W2's shape: 64 taskunits of a few ms. The first job times both
+    // peers at full speed; the master shares the second by those times.
+    let (input, want) = primes_input(64, 52_000);
+    let job = |name: &str| {
+        let stats = dir.path().join(name);
+        let out = a.submit(
+            &artifact("primes"),
+            &["--stats-json", stats.to_str().unwrap()],
+            input.as_bytes(),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), want.to_string());
+        stats_of(&stats)
+    };
+    let first = job("first.json");
+    assert!(
+        first["per_peer"].get(&b.peer_id).is_some(),
+        "b took part in the first job: {first}"
+    );
+    // Now b's CPU is shared with two spinning threads: b runs at a third of
+    // its speed, holding a share of the second job sized for full speed.
+    let hogs = Hogs::on(on_b, 2);
+    let second = job("second.json");
+    drop(hogs);
+    let taken_back = second["taken_back"].as_u64().unwrap();
+    assert!(
+        taken_back >= 1,
+        "a's slot ran out while b held taskunits it had not started, and took none back: {second}"
+    );
+    let per_peer = second["per_peer"].as_object().unwrap();
+    assert_eq!(
+        per_peer.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+        64,
+        "every taskunit run once: {second}"
+    );
+    assert!(
+        per_peer[&a.peer_id].as_u64().unwrap() > 32,
+        "a ran more than half, the taskunits it took back included: {second}"
+    );
+}
