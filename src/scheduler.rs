@@ -264,6 +264,8 @@ pub struct Pace {
     /// (time per taskunit, how many taskunits), oldest first, counting
     /// [`PACE_UNITS`] in all.
     runs: VecDeque<(Duration, u32)>,
+    /// Their median, kept in step (shares ask for it often).
+    median: Duration,
 }
 
 impl Pace {
@@ -271,6 +273,7 @@ impl Pace {
     pub fn steady(per_unit: Duration) -> Pace {
         Pace {
             runs: VecDeque::from([(per_unit, PACE_UNITS)]),
+            median: per_unit,
         }
     }
 
@@ -287,11 +290,16 @@ impl Pace {
                 self.runs.pop_front();
             }
         }
+        self.median = Self::median_of(&self.runs);
     }
 
     /// The median taskunit's time (the lower of the middle two).
     pub fn median(&self) -> Duration {
-        let mut runs: Vec<(Duration, u32)> = self.runs.iter().copied().collect();
+        self.median
+    }
+
+    fn median_of(runs: &VecDeque<(Duration, u32)>) -> Duration {
+        let mut runs: Vec<(Duration, u32)> = runs.iter().copied().collect();
         runs.sort_unstable();
         let middle = PACE_UNITS.div_ceil(2);
         let mut seen = 0;
