@@ -1206,6 +1206,9 @@ impl Peer {
                     units,
                 });
             }
+            // Nothing here for this slot: ask slower workers for what they
+            // have not started (the book holds back backups until asked).
+            self.reclaim(job, &master);
         }
         let now = Instant::now();
         let candidates: Vec<(JobId, PeerId, ModuleHash, Limits)> = {

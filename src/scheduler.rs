@@ -208,7 +208,7 @@ pub struct JobBook {
     reported: HashMap<WorkerId, (Instant, bool)>,
     /// Batches (worker, lease time) already asked to give back what they
     /// have not started (see [`JobBook::to_reclaim`]).
-    reclaim_asked: HashSet<(WorkerId, Instant)>,
+    reclaim_asked: HashMap<WorkerId, HashSet<Instant>>,
     taken_back: u64,
     /// Results in so far of replicated taskunits.
     votes: HashMap<u64, Vec<Vote>>,
@@ -342,7 +342,7 @@ impl JobBook {
             pace: HashMap::new(),
             last_pace: None,
             reported: HashMap::new(),
-            reclaim_asked: HashSet::new(),
+            reclaim_asked: HashMap::new(),
             taken_back: 0,
             votes: HashMap::new(),
             replicas: 1,
@@ -528,6 +528,12 @@ impl JobBook {
             self.queue.push_front(slot);
         }
         if units.is_empty() && self.split.is_none() && self.replicas == 1 {
+            // A master's own slot first asks slower workers to give back
+            // what they have not started (its peer sends the ask when the
+            // slot finds nothing here), then copies what they still hold.
+            if local && self.reclaim_due(worker) {
+                return Vec::new();
+            }
             units = self.take_backups(worker, asked, now);
         }
         if let Some((_, busy)) = self.reported.get_mut(worker) {
@@ -703,16 +709,32 @@ impl JobBook {
         let mut batches: Vec<(WorkerId, Instant)> = self
             .leases
             .values()
-            .filter(|l| l.worker != asker)
+            .filter(|l| l.worker != asker && !self.asked(l))
             .map(|l| (l.worker.clone(), l.since))
-            .filter(|b| !self.reclaim_asked.contains(b))
             .collect();
         batches.sort_unstable();
         batches.dedup();
         let mut workers: Vec<WorkerId> = batches.iter().map(|(w, _)| w.clone()).collect();
         workers.dedup();
-        self.reclaim_asked.extend(batches);
+        for (worker, since) in batches {
+            self.reclaim_asked.entry(worker).or_default().insert(since);
+        }
         workers
+    }
+
+    /// Whether a worker other than `asker` holds a batch not yet asked to
+    /// give back what it has not started.
+    fn reclaim_due(&self, asker: &str) -> bool {
+        self.leases
+            .values()
+            .any(|l| l.worker != asker && !self.asked(l))
+    }
+
+    /// Whether the batch of lease `l` was asked to give back.
+    fn asked(&self, l: &Lease) -> bool {
+        self.reclaim_asked
+            .get(l.worker.as_str())
+            .is_some_and(|s| s.contains(&l.since))
     }
 
     /// `worker` gave back these taskunits unstarted: they go to the front
@@ -1271,6 +1293,11 @@ mod tests {
         // had one more in hand): on time, though the last batch in (the
         // master's own slot's) took 10 ms.
         assert!(b.take_local("local", 1, at(80)).is_empty());
+        // The master's slot found nothing: its peer asks the remote to give
+        // back what it has not started (here it answers nothing). Until
+        // then no backups: the ask comes first.
+        assert!(b.take_local("local", 1, at(200)).is_empty());
+        assert_eq!(b.to_reclaim("local"), vec!["remote".to_string()]);
         assert!(b.take_local("local", 1, at(129)).is_empty());
         // Past half as long again (90 ms): backed up, one taskunit a call.
         assert_eq!(indices(b.take_local("local", 1, at(131))), vec![2]);

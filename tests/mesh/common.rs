@@ -144,8 +144,70 @@ pub(crate) fn stats_of(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).expect("stats json written")).expect("stats json")
 }
 
+/// Tests run in parallel. Each peer process counts itself in here while it
+/// lives; a test that times peers against each other runs [`alone`]: it
+/// waits until no other test's peer is alive, and new ones wait for it.
+/// (A test may start a peer while holding others, so a peer never waits
+/// for a test merely waiting to run alone: that could wait for ever.)
+static MACHINE: (std::sync::Mutex<(usize, bool)>, std::sync::Condvar) =
+    (std::sync::Mutex::new((0, false)), std::sync::Condvar::new());
+
+thread_local! {
+    static ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn machine() -> std::sync::MutexGuard<'static, (usize, bool)> {
+    MACHINE.0.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Run `f` with no other test's peer processes alive (they wait to start).
+pub(crate) fn alone<R>(f: impl FnOnce() -> R) -> R {
+    {
+        let mut m = machine();
+        while m.0 > 0 || m.1 {
+            m = MACHINE.1.wait(m).unwrap_or_else(|e| e.into_inner());
+        }
+        m.1 = true;
+    }
+    ALONE.with(|a| a.set(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    ALONE.with(|a| a.set(false));
+    machine().1 = false;
+    MACHINE.1.notify_all();
+    out.unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// A peer counted in [`MACHINE`] until dropped (not counted inside the test
+/// that runs [`alone`]).
+struct Counted(bool);
+
+impl Counted {
+    /// Count a peer in, waiting while a test runs [`alone`].
+    fn peer() -> Counted {
+        if ALONE.with(|a| a.get()) {
+            return Counted(false);
+        }
+        let mut m = machine();
+        while m.1 {
+            m = MACHINE.1.wait(m).unwrap_or_else(|e| e.into_inner());
+        }
+        m.0 += 1;
+        Counted(true)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if self.0 {
+            machine().0 -= 1;
+            MACHINE.1.notify_all();
+        }
+    }
+}
+
 /// An `antnest peer` process; killed on drop.
 pub(crate) struct PeerProc {
+    _counted: Counted,
     pub(crate) child: Child,
     pub(crate) peer_id: String,
     /// Listen addresses with the /p2p/ suffix.
@@ -163,6 +225,7 @@ impl PeerProc {
 
     /// Start with a prepared command (e.g. `ip netns exec NS antnest`).
     pub(crate) fn start_with(mut cmd: Command, dir: &Path, name: &str, extra: &[&str]) -> PeerProc {
+        let counted = Counted::peer();
         let control = dir.join(format!("{name}.sock"));
         let mut child = cmd
             .arg("peer")
@@ -205,6 +268,7 @@ impl PeerProc {
             .find_map(|l| l.strip_prefix("ui: "))
             .map(str::to_string);
         PeerProc {
+            _counted: counted,
             child,
             peer_id,
             addrs,
