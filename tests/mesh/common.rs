@@ -106,6 +106,7 @@ pub(crate) fn run(args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
 }
 
 pub(crate) fn run_cmd(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Output {
+    let _counted = Counted::peer();
     let (child, writer) = spawn_fed(cmd, stdin);
     let out = wait_output(child, timeout);
     let _ = writer.join();
@@ -144,9 +145,10 @@ pub(crate) fn stats_of(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).expect("stats json written")).expect("stats json")
 }
 
-/// Tests run in parallel. Each peer process counts itself in here while it
-/// lives; a test that times peers against each other runs [`alone`]: it
-/// waits until no other test's peer is alive, and new ones wait for it.
+/// Tests run in parallel. Each antnest process a test starts (a peer, a
+/// submit, a local run) counts itself in here while it lives; a test that
+/// times peers against each other runs [`alone`]: it waits until no other
+/// test's process is alive, and new ones wait for it.
 /// (A test may start a peer while holding others, so a peer never waits
 /// for a test merely waiting to run alone: that could wait for ever.)
 static MACHINE: (std::sync::Mutex<(usize, bool)>, std::sync::Condvar) =
@@ -402,6 +404,7 @@ pub(crate) fn submit_local(job: &Path, extra: &[&str], stdin: &[u8]) -> Output {
 
 /// A command running in the background; its stderr is read line by line.
 pub(crate) struct Background {
+    _counted: Counted,
     child: Option<Child>,
     lines: std::sync::mpsc::Receiver<String>,
     seen: Vec<String>,
@@ -409,6 +412,7 @@ pub(crate) struct Background {
 
 /// Start `antnest ARGS` in the background, feeding it `stdin`.
 pub(crate) fn spawn_antnest(args: &[&str], stdin: &[u8]) -> Background {
+    let counted = Counted::peer();
     let (mut child, _writer) = spawn_fed(antnest().args(args), stdin);
     let stderr = child.stderr.take().unwrap();
     let (tx, lines) = std::sync::mpsc::channel();
@@ -418,6 +422,7 @@ pub(crate) fn spawn_antnest(args: &[&str], stdin: &[u8]) -> Background {
         }
     });
     Background {
+        _counted: counted,
         child: Some(child),
         lines,
         seen: Vec::new(),

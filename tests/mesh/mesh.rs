@@ -310,69 +310,39 @@ fn m_control(dir: &std::path::Path) -> String {
     dir.join("m.sock").to_str().unwrap().to_string()
 }
 
-/// The CPUs this process may run on.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: reads this thread's affinity into a zeroed bitmap, by a valid
-    // pointer of the bitmap's size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|c| libc::CPU_ISSET(*c, &set))
-            .collect()
-    }
-}
-
-/// `antnest` held to one CPU (all its threads), by `taskset`.
-fn antnest_on(cpu: usize) -> Command {
-    let plain = antnest();
-    let mut cmd = Command::new("taskset");
-    cmd.args(["-c", &cpu.to_string()]).arg(plain.get_program());
-    for (key, value) in plain.get_envs() {
-        match value {
-            Some(v) => cmd.env(key, v),
-            None => cmd.env_remove(key),
-        };
-    }
-    cmd
-}
-
-/// Threads spinning on `cpu` until dropped, to slow whatever else runs there.
-struct Hogs {
+/// Keeps a process stopped (SIGSTOP) 19 ms of every 20 until dropped: it
+/// runs at about a twentieth of its speed, without loading the machine.
+struct Throttle {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Hogs {
-    fn on(cpu: usize, n: usize) -> Hogs {
+impl Throttle {
+    fn on(pid: u32) -> Throttle {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let threads = (0..n)
-            .map(|_| {
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    // SAFETY: sets this thread's affinity to one CPU the
-                    // process may use, from a zeroed bitmap.
-                    unsafe {
-                        let mut one: libc::cpu_set_t = std::mem::zeroed();
-                        libc::CPU_SET(cpu, &mut one);
-                        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one);
-                    }
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        std::hint::black_box(0u64);
-                    }
-                })
-            })
-            .collect();
-        Hogs { stop, threads }
+        let flag = stop.clone();
+        let pid = pid as libc::pid_t;
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: signals a child process of this test by its pid.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                std::thread::sleep(Duration::from_millis(19));
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Throttle {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
-impl Drop for Hogs {
+impl Drop for Throttle {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for t in self.threads.drain(..) {
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
@@ -385,17 +355,9 @@ fn a_worker_that_slows_down_mid_job_gives_back_what_it_has_not_started() {
 }
 
 fn slows_down_mid_job() {
-    let cpus = allowed_cpus();
-    if cpus.len() < 2 || Command::new("taskset").arg("-V").output().is_err() {
-        eprintln!("skipped: needs two CPUs and taskset");
-        return;
-    }
-    let (on_a, on_b) = (cpus[0], cpus[1]);
     let dir = scratch();
-    let a = PeerProc::start_with(antnest_on(on_a), dir.path(), "a", &LOOPBACK_PEER);
-    let mut b_args = LOOPBACK_PEER.to_vec();
-    b_args.extend(["--bootstrap", a.addr()]);
-    let b = PeerProc::start_with(antnest_on(on_b), dir.path(), "b", &b_args);
+    let a = PeerProc::loopback(dir.path(), "a", &[]);
+    let b = PeerProc::loopback(dir.path(), "b", &["--bootstrap", a.addr()]);
     eventually(Duration::from_secs(30), "b connected to a", || {
         let out = run(
             &["peers", "--control", b.control.to_str().unwrap()],
@@ -433,12 +395,11 @@ fn slows_down_mid_job() {
         eprintln!("skipped: b never had 16 of 64 taskunits; the machine is too loaded to time it");
         return;
     }
-    // Now b's CPU is shared with six spinning threads: b runs at about a
-    // seventh of its speed, holding a share of the next job sized for full
-    // speed.
-    let hogs = Hogs::on(on_b, 6);
+    // Now b runs at about a twentieth of its speed, holding a share of the
+    // next job sized for full speed.
+    let throttle = Throttle::on(b.child.id());
     let second = job("second.json");
-    drop(hogs);
+    drop(throttle);
     let taken_back = second["taken_back"].as_u64().unwrap();
     assert!(
         taken_back >= 1,
