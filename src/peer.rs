@@ -949,42 +949,21 @@ impl Peer {
                         (first, started.elapsed())
                     };
                     let total = started.elapsed();
-                    debug!(slot, %job, n, compute_ms = total.as_secs_f64() * 1e3, "batch computed");
-                    shared
-                        .tasks_done
-                        .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
+                    batch_ran(&shared, slot, job, n, total);
                     // None run (all given back): no time per taskunit.
                     let unit_time = total.checked_div(n).unwrap_or_default();
                     return (runner, Some(handed_in), unit_time);
                 }
-                let mut early_tx = Some(early_tx);
+                // A batch of this peer's own job (the only other kind).
+                let (master, stop) = local.expect("a batch without claims is local");
                 let mut notify_at = Instant::now();
                 loop {
                     let started = Instant::now();
                     let n = units.len() as u32;
-                    let (outcomes, compute) = match early_tx.take() {
-                        Some(early) if early_at < units.len() => {
-                            let rest = units.split_off(early_at);
-                            let first = run_batch(&mut runner, units);
-                            let _ = early.send((first, started.elapsed()));
-                            let rest_started = Instant::now();
-                            let rest = run_batch(&mut runner, rest);
-                            (rest, rest_started.elapsed())
-                        }
-                        _ => {
-                            let outcomes = run_batch(&mut runner, units);
-                            (outcomes, started.elapsed())
-                        }
-                    };
+                    let outcomes = run_batch(&mut runner, units);
                     let total = started.elapsed();
                     let unit_time = total / n.max(1);
-                    debug!(slot, %job, n, compute_ms = total.as_secs_f64() * 1e3, "batch computed");
-                    shared
-                        .tasks_done
-                        .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
-                    let Some((master, stop)) = &local else {
-                        return (runner, Some((outcomes, compute)), unit_time);
-                    };
+                    batch_ran(&shared, slot, job, n, total);
                     let now = Instant::now();
                     let stopped = *stop.borrow();
                     let feed;
@@ -1050,9 +1029,6 @@ impl Peer {
             let (runner, handed_in, unit_time) = done.expect("task batch");
             if !unit_time.is_zero() {
                 per_unit.insert(module, unit_time);
-            }
-            if let Source::Local(master) = &source {
-                self.reclaim(job, master);
             }
             if runners.len() >= 4 {
                 runners.clear();
@@ -1851,6 +1827,14 @@ impl Shared {
 /// About `target` of work at `unit_time` per taskunit, 1..=4096 taskunits.
 fn units_for(unit_time: Duration, target: Duration) -> usize {
     (target.as_nanos() / unit_time.as_nanos().max(1)).clamp(1, 4096) as usize
+}
+
+/// Count and log a batch of `n` taskunits a slot ran in `took`.
+fn batch_ran(shared: &Shared, slot: usize, job: JobId, n: u32, took: Duration) {
+    debug!(slot, %job, n, compute_ms = took.as_secs_f64() * 1e3, "batch computed");
+    shared
+        .tasks_done
+        .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Run a batch's taskunits in order on `runner`.

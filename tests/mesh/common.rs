@@ -106,7 +106,7 @@ pub(crate) fn run(args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
 }
 
 pub(crate) fn run_cmd(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Output {
-    let _counted = Counted::peer();
+    let _counted = Counted::process();
     let (child, writer) = spawn_fed(cmd, stdin);
     let out = wait_output(child, timeout);
     let _ = writer.join();
@@ -149,8 +149,8 @@ pub(crate) fn stats_of(path: &Path) -> serde_json::Value {
 /// submit, a local run) counts itself in here while it lives; a test that
 /// times peers against each other runs [`alone`]: it waits until no other
 /// test's process is alive, and new ones wait for it.
-/// (A test may start a peer while holding others, so a peer never waits
-/// for a test merely waiting to run alone: that could wait for ever.)
+/// (A test may start a process while holding others, so a process never
+/// waits for a test merely waiting to run alone: that could wait for ever.)
 static MACHINE: (std::sync::Mutex<(usize, bool)>, std::sync::Condvar) =
     (std::sync::Mutex::new((0, false)), std::sync::Condvar::new());
 
@@ -162,7 +162,7 @@ fn machine() -> std::sync::MutexGuard<'static, (usize, bool)> {
     MACHINE.0.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Run `f` with no other test's peer processes alive (they wait to start).
+/// Run `f` with no other test's antnest processes alive (they wait to start).
 pub(crate) fn alone<R>(f: impl FnOnce() -> R) -> R {
     {
         let mut m = machine();
@@ -179,13 +179,13 @@ pub(crate) fn alone<R>(f: impl FnOnce() -> R) -> R {
     out.unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
-/// A peer counted in [`MACHINE`] until dropped (not counted inside the test
-/// that runs [`alone`]).
+/// An antnest process of a test, counted in [`MACHINE`] until dropped (not
+/// counted inside the test that runs [`alone`]).
 struct Counted(bool);
 
 impl Counted {
-    /// Count a peer in, waiting while a test runs [`alone`].
-    fn peer() -> Counted {
+    /// Count a process in, waiting while a test runs [`alone`].
+    fn process() -> Counted {
         if ALONE.with(|a| a.get()) {
             return Counted(false);
         }
@@ -227,7 +227,7 @@ impl PeerProc {
 
     /// Start with a prepared command (e.g. `ip netns exec NS antnest`).
     pub(crate) fn start_with(mut cmd: Command, dir: &Path, name: &str, extra: &[&str]) -> PeerProc {
-        let counted = Counted::peer();
+        let counted = Counted::process();
         let control = dir.join(format!("{name}.sock"));
         let mut child = cmd
             .arg("peer")
@@ -412,7 +412,7 @@ pub(crate) struct Background {
 
 /// Start `antnest ARGS` in the background, feeding it `stdin`.
 pub(crate) fn spawn_antnest(args: &[&str], stdin: &[u8]) -> Background {
-    let counted = Counted::peer();
+    let counted = Counted::process();
     let (mut child, _writer) = spawn_fed(antnest().args(args), stdin);
     let stderr = child.stderr.take().unwrap();
     let (tx, lines) = std::sync::mpsc::channel();
