@@ -1891,10 +1891,20 @@ impl Claims {
             job,
             master,
             indices: units.iter().map(|u| u.index).collect(),
-            state: std::sync::atomic::AtomicU64::new((units.len() as u64) << 32),
+            state: std::sync::atomic::AtomicU64::new(Self::pack(0, units.len())),
             started: Instant::now(),
             current: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// `state` from the taskunits started and where the batch ends.
+    fn pack(next: usize, end: usize) -> u64 {
+        ((end as u64) << 32) | next as u64
+    }
+
+    /// (taskunits started, where the batch ends) from `state`.
+    fn unpack(state: u64) -> (usize, usize) {
+        ((state & 0xffff_ffff) as usize, (state >> 32) as usize)
     }
 
     /// The position of the next taskunit to run, if the batch goes on
@@ -1903,7 +1913,7 @@ impl Claims {
         use std::sync::atomic::Ordering;
         let mut state = self.state.load(Ordering::Acquire);
         loop {
-            let (next, end) = ((state & 0xffff_ffff) as usize, (state >> 32) as usize);
+            let (next, end) = Self::unpack(state);
             if next >= end.min(limit) {
                 return None;
             }
@@ -1930,7 +1940,7 @@ impl Claims {
         use std::sync::atomic::Ordering;
         let mut state = self.state.load(Ordering::Acquire);
         loop {
-            let (next, end) = ((state & 0xffff_ffff) as usize, (state >> 32) as usize);
+            let (next, end) = Self::unpack(state);
             let unstarted = end.saturating_sub(next);
             if unstarted == 0 {
                 return Vec::new();
@@ -1951,7 +1961,7 @@ impl Claims {
             if k == 0 {
                 return Vec::new();
             }
-            let kept = (((end - k) as u64) << 32) | next as u64;
+            let kept = Self::pack(next, end - k);
             match self
                 .state
                 .compare_exchange(state, kept, Ordering::AcqRel, Ordering::Acquire)

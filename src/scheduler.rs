@@ -707,9 +707,7 @@ impl JobBook {
             return Vec::new();
         }
         let mut batches: Vec<(WorkerId, Instant)> = self
-            .leases
-            .values()
-            .filter(|l| l.worker != asker && !self.asked(l))
+            .unasked(asker)
             .map(|l| (l.worker.clone(), l.since))
             .collect();
         batches.sort_unstable();
@@ -725,9 +723,15 @@ impl JobBook {
     /// Whether a worker other than `asker` holds a batch not yet asked to
     /// give back what it has not started.
     fn reclaim_due(&self, asker: &str) -> bool {
+        self.unasked(asker).next().is_some()
+    }
+
+    /// The leases of workers other than `asker` whose batch was not yet
+    /// asked to give back what it has not started.
+    fn unasked<'a>(&'a self, asker: &'a str) -> impl Iterator<Item = &'a Lease> {
         self.leases
             .values()
-            .any(|l| l.worker != asker && !self.asked(l))
+            .filter(move |l| l.worker != asker && !self.asked(l))
     }
 
     /// Whether the batch of lease `l` was asked to give back.
