@@ -32,10 +32,9 @@ use sha2::{Digest, Sha256};
 #[path = "../jobs/wordcount/src/count.rs"]
 pub mod count;
 
-use antnest::control::{self, ControlReply, ControlRequest};
-use antnest::executor::{Environment, Limits, TaskRunner};
-use antnest::peer::{InputSpec, JobReport, JobSpec};
-use antnest::wire::{ByteBuf, ModuleHash};
+use antnest_proto::control::{self, ControlReply, ControlRequest, InputSpec, JobReport, JobSpec};
+use antnest_proto::{ByteBuf, Limits, ModuleHash};
+use antnest_sandbox::{Environment, TaskRunner};
 
 #[derive(Parser)]
 struct Args {
@@ -191,11 +190,11 @@ async fn submit(
     };
     let run = async {
         loop {
-            let mut s = tokio::net::UnixStream::connect(control).await?;
+            let mut s = antnest::client::connect(control).await?;
             let request = ControlRequest::Submit(Box::new(spec.clone()));
             control::write_msg(&mut s, &request).await?;
             loop {
-                match control::read_msg::<ControlReply>(&mut s).await? {
+                match control::read_msg::<ControlReply, _>(&mut s).await? {
                     Some(ControlReply::Event(_)) => continue,
                     Some(ControlReply::Done(r)) => return Ok(*r),
                     Some(ControlReply::NeedModule) if spec.module.is_empty() => {

@@ -7,10 +7,9 @@
 
 use std::time::Instant;
 
-use antnest::executor::{
-    Environment, Limits, SplitInput, SplitOutcome, TaskRunner, run_combine, run_split,
-};
-use antnest::wire::ModuleHash;
+use antnest_proto::Limits;
+use antnest_proto::ModuleHash;
+use antnest_sandbox::{Environment, SplitInput, SplitOutcome, TaskRunner, run_combine, run_split};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

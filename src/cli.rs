@@ -42,7 +42,7 @@ pub(crate) enum Command {
 
 #[derive(Debug, Args)]
 pub(crate) struct CancelArgs {
-    pub(crate) job: antnest::wire::JobId,
+    pub(crate) job: antnest_proto::JobId,
     #[command(flatten)]
     pub(crate) control: ControlArgs,
 }
@@ -135,7 +135,7 @@ pub(crate) struct SubmitArgs {
     /// Continue an earlier job whose master crashed, from its journal
     /// (give the same JOB and input).
     #[arg(long, value_name = "JOB_ID")]
-    pub(crate) resume: Option<antnest::wire::JobId>,
+    pub(crate) resume: Option<antnest_proto::JobId>,
     /// Run each taskunit on K distinct peers and compare the results;
     /// a mismatch is reported and the taskunit run again. Needs K peers.
     #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]

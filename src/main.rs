@@ -9,17 +9,19 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
+use antnest::client;
 use antnest::config::{self, ConfigFile};
-use antnest::control::{self, ControlReply, ControlRequest};
-use antnest::executor::Limits;
-use antnest::network::NetConfig;
-use antnest::peer::{self, InputSpec, JobEvent, JobReport, JobSpec, PeerConfig};
-use antnest::scheduler::Progress;
-use antnest::wire::{ByteBuf, JobId, ModuleHash};
+use antnest_node::local::control as control_server;
+use antnest_node::net::NetConfig;
+use antnest_node::{self as peer, PeerConfig};
+use antnest_proto::control::{
+    self, ControlReply, ControlRequest, InputSpec, JobEvent, JobReport, JobSpec, Progress,
+};
+use antnest_proto::{ByteBuf, JobId, Limits, ModuleHash};
 use cli::{Cli, Command, NetArgs, SubmitArgs};
 
 fn main() -> ExitCode {
-    antnest::peer::tune_allocator();
+    antnest_node::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -153,7 +155,7 @@ fn load_identity(path: &std::path::Path) -> Result<libp2p::identity::Keypair> {
 async fn run_peer(args: cli::PeerArgs) -> Result<ExitCode> {
     let cfg = peer_config(&args.net)?;
     let socket = args.control.control.unwrap_or_else(control::default_socket);
-    let listener = control::bind(&socket)
+    let listener = control_server::bind(&socket)
         .await
         .with_context(|| format!("control socket {}", socket.display()))?;
     let running = peer::start(cfg).await?;
@@ -172,7 +174,7 @@ async fn run_peer(args: cli::PeerArgs) -> Result<ExitCode> {
             .await
             .with_context(|| format!("web UI on {addr}"))?;
         println!("ui: http://{}/", listener.local_addr()?);
-        servers.spawn(antnest::http::serve(
+        servers.spawn(antnest_node::local::http::serve(
             listener,
             running.peer.clone(),
             stopped(stop_rx.clone()),
@@ -180,7 +182,7 @@ async fn run_peer(args: cli::PeerArgs) -> Result<ExitCode> {
     }
     println!("control socket: {}", socket.display());
     std::io::stdout().flush()?;
-    servers.spawn(control::serve(
+    servers.spawn(control_server::serve(
         listener,
         running.peer.clone(),
         stopped(stop_rx),
@@ -205,16 +207,14 @@ async fn shutdown_signal() {
 /// Ask the local peer one question.
 async fn ask(args: &cli::ControlArgs, request: ControlRequest) -> Result<ControlReply> {
     let socket = args.control.clone().unwrap_or_else(control::default_socket);
-    let mut stream = tokio::net::UnixStream::connect(&socket)
-        .await
-        .with_context(|| {
-            format!(
-                "no peer runs on {} (start one with `antnest peer`)",
-                socket.display()
-            )
-        })?;
+    let mut stream = client::connect(&socket).await.with_context(|| {
+        format!(
+            "no peer runs on {} (start one with `antnest peer`)",
+            socket.display()
+        )
+    })?;
     control::write_msg(&mut stream, &request).await?;
-    control::read_msg::<ControlReply>(&mut stream)
+    control::read_msg::<ControlReply, _>(&mut stream)
         .await?
         .context("the peer closed the connection without answering")
 }
@@ -313,7 +313,7 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     let conn = if args.standalone {
         None
     } else {
-        tokio::net::UnixStream::connect(&socket).await.ok()
+        client::connect(&socket).await.ok()
     };
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<JobEvent>(64);
     let mut printer = ProgressPrinter::new(args.quiet);
@@ -345,7 +345,7 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
                         unreachable!("made as a submission above")
                     };
                     spec.module = ByteBuf::from(module);
-                    let conn = tokio::net::UnixStream::connect(&socket)
+                    let conn = client::connect(&socket)
                         .await
                         .with_context(|| format!("control socket {}", socket.display()))?;
                     submit_over(conn, &request, &events_tx).await?
@@ -358,7 +358,7 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
             let running = peer::start(cfg).await?;
             let result = running.peer.submit(spec, Some(events_tx.clone())).await;
             running.shutdown().await;
-            control::reply_for(result)
+            control_server::reply_for(result)
         }
     };
     drop(events_tx);
@@ -369,13 +369,13 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
 /// Send a submission over a control connection and pass its events on
 /// until the reply that ends it.
 async fn submit_over(
-    mut conn: tokio::net::UnixStream,
+    mut conn: client::Connection,
     request: &ControlRequest,
     events: &tokio::sync::mpsc::Sender<JobEvent>,
 ) -> Result<ControlReply> {
     control::write_msg(&mut conn, request).await?;
     loop {
-        match control::read_msg::<ControlReply>(&mut conn).await? {
+        match control::read_msg::<ControlReply, _>(&mut conn).await? {
             Some(ControlReply::Event(event)) => {
                 let _ = events.send(event).await;
             }

@@ -242,7 +242,7 @@ fn tempfile_dir() -> std::io::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "antnest-py-{}-{}",
         std::process::id(),
-        crate::wire::JobId::random()
+        antnest_proto::JobId::random()
     ));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)

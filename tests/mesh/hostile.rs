@@ -38,7 +38,7 @@ async fn abuse(addr: Multiaddr) -> Vec<Result<Value, String>> {
     let mut swarm = outsider(Rr::with_codec(
         codec,
         [(
-            StreamProtocol::new(antnest::wire::PROTOCOL),
+            StreamProtocol::new(antnest_proto::msg::PROTOCOL),
             ProtocolSupport::Outbound,
         )],
         request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
@@ -173,13 +173,14 @@ async fn malformed_requests_leave_the_peer_serving() {
 /// and the peer still runs jobs.
 #[tokio::test]
 async fn malformed_frames_on_a_stream_leave_the_peer_serving() {
-    use antnest::wire::{Frames, JobId, Request, Response};
+    use antnest_proto::frame::Frames;
+    use antnest_proto::{JobId, Request, Response};
     use futures::{AsyncReadExt, AsyncWriteExt};
 
     let dir = scratch();
     let peer = PeerProc::loopback(dir.path(), "p", &[]);
     let (id, mut control, driver) = stream_outsider(&peer);
-    let protocol = StreamProtocol::new(antnest::wire::STREAM_PROTOCOL);
+    let protocol = StreamProtocol::new(antnest_proto::msg::STREAM_PROTOCOL);
     let t = Duration::from_secs(60);
     // Ends when the peer closes the stream (or resets it).
     let closed = |mut s: libp2p::Stream| async move {
@@ -234,12 +235,13 @@ async fn malformed_frames_on_a_stream_leave_the_peer_serving() {
 /// ends one early: its answer first, then the `EndWait`'s.
 #[tokio::test]
 async fn a_wait_is_answered_with_taskunits_when_a_job_has_some() {
-    use antnest::wire::{ByteBuf, Frames, Request, Response, TaskOutcome};
+    use antnest_proto::frame::Frames;
+    use antnest_proto::{ByteBuf, Request, Response, TaskOutcome};
 
     let dir = scratch();
     let peer = PeerProc::loopback(dir.path(), "p", &[]);
     let (id, mut control, driver) = stream_outsider(&peer);
-    let protocol = StreamProtocol::new(antnest::wire::STREAM_PROTOCOL);
+    let protocol = StreamProtocol::new(antnest_proto::msg::STREAM_PROTOCOL);
     let t = Duration::from_secs(60);
     let mut s = tokio::time::timeout(t, control.open_stream(id, protocol))
         .await

@@ -188,8 +188,8 @@ fn a_peer_refuses_jobs_beyond_max_jobs() {
 /// with "No such file or directory".
 #[test]
 fn threads_loading_one_module_at_once_compile_it_once() {
-    use antnest::executor::Environment;
-    use antnest::wire::ModuleHash;
+    use antnest_proto::ModuleHash;
+    use antnest_sandbox::Environment;
 
     let bytes = std::fs::read(artifact("primes")).expect("primes.wasm");
     let hash = ModuleHash::of(&bytes);
@@ -223,8 +223,9 @@ fn threads_loading_one_module_at_once_compile_it_once() {
 /// instance; two modules instantiated turn about each get their own code.
 #[test]
 fn modules_instantiated_turn_about_each_run_their_own_code() {
-    use antnest::executor::{Environment, Limits, TaskRunner};
-    use antnest::wire::ModuleHash;
+    use antnest_proto::Limits;
+    use antnest_proto::ModuleHash;
+    use antnest_sandbox::{Environment, TaskRunner};
 
     let env = Environment::new(None).unwrap();
     let load = |name: &str| {
@@ -247,7 +248,7 @@ fn modules_instantiated_turn_about_each_run_their_own_code() {
 /// stopped.
 #[test]
 fn an_endless_loop_after_a_quiet_spell_still_times_out() {
-    use antnest::executor::TaskError;
+    use antnest_proto::TaskError;
 
     let limit = Duration::from_millis(300);
     let [mut runner] = faulty_runners([limit]);
@@ -274,10 +275,10 @@ fn an_endless_loop_after_a_quiet_spell_still_times_out() {
 /// its limit, and the long one must not be stopped at the short one's.
 #[test]
 fn endless_loops_with_different_limits_each_stop_at_their_own() {
-    use antnest::executor::TaskError;
+    use antnest_proto::TaskError;
     use std::time::Instant;
 
-    let run = |mut runner: antnest::executor::TaskRunner| {
+    let run = |mut runner: antnest_sandbox::TaskRunner| {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let started = Instant::now();
@@ -307,9 +308,10 @@ fn endless_loops_with_different_limits_each_stop_at_their_own() {
 
 /// Runners of the `faulty` job in one in-process environment (so one epoch
 /// ticker), one per time limit.
-fn faulty_runners<const N: usize>(limits: [Duration; N]) -> [antnest::executor::TaskRunner; N] {
-    use antnest::executor::{Environment, Limits, TaskRunner};
-    use antnest::wire::ModuleHash;
+fn faulty_runners<const N: usize>(limits: [Duration; N]) -> [antnest_sandbox::TaskRunner; N] {
+    use antnest_proto::Limits;
+    use antnest_proto::ModuleHash;
+    use antnest_sandbox::{Environment, TaskRunner};
 
     let bytes = std::fs::read(artifact("faulty")).expect("faulty.wasm");
     let env = Environment::new(None).unwrap();

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
-use crate::peer::Peer;
+use crate::state::Peer;
 
 /// The live page. It polls `/api/status` every second.
 const PAGE: &str = include_str!("ui.html");
@@ -33,7 +33,7 @@ pub async fn serve(
             }
         }
     };
-    crate::accept::serve("http", listener, handle_one, shutdown).await;
+    crate::net::accept::serve("http", listener, handle_one, shutdown).await;
 }
 
 async fn handle(mut stream: TcpStream, peer: Peer) -> std::io::Result<()> {
@@ -84,7 +84,7 @@ async fn handle(mut stream: TcpStream, peer: Peer) -> std::io::Result<()> {
 /// Everything the page shows.
 pub async fn status(peer: &Peer) -> serde_json::Value {
     serde_json::json!({
-        "peer_id": peer.peer_id(),
+        "peer_id": peer.peer_id().to_string(),
         "peers": peer.peers().await,
         "jobs": peer.jobs(),
         "tasks_done": peer.tasks_done(),
@@ -125,7 +125,7 @@ pub async fn metrics(peer: &Peer) -> String {
         "Jobs this peer is master of.",
         &[(String::new(), jobs.len() as u64)],
     );
-    let per_job = |f: fn(&crate::scheduler::Progress) -> u64| {
+    let per_job = |f: fn(&antnest_proto::control::Progress) -> u64| {
         jobs.iter()
             .map(|j| (format!("{{job=\"{}\"}}", j.job_id), f(&j.progress)))
             .collect::<Vec<_>>()

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
-use crate::wire::SharedBytes;
+use antnest_proto::SharedBytes;
 
 /// How many files can be mapped at once; past that, inputs are read.
 const REGIONS: usize = 64;

@@ -18,7 +18,7 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::wire::{JobId, ModuleHash};
+use antnest_proto::{JobId, ModuleHash};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

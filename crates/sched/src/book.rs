@@ -12,24 +12,24 @@
 //! and never awaits.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::mpsc::TryRecvError;
 use std::time::{Duration, Instant};
 
+use antnest_proto::limits::MAX_BATCH_BYTES;
+use antnest_proto::{PeerId, SharedBytes, TaskError, TaskOutcome, TaskUnit};
 use sha2::{Digest, Sha256};
 
-use crate::executor::TaskError;
-use crate::journal::Journal;
-use crate::wire::{MAX_BATCH_BYTES, SharedBytes, TaskOutcome, TaskUnit};
+pub use antnest_proto::control::Progress;
 
-/// Who holds a lease: a peer id as text (the master's own slots use its own id).
-pub type WorkerId = String;
+use crate::intake::SplitReceiver;
+use crate::journal::Journal;
+use crate::pace::{Pace, WorkerTimes};
 
 /// One replica of one taskunit: (index, replica number).
 type Slot = (u64, u8);
 
 struct Lease {
-    worker: WorkerId,
+    worker: PeerId,
     since: Instant,
     deadline: Instant,
     /// Taskunits leased together with this one (the worker runs them in
@@ -39,27 +39,9 @@ struct Lease {
 
 /// One replica's result, waiting for the others.
 struct Vote {
-    worker: WorkerId,
+    worker: PeerId,
     digest: [u8; 32],
     bytes: Vec<u8>,
-}
-
-/// Progress figures, for the submitter.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Progress {
-    pub done: u64,
-    pub failed: u64,
-    /// Known once the split has finished.
-    pub total: Option<u64>,
-    pub leased: u64,
-    /// Distinct workers holding leases right now.
-    pub workers: u64,
-    /// Taskunits whose replicas disagreed (and were run again).
-    pub mismatches: u64,
-    /// Taskunits slower workers gave back unstarted (see
-    /// [`JobBook::give_back`]).
-    #[serde(default)]
-    pub taken_back: u64,
 }
 
 /// What a finished job leaves (see [`JobBook::finish`]).
@@ -67,117 +49,12 @@ pub struct Finished {
     pub progress: Progress,
     /// Taskunits that failed every attempt, in order, with the last error.
     pub failures: Vec<(u64, TaskError)>,
-    pub per_worker: BTreeMap<WorkerId, u64>,
+    pub per_worker: BTreeMap<PeerId, u64>,
     pub first_result: Option<Instant>,
     pub resumed: u64,
     /// Results in taskunit order (failed taskunits are absent).
     pub results: BTreeMap<u64, Vec<u8>>,
     pub journal: Option<Journal>,
-}
-
-/// The queue between a job's split and its book, bounded in taskunits and in
-/// bytes: the split runs ahead of the workers by at most `max_bytes` (a
-/// single bigger taskunit still passes), so a big input is never all in
-/// memory and the memory of taskunits already run is reused.
-pub fn split_channel(max_units: usize, max_bytes: usize) -> (SplitSender, SplitReceiver) {
-    let (tx, rx) = std::sync::mpsc::sync_channel(max_units);
-    let budget = Arc::new(Budget {
-        state: Mutex::new(BudgetState::default()),
-        changed: Condvar::new(),
-        max: max_bytes,
-    });
-    (
-        SplitSender {
-            tx,
-            budget: budget.clone(),
-        },
-        SplitReceiver { rx, budget },
-    )
-}
-
-struct Budget {
-    state: Mutex<BudgetState>,
-    changed: Condvar,
-    max: usize,
-}
-
-#[derive(Default)]
-struct BudgetState {
-    /// Bytes queued, and taskunits.
-    queued: usize,
-    units: usize,
-    /// The receiver is gone.
-    closed: bool,
-    /// The split waits for room: only then does taking a taskunit notify
-    /// it (a `Condvar` notify is a system call even with nobody waiting,
-    /// and the book takes every taskunit).
-    waiting: bool,
-}
-
-#[derive(Clone)]
-pub struct SplitSender {
-    tx: SyncSender<SharedBytes>,
-    budget: Arc<Budget>,
-}
-
-/// The receiving end was dropped (the job ended or was cancelled).
-#[derive(Debug)]
-pub struct SplitClosed;
-
-impl SplitSender {
-    /// Queue a taskunit, blocking while the queue is full.
-    pub fn send(&self, unit: impl Into<SharedBytes>) -> Result<(), SplitClosed> {
-        let unit = unit.into();
-        let len = unit.len();
-        {
-            let b = &self.budget;
-            let mut state = b.state.lock().unwrap();
-            while !state.closed && state.queued > 0 && state.queued + len > b.max {
-                state.waiting = true;
-                state = b.changed.wait(state).unwrap();
-            }
-            state.waiting = false;
-            if state.closed {
-                return Err(SplitClosed);
-            }
-            state.queued += len;
-            state.units += 1;
-        }
-        self.tx.send(unit).map_err(|_| SplitClosed)
-    }
-}
-
-pub struct SplitReceiver {
-    rx: Receiver<SharedBytes>,
-    budget: Arc<Budget>,
-}
-
-impl SplitReceiver {
-    fn try_recv(&self) -> Result<SharedBytes, TryRecvError> {
-        let unit = self.rx.try_recv()?;
-        let mut state = self.budget.state.lock().unwrap();
-        state.queued -= unit.len();
-        state.units -= 1;
-        if state.waiting {
-            self.budget.changed.notify_all();
-        }
-        Ok(unit)
-    }
-
-    /// Taskunits the split has made and the book has not taken yet.
-    fn queued_units(&self) -> usize {
-        self.budget.state.lock().unwrap().units
-    }
-}
-
-impl Drop for SplitReceiver {
-    fn drop(&mut self) {
-        let mut state = self.budget.state.lock().unwrap();
-        state.closed = true;
-        if state.waiting {
-            self.budget.changed.notify_all();
-        }
-    }
 }
 
 pub struct JobBook {
@@ -191,24 +68,24 @@ pub struct JobBook {
     leases: HashMap<Slot, Lease>,
     /// Straggler backups (only without replication): near the end of a job,
     /// an idle worker gets a copy of a slot leased to someone else.
-    backups: HashMap<Slot, WorkerId>,
+    backups: HashMap<Slot, PeerId>,
     /// Time per taskunit from lease to result (network and a batch queued
     /// behind another included) of each worker's last batch, and of the
     /// last batch of any worker: how long a batch is expected to be held.
-    turnaround: HashMap<WorkerId, Duration>,
+    turnaround: HashMap<PeerId, Duration>,
     last_turnaround: Option<Duration>,
     /// Compute time per taskunit of each worker's recent taskunits (a
     /// remote worker's own measure: it asks for its next batch before its
     /// last ends, so the network is off its path), and of any worker's
     /// last batch: how fast each works through its share.
-    pace: HashMap<WorkerId, Pace>,
+    pace: HashMap<PeerId, Pace>,
     last_pace: Option<Duration>,
     /// When each remote worker last handed in results, and whether it got
     /// taskunits in the same exchange (so it was busy since).
-    reported: HashMap<WorkerId, (Instant, bool)>,
+    reported: HashMap<PeerId, (Instant, bool)>,
     /// Batches (worker, lease time) already asked to give back what they
     /// have not started (see [`JobBook::to_reclaim`]).
-    reclaim_asked: HashMap<WorkerId, HashSet<Instant>>,
+    reclaim_asked: HashMap<PeerId, HashSet<Instant>>,
     taken_back: u64,
     /// Results in so far of replicated taskunits.
     votes: HashMap<u64, Vec<Vote>>,
@@ -218,7 +95,7 @@ pub struct JobBook {
     attempts: HashMap<u64, u32>,
     results: BTreeMap<u64, Vec<u8>>,
     failures: BTreeMap<u64, TaskError>,
-    per_worker: BTreeMap<WorkerId, u64>,
+    per_worker: BTreeMap<PeerId, u64>,
     lease_time: Duration,
     max_attempts: u32,
     /// Set when the split failed: the job cannot complete.
@@ -245,81 +122,9 @@ pub struct JobBook {
 /// The most guest stderr one job forwards to its submitter.
 const MAX_LOG: usize = 1 << 20;
 
-/// What each worker's batches of a job took per taskunit (see
-/// [`JobBook::with_times`]).
-#[derive(Debug, Clone, Default)]
-pub struct WorkerTimes {
-    pub turnaround: HashMap<WorkerId, Duration>,
-    pub pace: HashMap<WorkerId, Pace>,
-}
-
-/// A worker's time per taskunit: the median over its last [`PACE_UNITS`]
-/// taskunits (those of one batch count alike, at the batch's mean). One
-/// slow taskunit does not move it (the last of a job share the cores with
-/// the combine, the answer and the next submit); a steady change does,
-/// within half as many taskunits, and a batch of [`PACE_UNITS`] or more
-/// sets it outright.
-#[derive(Debug, Clone)]
-pub struct Pace {
-    /// (time per taskunit, how many taskunits), oldest first, counting
-    /// [`PACE_UNITS`] in all.
-    runs: VecDeque<(Duration, u32)>,
-    /// Their median, kept in step (shares ask for it often).
-    median: Duration,
-}
-
-impl Pace {
-    /// A pace as if its last [`PACE_UNITS`] taskunits all took `per_unit`.
-    pub fn steady(per_unit: Duration) -> Pace {
-        Pace {
-            runs: VecDeque::from([(per_unit, PACE_UNITS)]),
-            median: per_unit,
-        }
-    }
-
-    fn add(&mut self, per_unit: Duration, n: u32) {
-        let n = n.clamp(1, PACE_UNITS);
-        self.runs.push_back((per_unit, n));
-        let mut over = self.runs.iter().map(|r| r.1).sum::<u32>() - PACE_UNITS;
-        while over > 0 {
-            let oldest = self.runs.front_mut().expect("runs count PACE_UNITS");
-            let cut = oldest.1.min(over);
-            oldest.1 -= cut;
-            over -= cut;
-            if oldest.1 == 0 {
-                self.runs.pop_front();
-            }
-        }
-        self.median = Self::median_of(&self.runs);
-    }
-
-    /// The median taskunit's time (the lower of the middle two).
-    pub fn median(&self) -> Duration {
-        self.median
-    }
-
-    fn median_of(runs: &VecDeque<(Duration, u32)>) -> Duration {
-        let mut runs: Vec<(Duration, u32)> = runs.iter().copied().collect();
-        runs.sort_unstable();
-        let middle = PACE_UNITS.div_ceil(2);
-        let mut seen = 0;
-        for (t, n) in runs {
-            seen += n;
-            if seen >= middle {
-                return t;
-            }
-        }
-        Duration::ZERO
-    }
-}
-
 /// With this few taskunits left to issue, a batch over the network is
 /// sized by who would finish each first (see [`JobBook::end_game`]).
 const END_GAME: usize = 256;
-
-/// A worker's pace is the median of this many taskunits' times (see
-/// [`Pace`]).
-const PACE_UNITS: u32 = 16;
 
 impl JobBook {
     /// Guest stderr since the last call, by taskunit.
@@ -440,7 +245,7 @@ impl JobBook {
     }
 
     /// Whether `worker` already holds a replica of `index` or voted on it.
-    fn involved(&self, index: u64, worker: &str) -> bool {
+    fn involved(&self, index: u64, worker: PeerId) -> bool {
         (0..self.replicas).any(|r| {
             self.leases
                 .get(&(index, r))
@@ -457,18 +262,24 @@ impl JobBook {
     /// self-scheduling: at most `worker`'s share of what is left, see
     /// [`Self::share`]), so no worker sits on a big batch while the others
     /// idle.
-    pub fn take(&mut self, worker: &str, max: usize, now: Instant) -> Vec<TaskUnit> {
+    pub fn take(&mut self, worker: PeerId, max: usize, now: Instant) -> Vec<TaskUnit> {
         self.take_up_to(worker, max, false, now)
     }
 
     /// [`Self::take`] for a slot of the master's own peer: its batch shares
     /// the taskunits in memory and crosses no network, so it is not capped
     /// in bytes.
-    pub fn take_local(&mut self, worker: &str, max: usize, now: Instant) -> Vec<TaskUnit> {
+    pub fn take_local(&mut self, worker: PeerId, max: usize, now: Instant) -> Vec<TaskUnit> {
         self.take_up_to(worker, max, true, now)
     }
 
-    fn take_up_to(&mut self, worker: &str, max: usize, local: bool, now: Instant) -> Vec<TaskUnit> {
+    fn take_up_to(
+        &mut self,
+        worker: PeerId,
+        max: usize,
+        local: bool,
+        now: Instant,
+    ) -> Vec<TaskUnit> {
         if self.fatal.is_some() {
             return Vec::new(); // failed or cancelled: nothing more to run
         }
@@ -507,7 +318,7 @@ impl JobBook {
             self.leases.insert(
                 slot,
                 Lease {
-                    worker: worker.to_owned(),
+                    worker: worker,
                     since: now,
                     deadline: now + self.lease_time,
                     batch: 1,
@@ -536,7 +347,7 @@ impl JobBook {
             }
             units = self.take_backups(worker, asked, now);
         }
-        if let Some((_, busy)) = self.reported.get_mut(worker) {
+        if let Some((_, busy)) = self.reported.get_mut(&worker) {
             *busy = !units.is_empty();
         }
         units
@@ -547,21 +358,21 @@ impl JobBook {
     /// (a worker not timed yet counts as the mean of the others, or all
     /// alike), less what it holds; so a slower worker's last batch ends
     /// about when the others' do. At least one.
-    fn share(&self, worker: &str, unissued: usize) -> usize {
+    fn share(&self, worker: PeerId, unissued: usize) -> usize {
         // Those at work on the job, and those timed on the module's last
         // job (who will likely ask soon).
-        let mut workers: HashSet<&str> = self.per_worker.keys().map(String::as_str).collect();
-        workers.extend(self.leases.values().map(|l| l.worker.as_str()));
-        workers.extend(self.pace.keys().map(String::as_str));
+        let mut workers: HashSet<PeerId> = self.per_worker.keys().copied().collect();
+        workers.extend(self.leases.values().map(|l| l.worker));
+        workers.extend(self.pace.keys().copied());
         workers.insert(worker);
-        let speed = |w: &str| self.pace(w).map(|t| 1.0 / t.as_secs_f64().max(1e-9));
-        let known: Vec<f64> = workers.iter().filter_map(|w| speed(w)).collect();
+        let speed = |w: PeerId| self.pace(w).map(|t| 1.0 / t.as_secs_f64().max(1e-9));
+        let known: Vec<f64> = workers.iter().filter_map(|w| speed(*w)).collect();
         let mean = if known.is_empty() {
             1.0
         } else {
             known.iter().sum::<f64>() / known.len() as f64
         };
-        let total: f64 = workers.iter().map(|w| speed(w).unwrap_or(mean)).sum();
+        let total: f64 = workers.iter().map(|w| speed(*w).unwrap_or(mean)).sum();
         // Of all that is left, those held included (the master's own slot
         // has one in hand when a remote first asks): a share of 64 less
         // the one held, not a share of 63, which rounds 31.3 down for a
@@ -579,7 +390,7 @@ impl JobBook {
     /// others may be about to be free) so gets only what it will really
     /// be first to. A worker holding nothing gets at least one. Past
     /// [`END_GAME`] taskunits, no limit.
-    fn end_game(&self, worker: &str, unissued: usize, now: Instant) -> usize {
+    fn end_game(&self, worker: PeerId, unissued: usize, now: Instant) -> usize {
         if unissued > END_GAME {
             return usize::MAX;
         }
@@ -589,23 +400,23 @@ impl JobBook {
         else {
             return usize::MAX;
         };
-        let pace = |w: &str| self.pace(w).unwrap_or(fallback);
+        let pace = |w: PeerId| self.pace(w).unwrap_or(fallback);
         // Each worker holding taskunits: how many, since when.
-        let mut held: HashMap<&str, (usize, Instant)> = HashMap::new();
+        let mut held: HashMap<PeerId, (usize, Instant)> = HashMap::new();
         for l in self.leases.values() {
-            let e = held.entry(l.worker.as_str()).or_insert((0, l.since));
+            let e = held.entry(l.worker).or_insert((0, l.since));
             e.0 += 1;
             e.1 = e.1.min(l.since);
         }
         // When each would be free: the asker is at work on what it holds
         // now; others started theirs when leased.
-        let mine = held.get(worker).map_or(0, |h| h.0);
+        let mine = held.get(&worker).map_or(0, |h| h.0);
         let mut free = now + pace(worker) * mine as u32;
         let mut others: Vec<(Instant, Duration)> = held
             .iter()
             .filter(|(w, _)| **w != worker)
             .map(|(w, (n, since))| {
-                let t = pace(w);
+                let t = pace(*w);
                 ((*since + t * *n as u32).max(now), t)
             })
             .collect();
@@ -632,7 +443,7 @@ impl JobBook {
     /// for a worker new to the job). This is speculation for stragglers, as in
     /// MapReduce: a batch on time finishes first anyway, and its copy would
     /// only take a core from the job's last steps.
-    fn take_backups(&mut self, worker: &str, max: usize, now: Instant) -> Vec<TaskUnit> {
+    fn take_backups(&mut self, worker: PeerId, max: usize, now: Instant) -> Vec<TaskUnit> {
         let overdue = |l: &Lease| {
             self.turnaround
                 .get(&l.worker)
@@ -649,7 +460,7 @@ impl JobBook {
         held.into_iter()
             .take(max)
             .map(|(_, slot)| {
-                self.backups.insert(slot, worker.to_owned());
+                self.backups.insert(slot, worker);
                 TaskUnit {
                     index: slot.0,
                     data: self.open[&slot.0].clone(),
@@ -701,18 +512,18 @@ impl JobBook {
     /// started: `asker`'s slots have run out of taskunits. Each batch is
     /// asked once. Not with replicas (a taskunit given back would have to
     /// go to a worker not already holding another of its replicas).
-    pub fn to_reclaim(&mut self, asker: &str) -> Vec<WorkerId> {
+    pub fn to_reclaim(&mut self, asker: PeerId) -> Vec<PeerId> {
         let unissued = !self.queue.is_empty() || self.split.is_some();
         if self.replicas > 1 || unissued || self.fatal.is_some() {
             return Vec::new();
         }
-        let mut batches: Vec<(WorkerId, Instant)> = self
+        let mut batches: Vec<(PeerId, Instant)> = self
             .unasked(asker)
             .map(|l| (l.worker.clone(), l.since))
             .collect();
         batches.sort_unstable();
         batches.dedup();
-        let mut workers: Vec<WorkerId> = batches.iter().map(|(w, _)| w.clone()).collect();
+        let mut workers: Vec<PeerId> = batches.iter().map(|(w, _)| w.clone()).collect();
         workers.dedup();
         for (worker, since) in batches {
             self.reclaim_asked.entry(worker).or_default().insert(since);
@@ -722,13 +533,13 @@ impl JobBook {
 
     /// Whether a worker other than `asker` holds a batch not yet asked to
     /// give back what it has not started.
-    fn reclaim_due(&self, asker: &str) -> bool {
+    fn reclaim_due(&self, asker: PeerId) -> bool {
         self.unasked(asker).next().is_some()
     }
 
     /// The leases of workers other than `asker` whose batch was not yet
     /// asked to give back what it has not started.
-    fn unasked<'a>(&'a self, asker: &'a str) -> impl Iterator<Item = &'a Lease> {
+    fn unasked<'a>(&'a self, asker: PeerId) -> impl Iterator<Item = &'a Lease> {
         self.leases
             .values()
             .filter(move |l| l.worker != asker && !self.asked(l))
@@ -737,14 +548,14 @@ impl JobBook {
     /// Whether the batch of lease `l` was asked to give back.
     fn asked(&self, l: &Lease) -> bool {
         self.reclaim_asked
-            .get(l.worker.as_str())
+            .get(&l.worker)
             .is_some_and(|s| s.contains(&l.since))
     }
 
     /// `worker` gave back these taskunits unstarted: they go to the front
     /// of the queue for whoever asks next. Indices it does not hold are
     /// ignored. How many were taken back.
-    pub fn give_back(&mut self, worker: &str, indices: &[u64]) -> usize {
+    pub fn give_back(&mut self, worker: PeerId, indices: &[u64]) -> usize {
         let mut n = 0;
         for index in indices.iter().rev() {
             let slot = (0..self.replicas)
@@ -761,7 +572,7 @@ impl JobBook {
     }
 
     /// Re-issue every taskunit leased to `worker` (it went away).
-    pub fn release_worker(&mut self, worker: &str) -> usize {
+    pub fn release_worker(&mut self, worker: PeerId) -> usize {
         let held: Vec<Slot> = self
             .leases
             .iter()
@@ -773,18 +584,18 @@ impl JobBook {
             // Re-issue soon, ahead of fresh taskunits.
             self.queue.push_front(*slot);
         }
-        self.backups.retain(|_, w| w != worker);
+        self.backups.retain(|_, w| *w != worker);
         held.len()
     }
 
     /// Record results from `worker`. Results for retired taskunits (a
     /// duplicate from an expired lease) are ignored.
-    pub fn complete(&mut self, worker: &str, outcomes: Vec<TaskOutcome>) {
+    pub fn complete(&mut self, worker: PeerId, outcomes: Vec<TaskOutcome>) {
         self.complete_at(worker, outcomes, Instant::now());
     }
 
     /// [`Self::complete`], with the results handed in at `now`.
-    pub fn complete_at(&mut self, worker: &str, outcomes: Vec<TaskOutcome>, now: Instant) {
+    pub fn complete_at(&mut self, worker: PeerId, outcomes: Vec<TaskOutcome>, now: Instant) {
         if let Some((t, done)) = self.held_for(worker, &outcomes, now) {
             // The master's own slots: lease to result is their compute time.
             self.paced(worker, t, done);
@@ -798,7 +609,7 @@ impl JobBook {
     /// backup.
     fn held_for(
         &mut self,
-        worker: &str,
+        worker: PeerId,
         outcomes: &[TaskOutcome],
         now: Instant,
     ) -> Option<(Duration, u32)> {
@@ -814,7 +625,7 @@ impl JobBook {
             .filter(|o| lease(o.index).is_some_and(|l| l.since == since))
             .count() as u32;
         let t = now.saturating_duration_since(since) / done.max(1);
-        self.turnaround.insert(worker.to_owned(), t);
+        self.turnaround.insert(worker, t);
         self.last_turnaround = Some(t);
         Some((t, done))
     }
@@ -826,7 +637,7 @@ impl JobBook {
     /// computing); the time since their lease is its turnaround.
     pub fn complete_computed(
         &mut self,
-        worker: &str,
+        worker: PeerId,
         outcomes: Vec<TaskOutcome>,
         compute: Duration,
     ) {
@@ -834,7 +645,7 @@ impl JobBook {
         self.held_for(worker, &outcomes, now);
         if !outcomes.is_empty() {
             let n = outcomes.len() as u32;
-            let between = match self.reported.get(worker) {
+            let between = match self.reported.get(&worker) {
                 Some((at, true)) => now.saturating_duration_since(*at) / n,
                 _ => Duration::ZERO,
             };
@@ -842,27 +653,27 @@ impl JobBook {
             if !pace.is_zero() {
                 self.paced(worker, pace, n);
             }
-            self.reported.insert(worker.to_owned(), (now, false));
+            self.reported.insert(worker, (now, false));
         }
         self.take_outcomes(worker, outcomes);
     }
 
     /// Note `worker`'s time per taskunit over `n` taskunits just handed
     /// in (a worker's first figure counts for all of its [`Pace`]).
-    fn paced(&mut self, worker: &str, per_unit: Duration, n: u32) {
+    fn paced(&mut self, worker: PeerId, per_unit: Duration, n: u32) {
         self.pace
-            .entry(worker.to_owned())
+            .entry(worker)
             .and_modify(|p| p.add(per_unit, n))
             .or_insert_with(|| Pace::steady(per_unit));
         self.last_pace = self.pace(worker);
     }
 
     /// `worker`'s time per taskunit, if it has been timed.
-    pub fn pace(&self, worker: &str) -> Option<Duration> {
-        self.pace.get(worker).map(Pace::median)
+    pub fn pace(&self, worker: PeerId) -> Option<Duration> {
+        self.pace.get(&worker).map(Pace::median)
     }
 
-    fn take_outcomes(&mut self, worker: &str, outcomes: Vec<TaskOutcome>) {
+    fn take_outcomes(&mut self, worker: PeerId, outcomes: Vec<TaskOutcome>) {
         for TaskOutcome {
             index,
             result,
@@ -897,12 +708,12 @@ impl JobBook {
     }
 
     /// The slot of `index` that `worker` holds (a lease or a backup), released.
-    fn release_slot(&mut self, index: u64, worker: &str) -> Option<Slot> {
+    fn release_slot(&mut self, index: u64, worker: PeerId) -> Option<Slot> {
         let slot = (0..self.replicas).map(|r| (index, r)).find(|s| {
             self.leases.get(s).is_some_and(|l| l.worker == worker)
-                || self.backups.get(s).is_some_and(|w| w == worker)
+                || self.backups.get(s).is_some_and(|w| *w == worker)
         })?;
-        if self.backups.get(&slot).is_some_and(|w| w == worker) {
+        if self.backups.get(&slot).is_some_and(|w| *w == worker) {
             self.backups.remove(&slot);
         } else {
             self.leases.remove(&slot);
@@ -910,7 +721,7 @@ impl JobBook {
         Some(slot)
     }
 
-    fn record(&mut self, worker: &str, index: u64, result: Result<Vec<u8>, TaskError>) {
+    fn record(&mut self, worker: PeerId, index: u64, result: Result<Vec<u8>, TaskError>) {
         let held = self.release_slot(index, worker);
         let bytes = match result {
             Ok(bytes) => bytes,
@@ -926,7 +737,7 @@ impl JobBook {
                 return;
             }
         };
-        *self.per_worker.entry(worker.to_owned()).or_default() += 1;
+        *self.per_worker.entry(worker).or_default() += 1;
         if self.replicas == 1 {
             self.accept(index, bytes);
             return;
@@ -936,7 +747,7 @@ impl JobBook {
         }
         let votes = self.votes.entry(index).or_default();
         votes.push(Vote {
-            worker: worker.to_owned(),
+            worker: worker,
             digest: Sha256::digest(&bytes).into(),
             bytes,
         });
@@ -1079,7 +890,7 @@ impl JobBook {
         &self.failures
     }
 
-    pub fn per_worker(&self) -> &BTreeMap<WorkerId, u64> {
+    pub fn per_worker(&self) -> &BTreeMap<PeerId, u64> {
         &self.per_worker
     }
 
@@ -1091,441 +902,4 @@ impl JobBook {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::wire::ByteBuf;
-
-    /// Figures from an earlier job: each worker's turnaround and pace alike.
-    fn paces(known: &[(&str, Duration)]) -> WorkerTimes {
-        let known: HashMap<WorkerId, Duration> =
-            known.iter().map(|(w, t)| (w.to_string(), *t)).collect();
-        WorkerTimes {
-            pace: known
-                .iter()
-                .map(|(w, t)| (w.clone(), Pace::steady(*t)))
-                .collect(),
-            turnaround: known,
-        }
-    }
-
-    fn ms(ms: u64) -> Duration {
-        Duration::from_millis(ms)
-    }
-
-    fn book(units: &[&str]) -> JobBook {
-        let (tx, rx) = split_channel(16, 1 << 20);
-        for u in units {
-            tx.send(u.as_bytes().to_vec()).unwrap();
-        }
-        drop(tx);
-        JobBook::new(rx, Duration::from_secs(10), 2)
-    }
-
-    #[test]
-    fn split_channel_bounds_bytes_and_closes() {
-        let (tx, rx) = split_channel(100, 10);
-        tx.send(vec![0; 6]).unwrap();
-        // A second 6-byte unit would pass the 10-byte bound: it waits until
-        // the first is taken.
-        let sender = {
-            let tx = tx.clone();
-            std::thread::spawn(move || tx.send(vec![1; 6]))
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!sender.is_finished(), "send should wait for room");
-        assert_eq!(&rx.try_recv().unwrap()[..], &[0; 6]);
-        sender.join().unwrap().unwrap();
-        assert_eq!(&rx.try_recv().unwrap()[..], &[1; 6]);
-        // One unit bigger than the bound still passes when the queue is empty.
-        tx.send(vec![2; 50]).unwrap();
-        // A blocked sender is released with an error when the receiver goes.
-        let blocked = std::thread::spawn(move || tx.send(vec![3; 6]));
-        std::thread::sleep(Duration::from_millis(50));
-        drop(rx);
-        assert!(blocked.join().unwrap().is_err());
-    }
-
-    fn ok(index: u64, s: &str) -> TaskOutcome {
-        TaskOutcome {
-            index,
-            result: Ok(ByteBuf::from(s.as_bytes().to_vec())),
-            stderr: None,
-        }
-    }
-
-    #[test]
-    fn only_batches_for_the_network_stop_at_the_byte_cap() {
-        let unit = 1 << 20;
-        let fits = MAX_BATCH_BYTES.div_ceil(unit);
-        let (tx, rx) = split_channel(64, 64 << 20);
-        for _ in 0..2 * fits + 2 {
-            tx.send(vec![b'x'; unit]).unwrap();
-        }
-        drop(tx);
-        let book = |rx, known: &[(&str, Duration)]| {
-            JobBook::new(rx, Duration::from_secs(10), 2).with_times(paces(known))
-        };
-        let now = Instant::now();
-        // With no figures, a lone worker's share is all there is.
-        let mut b = book(rx, &[]);
-        assert_eq!(b.take("remote", 100, now).len(), fits);
-        // The local slot is far the faster, so its share is all that is
-        // left: only a byte cap could stop it.
-        let (tx, rx) = split_channel(64, 64 << 20);
-        for _ in 0..2 * fits + 2 {
-            tx.send(vec![b'x'; unit]).unwrap();
-        }
-        drop(tx);
-        let paces = [
-            ("local", Duration::from_micros(1)),
-            ("remote", Duration::from_secs(1)),
-        ];
-        let mut b = book(rx, &paces);
-        assert_eq!(b.take_local("local", 100, now).len(), 2 * fits + 2);
-    }
-
-    #[test]
-    fn expired_leases_are_reissued_and_duplicates_ignored() {
-        let mut b = book(&["a", "b"]);
-        let t0 = Instant::now();
-        let first = b.take("w1", 10, t0);
-        assert_eq!(first.len(), 2);
-        assert!(
-            b.take("w1", 10, t0).is_empty(),
-            "nothing fresh, and no backups of its own"
-        );
-        let later = t0 + Duration::from_secs(11);
-        let again = b.take("w2", 10, later);
-        assert_eq!(again.len(), 2, "expired leases come back");
-        b.complete("w2", vec![ok(0, "A"), ok(1, "B")]);
-        b.complete("w1", vec![ok(0, "late duplicate")]);
-        assert!(b.is_finished());
-        let results = b.take_results();
-        assert_eq!(results[&0], b"A");
-        assert_eq!(b.per_worker()["w2"], 2);
-        assert!(!b.per_worker().contains_key("w1"));
-    }
-
-    #[test]
-    fn taskunits_given_back_go_to_the_idle_worker_and_each_batch_is_asked_once() {
-        let mut b = book(&["a", "b", "c", "d", "e", "f"]);
-        let t0 = Instant::now();
-        let remote = b.take("remote", 4, t0);
-        assert_eq!(remote.len(), 4);
-        // While there are taskunits to hand out, nobody is asked.
-        assert!(b.to_reclaim("master").is_empty());
-        let mine = b.take_local("master", 10, t0);
-        assert_eq!(mine.len(), 2);
-        b.complete("master", vec![ok(4, "E"), ok(5, "F")]);
-        // The master's slot has run out: the remote's batch is asked, once.
-        assert_eq!(b.to_reclaim("master"), vec!["remote".to_string()]);
-        assert!(b.to_reclaim("master").is_empty());
-        // It gives back its last two (and an index it does not hold, ignored).
-        assert_eq!(b.give_back("remote", &[2, 3, 99]), 2);
-        assert_eq!(b.give_back("someone", &[0]), 0, "not its lease");
-        assert_eq!(b.progress().taken_back, 2);
-        let back = b.take_local("master", 10, t0);
-        assert_eq!(back.iter().map(|u| u.index).collect::<Vec<_>>(), vec![2, 3]);
-        b.complete("master", vec![ok(2, "C"), ok(3, "D")]);
-        b.complete("remote", vec![ok(0, "A"), ok(1, "B")]);
-        assert!(b.is_finished());
-        assert_eq!(b.per_worker()["master"], 4);
-        assert_eq!(b.per_worker()["remote"], 2);
-        let results = b.take_results();
-        assert_eq!(
-            results.values().map(|r| r[0]).collect::<Vec<_>>(),
-            b"ABCDEF"
-        );
-    }
-
-    #[test]
-    fn vanished_worker_loses_nothing() {
-        let mut b = book(&["a", "b", "c"]);
-        let now = Instant::now();
-        assert_eq!(b.take("dead", 2, now).len(), 2);
-        assert_eq!(b.release_worker("dead"), 2);
-        let units = b.take("alive", 10, now);
-        let mut idx: Vec<u64> = units.iter().map(|u| u.index).collect();
-        idx.sort();
-        assert_eq!(idx, vec![0, 1, 2]);
-    }
-
-    #[test]
-    fn idle_workers_back_up_stragglers_and_the_first_result_wins() {
-        let mut b = book(&["a", "b"]);
-        let now = Instant::now();
-        let ms = Duration::from_millis;
-        assert_eq!(b.take("slow", 1, now).len(), 1);
-        assert_eq!(b.take("fast", 1, now).len(), 1);
-        b.complete_at("fast", vec![ok(1, "B")], now + ms(10));
-        // Nothing fresh is left, but "slow" is not late yet: its taskunit
-        // (and one it may have had in hand) were expected to take about as
-        // long as "fast"'s (10 ms each).
-        assert!(b.take("fast", 4, now + ms(29)).is_empty(), "not overdue");
-        // Half as long again: "fast" gets a backup of "slow"'s taskunit, once.
-        let now = now + ms(31);
-        let backup = b.take("fast", 4, now);
-        assert_eq!(backup.iter().map(|u| u.index).collect::<Vec<_>>(), vec![0]);
-        assert!(
-            b.take("other", 4, now).is_empty(),
-            "one backup per taskunit"
-        );
-        assert!(
-            b.take("slow", 4, now).is_empty(),
-            "no backup of your own lease"
-        );
-        b.complete("fast", vec![ok(0, "A from backup")]);
-        b.complete("slow", vec![ok(0, "A late")]);
-        assert!(b.is_finished());
-        assert_eq!(b.take_results()[&0], b"A from backup");
-        assert_eq!(b.per_worker()["fast"], 2);
-    }
-
-    #[test]
-    fn a_batch_is_backed_up_only_once_late_for_its_worker_and_size() {
-        let mut b = book(&["a", "b", "c", "d", "e"]);
-        let t0 = Instant::now();
-        let at = |ms| t0 + Duration::from_millis(ms);
-        let indices = |units: Vec<TaskUnit>| units.iter().map(|u| u.index).collect::<Vec<_>>();
-        assert_eq!(indices(b.take("remote", 2, at(0))), vec![0, 1]);
-        // The remote's first batch took 20 ms per taskunit.
-        b.complete_at("remote", vec![ok(0, "A"), ok(1, "B")], at(40));
-        assert_eq!(indices(b.take("remote", 2, at(40))), vec![2, 3]);
-        assert_eq!(indices(b.take_local("local", 1, at(40))), vec![4]);
-        b.complete_at("local", vec![ok(4, "E")], at(50));
-        // 80 ms into a 2-taskunit batch of a 20 ms worker (that may have
-        // had one more in hand): on time, though the last batch in (the
-        // master's own slot's) took 10 ms.
-        assert!(b.take_local("local", 1, at(80)).is_empty());
-        // The master's slot found nothing: its peer asks the remote to give
-        // back what it has not started (here it answers nothing). Until
-        // then no backups: the ask comes first.
-        assert!(b.take_local("local", 1, at(200)).is_empty());
-        assert_eq!(b.to_reclaim("local"), vec!["remote".to_string()]);
-        assert!(b.take_local("local", 1, at(129)).is_empty());
-        // Past half as long again (90 ms): backed up, one taskunit a call.
-        assert_eq!(indices(b.take_local("local", 1, at(131))), vec![2]);
-        assert_eq!(indices(b.take_local("local", 1, at(131))), vec![3]);
-    }
-
-    #[test]
-    fn the_end_is_shared_out_by_how_fast_each_worker_turns_batches_around() {
-        let names: Vec<String> = (0..10).map(|i| i.to_string()).collect();
-        let mut b = book(&names.iter().map(String::as_str).collect::<Vec<_>>());
-        b.split_done(10);
-        let t0 = Instant::now();
-        let at = |ms| t0 + Duration::from_millis(ms);
-        assert_eq!(b.take("fast", 1, at(0)).len(), 1);
-        assert_eq!(b.take("slow", 1, at(0)).len(), 1);
-        b.complete_at("fast", vec![ok(0, "a")], at(10));
-        b.complete_at("slow", vec![ok(1, "b")], at(30));
-        // 8 left; "fast" is three times as fast, so its share is 3/4.
-        assert_eq!(b.take("fast", 100, at(30)).len(), 6);
-        // A quarter of the 8 left (6 of them held by "fast"): its two end
-        // with the 6 of "fast", at 90 ms.
-        assert_eq!(b.take("slow", 100, at(30)).len(), 2);
-        assert!(b.take("newcomer", 100, at(30)).is_empty(), "none left");
-    }
-
-    #[test]
-    fn a_workers_first_batch_is_its_share_by_the_last_job_of_the_module() {
-        let book_with = |known: &[(&str, Duration)]| {
-            let (tx, rx) = split_channel(64, 1 << 20);
-            for i in 0..64 {
-                tx.send(vec![i]).unwrap();
-            }
-            let mut b = JobBook::new(rx, Duration::from_secs(10), 2).with_times(paces(known));
-            b.split_done(64);
-            b
-        };
-        let now = Instant::now();
-        // The master's own slot holds one; 63 are left. In the module's
-        // last job the remote took three times as long per taskunit.
-        let mut b = book_with(&[("local", ms(2)), ("remote", ms(6))]);
-        assert_eq!(b.take_local("local", 1, now).len(), 1);
-        assert_eq!(b.take("remote", 100, now).len(), 16);
-        // Without figures the two count alike.
-        let mut b = book_with(&[]);
-        assert_eq!(b.take_local("local", 1, now).len(), 1);
-        assert_eq!(b.take("remote", 100, now).len(), 32);
-    }
-
-    #[test]
-    fn at_the_end_a_worker_gets_only_what_it_would_finish_first() {
-        let known = paces(&[("local", ms(10)), ("remote", ms(10))]);
-        let mut b = book(&["a", "b", "c", "d"]).with_times(known);
-        b.split_done(4);
-        let t0 = Instant::now();
-        let at = |ms| t0 + Duration::from_millis(ms);
-        assert_eq!(b.take_local("local", 1, at(0)).len(), 1);
-        assert_eq!(b.take("remote", 1, at(0)).len(), 1);
-        // The remote asks ahead, 2 ms into its taskunit: of the two left,
-        // the master's slot (free at 10 ms) would end one at 20 ms, the
-        // remote (free at 12 ms) the other at 22 ms.
-        assert_eq!(b.take("remote", 100, at(2)).len(), 1);
-        // Asking again at 3 ms, it holds two: the last one would end at
-        // 33 ms with it, at 20 ms with the master's slot.
-        assert!(b.take("remote", 100, at(3)).is_empty());
-        b.complete_at("local", vec![ok(0, "A")], at(10));
-        assert_eq!(b.take_local("local", 1, at(10)).len(), 1);
-        // Paced as it measured its work, not by the time since its lease;
-        // a few fast taskunits do not move its pace, half the window does.
-        b.complete_computed("remote", vec![ok(1, "B")], ms(7));
-        b.complete_computed("remote", vec![ok(2, "C")], ms(7));
-        for _ in 0..5 {
-            b.paced("remote", ms(7), 1);
-        }
-        assert_eq!(b.pace("remote"), Some(ms(10)), "7 of 16 taskunits at 7 ms");
-        b.paced("remote", ms(7), 1);
-        assert_eq!(b.pace("remote"), Some(ms(7)), "8 of 16 taskunits at 7 ms");
-    }
-
-    #[test]
-    fn a_pace_is_the_median_of_recent_taskunits_and_a_large_batch_sets_it() {
-        let (tx, rx) = split_channel(64, 1 << 20);
-        for i in 0..40 {
-            tx.send(vec![i]).unwrap();
-        }
-        let known = paces(&[("local", ms(2)), ("remote", ms(2))]);
-        let mut b = JobBook::new(rx, Duration::from_secs(10), 2).with_times(known);
-        b.split_done(40);
-        let t0 = Instant::now();
-        let at = |ms| t0 + Duration::from_millis(ms);
-        // The master's slot is held up 18 ms on one taskunit, then 6 ms on
-        // the next (its peer's combine and the next job's start share its
-        // core): its pace does not move.
-        let one = b.take_local("local", 1, at(0));
-        b.complete_at("local", vec![ok(one[0].index, "x")], at(18));
-        let two = b.take_local("local", 1, at(18));
-        b.complete_at("local", vec![ok(two[0].index, "x")], at(24));
-        assert_eq!(b.pace("local"), Some(ms(2)));
-        // So the shares stay even: 19 of the 38 left to the remote, not
-        // the 34 that an 18 ms pace would give it.
-        assert_eq!(b.share("remote", 38), 19);
-        // A batch of 16 or more taskunits sets the pace outright.
-        let batch = b.take("remote", 16, at(0));
-        assert_eq!(batch.len(), 16);
-        let done = batch.iter().map(|u| ok(u.index, "y")).collect();
-        b.complete_computed("remote", done, ms(16 * 4));
-        assert_eq!(b.pace("remote"), Some(ms(4)));
-        // And the next job starts from the window as it is.
-        let (_tx, rx) = split_channel(1, 1);
-        let next = JobBook::new(rx, Duration::from_secs(10), 2).with_times(b.times());
-        assert_eq!(next.pace("local"), Some(ms(2)));
-        assert_eq!(next.pace("remote"), Some(ms(4)));
-    }
-
-    #[test]
-    fn a_worker_holding_nothing_gets_one_even_if_others_would_be_first() {
-        let known = paces(&[("fast", ms(1)), ("slow", ms(100))]);
-        let mut b = book(&["a", "b", "c"]).with_times(known);
-        b.split_done(3);
-        let now = Instant::now();
-        assert_eq!(b.take("fast", 1, now).len(), 1);
-        assert_eq!(b.take("slow", 100, now).len(), 1);
-    }
-
-    #[test]
-    fn while_the_split_runs_a_batch_is_a_share_of_what_it_has_made() {
-        let (tx, rx) = split_channel(64, 1 << 20);
-        for i in 0..10 {
-            tx.send(vec![i]).unwrap();
-        }
-        let mut b = JobBook::new(rx, Duration::from_secs(10), 2);
-        let now = Instant::now();
-        assert_eq!(b.take_local("local", 1, now).len(), 1);
-        // 9 made and not handed out, two workers alike: 4.5, rounded.
-        assert_eq!(b.take("remote", 100, now).len(), 5);
-        drop(tx);
-    }
-
-    #[test]
-    fn a_cancelled_job_hands_out_nothing_not_even_backups() {
-        let mut b = book(&["a", "b", "c"]);
-        let now = Instant::now();
-        assert_eq!(b.take("w1", 1, now).len(), 1);
-        b.release_worker("w1"); // its taskunit waits in the queue again
-        assert_eq!(b.take("w2", 1, now).len(), 1);
-        b.cancel();
-        assert!(
-            b.take_local("local", 10, now + Duration::from_secs(60))
-                .is_empty()
-        );
-        assert!(b.take("w3", 10, now + Duration::from_secs(60)).is_empty());
-        assert!(b.is_finished());
-    }
-
-    fn book_k(units: &[&str], k: u8) -> JobBook {
-        book(units).with_replicas(k)
-    }
-
-    #[test]
-    fn replicas_go_to_distinct_workers_and_must_agree() {
-        let mut b = book_k(&["a"], 2);
-        let now = Instant::now();
-        assert_eq!(b.take("w1", 4, now).len(), 1);
-        assert!(
-            b.take("w1", 4, now).is_empty(),
-            "w1 may not run both replicas"
-        );
-        assert_eq!(b.take("w2", 4, now).len(), 1);
-        b.complete("w1", vec![ok(0, "A")]);
-        assert!(!b.is_finished(), "one replica is not enough");
-        b.complete("w2", vec![ok(0, "A")]);
-        assert!(b.is_finished());
-        assert_eq!(b.take_results()[&0], b"A");
-        assert_eq!(b.per_worker()["w1"] + b.per_worker()["w2"], 2);
-    }
-
-    #[test]
-    fn disagreeing_replicas_are_rerun_then_fail() {
-        let mut b = book_k(&["a"], 2);
-        let now = Instant::now();
-        for round in 0..2 {
-            assert_eq!(b.take("w1", 1, now).len(), 1, "round {round}");
-            assert_eq!(b.take("w2", 1, now).len(), 1, "round {round}");
-            b.complete("w1", vec![ok(0, "one answer")]);
-            b.complete("w2", vec![ok(0, "another")]);
-        }
-        assert!(b.is_finished());
-        assert_eq!(b.progress().mismatches, 2);
-        assert_eq!(b.failures()[&0], TaskError::Mismatch(2));
-    }
-
-    #[test]
-    fn guest_stderr_is_kept_within_the_job_cap() {
-        let mut b = book(&["a", "b"]);
-        let now = Instant::now();
-        b.take("w", 2, now);
-        let noisy = |index, text: String| TaskOutcome {
-            index,
-            result: Ok(ByteBuf::from(b"x".to_vec())),
-            stderr: Some(text),
-        };
-        b.complete("w", vec![noisy(0, "é".repeat(MAX_LOG))]);
-        b.complete("w", vec![noisy(1, "more".into())]);
-        let logs = b.take_logs();
-        assert_eq!(logs.len(), 1, "nothing after the cap");
-        assert!(logs[0].1.len() <= MAX_LOG && logs[0].1.len() > MAX_LOG - 2);
-        assert!(b.take_logs().is_empty(), "taken once");
-    }
-
-    #[test]
-    fn failure_after_max_attempts() {
-        let mut b = book(&["x"]);
-        let now = Instant::now();
-        let err = |i| TaskOutcome {
-            index: i,
-            result: Err(TaskError::Guest("boom".into())),
-            stderr: None,
-        };
-        b.take("w", 1, now);
-        b.complete("w", vec![err(0)]);
-        assert!(!b.is_finished(), "one failure is retried");
-        assert_eq!(b.take("w", 1, now).len(), 1);
-        b.complete("w", vec![err(0)]);
-        assert!(b.is_finished());
-        assert_eq!(b.progress().failed, 1);
-        assert_eq!(b.failures()[&0], TaskError::Guest("boom".into()));
-    }
-}
+mod tests;

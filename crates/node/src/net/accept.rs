@@ -30,7 +30,7 @@ impl Listener for tokio::net::UnixListener {
 }
 
 /// The streams other peers open to this one (see
-/// [`crate::network::Client::accept_streams`]), with the peer of each.
+/// [`crate::net::Client::accept_streams`]), with the peer of each.
 impl Listener for tokio::sync::Mutex<libp2p_stream::IncomingStreams> {
     type Stream = (libp2p::PeerId, libp2p::Stream);
     async fn accept_one(&self) -> std::io::Result<Self::Stream> {

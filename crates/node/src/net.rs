@@ -8,9 +8,9 @@
 //! minutes); identify feeds listen addresses into Kademlia, which runs in
 //! server mode. Jobs are announced over gossipsub. Pulls and results travel
 //! on one long-lived stream per worker slot and master (`libp2p-stream`,
-//! messages framed by `wire::Frames`); modules, and pulls when a stream
+//! messages framed by `antnest_proto::frame::Frames`); modules, and pulls when a stream
 //! cannot be had, by request-response with the cbor codec's wire format
-//! (our reader and writer, see `wire::Codec`) and raised size limits.
+//! (our reader and writer, see [`codec`]) and raised size limits.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -29,7 +29,12 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::wire::{Announce, JOBS_TOPIC, PROTOCOL, Request, Response};
+use antnest_proto::control::PeerInfo;
+use antnest_proto::msg::{JOBS_TOPIC, PROTOCOL, STREAM_PROTOCOL};
+use antnest_proto::{Announce, Request, Response};
+
+pub mod accept;
+pub mod codec;
 
 /// How often Kademlia looks for peers again (a query to a few known peers).
 const KAD_REBOOTSTRAP: Duration = Duration::from_secs(5);
@@ -81,7 +86,7 @@ struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
-    rr: request_response::Behaviour<crate::wire::Codec>,
+    rr: request_response::Behaviour<codec::Codec>,
     streams: libp2p_stream::Behaviour,
 }
 
@@ -99,15 +104,6 @@ pub enum Event {
     },
     /// The last connection to this peer closed.
     PeerGone(PeerId),
-}
-
-/// A peer as the local peer sees it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct PeerInfo {
-    pub peer_id: String,
-    pub addresses: Vec<String>,
-    pub connected: bool,
-    pub agent: Option<String>,
 }
 
 #[derive(Debug)]
@@ -141,12 +137,12 @@ const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Client {
     /// A new long-lived stream to `peer` for exchanges framed by
-    /// [`crate::wire::Frames`].
+    /// [`antnest_proto::frame::Frames`].
     /// Fails after [`OPEN_STREAM_TIMEOUT`] (a peer that went away may
     /// otherwise be dialed for as long as its addresses are tried).
     pub async fn open_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NetError> {
         let mut control = self.streams.clone();
-        let open = control.open_stream(peer, StreamProtocol::new(crate::wire::STREAM_PROTOCOL));
+        let open = control.open_stream(peer, StreamProtocol::new(STREAM_PROTOCOL));
         match tokio::time::timeout(OPEN_STREAM_TIMEOUT, open).await {
             Ok(Ok(stream)) => Ok(stream),
             Ok(Err(e)) => Err(NetError::Stream {
@@ -165,7 +161,7 @@ impl Client {
     pub fn accept_streams(&self) -> Result<libp2p_stream::IncomingStreams, NetError> {
         self.streams
             .clone()
-            .accept(StreamProtocol::new(crate::wire::STREAM_PROTOCOL))
+            .accept(StreamProtocol::new(STREAM_PROTOCOL))
             .map_err(|e| NetError::Setup(e.to_string()))
     }
 
@@ -193,8 +189,7 @@ impl Client {
 
     /// Gossip a job announcement (best effort).
     pub async fn announce(&self, announce: &Announce) {
-        let mut bytes = Vec::new();
-        ciborium::into_writer(announce, &mut bytes).expect("announce encodes");
+        let bytes = cbor4ii::serde::to_vec(Vec::new(), announce).expect("announce encodes");
         let _ = self.tx.send(Command::Publish(bytes)).await;
     }
 
@@ -308,7 +303,7 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
                 gossip_cfg,
             )?;
             let rr = request_response::Behaviour::with_codec(
-                crate::wire::codec(),
+                codec::Codec::default(),
                 [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(request_timeout),
             );
@@ -540,7 +535,7 @@ impl EventLoop {
                 propagation_source,
                 message,
                 ..
-            })) => match ciborium::from_reader::<Announce, _>(message.data.as_slice()) {
+            })) => match cbor4ii::serde::from_slice::<Announce>(&message.data) {
                 Ok(announce) => {
                     let from = message.source.unwrap_or(propagation_source);
                     self.emit(Event::Announced { from, announce }).await;
@@ -601,4 +596,19 @@ impl EventLoop {
             E::ResponseSent { .. } => {}
         }
     }
+}
+
+/// A task stream, read through a buffer: a slot waiting on it, or a master
+/// holding a `Wait` on it, can look for the next bytes without taking them
+/// (`fill_buf` is cancel-safe where a half-read message would be lost).
+pub type TaskStream = futures::io::BufReader<libp2p::Stream>;
+
+/// The peer id a master's book and the control socket know `peer` by.
+pub fn id(peer: &PeerId) -> antnest_proto::PeerId {
+    antnest_proto::PeerId::from_bytes(&peer.to_bytes()).expect("a libp2p peer id fits")
+}
+
+/// The libp2p peer id of `peer`, if it is one.
+pub fn libp2p_id(peer: antnest_proto::PeerId) -> Option<PeerId> {
+    PeerId::from_bytes(peer.as_bytes()).ok()
 }

@@ -1,0 +1,56 @@
+//! How a peer runs: [`PeerConfig`], built by the binary from its
+//! arguments and config file, and the default cache directory.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use antnest_proto::Limits;
+use libp2p::PeerId;
+
+use crate::net::NetConfig;
+
+/// How a peer runs.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub net: NetConfig,
+    /// Taskunits this peer runs at once (default: one per core).
+    pub slots: usize,
+    /// The most any job may use per taskunit on this peer.
+    pub limits: Limits,
+    /// Where modules and compiled artifacts are kept; `None`: memory only.
+    pub cache_dir: Option<PathBuf>,
+    /// How long a worker holds leased taskunits before they are re-issued.
+    pub lease: Duration,
+    /// How often a master re-announces a job that still has work.
+    pub announce_every: Duration,
+    /// Work only on jobs whose master is one of these; `None`: any master.
+    pub allowed_masters: Option<std::collections::HashSet<PeerId>>,
+    /// Jobs this peer is master of at once; more submissions are refused.
+    pub max_jobs: usize,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        PeerConfig {
+            net: NetConfig::default(),
+            slots: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            limits: Limits::default(),
+            cache_dir: default_cache_dir(),
+            lease: Duration::from_secs(30),
+            announce_every: Duration::from_millis(500),
+            allowed_masters: None,
+            max_jobs: 8,
+        }
+    }
+}
+
+/// `$ANTNEST_CACHE`, else `$XDG_CACHE_HOME/antnest`, else `~/.cache/antnest`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("ANTNEST_CACHE") {
+        return Some(d.into());
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("antnest"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/antnest"))
+}

@@ -1,0 +1,60 @@
+//! A job this peer is master of ([`MasterJob`]), and the records of all
+//! of them ([`Masters`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use antnest_proto::{JobId, Limits, ModuleHash, PeerId};
+use antnest_sandbox::mapped::Damage;
+use antnest_sched::{JobBook, WorkerTimes};
+use tokio::sync::Notify;
+
+/// A master passes accepted results to the job's combine once this many
+/// bytes, or this many results, are waiting (and at the job's end).
+pub(crate) const FEED_BYTES: usize = 64 << 10;
+pub(crate) const FEED_RESULTS: usize = 1024;
+
+/// Whether `n` results of `bytes` in all are enough to pass to a combine.
+pub(crate) fn enough_to_feed(n: usize, bytes: usize) -> bool {
+    n >= FEED_RESULTS || bytes >= FEED_BYTES
+}
+
+/// A job this peer is master of.
+pub(crate) struct MasterJob {
+    pub(crate) started: Instant,
+    pub(crate) module: ModuleHash,
+    pub(crate) bytes: Arc<Vec<u8>>,
+    pub(crate) limits: Limits,
+    pub(crate) book: Mutex<JobBook>,
+    /// Signalled when results arrive (holds a permit if nobody waits yet).
+    pub(crate) progress: Notify,
+    /// Set for each mapping of the input file the split made.
+    pub(crate) input_damage: Mutex<Vec<Damage>>,
+    /// The split has made a taskunit: the job may be announced (announced
+    /// earlier, a worker's first pull finds nothing and it backs off).
+    pub(crate) units_made: AtomicBool,
+    /// Its submitter takes each result as it comes.
+    pub(crate) streams: bool,
+}
+
+/// The jobs this peer is master of, and what it learned of its workers.
+#[derive(Default)]
+pub(crate) struct Masters {
+    pub(crate) jobs: Mutex<HashMap<JobId, Arc<MasterJob>>>,
+    /// What each worker's batches took per taskunit in the last job of each
+    /// module this peer was master of (see [`JobBook::with_times`]).
+    pub(crate) turnarounds: Mutex<HashMap<ModuleHash, WorkerTimes>>,
+}
+
+/// Results per worker, by the worker's peer id as text (as reports show them).
+pub(crate) fn by_name(per_worker: &BTreeMap<PeerId, u64>) -> BTreeMap<String, u64> {
+    per_worker
+        .iter()
+        .map(|(w, n)| (w.to_string(), *n))
+        .collect()
+}
+
+/// Modules whose workers' figures a master remembers.
+pub(crate) const REMEMBERED_MODULES: usize = 64;

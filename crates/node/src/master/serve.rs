@@ -1,0 +1,289 @@
+//! A master answering its workers: pulls and results (on task streams
+//! and by request-response), long polls (`Wait`), module fetches; the
+//! jobs' listing and cancel; and asking slower workers to give back what
+//! they have not started (`Reclaim`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use antnest_proto::control::JobInfo;
+use antnest_proto::frame::Frames;
+use antnest_proto::{Announce, JobId, ModuleHash, Request, Response, TaskError};
+use libp2p::PeerId;
+use tokio::sync::watch;
+use tracing::debug;
+
+use crate::master::job::{MasterJob, by_name};
+use crate::net::{self, TaskStream};
+use crate::state::{Peer, stopped};
+
+/// How long a master holds a worker's `Wait` before it answers `NoWork`
+/// (and the worker asks again).
+pub(crate) const WAIT_MAX: Duration = Duration::from_secs(5);
+
+impl Peer {
+    /// Answer the exchanges on streams other peers open to this one (a
+    /// worker slot keeps one to each master it pulls from).
+    pub(crate) async fn serve_streams(
+        self,
+        incoming: libp2p_stream::IncomingStreams,
+        stop: watch::Receiver<bool>,
+    ) {
+        let incoming = tokio::sync::Mutex::new(incoming);
+        let serve = move |(peer, stream)| self.clone().serve_stream(peer, stream);
+        crate::net::accept::serve("stream", incoming, serve, stopped(stop)).await;
+    }
+
+    /// One stream: read a request, answer it, until the stream ends. A
+    /// malformed or oversized message ends the stream, not the peer.
+    pub(crate) async fn serve_stream(self, peer: PeerId, stream: libp2p::Stream) {
+        let mut stream = TaskStream::new(stream);
+        loop {
+            let request = match Frames::read_request(&mut stream).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    debug!(%peer, "stream closed: {e}");
+                    return;
+                }
+            };
+            let response = match request {
+                Request::Wait { sizes } => self.hold_wait(peer, &sizes, &mut stream).await,
+                request => self.answer(peer, request),
+            };
+            if let Err(e) = Frames::write_response(stream.get_mut(), &response).await {
+                debug!(%peer, "stream closed: {e}");
+                return;
+            }
+        }
+    }
+
+    /// A worker's `Wait`: lease it a batch as soon as a job of this peer
+    /// has taskunits for it; `NoWork` after [`WAIT_MAX`], or as soon as the
+    /// worker sends anything else (its `EndWait`, then read and answered as
+    /// a request of its own).
+    pub(crate) async fn hold_wait(
+        &self,
+        peer: PeerId,
+        sizes: &[(ModuleHash, u32)],
+        stream: &mut TaskStream,
+    ) -> Response {
+        use futures::AsyncBufReadExt as _;
+        let sizes: HashMap<ModuleHash, u32> = sizes.iter().take(64).copied().collect();
+        let deadline = tokio::time::sleep(WAIT_MAX);
+        tokio::pin!(deadline);
+        loop {
+            // Listen before looking, as a slot does.
+            let notified = self.state.work.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(assigned) = self.assign(peer, &sizes) {
+                return assigned;
+            }
+            tokio::select! {
+                biased;
+                _ = stream.fill_buf() => break,
+                _ = &mut deadline => break,
+                _ = notified => {}
+            }
+        }
+        Response::NoWork { finished: false }
+    }
+
+    /// A batch of the first job of this peer's that has taskunits for
+    /// `peer`, as the answer to its `Wait`.
+    pub(crate) fn assign(
+        &self,
+        peer: PeerId,
+        sizes: &HashMap<ModuleHash, u32>,
+    ) -> Option<Response> {
+        self.master_jobs().into_iter().find_map(|(id, master)| {
+            let max = sizes.get(&master.module).copied().unwrap_or(1);
+            match self.lease(&master, peer, max) {
+                Response::Tasks { units, lease } => Some(Response::Assigned {
+                    job: self.announcement(id, &master),
+                    units,
+                    lease,
+                }),
+                _ => None,
+            }
+        })
+    }
+
+    /// The jobs this peer is master of, taken out of the lock.
+    pub(crate) fn master_jobs(&self) -> Vec<(JobId, Arc<MasterJob>)> {
+        let masters = self.state.master.jobs.lock().unwrap();
+        masters.iter().map(|(id, j)| (*id, j.clone())).collect()
+    }
+
+    /// What other peers are told of this peer's job `id`.
+    pub(crate) fn announcement(&self, id: JobId, master: &MasterJob) -> Announce {
+        Announce {
+            job: id,
+            master: self.state.client.local_peer_id().to_bytes(),
+            module: master.module,
+            module_size: master.bytes.len() as u64,
+            limits: master.limits,
+        }
+    }
+
+    /// Answer a request from another peer. Never blocks for long.
+    pub(crate) fn answer(&self, peer: PeerId, request: Request) -> Response {
+        match request {
+            Request::Wait { .. } => Response::Refused("a wait needs a task stream".into()),
+            Request::EndWait => Response::Ack,
+            Request::Reclaim { job, pace } => self.released(job, peer, pace),
+            Request::Pull { job, max } => match self.master_job(job) {
+                Some(master) => self.lease(&master, peer, max),
+                None => Response::NoWork { finished: true },
+            },
+            Request::Results {
+                job,
+                outcomes,
+                compute,
+                pull,
+            } => {
+                let Some(master) = self.master_job(job) else {
+                    return if pull > 0 {
+                        Response::NoWork { finished: true }
+                    } else {
+                        Response::Refused(format!("no job {job} here"))
+                    };
+                };
+                debug!(%job, %peer, n = outcomes.len(), "results in");
+                let limit = master.limits.output;
+                let outcomes = outcomes
+                    .into_iter()
+                    .map(|mut o| {
+                        if let Ok(bytes) = &o.result
+                            && bytes.len() > limit
+                        {
+                            o.result = Err(TaskError::OutputTooLarge {
+                                size: bytes.len(),
+                                limit,
+                            });
+                        }
+                        o
+                    })
+                    .collect();
+                master
+                    .book
+                    .lock()
+                    .unwrap()
+                    .complete_computed(net::id(&peer), outcomes, compute);
+                master.progress.notify_one();
+                if pull > 0 {
+                    self.lease(&master, peer, pull)
+                } else {
+                    Response::Ack
+                }
+            }
+            Request::FetchModule { hash } => {
+                let bytes = self
+                    .running_module(hash)
+                    .map(|b| b.as_ref().clone())
+                    .or_else(|| self.state.env.stored_module(&hash));
+                match bytes {
+                    Some(b) => Response::Module(b),
+                    None => Response::Refused(format!("module {hash} is not here")),
+                }
+            }
+        }
+    }
+
+    /// The bytes of `hash`, if a job of it runs with this peer as master.
+    pub(crate) fn running_module(&self, hash: ModuleHash) -> Option<Arc<Vec<u8>>> {
+        let masters = self.state.master.jobs.lock().unwrap();
+        let job = masters.values().find(|j| j.module == hash)?;
+        Some(job.bytes.clone())
+    }
+
+    /// Lease up to `max` taskunits of `master`'s job to `peer`.
+    pub(crate) fn lease(&self, master: &MasterJob, peer: PeerId, max: u32) -> Response {
+        let mut book = master.book.lock().unwrap();
+        let units = book.take(net::id(&peer), max.min(4096) as usize, Instant::now());
+        if units.is_empty() {
+            Response::NoWork {
+                finished: !book.has_work(),
+            }
+        } else {
+            Response::Tasks {
+                units,
+                lease: self.state.config.lease,
+            }
+        }
+    }
+
+    /// The jobs this peer is master of, with their progress.
+    pub fn jobs(&self) -> Vec<JobInfo> {
+        let masters = self.state.master.jobs.lock().unwrap();
+        let mut jobs: Vec<JobInfo> = masters
+            .iter()
+            .map(|(id, j)| {
+                let book = j.book.lock().unwrap();
+                JobInfo {
+                    job_id: id.to_string(),
+                    module: j.module.to_string(),
+                    progress: book.progress(),
+                    running_ms: j.started.elapsed().as_millis() as u64,
+                    per_peer: by_name(book.per_worker()),
+                }
+            })
+            .collect();
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.running_ms));
+        jobs
+    }
+
+    /// Cancel a job this peer is master of; false if there is none.
+    pub fn cancel(&self, job: JobId) -> bool {
+        match self.master_job(job) {
+            Some(m) => {
+                m.book.lock().unwrap().cancel();
+                m.progress.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn master_job(&self, job: JobId) -> Option<Arc<MasterJob>> {
+        self.state.master.jobs.lock().unwrap().get(&job).cloned()
+    }
+
+    /// This peer's slot has run out of `job`'s taskunits while other
+    /// workers may hold some: ask each (once per batch) to give back those
+    /// it has not started and would end later than this slot would.
+    pub(crate) fn reclaim(&self, job: JobId, master: &Arc<MasterJob>) {
+        let (workers, pace) = {
+            let mut book = master.book.lock().unwrap();
+            (
+                book.to_reclaim(self.state.local),
+                book.pace(self.state.local),
+            )
+        };
+        // Untimed, this slot cannot say when it would end them.
+        let Some(pace) = pace else {
+            return;
+        };
+        for worker in workers {
+            let Some(peer) = net::libp2p_id(worker) else {
+                continue;
+            };
+            let client = self.state.client.clone();
+            let state = self.state.clone();
+            let master = master.clone();
+            tokio::spawn(async move {
+                match client.request(peer, Request::Reclaim { job, pace }).await {
+                    Ok(Response::Released { units }) if !units.is_empty() => {
+                        let n = master.book.lock().unwrap().give_back(worker, &units);
+                        debug!(%job, %peer, n, "taskunits taken back");
+                        state.work.notify_waiters();
+                    }
+                    Ok(_) => {}
+                    Err(e) => debug!(%job, %peer, "reclaim failed: {e}"),
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! A job's split feeding its book, and the results feeding its combine
+//! in taskunit order ([`InOrder`]).
+
+use std::sync::{Arc, Mutex};
+
+use antnest_proto::control::InputSpec;
+use antnest_proto::limits::MAX_TASKUNIT;
+use antnest_proto::{Limits, SharedBytes};
+use antnest_sandbox::mapped::Damage;
+use antnest_sandbox::{Component, Environment, SplitOutcome, input, lines, run_split};
+use antnest_sched::SplitSender;
+
+/// Hands taskunits from the split to the job's book, waking idle worker
+/// slots now and then (on the first units, then every 1024).
+pub(crate) struct UnitSender<W> {
+    pub(crate) tx: SplitSender,
+    pub(crate) wake: Arc<W>,
+    /// Taskunits sent, shared by all forks.
+    pub(crate) count: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<W: Fn()> UnitSender<W> {
+    pub(crate) fn send(&mut self, unit: SharedBytes) -> Result<(), String> {
+        if unit.len() > MAX_TASKUNIT {
+            return Err(format!(
+                "a taskunit of {} bytes is larger than the {MAX_TASKUNIT}-byte limit",
+                unit.len()
+            ));
+        }
+        self.tx
+            .send(unit)
+            .map_err(|_| "job cancelled".to_string())?;
+        let count = self
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if count.is_power_of_two() || count.is_multiple_of(1024) {
+            (self.wake)();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn fork(&self) -> Self {
+        UnitSender {
+            tx: self.tx.clone(),
+            wake: self.wake.clone(),
+            count: self.count.clone(),
+        }
+    }
+}
+
+/// Run the job's split (or the default line split) into `tx`; returns how
+/// many taskunits it made.
+pub(crate) fn split_job(
+    env: &Environment,
+    component: &Component,
+    limits: Limits,
+    input: &InputSpec,
+    damage: &Mutex<Vec<Damage>>,
+    tx: SplitSender,
+    wake: impl Fn() + Send + Sync + 'static,
+) -> Result<u64, String> {
+    let mut sender = UnitSender {
+        tx,
+        wake: Arc::new(wake),
+        count: Default::default(),
+    };
+    let emit = {
+        let mut sender = sender.fork();
+        Box::new(move |unit: SharedBytes| sender.send(unit))
+    };
+    let open = || {
+        let (input, mapped) =
+            input::open(input).map_err(|e| format!("cannot open the input: {e}"))?;
+        damage.lock().unwrap().extend(mapped);
+        Ok::<_, String>(input)
+    };
+    match run_split(env, component, limits, open()?, emit) {
+        Ok(SplitOutcome::Emitted(_)) => {}
+        Ok(SplitOutcome::Default) => lines::each_line(open()?, &mut |unit| sender.send(unit))?,
+        Err(e) => return Err(e.to_string()),
+    }
+    (sender.wake)();
+    Ok(sender.count.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Results from a job's feed, in taskunit order, waiting for each as it is
+/// needed. Once the feed ends, indexes that never came (taskunits that
+/// failed, with `keep_going`) are skipped.
+pub(crate) struct InOrder {
+    pub(crate) feed: std::sync::mpsc::Receiver<Vec<(u64, Vec<u8>)>>,
+    pub(crate) pending: std::collections::BTreeMap<u64, Vec<u8>>,
+    pub(crate) next: u64,
+    pub(crate) ended: bool,
+}
+
+impl InOrder {
+    pub(crate) fn new(feed: std::sync::mpsc::Receiver<Vec<(u64, Vec<u8>)>>) -> Self {
+        InOrder {
+            feed,
+            pending: Default::default(),
+            next: 0,
+            ended: false,
+        }
+    }
+}
+
+impl Iterator for InOrder {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if let Some(r) = self.pending.remove(&self.next) {
+                self.next += 1;
+                return Some(r);
+            }
+            if self.ended {
+                self.next = *self.pending.keys().next()?;
+                continue;
+            }
+            match self.feed.recv() {
+                Ok(results) => {
+                    // Indexes below `next` were already passed on.
+                    let fresh = results.into_iter().filter(|(i, _)| *i >= self.next);
+                    self.pending.extend(fresh);
+                }
+                Err(_) => self.ended = true,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InOrder;
+
+    #[test]
+    pub(crate) fn results_come_in_order_and_missing_ones_are_skipped_at_the_end() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let result = |i: u64, r: &str| (i, r.as_bytes().to_vec());
+        tx.send(vec![result(2, "c"), result(0, "a")]).unwrap();
+        tx.send(vec![result(4, "e"), result(3, "d")]).unwrap();
+        let mut it = InOrder::new(rx);
+        assert_eq!(it.next().as_deref(), Some(&b"a"[..]));
+        // 1 never comes (it failed): the rest follows once the feed ends.
+        drop(tx);
+        let rest: Vec<Vec<u8>> = it.collect();
+        assert_eq!(rest, [b"c".to_vec(), b"d".to_vec(), b"e".to_vec()]);
+    }
+}

@@ -1,0 +1,415 @@
+//! A job submitted to this peer, from its start to its report: the module
+//! compiled, the book set up (and the journal, or the journal resumed),
+//! the split and the combine on threads of their own, announcements,
+//! progress for the submitter, and the report.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use antnest_proto::control::{JobEvent, JobReport, JobSpec, JobStats};
+use antnest_proto::limits::MAX_MODULE;
+use antnest_proto::{ByteBuf, JobId, ModuleHash, TaskError};
+use antnest_sandbox::mapped::Damage;
+use antnest_sched::{JobBook, Journal, JournalError, split_channel};
+use tokio::sync::{Notify, mpsc};
+use tracing::{debug, info};
+
+use crate::master::job::{MasterJob, REMEMBERED_MODULES, by_name, enough_to_feed};
+use crate::master::split::{InOrder, split_job};
+use crate::state::Peer;
+
+/// How far (in bytes of taskunits) a job's split may run ahead of its workers.
+pub(crate) const SPLIT_AHEAD_BYTES: usize = 32 << 20;
+/// How often a job's loop looks at its book unwoken: for progress reports,
+/// announcements, and to nudge idle slots and waiting workers (a lease
+/// expired, a straggler to back up).
+pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    #[error("the job module is not usable: {0}")]
+    InvalidModule(String),
+    #[error("module is {size} bytes, more than the {max}-byte limit")]
+    ModuleTooLarge { size: usize, max: usize },
+    #[error("split failed: {0}")]
+    Split(String),
+    #[error("combine failed: {0}")]
+    Combine(String),
+    #[error("{failed} of {tasks} taskunits failed; first: taskunit {index}: {error}")]
+    TasksFailed {
+        tasks: u64,
+        failed: u64,
+        index: u64,
+        error: TaskError,
+        report: Box<JobReport>,
+    },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("the job was cancelled")]
+    Cancelled,
+    #[error(
+        "the input file changed while the job ran (it was truncated, written or appended to); run the job again"
+    )]
+    InputChanged,
+    #[error("--replicate {need} needs {need} peers, but this peer sees {have} (itself included)")]
+    NotEnoughPeers { need: u8, have: usize },
+    #[error("this peer already runs {0} jobs, its limit (--max-jobs)")]
+    Busy(usize),
+    #[error("this peer does not have module {0}: send its bytes")]
+    ModuleNotHere(ModuleHash),
+}
+
+impl Peer {
+    /// Run a job with this peer as master; returns when it is combined.
+    /// `events` receives the job id at once, then progress about every
+    /// 100 ms (best effort) and, with `spec.stream`, every result.
+    pub async fn submit(
+        &self,
+        spec: JobSpec,
+        events: Option<mpsc::Sender<JobEvent>>,
+    ) -> Result<JobReport, SubmitError> {
+        let started = Instant::now();
+        let module_sent = !spec.module.is_empty();
+        let env = self.state.env.clone();
+        let (hash, bytes) = match spec.module_hash {
+            // By hash: from a job of this module running here, or (below)
+            // from the module store (written only after the bytes matched
+            // the hash).
+            Some(hash) if !module_sent => (hash, self.running_module(hash)),
+            _ => {
+                let bytes = spec.module.into_vec();
+                if bytes.len() > MAX_MODULE {
+                    return Err(SubmitError::ModuleTooLarge {
+                        size: bytes.len(),
+                        max: MAX_MODULE,
+                    });
+                }
+                (ModuleHash::of(&bytes), Some(Arc::new(bytes)))
+            }
+        };
+        let compiled_before = env.cache_stats().compiled;
+        // Looked up only with the bytes at hand (else the blocking path
+        // below looks again, and the cache would count two hits).
+        let in_memory = bytes.as_ref().and_then(|_| env.loaded(&hash));
+        let (bytes, component) = match (bytes, in_memory) {
+            // Compiled already and the bytes at hand: no blocking thread.
+            (Some(bytes), Some(component)) => (bytes, component),
+            (bytes, _) => {
+                let env = env.clone();
+                tokio::task::spawn_blocking(move || {
+                    let bytes = match bytes {
+                        Some(b) => b,
+                        None => Arc::new(
+                            env.stored_module(&hash)
+                                .ok_or(SubmitError::ModuleNotHere(hash))?,
+                        ),
+                    };
+                    let component = env
+                        .component(&hash, || Some(bytes.as_ref().clone()))
+                        .map_err(|e| SubmitError::InvalidModule(e.to_string()))?;
+                    Ok::<_, SubmitError>((bytes, component))
+                })
+                .await
+                .expect("compile task")?
+            }
+        };
+        let compiled = env.cache_stats().compiled - compiled_before;
+        let limits = spec.limits.map_or(self.state.config.limits, |l| {
+            l.min(self.state.config.limits)
+        });
+        {
+            let running = self.state.master.jobs.lock().unwrap().len();
+            if running >= self.state.config.max_jobs {
+                return Err(SubmitError::Busy(running));
+            }
+        }
+        if spec.replicate > 1 {
+            let have = 1 + self.peers().await.iter().filter(|p| p.connected).count();
+            if have < spec.replicate as usize {
+                return Err(SubmitError::NotEnoughPeers {
+                    need: spec.replicate,
+                    have,
+                });
+            }
+        }
+        let (tx, rx) = split_channel(4096, SPLIT_AHEAD_BYTES);
+        let known = self
+            .state
+            .master
+            .turnarounds
+            .lock()
+            .unwrap()
+            .get(&hash)
+            .cloned();
+        let mut book = JobBook::new(rx, self.state.config.lease, spec.max_attempts)
+            .with_replicas(spec.replicate)
+            .with_times(known.unwrap_or_default());
+        // Results go to the combine as they are accepted: it runs alongside
+        // the job and sees the end of the feed when `feed` is dropped.
+        let (feed, feed_rx) = std::sync::mpsc::channel::<Vec<(u64, Vec<u8>)>>();
+        let journal_root = self
+            .state
+            .config
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join("journal"));
+        let id = match (spec.resume, &journal_root) {
+            (Some(id), Some(root)) => {
+                let (journal, done) = Journal::resume(root, id, &hash)?;
+                info!(job = %id, results = done.len(), "resuming from the journal");
+                let _ = feed.send(done.iter().map(|(i, r)| (*i, r.clone())).collect());
+                book.set_journal(journal, done);
+                id
+            }
+            (Some(id), None) => return Err(SubmitError::Journal(JournalError::NotFound(id))),
+            (None, root) => {
+                let id = JobId::random();
+                if let Some(root) = root {
+                    book.set_journal(Journal::create(root, id, &hash), Default::default());
+                }
+                id
+            }
+        };
+        if let Some(events) = &events {
+            let _ = events.send(JobEvent::Started(id)).await;
+        }
+        let master = Arc::new(MasterJob {
+            started,
+            module: hash,
+            bytes,
+            limits,
+            book: Mutex::new(book),
+            progress: Notify::new(),
+            input_damage: Mutex::new(Vec::new()),
+            units_made: std::sync::atomic::AtomicBool::new(false),
+            streams: spec.stream && events.is_some(),
+        });
+        self.state
+            .master
+            .jobs
+            .lock()
+            .unwrap()
+            .insert(id, master.clone());
+        info!(job = %id, module = %hash, "job submitted");
+
+        // Combine on a blocking thread while the job runs: it reads each
+        // result as soon as it and all before it are in, so only the last
+        // few are left to merge when the last taskunit finishes. `None`: the
+        // job asked for the default combine (done below over all results).
+        // Started when there are results to pass it, or nothing is left to
+        // hand out (a slot of this peer is about to be free), not with the
+        // split: at a job's start the cores are busy enough.
+        let start_combine = |feed_rx| {
+            let (env, component) = (env.clone(), component.clone());
+            tokio::task::spawn_blocking(move || {
+                antnest_sandbox::run_combine(
+                    &env,
+                    &component,
+                    limits,
+                    Box::new(InOrder::new(feed_rx)),
+                )
+            })
+        };
+        let mut feed_rx = Some(feed_rx);
+        let mut combiner = None;
+
+        // Split on a blocking thread; `tx` blocks when 4096 taskunits wait.
+        let split = {
+            let (env, component, master, input) = (
+                env.clone(),
+                component.clone(),
+                master.clone(),
+                spec.input.clone(),
+            );
+            let work = {
+                let (slots, master) = (self.state.work_waker(), master.clone());
+                // On the first taskunits (and now and then after): wake idle
+                // slots, and the loop below so that it announces the job.
+                move || {
+                    slots();
+                    master
+                        .units_made
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    master.progress.notify_one();
+                }
+            };
+            tokio::task::spawn_blocking(move || {
+                let result = split_job(
+                    &env,
+                    &component,
+                    limits,
+                    &input,
+                    &master.input_damage,
+                    tx,
+                    work,
+                );
+                debug!(job = %id, ms = master.started.elapsed().as_millis() as u64, ok = result.is_ok(), "split ended");
+                let mut book = master.book.lock().unwrap();
+                match result {
+                    Ok(total) => book.split_done(total),
+                    Err(e) => book.fail(e),
+                }
+                drop(book);
+                // A job with no taskunits, or a failed split, is done.
+                master.progress.notify_one();
+            })
+        };
+        let announce = self.announcement(id, &master);
+        let mut last_announce: Option<Instant> = None;
+        let mut last_progress = Instant::now();
+        // Results accepted and not yet passed to the combine.
+        let mut unfed: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut unfed_bytes = 0;
+        loop {
+            let (finished, has_work, all_issued, prog, accepted, logs) = {
+                let mut book = master.book.lock().unwrap();
+                let accepted = book.take_accepted();
+                let logs = book.take_logs();
+                (
+                    book.is_finished(),
+                    book.has_work(),
+                    book.all_issued(),
+                    book.progress(),
+                    accepted,
+                    logs,
+                )
+            };
+            if let Some(events) = &events {
+                for (index, text) in logs {
+                    let _ = events.send(JobEvent::Log { index, text }).await;
+                }
+            }
+            if let Some(events) = events.as_ref().filter(|_| master.streams) {
+                for (index, bytes) in &accepted {
+                    let (index, bytes) = (*index, bytes.clone());
+                    let _ = events.send(JobEvent::Result { index, bytes }).await;
+                }
+            }
+            // In pieces of some size: each send may wake the combine's
+            // thread, which takes a core from a slot. Small results wait
+            // (the combine merges a few small ones at the end in no time).
+            unfed_bytes += accepted.iter().map(|(_, r)| r.len()).sum::<usize>();
+            unfed.extend(accepted);
+            let feeding =
+                !unfed.is_empty() && (finished || enough_to_feed(unfed.len(), unfed_bytes));
+            if combiner.is_none() && (feeding || finished || all_issued) {
+                combiner = feed_rx.take().map(start_combine);
+            }
+            if feeding {
+                let _ = feed.send(std::mem::take(&mut unfed));
+                unfed_bytes = 0;
+            }
+            if finished {
+                break;
+            }
+            if has_work
+                && master.units_made.load(std::sync::atomic::Ordering::Relaxed)
+                && last_announce.is_none_or(|t| t.elapsed() >= self.state.config.announce_every)
+            {
+                self.state.client.announce(&announce).await;
+                debug!(job = %id, "announced");
+                last_announce = Some(Instant::now());
+            }
+            if let Some(events) = &events
+                && last_progress.elapsed() >= Duration::from_millis(100)
+            {
+                let _ = events.try_send(JobEvent::Progress(prog));
+                last_progress = Instant::now();
+            }
+            self.state.work.notify_waiters();
+            let _ = tokio::time::timeout(LOOK_EVERY, master.progress.notified()).await;
+        }
+        drop(feed);
+        let _ = split.await;
+        self.state.master.jobs.lock().unwrap().remove(&id);
+        if master
+            .input_damage
+            .lock()
+            .unwrap()
+            .iter()
+            .any(Damage::happened)
+        {
+            // Some taskunits may hold zeros or newer bytes: no result to trust.
+            if let Some(journal) = master.book.lock().unwrap().finish().journal {
+                journal.remove();
+            }
+            return Err(SubmitError::InputChanged);
+        }
+
+        let done = {
+            let mut book = master.book.lock().unwrap();
+            if book.is_cancelled() {
+                return Err(SubmitError::Cancelled);
+            }
+            if let Some(e) = book.fatal() {
+                return Err(SubmitError::Split(e.to_string()));
+            }
+            let mut known = self.state.master.turnarounds.lock().unwrap();
+            if known.len() >= REMEMBERED_MODULES && !known.contains_key(&hash) {
+                known.clear();
+            }
+            known.insert(hash, book.times());
+            book.finish()
+        };
+        let prog = done.progress;
+        let failures = done.failures;
+        let stats = JobStats {
+            job_id: id.to_string(),
+            module: hash.to_string(),
+            tasks: prog.total.unwrap_or(prog.done + prog.failed),
+            failed: prog.failed,
+            wall_ms: 0,
+            per_peer: by_name(&done.per_worker),
+            compiled,
+            resumed: done.resumed,
+            mismatches: prog.mismatches,
+            taken_back: prog.taken_back,
+            first_result_ms: done
+                .first_result
+                .map(|t| t.saturating_duration_since(started).as_secs_f64() * 1000.0),
+            module_sent,
+        };
+        let mut report = JobReport {
+            output: ByteBuf::new(),
+            stats,
+            failures: failures.iter().map(|(i, e)| (*i, e.to_string())).collect(),
+        };
+        if let Some((index, error)) = failures.first().cloned()
+            && !spec.keep_going
+        {
+            report.stats.wall_ms = started.elapsed().as_millis() as u64;
+            return Err(SubmitError::TasksFailed {
+                tasks: report.stats.tasks,
+                failed: report.stats.failed,
+                index,
+                error,
+                report: Box::new(report),
+            });
+        }
+        let results = done.results;
+        debug!(job = %id, ms = started.elapsed().as_millis() as u64, "all results in");
+        let combiner = match combiner {
+            Some(c) => c,
+            None => start_combine(feed_rx.take().expect("the combine starts once")),
+        };
+        let output = match combiner.await.expect("combine task") {
+            Ok(Some(out)) => out,
+            Ok(None) => tokio::task::spawn_blocking(move || {
+                antnest_sandbox::default_combine(results.into_values(), limits.combined_output())
+            })
+            .await
+            .expect("combine task")
+            .map_err(|e| SubmitError::Combine(e.to_string()))?,
+            Err(e) => return Err(SubmitError::Combine(e.to_string())),
+        };
+        if let Some(journal) = done.journal.filter(Journal::on_disk) {
+            // Off the answer's path; the runtime waits for it at exit.
+            tokio::task::spawn_blocking(move || journal.remove());
+        }
+        report.output = ByteBuf::from(output);
+        report.stats.wall_ms = started.elapsed().as_millis() as u64;
+        info!(job = %id, tasks = report.stats.tasks, ms = report.stats.wall_ms, "job done");
+        Ok(report)
+    }
+}

@@ -1,0 +1,75 @@
+//! What every part of a running peer shares ([`State`], behind the
+//! cheap [`Peer`] handle): the sandbox, the network client, the config,
+//! the wake-up for idle slots, and each role's own records ([`Masters`]
+//! for the jobs this peer masters, [`Known`] for what its worker slots
+//! know of other peers' jobs).
+
+use std::sync::Arc;
+
+use antnest_proto::PeerId;
+use antnest_proto::control::PeerInfo;
+use antnest_sandbox::Environment;
+use tokio::sync::{Notify, watch};
+
+use crate::config::PeerConfig;
+use crate::master::job::Masters;
+use crate::net::Client;
+use crate::worker::known::Known;
+
+pub(crate) struct State {
+    pub(crate) env: Environment,
+    pub(crate) client: Client,
+    pub(crate) config: PeerConfig,
+    /// This peer's own id, as its book entries name its slots.
+    pub(crate) local: PeerId,
+    /// Woken when there may be new work.
+    pub(crate) work: Notify,
+    /// Taskunits run by this peer's slots (for metrics).
+    pub(crate) tasks_done: std::sync::atomic::AtomicU64,
+    pub(crate) master: Masters,
+    pub(crate) worker: Known,
+}
+
+/// A handle on a running peer. Cheap to clone.
+#[derive(Clone)]
+pub struct Peer {
+    pub(crate) state: Arc<State>,
+}
+
+impl Peer {
+    pub fn peer_id(&self) -> PeerId {
+        self.state.local
+    }
+
+    pub fn env(&self) -> &Environment {
+        &self.state.env
+    }
+
+    pub async fn peers(&self) -> Vec<PeerInfo> {
+        self.state.client.peers().await.unwrap_or_default()
+    }
+
+    /// Taskunits this peer's slots have completed, for metrics.
+    pub fn tasks_done(&self) -> u64 {
+        self.state
+            .tasks_done
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl State {
+    /// A callback for blocking code that wakes idle worker slots.
+    pub(crate) fn work_waker(self: &Arc<Self>) -> impl Fn() + Send + Sync + 'static {
+        let weak = Arc::downgrade(self);
+        move || {
+            if let Some(s) = weak.upgrade() {
+                s.work.notify_waiters();
+            }
+        }
+    }
+}
+
+/// Resolves once `rx` says the peer is stopping.
+pub(crate) async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

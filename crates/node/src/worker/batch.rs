@@ -1,0 +1,76 @@
+//! A batch a slot runs: where it came from ([`BatchFrom`]), the results
+//! it holds back to send with the next pull ([`HeldResults`]), and the
+//! running of its taskunits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use antnest_proto::{ByteBuf, JobId, Limits, ModuleHash, Request, TaskOutcome, TaskUnit};
+use antnest_sandbox::TaskRunner;
+use libp2p::PeerId;
+use tracing::debug;
+
+use crate::master::job::MasterJob;
+use crate::state::State;
+
+/// About `target` of work at `unit_time` per taskunit, 1..=4096 taskunits.
+pub(crate) fn units_for(unit_time: Duration, target: Duration) -> usize {
+    (target.as_nanos() / unit_time.as_nanos().max(1)).clamp(1, 4096) as usize
+}
+
+/// Count and log a batch of `n` taskunits a slot ran in `took`.
+pub(crate) fn batch_ran(shared: &State, slot: usize, job: JobId, n: u32, took: Duration) {
+    debug!(slot, %job, n, compute_ms = took.as_secs_f64() * 1e3, "batch computed");
+    shared
+        .tasks_done
+        .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Run a batch's taskunits in order on `runner`.
+pub(crate) fn run_batch(runner: &mut TaskRunner, units: Vec<TaskUnit>) -> Vec<TaskOutcome> {
+    units.iter().map(|u| run_unit(runner, u)).collect()
+}
+
+pub(crate) fn run_unit(runner: &mut TaskRunner, unit: &TaskUnit) -> TaskOutcome {
+    let result = runner.process(&unit.data).map(ByteBuf::from);
+    let stderr = Some(runner.take_stderr()).filter(|s| !s.is_empty());
+    TaskOutcome {
+        index: unit.index,
+        result,
+        stderr,
+    }
+}
+
+pub(crate) enum BatchFrom {
+    Local(Arc<MasterJob>),
+    Remote(PeerId),
+}
+
+/// A remote batch's last results, held to go with the next batch's.
+pub(crate) struct HeldResults {
+    pub(crate) job: JobId,
+    pub(crate) peer: PeerId,
+    pub(crate) outcomes: Vec<TaskOutcome>,
+    pub(crate) compute: Duration,
+}
+
+impl HeldResults {
+    /// The results to send on their own, and where.
+    pub(crate) fn into_results(self) -> (PeerId, Request) {
+        let req = Request::Results {
+            job: self.job,
+            outcomes: self.outcomes,
+            compute: self.compute,
+            pull: 0,
+        };
+        (self.peer, req)
+    }
+}
+
+pub(crate) struct Batch {
+    pub(crate) job: JobId,
+    pub(crate) source: BatchFrom,
+    pub(crate) module: ModuleHash,
+    pub(crate) limits: Limits,
+    pub(crate) units: Vec<TaskUnit>,
+}

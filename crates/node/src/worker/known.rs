@@ -1,0 +1,31 @@
+//! What a peer's worker slots know of other peers' jobs ([`Known`]): the
+//! jobs announced, the modules being fetched, the remote batches in hand.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use antnest_proto::{JobId, Limits, ModuleHash};
+use libp2p::PeerId;
+
+use crate::worker::remote_batch::RemoteBatch;
+
+/// A job some other peer announced.
+pub(crate) struct RemoteJob {
+    pub(crate) master: PeerId,
+    pub(crate) module: ModuleHash,
+    pub(crate) limits: Limits,
+    pub(crate) seen: Instant,
+    /// Don't ask before this (after an error or an empty answer).
+    pub(crate) retry_at: Instant,
+}
+
+/// A worker's records, shared by its slots.
+#[derive(Default)]
+pub(crate) struct Known {
+    pub(crate) remotes: Mutex<HashMap<JobId, RemoteJob>>,
+    /// Serializes module fetches, so each module is fetched once.
+    pub(crate) fetching: tokio::sync::Mutex<()>,
+    /// The remote batches this peer's slots are working through.
+    pub(crate) batches: Mutex<Vec<Arc<RemoteBatch>>>,
+}

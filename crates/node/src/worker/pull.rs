@@ -1,0 +1,446 @@
+//! How a slot gets work from a master: pulls and results on its task
+//! stream to that master (request-response when no stream can be had),
+//! long polls, the jobs announced, and the job's module fetched once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use antnest_proto::frame::Frames;
+use antnest_proto::limits::MAX_MODULE;
+use antnest_proto::{Announce, JobId, Limits, ModuleHash, Request, Response, TaskOutcome};
+use libp2p::PeerId;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::master::serve::WAIT_MAX;
+use crate::net::{self, TaskStream};
+use crate::state::Peer;
+use crate::worker::batch::{Batch, BatchFrom, units_for};
+use crate::worker::known::RemoteJob;
+use crate::worker::remote_batch::RemoteBatch;
+use crate::worker::slot::{LOCAL_BATCH, REMOTE_BATCH};
+
+impl Peer {
+    /// A master's `Reclaim`: give back the taskunits of `job` that this
+    /// peer's slots have not started and would end later than the
+    /// master's slot, which takes `pace` per taskunit.
+    pub(crate) fn released(&self, job: JobId, master: PeerId, pace: Duration) -> Response {
+        let batches: Vec<Arc<RemoteBatch>> = (self.state.worker.batches.lock().unwrap().iter())
+            .filter(|c| c.job == job && c.master == master)
+            .cloned()
+            .collect();
+        let units: Vec<u64> = batches.iter().flat_map(|c| c.release(pace)).collect();
+        if !units.is_empty() {
+            debug!(%job, n = units.len(), "taskunits given back");
+        }
+        Response::Released { units }
+    }
+
+    /// Take note of a job announced (or assigned) by `from`; whether it is
+    /// one this peer may work on.
+    pub(crate) fn learn_job(&self, from: PeerId, a: Announce) -> bool {
+        let Ok(master) = PeerId::from_bytes(&a.master) else {
+            debug!(%from, "announcement with a bad master id ignored");
+            return false;
+        };
+        if net::id(&master) == self.state.local || a.module_size as usize > MAX_MODULE {
+            return false;
+        }
+        if let Some(allowed) = &self.state.config.allowed_masters
+            && !allowed.contains(&master)
+        {
+            debug!(%master, job = %a.job, "job from a master not on the allowlist ignored");
+            return false;
+        }
+        let now = Instant::now();
+        let mut remotes = self.state.worker.remotes.lock().unwrap();
+        let job = remotes.entry(a.job).or_insert_with(|| {
+            debug!(%master, job = %a.job, "job announced");
+            RemoteJob {
+                master,
+                module: a.module,
+                limits: a.limits,
+                seen: now,
+                retry_at: now,
+            }
+        });
+        job.seen = now;
+        drop(remotes);
+        self.state.work.notify_waiters();
+        true
+    }
+
+    /// Send results with no pull, by request-response from a task of their
+    /// own (after the previous such send), so the slot goes on at once.
+    pub(crate) async fn deliver(
+        &self,
+        delivering: &mut Option<tokio::task::JoinHandle<()>>,
+        peer: PeerId,
+        req: Request,
+    ) {
+        if let Some(previous) = delivering.take() {
+            let _ = previous.await;
+        }
+        let client = self.state.client.clone();
+        *delivering = Some(tokio::spawn(async move {
+            if let Err(e) = client.request(peer, req).await {
+                // The leases will expire and the master re-issues them.
+                debug!("results not delivered: {e}");
+            }
+        }));
+    }
+
+    /// Results of a remote job of `module`, asking for the next batch: none
+    /// while this peer's own jobs have work (they come first), else about
+    /// [`REMOTE_BATCH`] of work. With the number asked for.
+    pub(crate) fn results_with_pull(
+        &self,
+        per_unit: &HashMap<ModuleHash, Duration>,
+        job: JobId,
+        module: ModuleHash,
+        outcomes: Vec<TaskOutcome>,
+        compute: Duration,
+    ) -> (Request, u32) {
+        let pull = if self.local_work_waiting() {
+            0
+        } else {
+            Self::batch_size(per_unit, module, REMOTE_BATCH) as u32
+        };
+        let req = Request::Results {
+            job,
+            outcomes,
+            compute,
+            pull,
+        };
+        (req, pull)
+    }
+
+    /// How many taskunits to ask for: about `target` of work, 1..=4096.
+    pub(crate) fn batch_size(
+        per_unit: &HashMap<ModuleHash, Duration>,
+        module: ModuleHash,
+        target: Duration,
+    ) -> usize {
+        per_unit.get(&module).map_or(1, |d| units_for(*d, target))
+    }
+
+    pub(crate) async fn find_work(
+        &self,
+        per_unit: &HashMap<ModuleHash, Duration>,
+        streams: &mut HashMap<PeerId, TaskStream>,
+    ) -> Option<Batch> {
+        for (job, master) in self.master_jobs() {
+            let max = Self::batch_size(per_unit, master.module, LOCAL_BATCH);
+            let units =
+                master
+                    .book
+                    .lock()
+                    .unwrap()
+                    .take_local(self.state.local, max, Instant::now());
+            if !units.is_empty() {
+                return Some(Batch {
+                    job,
+                    module: master.module,
+                    limits: master.limits,
+                    source: BatchFrom::Local(master),
+                    units,
+                });
+            }
+            // Nothing here for this slot: ask slower workers for what they
+            // have not started (the book holds back backups until asked).
+            self.reclaim(job, &master);
+        }
+        let now = Instant::now();
+        let candidates: Vec<(JobId, PeerId, ModuleHash, Limits)> = {
+            let mut remotes = self.state.worker.remotes.lock().unwrap();
+            // Forget jobs not announced for a while.
+            remotes.retain(|_, j| now.duration_since(j.seen) < Duration::from_secs(10));
+            remotes
+                .iter()
+                .filter(|(_, j)| j.retry_at <= now)
+                .map(|(id, j)| (*id, j.master, j.module, j.limits))
+                .collect()
+        };
+        for (job, master, module, limits) in candidates {
+            let limits = limits.min(self.state.config.limits);
+            if !self.module_ready(job, master, module).await {
+                continue;
+            }
+            let max = Self::batch_size(per_unit, module, REMOTE_BATCH) as u32;
+            let pull = Request::Pull { job, max };
+            if let Some(batch) = self
+                .request_batch(job, master, module, limits, pull, streams)
+                .await
+            {
+                return Some(batch);
+            }
+        }
+        None
+    }
+
+    /// Whether every job this peer knows of is `master`'s (none its own).
+    pub(crate) fn waits_only_on(&self, master: PeerId) -> bool {
+        self.state.master.jobs.lock().unwrap().is_empty()
+            && self
+                .state
+                .worker
+                .remotes
+                .lock()
+                .unwrap()
+                .values()
+                .all(|j| j.master == master)
+    }
+
+    /// Park a `Wait` at `master` on this slot's open stream to it, until the
+    /// master assigns a batch (returned), or the wait ends without one: the
+    /// master's time limit, other work turning up (`notified` with a job
+    /// elsewhere; the slot then ends the wait, and takes a batch assigned
+    /// meanwhile), shutdown, or a failed stream (dropped).
+    pub(crate) async fn wait_at<'a>(
+        &'a self,
+        master: PeerId,
+        per_unit: &HashMap<ModuleHash, Duration>,
+        streams: &mut HashMap<PeerId, TaskStream>,
+        mut notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'a>>,
+        stop: &watch::Receiver<bool>,
+    ) -> Option<Batch> {
+        use futures::AsyncBufReadExt as _;
+        let stream = streams.get_mut(&master)?;
+        let sizes = per_unit
+            .iter()
+            .map(|(m, d)| (*m, units_for(*d, REMOTE_BATCH) as u32))
+            .collect();
+        let waited = async {
+            Frames::write_request(stream.get_mut(), &Request::Wait { sizes }).await?;
+            loop {
+                tokio::select! {
+                    biased;
+                    // The answer is coming.
+                    read = stream.fill_buf() => {
+                        read?;
+                        break;
+                    }
+                    _ = notified.as_mut() => {
+                        if *stop.borrow() {
+                            return Err(std::io::Error::other("stopping"));
+                        }
+                        if self.waits_only_on(master) {
+                            // Nothing new but `master`'s own jobs: wait on.
+                            notified.set(self.state.work.notified());
+                            notified.as_mut().enable();
+                            continue;
+                        }
+                        Frames::write_request(stream.get_mut(), &Request::EndWait).await?;
+                        let answer = Frames::read_response(stream).await?;
+                        Frames::read_response(stream).await?; // the EndWait's Ack
+                        return Ok(answer);
+                    }
+                }
+            }
+            Frames::read_response(stream).await
+        };
+        let limit = WAIT_MAX + self.state.config.net.request_timeout;
+        let (job, units) = match tokio::time::timeout(limit, waited).await {
+            Ok(Ok(Response::Assigned { job, units, .. })) if !units.is_empty() => (job, units),
+            Ok(Ok(_)) => return None,
+            Ok(Err(e)) => {
+                debug!(%master, "wait ended: {e}");
+                streams.remove(&master);
+                return None;
+            }
+            Err(_) => {
+                debug!(%master, "wait timed out");
+                streams.remove(&master);
+                return None;
+            }
+        };
+        debug!(job = %job.job, units = units.len(), "assigned");
+        // Taskunits only from a job of the master that leased them.
+        if job.master != master.to_bytes() || !self.learn_job(master, job.clone()) {
+            debug!(%master, job = %job.job, "assigned taskunits refused");
+            return None;
+        }
+        if !self.module_ready(job.job, master, job.module).await {
+            return None;
+        }
+        Some(Batch {
+            job: job.job,
+            source: BatchFrom::Remote(master),
+            module: job.module,
+            limits: job.limits.min(self.state.config.limits),
+            units,
+        })
+    }
+
+    /// This slot's stream to `master`, opened on first use.
+    pub(crate) async fn stream_to<'s>(
+        &self,
+        streams: &'s mut HashMap<PeerId, TaskStream>,
+        master: PeerId,
+    ) -> Option<&'s mut TaskStream> {
+        match streams.entry(master) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                match self.state.client.open_stream(master).await {
+                    Ok(s) => Some(e.insert(TaskStream::new(s))),
+                    Err(err) => {
+                        debug!(%master, "no stream: {err}");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether this peer knows of no running job, its own or announced.
+    pub(crate) fn knows_no_jobs(&self) -> bool {
+        self.state.master.jobs.lock().unwrap().is_empty()
+            && self.state.worker.remotes.lock().unwrap().is_empty()
+    }
+
+    /// Whether a job this peer is master of has taskunits to hand out.
+    pub(crate) fn local_work_waiting(&self) -> bool {
+        self.state
+            .master
+            .jobs
+            .lock()
+            .unwrap()
+            .values()
+            .any(|m| m.book.lock().unwrap().has_work())
+    }
+
+    /// Send `request` (a pull, or results with a pull) and take the batch
+    /// that comes back, if any.
+    pub(crate) async fn request_batch(
+        &self,
+        job: JobId,
+        master: PeerId,
+        module: ModuleHash,
+        limits: Limits,
+        request: Request,
+        streams: &mut HashMap<PeerId, TaskStream>,
+    ) -> Option<Batch> {
+        let asked = Instant::now();
+        let max = match &request {
+            Request::Pull { max, .. } => *max,
+            Request::Results { pull, .. } => *pull,
+            _ => 0,
+        };
+        let reply = self.exchange(streams, master, request).await;
+        if let Ok(Response::Tasks { units, .. }) = &reply {
+            debug!(
+                %job,
+                max,
+                units = units.len(),
+                bytes = units.iter().map(|u| u.data.len()).sum::<usize>(),
+                ms = asked.elapsed().as_secs_f64() * 1e3,
+                "pulled"
+            );
+        }
+        match reply {
+            Ok(Response::Tasks { units, .. }) if !units.is_empty() => Some(Batch {
+                job,
+                module,
+                limits,
+                source: BatchFrom::Remote(master),
+                units,
+            }),
+            Ok(Response::NoWork { finished: true }) => {
+                self.state.worker.remotes.lock().unwrap().remove(&job);
+                None
+            }
+            Ok(_) => {
+                self.back_off(job, Duration::from_millis(20));
+                None
+            }
+            Err(e) => {
+                debug!(%job, "pull failed: {e}");
+                self.back_off(job, Duration::from_secs(1));
+                None
+            }
+        }
+    }
+
+    /// Send `request` to `master` on this slot's stream to it (opened on
+    /// first use) and read the response. If the stream cannot be opened or
+    /// fails, it is dropped and the request goes by request-response
+    /// instead; results sent twice that way are ignored as duplicates.
+    pub(crate) async fn exchange(
+        &self,
+        streams: &mut HashMap<PeerId, TaskStream>,
+        master: PeerId,
+        request: Request,
+    ) -> Result<Response, net::NetError> {
+        if let Some(stream) = self.stream_to(streams, master).await {
+            let exchange = async {
+                Frames::write_request(stream.get_mut(), &request).await?;
+                Frames::read_response(stream).await
+            };
+            match tokio::time::timeout(self.state.config.net.request_timeout, exchange).await {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(e)) => debug!(%master, "stream failed: {e}"),
+                Err(_) => debug!(%master, "stream timed out"),
+            }
+            streams.remove(&master);
+        }
+        self.state.client.request(master, request).await
+    }
+
+    pub(crate) fn back_off(&self, job: JobId, wait: Duration) {
+        if let Some(j) = self.state.worker.remotes.lock().unwrap().get_mut(&job) {
+            j.retry_at = Instant::now() + wait;
+        }
+    }
+
+    /// [`Self::ensure_module`] for `job`'s module; if it cannot be had, the
+    /// job is set aside for 5 s.
+    pub(crate) async fn module_ready(
+        &self,
+        job: JobId,
+        master: PeerId,
+        module: ModuleHash,
+    ) -> bool {
+        match self.ensure_module(master, module).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(%job, %master, "cannot get the job's module: {e}");
+                self.back_off(job, Duration::from_secs(5));
+                false
+            }
+        }
+    }
+
+    /// Make sure the module is compiled here, fetching it from `from` once.
+    pub(crate) async fn ensure_module(&self, from: PeerId, hash: ModuleHash) -> Result<(), String> {
+        let env = &self.state.env;
+        if env.is_compiled(&hash) {
+            return Ok(());
+        }
+        let _guard = self.state.worker.fetching.lock().await;
+        if env.is_compiled(&hash) {
+            return Ok(());
+        }
+        let bytes = match env.stored_module(&hash) {
+            Some(b) => b,
+            None => match self
+                .state
+                .client
+                .request(from, Request::FetchModule { hash })
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Response::Module(b) if b.len() <= MAX_MODULE && ModuleHash::of(&b) == hash => b,
+                Response::Module(_) => {
+                    return Err("the master sent a module that does not match its hash".into());
+                }
+                other => return Err(format!("module fetch refused: {other:?}")),
+            },
+        };
+        let env = env.clone();
+        tokio::task::spawn_blocking(move || env.component(&hash, || Some(bytes)).map(drop))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+}

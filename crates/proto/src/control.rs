@@ -1,0 +1,217 @@
+//! What `antnest submit`, `antnest jobs` and the web view say to a peer on
+//! the same machine: the control socket's messages (framed by
+//! [`crate::frame::write_frame`]) and the job reports they carry.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{read_frame, write_frame};
+use crate::ids::{JobId, ModuleHash};
+use crate::limits::Limits;
+use crate::msg::ByteBuf;
+
+/// Largest control message (a module plus an inline input, or a result).
+pub const MAX_CONTROL_MESSAGE: u64 = 1 << 30;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlRequest {
+    Submit(Box<JobSpec>),
+    Peers,
+    Jobs,
+    Cancel(JobId),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlReply {
+    /// While a submitted job runs: its id, progress, streamed results.
+    Event(JobEvent),
+    Jobs(Vec<JobInfo>),
+    /// Whether there was such a job to cancel.
+    Cancelled(bool),
+    Done(Box<JobReport>),
+    Failed {
+        error: String,
+        report: Option<Box<JobReport>>,
+    },
+    Peers {
+        local: String,
+        peers: Vec<PeerInfo>,
+    },
+    /// A submission by module hash, of a module this peer does not have:
+    /// submit again with the module's bytes.
+    NeedModule,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    #[error("control socket I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed control message: {0}")]
+    Malformed(String),
+}
+
+/// Send one control message on `io` (a Unix stream, through
+/// `tokio_util::compat`).
+pub async fn write_msg<M, T>(io: &mut T, msg: &M) -> Result<(), ControlError>
+where
+    M: Serialize,
+    T: futures::AsyncWrite + Unpin + Send,
+{
+    Ok(write_frame(io, msg).await?)
+}
+
+/// Read one control message; `None` on a clean end of stream.
+pub async fn read_msg<M, T>(io: &mut T) -> Result<Option<M>, ControlError>
+where
+    M: serde::de::DeserializeOwned,
+    T: futures::AsyncRead + Unpin + Send,
+{
+    read_frame(io, MAX_CONTROL_MESSAGE)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::Unsupported => {
+                ControlError::Malformed(e.to_string())
+            }
+            _ => ControlError::Io(e),
+        })
+}
+
+/// The default control socket: `$ANTNEST_CONTROL`, else
+/// `$XDG_RUNTIME_DIR/antnest.sock`, else `/tmp/antnest-<user>.sock`.
+pub fn default_socket() -> PathBuf {
+    if let Some(p) = std::env::var_os("ANTNEST_CONTROL") {
+        return p.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("antnest.sock");
+    }
+    let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
+    PathBuf::from(format!("/tmp/antnest-{user}.sock"))
+}
+
+/// Where a job's input comes from. Re-openable, so the default split can
+/// read it after the job's own split declined.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum InputSpec {
+    Path(PathBuf),
+    Bytes(ByteBuf),
+}
+
+/// A job as submitted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The module's bytes; empty when `module_hash` names a module the
+    /// peer may have already (it answers `ModuleNotHere` if
+    /// not, and the submitter sends the bytes).
+    pub module: ByteBuf,
+    #[serde(default)]
+    pub module_hash: Option<ModuleHash>,
+    pub input: InputSpec,
+    /// Tighter limits than the peer's, if wanted.
+    pub limits: Option<Limits>,
+    /// Attempts per taskunit before it counts as failed.
+    pub max_attempts: u32,
+    /// Combine the successful results even if some taskunits failed.
+    pub keep_going: bool,
+    /// Continue this earlier job from its journal (same module and input).
+    pub resume: Option<JobId>,
+    /// Run each taskunit on this many distinct peers and compare results.
+    pub replicate: u8,
+    /// Send each result to the submitter as it arrives.
+    pub stream: bool,
+}
+
+/// Figures about a finished job (`--stats-json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JobStats {
+    pub job_id: String,
+    pub module: String,
+    pub tasks: u64,
+    pub failed: u64,
+    pub wall_ms: u64,
+    /// Taskunits completed by each peer (by peer id).
+    pub per_peer: std::collections::BTreeMap<String, u64>,
+    /// Components compiled by the master for this job (0 on a cache hit).
+    pub compiled: u64,
+    /// Results taken from the journal of an earlier run (`--resume`).
+    pub resumed: u64,
+    /// Taskunits whose replicas disagreed and were run again (`--replicate`).
+    pub mismatches: u64,
+    /// Taskunits slower workers gave back unstarted, for a faster one.
+    #[serde(default)]
+    pub taken_back: u64,
+    /// From submission to the first taskunit result, in milliseconds.
+    pub first_result_ms: Option<f64>,
+    /// Whether the submitter sent the module's bytes (not when the peer
+    /// had them already and the hash was enough).
+    #[serde(default)]
+    pub module_sent: bool,
+}
+
+/// What a finished job gives back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobReport {
+    pub output: ByteBuf,
+    pub stats: JobStats,
+    /// Taskunits that failed every attempt (only with `keep_going`).
+    pub failures: Vec<(u64, String)>,
+}
+
+/// What a submitter hears while its job runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum JobEvent {
+    /// The job has an id (sent first).
+    Started(JobId),
+    Progress(Progress),
+    /// What a taskunit wrote to stderr, wherever it ran.
+    Log {
+        index: u64,
+        text: String,
+    },
+    /// One taskunit's result as it arrives (with [`JobSpec::stream`]).
+    Result {
+        index: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+}
+
+/// A running job, for `antnest jobs` and the web view.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub job_id: String,
+    pub module: String,
+    pub progress: Progress,
+    pub running_ms: u64,
+    /// Results so far by worker peer id.
+    pub per_peer: std::collections::BTreeMap<String, u64>,
+}
+
+/// Progress figures, for the submitter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u64,
+    pub failed: u64,
+    /// Known once the split has finished.
+    pub total: Option<u64>,
+    pub leased: u64,
+    /// Distinct workers holding leases right now.
+    pub workers: u64,
+    /// Taskunits whose replicas disagreed (and were run again).
+    pub mismatches: u64,
+    /// Taskunits slower workers gave back unstarted (see
+    /// the scheduler's `JobBook::give_back`).
+    #[serde(default)]
+    pub taken_back: u64,
+}
+
+/// A peer as the local peer sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub peer_id: String,
+    pub addresses: Vec<String>,
+    pub connected: bool,
+    pub agent: Option<String>,
+}

@@ -1,0 +1,424 @@
+//! The engine of a peer's sandbox ([`Environment`]): the wasmtime engine
+//! and linker, the compiled-component cache (in memory and on disk, by
+//! module hash), instantiation under limits, and the epoch ticker.
+//!
+//! Deadlines use epoch interruption: one ticker thread per [`Environment`]
+//! bumps the engine epoch while guest code runs, every 1/64 of the
+//! shortest time limit among the calls running (10 ms to 1 s), so a
+//! deadline is kept to within about 1.6% of its limit; it sleeps when none
+//! has run for a few ticks, so an idle peer stays quiet. Each tick takes a
+//! core from a busy slot for a moment (on a loaded machine, after waiting
+//! for the scheduler's next tick), hence no more ticks than that. The
+//! deadline callback compares against a wall-clock deadline kept in the
+//! store, which host calls that block (a split waiting for workers to take
+//! its taskunits) push forward, so only time spent computing counts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use antnest_proto::{Limits, ModuleHash, TaskError};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::WasiCtx;
+use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
+
+use crate::guest::{GuestState, HasSelf, HostIo, Job, JobPre, MemoryLimiter, STDERR_CAPTURE};
+
+/// The epoch advances this many times over the shortest time limit of the
+/// guest calls running, and no more often than [`TICK_MIN`], no less than
+/// [`TICK_MAX`]; deadlines are accurate to about one tick.
+const TICKS_PER_LIMIT: u32 = 64;
+pub const TICK_MIN: Duration = Duration::from_millis(10);
+pub const TICK_MAX: Duration = Duration::from_secs(1);
+/// The ticker sleeps after this many ticks with no guest call running, and
+/// wakes on the next call (or after [`IDLE_CHECK`], to see whether its
+/// engine is gone).
+const IDLE_TICKS: u32 = 3;
+const IDLE_CHECK: Duration = Duration::from_secs(10);
+
+/// Why a module could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    #[error("invalid job module {hash}: {reason}")]
+    InvalidModule { hash: ModuleHash, reason: String },
+    #[error("module cache at {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Cache counters, for the benchmarks and for `--stats-json`.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct CacheStats {
+    /// Components compiled from wasm (each costs a full Cranelift compile).
+    pub compiled: u64,
+    /// Components loaded from the on-disk artifact cache.
+    pub disk_hits: u64,
+    /// Components found already loaded in memory.
+    pub memory_hits: u64,
+}
+
+/// One per peer: the engine, the linker, and the compiled-module cache.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Environment {
+    inner: Arc<EnvInner>,
+}
+
+struct EnvInner {
+    engine: Engine,
+    ticker: Ticker,
+    linker: Linker<GuestState>,
+    cache_dir: Option<PathBuf>,
+    loaded: Mutex<HashMap<ModuleHash, Component>>,
+    /// Each component's imports resolved against the linker once
+    /// (`instantiate_pre` type-checks every WASI import, ~50 µs), keyed by
+    /// the address of its code, which stays put while the entry holds it.
+    ready: Mutex<HashMap<usize, JobPre<GuestState>>>,
+    /// One gate per module being loaded, so that two threads wanting the
+    /// same module (a job's submit and a worker slot, say) compile it once.
+    loading: Mutex<HashMap<ModuleHash, Arc<Mutex<()>>>>,
+    compiled: AtomicU64,
+    disk_hits: AtomicU64,
+    memory_hits: AtomicU64,
+}
+
+impl Environment {
+    /// Build the engine and start its epoch ticker. `cache_dir` keeps module
+    /// bytes and compiled artifacts between runs; `None` keeps them in memory only.
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, LoadError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.wasm_component_model(true);
+        let engine = Engine::new(&config).map_err(|e| LoadError::InvalidModule {
+            hash: ModuleHash::of(b""),
+            reason: format!("engine: {e}"),
+        })?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).expect("WASI links once");
+        Job::add_to_linker::<GuestState, HasSelf<GuestState>>(&mut linker, |s| s)
+            .expect("host interface links once");
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir).map_err(|source| LoadError::Cache {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let ticker = Ticker::start(&engine);
+        Ok(Environment {
+            inner: Arc::new(EnvInner {
+                engine,
+                ticker,
+                linker,
+                cache_dir,
+                loaded: Mutex::new(HashMap::new()),
+                ready: Mutex::new(HashMap::new()),
+                loading: Mutex::new(HashMap::new()),
+                compiled: AtomicU64::new(0),
+                disk_hits: AtomicU64::new(0),
+                memory_hits: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            compiled: self.inner.compiled.load(Ordering::Relaxed),
+            disk_hits: self.inner.disk_hits.load(Ordering::Relaxed),
+            memory_hits: self.inner.memory_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    fn module_path(&self, hash: &ModuleHash) -> Option<PathBuf> {
+        self.inner
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{hash}.wasm")))
+    }
+
+    fn artifact_path(&self, hash: &ModuleHash) -> Option<PathBuf> {
+        self.inner
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{hash}-{}.cwasm", env!("CARGO_PKG_VERSION"))))
+    }
+
+    /// The module's bytes, if this peer has them on disk.
+    pub fn stored_module(&self, hash: &ModuleHash) -> Option<Vec<u8>> {
+        std::fs::read(self.module_path(hash)?).ok()
+    }
+
+    /// Keep the module's bytes on disk (so this peer can serve them to others).
+    pub fn store_module(&self, hash: &ModuleHash, bytes: &[u8]) -> Result<(), LoadError> {
+        match self.module_path(hash) {
+            Some(path) if !path.exists() => write_atomic(&path, bytes),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the compiled component is available without compiling.
+    pub fn is_compiled(&self, hash: &ModuleHash) -> bool {
+        self.inner.loaded.lock().unwrap().contains_key(hash)
+            || self.artifact_path(hash).is_some_and(|p| p.exists())
+    }
+
+    /// The compiled component for `hash`: from memory, from the artifact
+    /// cache, or compiled from `bytes` (which must hash to `hash`).
+    /// Blocks for the whole compile; call it off the async runtime.
+    pub fn component(
+        &self,
+        hash: &ModuleHash,
+        bytes: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Result<Component, LoadError> {
+        if let Some(c) = self.loaded(hash) {
+            return Ok(c);
+        }
+        let gate = self
+            .inner
+            .loading
+            .lock()
+            .unwrap()
+            .entry(*hash)
+            .or_default()
+            .clone();
+        let held = gate.lock().unwrap_or_else(|e| e.into_inner());
+        // Another thread may have loaded it while this one waited.
+        let loaded = match self.loaded(hash) {
+            Some(c) => Ok(c),
+            None => self.load(hash, bytes),
+        };
+        drop(held);
+        let mut loading = self.inner.loading.lock().unwrap();
+        // Only our own gate: a later caller's may be in place already.
+        if loading.get(hash).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
+            loading.remove(hash);
+        }
+        loaded
+    }
+
+    /// The compiled component for `hash` if it is in memory (never blocks
+    /// for long: no disk, no compile); counted as a memory hit.
+    pub fn loaded(&self, hash: &ModuleHash) -> Option<Component> {
+        let c = self.inner.loaded.lock().unwrap().get(hash).cloned()?;
+        self.inner.memory_hits.fetch_add(1, Ordering::Relaxed);
+        Some(c)
+    }
+
+    /// `component` past the memory cache: from disk or compiled.
+    fn load(
+        &self,
+        hash: &ModuleHash,
+        bytes: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Result<Component, LoadError> {
+        let invalid = |reason: String| LoadError::InvalidModule {
+            hash: *hash,
+            reason,
+        };
+        let artifact = self.artifact_path(hash);
+        if let Some(path) = artifact.as_ref().filter(|p| p.exists()) {
+            // SAFETY: artifacts are only ever written by `precompile_component`
+            // below, into our own cache directory, under a name that includes
+            // the module hash and our version; wasmtime also checks that the
+            // artifact matches this engine's configuration.
+            if let Ok(c) = unsafe { Component::deserialize_file(&self.inner.engine, path) } {
+                self.inner.disk_hits.fetch_add(1, Ordering::Relaxed);
+                self.remember(hash, &c);
+                return Ok(c);
+            }
+        }
+        let bytes = bytes()
+            .or_else(|| self.stored_module(hash))
+            .ok_or_else(|| invalid("module bytes not available".into()))?;
+        if ModuleHash::of(&bytes) != *hash {
+            return Err(invalid("bytes do not match the module hash".into()));
+        }
+        let serialized = self
+            .inner
+            .engine
+            .precompile_component(&bytes)
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        self.inner.compiled.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the bytes were produced just now by this engine.
+        let component = unsafe { Component::deserialize(&self.inner.engine, &serialized) }
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        if let Some(path) = artifact {
+            write_atomic(&path, &serialized)?;
+        }
+        self.store_module(hash, &bytes)?;
+        self.remember(hash, &component);
+        Ok(component)
+    }
+
+    fn remember(&self, hash: &ModuleHash, component: &Component) {
+        self.inner
+            .loaded
+            .lock()
+            .unwrap()
+            .insert(*hash, component.clone());
+    }
+
+    pub(crate) fn instantiate(
+        &self,
+        component: &Component,
+        limits: Limits,
+        io: HostIo,
+    ) -> Result<(Store<GuestState>, Job), TaskError> {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let wasi = WasiCtx::builder()
+            .stdout(SinkOutputStream)
+            .stderr(stderr.clone())
+            .build();
+        let state = GuestState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                limit: limits.memory,
+                exceeded: false,
+            },
+            stderr,
+            deadline: Instant::now() + limits.time,
+            io,
+        };
+        let mut store = Store::new(&self.inner.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(1);
+        let period = self.inner.ticker.period.clone();
+        store.epoch_deadline_callback(move |ctx| {
+            let left = ctx
+                .data()
+                .deadline
+                .saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                Err(Trap::Interrupt.into())
+            } else {
+                let tick = period.load(Ordering::SeqCst).max(1);
+                Ok(UpdateDeadline::Continue(
+                    (left.as_nanos() / u128::from(tick)).max(1) as u64,
+                ))
+            }
+        });
+        let pre = self.ready(component)?;
+        let job = {
+            let _running = self.running(limits.time);
+            pre.instantiate(&mut store)
+                .map_err(|e| TaskError::Load(format!("instantiate: {e:#}")))?
+        };
+        Ok((store, job))
+    }
+
+    /// `component` linked, ready to instantiate.
+    fn ready(&self, component: &Component) -> Result<JobPre<GuestState>, TaskError> {
+        let key = component.image_range().start as usize;
+        if let Some(pre) = self.inner.ready.lock().unwrap().get(&key) {
+            return Ok(pre.clone());
+        }
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(component)
+            .and_then(JobPre::new)
+            .map_err(|e| TaskError::Load(format!("instantiate: {e:#}")))?;
+        self.inner.ready.lock().unwrap().insert(key, pre.clone());
+        Ok(pre)
+    }
+
+    /// Mark guest code with a time limit of `limit` as running (so that
+    /// the epoch ticks, often enough for it) until the guard drops.
+    pub(crate) fn running(&self, limit: Duration) -> Running<'_> {
+        self.inner.ticker.enter(limit)
+    }
+}
+
+/// The thread that advances an engine's epoch, how many guest calls run
+/// now, and the period of its ticks.
+struct Ticker {
+    thread: std::thread::Thread,
+    calls: Arc<AtomicUsize>,
+    /// Nanoseconds between ticks, for the calls running.
+    period: Arc<AtomicU64>,
+    /// The ticker is parked until a call starts.
+    idle: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Ticker {
+    fn start(engine: &Engine) -> Ticker {
+        let weak = engine.weak();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let period = Arc::new(AtomicU64::new(TICK_MIN.as_nanos() as u64));
+        let idle = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (running, every, parked) = (calls.clone(), period.clone(), idle.clone());
+        let handle = std::thread::Builder::new()
+            .name("antnest-epoch".into())
+            .spawn(move || {
+                let mut quiet = 0;
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    quiet = if running.load(Ordering::SeqCst) > 0 {
+                        0
+                    } else {
+                        quiet + 1
+                    };
+                    if quiet >= IDLE_TICKS {
+                        // A call starting from now on sees `idle` and
+                        // unparks this thread (or has left it a token, and
+                        // this returns at once).
+                        parked.store(true, Ordering::SeqCst);
+                        if running.load(Ordering::SeqCst) == 0 {
+                            std::thread::park_timeout(IDLE_CHECK);
+                        }
+                        parked.store(false, Ordering::SeqCst);
+                    } else {
+                        // Woken early by a call with a shorter limit.
+                        std::thread::park_timeout(Duration::from_nanos(
+                            every.load(Ordering::SeqCst),
+                        ));
+                    }
+                }
+            })
+            .expect("spawn epoch thread");
+        Ticker {
+            thread: handle.thread().clone(),
+            calls,
+            period,
+            idle,
+        }
+    }
+
+    fn enter(&self, limit: Duration) -> Running<'_> {
+        let tick = (limit / TICKS_PER_LIMIT)
+            .clamp(TICK_MIN, TICK_MAX)
+            .as_nanos() as u64;
+        let before = if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.period.swap(tick, Ordering::SeqCst)
+        } else {
+            self.period.fetch_min(tick, Ordering::SeqCst)
+        };
+        // A system call only if the ticker is parked: it is idle, or
+        // sleeps for a longer period than this call's limit allows.
+        if tick < before || self.idle.load(Ordering::SeqCst) {
+            self.thread.unpark();
+        }
+        Running(&self.calls)
+    }
+}
+
+pub(crate) struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+    crate::write_atomic(path, bytes).map_err(|source| LoadError::Cache {
+        path: path.to_owned(),
+        source,
+    })
+}

@@ -1,0 +1,223 @@
+//! What a guest sees of its host: the `antnest:job/host` interface (input
+//! for `split`, results for `combine`), WASI with no files, network or
+//! environment, the memory limiter, and how a failed call is named.
+
+use std::io::Read as _;
+use std::time::Instant;
+
+use antnest_proto::{Limits, SharedBytes, TaskError};
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::input::SplitInput;
+use crate::lines::{split_lines, split_lines_shared};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "job",
+        imports: { default: trappable },
+    });
+}
+
+pub(crate) use bindings::{Job, JobPre};
+pub(crate) use wasmtime::component::HasSelf;
+
+/// How much guest stderr is kept to explain a failure.
+pub(crate) const STDERR_CAPTURE: usize = 64 * 1024;
+
+/// Denies memory growth past the limit and remembers that it did.
+pub(crate) struct MemoryLimiter {
+    pub(crate) limit: usize,
+    pub(crate) exceeded: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.exceeded = true;
+            // Trap rather than return -1 so the error names the cause.
+            return Err(wasmtime::Error::msg("memory limit reached"));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+/// What `split` reads and emits, or what `combine` reads and writes.
+pub(crate) enum HostIo {
+    None,
+    Split {
+        input: SplitInput,
+        /// Takes one taskunit; an error (job cancelled, unit too large) stops the split.
+        emit: Box<dyn FnMut(SharedBytes) -> Result<(), String> + Send>,
+        emitted: u64,
+    },
+    Combine {
+        results: Box<dyn Iterator<Item = Vec<u8>> + Send>,
+        output: Vec<u8>,
+        limit: usize,
+    },
+}
+
+pub(crate) struct GuestState {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) limiter: MemoryLimiter,
+    pub(crate) stderr: MemoryOutputPipe,
+    /// Wall-clock compute deadline of the current call (see
+    /// [`crate::engine`]): host calls that wait push it forward.
+    pub(crate) deadline: Instant,
+    pub(crate) io: HostIo,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+fn host_misuse(what: &str) -> wasmtime::Error {
+    wasmtime::Error::msg(format!("host.{what} may not be called here"))
+}
+
+/// Run host work (reading input, handing over taskunits, waiting for
+/// results) without charging its time to the guest's compute `deadline`.
+fn uncharged<T>(deadline: &mut Instant, work: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let out = work();
+    *deadline += started.elapsed();
+    out
+}
+
+impl bindings::antnest::job::host::Host for GuestState {
+    fn read_input(&mut self, max: u32) -> wasmtime::Result<Vec<u8>> {
+        let HostIo::Split { input, .. } = &mut self.io else {
+            return Err(host_misuse("read-input"));
+        };
+        uncharged(&mut self.deadline, || {
+            let mut buf = vec![0; (max as usize).min(4 << 20)];
+            let n = loop {
+                match input.read(&mut buf) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        return Err(wasmtime::Error::msg(format!("reading job input: {e}")));
+                    }
+                }
+            };
+            buf.truncate(n);
+            Ok(buf)
+        })
+    }
+
+    fn emit(&mut self, unit: Vec<u8>) -> wasmtime::Result<()> {
+        let HostIo::Split { emit, emitted, .. } = &mut self.io else {
+            return Err(host_misuse("emit"));
+        };
+        uncharged(&mut self.deadline, || {
+            emit(unit.into()).map_err(wasmtime::Error::msg)?;
+            *emitted += 1;
+            Ok(())
+        })
+    }
+
+    fn emit_lines(&mut self, max_bytes: u32) -> wasmtime::Result<()> {
+        let HostIo::Split {
+            input,
+            emit,
+            emitted,
+        } = &mut self.io
+        else {
+            return Err(host_misuse("emit-lines"));
+        };
+        let mut emit_one = |unit: SharedBytes| {
+            emit(unit)?;
+            *emitted += 1;
+            Ok(())
+        };
+        uncharged(&mut self.deadline, || match input {
+            SplitInput::Stream(reader) => {
+                split_lines(reader.as_mut(), max_bytes as usize, &mut emit_one)
+            }
+            SplitInput::Bytes { data, pos } => {
+                split_lines_shared(data, pos, max_bytes as usize, &mut emit_one)
+            }
+        })
+        .map_err(wasmtime::Error::msg)
+    }
+
+    fn next_result(&mut self) -> wasmtime::Result<Option<Vec<u8>>> {
+        let HostIo::Combine { results, .. } = &mut self.io else {
+            return Err(host_misuse("next-result"));
+        };
+        // Waiting for a result is not compute time.
+        Ok(uncharged(&mut self.deadline, || results.next()))
+    }
+
+    fn write_output(&mut self, bytes: Vec<u8>) -> wasmtime::Result<()> {
+        let HostIo::Combine { output, limit, .. } = &mut self.io else {
+            return Err(host_misuse("write-output"));
+        };
+        if output.len() + bytes.len() > *limit {
+            return Err(wasmtime::Error::msg(format!(
+                "combined output exceeds the {limit}-byte limit"
+            )));
+        }
+        output.extend_from_slice(&bytes);
+        Ok(())
+    }
+}
+
+/// Turn a failed call into a [`TaskError`], naming the cause.
+pub(crate) fn classify(
+    err: wasmtime::Error,
+    store: &Store<GuestState>,
+    limits: Limits,
+) -> TaskError {
+    let state = store.data();
+    if state.limiter.exceeded {
+        return TaskError::OutOfMemory(limits.memory);
+    }
+    if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
+        return TaskError::Timeout(limits.time);
+    }
+    let mut msg = if let Some(trap) = err.downcast_ref::<Trap>() {
+        trap.to_string()
+    } else if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        format!("the job called exit({})", exit.0)
+    } else {
+        let root = err.root_cause().to_string();
+        root.lines().next().unwrap_or_default().to_string()
+    };
+    let stderr = state.stderr.contents();
+    let stderr = String::from_utf8_lossy(&stderr);
+    let stderr = stderr.trim();
+    if !stderr.is_empty() {
+        // The end of stderr is where a panic message is.
+        let start = stderr.len().saturating_sub(2000);
+        let start = (start..stderr.len())
+            .find(|i| stderr.is_char_boundary(*i))
+            .unwrap_or(0);
+        msg = format!("{msg}; guest stderr: {}", &stderr[start..]);
+    }
+    TaskError::Trap(msg)
+}

@@ -1,0 +1,55 @@
+//! Where a split reads from: a job's input opened as [`SplitInput`], a
+//! regular file mapped (see [`crate::mapped`]), anything else read.
+
+use std::io::Read;
+
+use antnest_proto::SharedBytes;
+use antnest_proto::control::InputSpec;
+
+use crate::mapped::{self, Damage};
+
+/// What a split reads: a stream, or bytes already in memory or mapped from
+/// a file, which the line split cuts into taskunits without copying them.
+pub enum SplitInput {
+    Stream(Box<dyn Read + Send>),
+    Bytes { data: SharedBytes, pos: usize },
+}
+
+impl Read for SplitInput {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            SplitInput::Stream(r) => r.read(buf),
+            SplitInput::Bytes { data, pos } => {
+                let n = (&data[*pos..]).read(buf)?;
+                *pos += n;
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// The input for a split. A regular file is mapped, so the line split
+/// cuts taskunits out of the page cache without reading them into
+/// buffers first (with the [`Damage`] flag that tells whether the file
+/// changed meanwhile); anything else (a pipe, or a failed mapping) is read.
+pub fn open(input: &InputSpec) -> std::io::Result<(SplitInput, Option<Damage>)> {
+    Ok(match input {
+        InputSpec::Path(p) => {
+            let file = std::fs::File::open(p)?;
+            match mapped::map_file(&file) {
+                Some((data, damage)) => (SplitInput::Bytes { data, pos: 0 }, Some(damage)),
+                None => (
+                    SplitInput::Stream(Box::new(std::io::BufReader::new(file))),
+                    None,
+                ),
+            }
+        }
+        InputSpec::Bytes(b) => (
+            SplitInput::Bytes {
+                data: b.clone().into_vec().into(),
+                pos: 0,
+            },
+            None,
+        ),
+    })
+}

@@ -1,0 +1,198 @@
+//! Running a job's three functions: [`TaskRunner`] runs `process` for one
+//! module, keeping one instance alive across taskunits (re-instantiating
+//! per call is far slower) and throwing it away after a trap, since a
+//! trapped instance may not be entered again; [`run_split`] and
+//! [`run_combine`] run the other two once per job.
+//!
+//! Calls are synchronous and block their thread; callers run them on
+//! `spawn_blocking` or a dedicated thread.
+
+use std::time::Instant;
+
+use antnest_proto::{Limits, SharedBytes, TaskError};
+use wasmtime::Store;
+use wasmtime::component::Component;
+
+use crate::engine::Environment;
+use crate::guest::{GuestState, HostIo, Job, STDERR_CAPTURE, classify};
+use crate::input::SplitInput;
+
+/// Runs `process` for one module, reusing one instance across taskunits.
+pub struct TaskRunner {
+    env: Environment,
+    component: Component,
+    limits: Limits,
+    instance: Option<(Store<GuestState>, Job)>,
+    /// Bytes of the instance's stderr already handed out.
+    stderr_seen: usize,
+    /// What the last taskunit wrote to stderr.
+    last_stderr: String,
+}
+
+impl TaskRunner {
+    pub fn new(env: Environment, component: Component, limits: Limits) -> Self {
+        TaskRunner {
+            env,
+            component,
+            limits,
+            instance: None,
+            stderr_seen: 0,
+            last_stderr: String::new(),
+        }
+    }
+
+    /// What the last taskunit wrote to stderr (empty if nothing; after a
+    /// trap it is part of the error instead).
+    pub fn take_stderr(&mut self) -> String {
+        std::mem::take(&mut self.last_stderr)
+    }
+
+    /// Keep the instance for the next taskunit, collecting what this one
+    /// wrote to stderr. An instance whose stderr buffer is filling up is
+    /// replaced, so a chatty guest never hits the buffer's end.
+    fn keep(&mut self, store: Store<GuestState>, job: Job) {
+        let all = store.data().stderr.contents();
+        self.last_stderr =
+            String::from_utf8_lossy(&all[self.stderr_seen.min(all.len())..]).into_owned();
+        self.stderr_seen = all.len();
+        if self.stderr_seen < STDERR_CAPTURE * 3 / 4 {
+            self.instance = Some((store, job));
+        } else {
+            self.stderr_seen = 0;
+        }
+    }
+
+    /// Process one taskunit.
+    pub fn process(&mut self, unit: &[u8]) -> Result<Vec<u8>, TaskError> {
+        let (mut store, job) = match self.instance.take() {
+            Some(inst) => inst,
+            None => self
+                .env
+                .instantiate(&self.component, self.limits, HostIo::None)?,
+        };
+        store.data_mut().deadline = Instant::now() + self.limits.time;
+        let called = {
+            let _running = self.env.running(self.limits.time);
+            job.call_process(&mut store, unit)
+        };
+        match called {
+            Ok(Ok(out)) if out.len() > self.limits.output => {
+                self.keep(store, job);
+                Err(TaskError::OutputTooLarge {
+                    size: out.len(),
+                    limit: self.limits.output,
+                })
+            }
+            Ok(result) => {
+                self.keep(store, job);
+                result.map_err(TaskError::Guest)
+            }
+            // The instance trapped: drop it; the next taskunit gets a fresh one.
+            Err(e) => {
+                self.stderr_seen = 0;
+                self.last_stderr.clear();
+                Err(classify(e, &store, self.limits))
+            }
+        }
+    }
+}
+
+/// What `split` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitOutcome {
+    /// The job emitted this many taskunits itself.
+    Emitted(u64),
+    /// The job asked for the default split (one taskunit per line).
+    Default,
+}
+
+/// Run the job's `split` over `input`, handing each taskunit to `emit`
+/// (which may block, to keep memory bounded, and fails to stop the split).
+/// For [`SplitOutcome::Default`] the caller splits by lines itself.
+pub fn run_split(
+    env: &Environment,
+    component: &Component,
+    limits: Limits,
+    input: SplitInput,
+    emit: Box<dyn FnMut(SharedBytes) -> Result<(), String> + Send>,
+) -> Result<SplitOutcome, TaskError> {
+    let io = HostIo::Split {
+        input,
+        emit,
+        emitted: 0,
+    };
+    let (mut store, job) = env.instantiate(component, limits, io)?;
+    store.data_mut().deadline = Instant::now() + limits.time;
+    let result = {
+        let _running = env.running(limits.time);
+        job.call_split(&mut store)
+    };
+    let emitted = match &store.data().io {
+        HostIo::Split { emitted, .. } => *emitted,
+        _ => 0,
+    };
+    match result {
+        Ok(Ok(true)) => Ok(SplitOutcome::Emitted(emitted)),
+        Ok(Ok(false)) if emitted == 0 => Ok(SplitOutcome::Default),
+        Ok(Ok(false)) => Err(TaskError::Guest(
+            "split emitted taskunits and then asked for the default split".into(),
+        )),
+        Ok(Err(e)) => Err(TaskError::Guest(e)),
+        Err(e) => Err(classify(e, &store, limits)),
+    }
+}
+
+/// Run the job's `combine` over the results (in taskunit order). `None`
+/// means the job asked for the default combine.
+pub fn run_combine(
+    env: &Environment,
+    component: &Component,
+    limits: Limits,
+    results: Box<dyn Iterator<Item = Vec<u8>> + Send>,
+) -> Result<Option<Vec<u8>>, TaskError> {
+    let io = HostIo::Combine {
+        results,
+        output: Vec::new(),
+        limit: limits.combined_output(),
+    };
+    let (mut store, job) = env.instantiate(component, limits, io)?;
+    store.data_mut().deadline = Instant::now() + limits.time;
+    let result = {
+        let _running = env.running(limits.time);
+        job.call_combine(&mut store)
+    };
+    let output = match &mut store.data_mut().io {
+        HostIo::Combine { output, .. } => std::mem::take(output),
+        _ => Vec::new(),
+    };
+    match result {
+        Ok(Ok(true)) => Ok(Some(output)),
+        Ok(Ok(false)) if output.is_empty() => Ok(None),
+        Ok(Ok(false)) => Err(TaskError::Guest(
+            "combine wrote output and then asked for the default combine".into(),
+        )),
+        Ok(Err(e)) => Err(TaskError::Guest(e)),
+        Err(e) => Err(classify(e, &store, limits)),
+    }
+}
+
+/// The default combine: results joined by newlines, in taskunit order.
+pub fn default_combine(
+    results: impl Iterator<Item = Vec<u8>>,
+    limit: usize,
+) -> Result<Vec<u8>, TaskError> {
+    let mut out = Vec::new();
+    for (i, r) in results.enumerate() {
+        if i > 0 {
+            out.push(b'\n');
+        }
+        out.extend_from_slice(&r);
+        if out.len() > limit {
+            return Err(TaskError::OutputTooLarge {
+                size: out.len(),
+                limit,
+            });
+        }
+    }
+    Ok(out)
+}
