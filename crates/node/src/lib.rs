@@ -4,7 +4,7 @@
 //!
 //! - [`peer`]: [`start`] a peer and [`RunningPeer::shutdown`] it; the
 //!   dispatch of network events.
-//! - [`config`]: [`PeerConfig`].
+//! - [`config`]: how a peer runs ([`PeerConfig`]).
 //! - `state` (private): what the parts of a peer share, behind [`Peer`].
 //! - [`net`]: everything libp2p: one `EventLoop` owns the swarm, a
 //!   `Client` talks to it; the request-response codec; the accept loop.

@@ -6,7 +6,7 @@
 //! With replication (`--replicate K`), each taskunit is run on K distinct
 //! workers; it is retired when all K results hash the same. A mismatch is
 //! counted, reported, and the taskunit is run again (up to the attempt limit).
-//! Each (taskunit, replica) pair is a *slot* with its own lease.
+//! Each (taskunit, replica) pair is a [`Replica`] with its own lease.
 //!
 //! `JobBook` is plain data behind a `std::sync::Mutex`; every method is short
 //! and never awaits.
@@ -25,10 +25,11 @@ use crate::intake::SplitReceiver;
 use crate::journal::Journal;
 use crate::pace::{Pace, WorkerTimes};
 
-/// One replica of one taskunit: (index, replica number).
-type Slot = (u64, u8);
+/// One replica of one taskunit: (index, replica number). Leases, backups
+/// and the queue hold replicas; a worker slot is a thread of a worker.
+pub(crate) type Replica = (u64, u8);
 
-struct Lease {
+pub(crate) struct Lease {
     worker: PeerId,
     since: Instant,
     deadline: Instant,
@@ -64,11 +65,11 @@ pub struct JobBook {
     /// Taskunits emitted and not yet retired, by index.
     open: HashMap<u64, SharedBytes>,
     /// Slots that nobody holds a lease on, oldest first.
-    queue: VecDeque<Slot>,
-    leases: HashMap<Slot, Lease>,
+    queue: VecDeque<Replica>,
+    leases: HashMap<Replica, Lease>,
     /// Straggler backups (only without replication): near the end of a job,
     /// an idle worker gets a copy of a slot leased to someone else.
-    backups: HashMap<Slot, PeerId>,
+    backups: HashMap<Replica, PeerId>,
     /// Time per taskunit from lease to result (network and a batch queued
     /// behind another included) of each worker's last batch, and of the
     /// last batch of any worker: how long a batch is expected to be held.
@@ -121,10 +122,6 @@ pub struct JobBook {
 
 /// The most guest stderr one job forwards to its submitter.
 const MAX_LOG: usize = 1 << 20;
-
-/// With this few taskunits left to issue, a batch over the network is
-/// sized by who would finish each first (see [`JobBook::end_game`]).
-const END_GAME: usize = 256;
 
 impl JobBook {
     /// Guest stderr since the last call, by taskunit.
@@ -318,7 +315,7 @@ impl JobBook {
             self.leases.insert(
                 slot,
                 Lease {
-                    worker: worker,
+                    worker,
                     since: now,
                     deadline: now + self.lease_time,
                     batch: 1,
@@ -353,125 +350,9 @@ impl JobBook {
         units
     }
 
-    /// `worker`'s share of `unissued` taskunits: its part of all that is
-    /// left (held by workers or not), in proportion to each worker's pace
-    /// (a worker not timed yet counts as the mean of the others, or all
-    /// alike), less what it holds; so a slower worker's last batch ends
-    /// about when the others' do. At least one.
-    fn share(&self, worker: PeerId, unissued: usize) -> usize {
-        // Those at work on the job, and those timed on the module's last
-        // job (who will likely ask soon).
-        let mut workers: HashSet<PeerId> = self.per_worker.keys().copied().collect();
-        workers.extend(self.leases.values().map(|l| l.worker));
-        workers.extend(self.pace.keys().copied());
-        workers.insert(worker);
-        let speed = |w: PeerId| self.pace(w).map(|t| 1.0 / t.as_secs_f64().max(1e-9));
-        let known: Vec<f64> = workers.iter().filter_map(|w| speed(*w)).collect();
-        let mean = if known.is_empty() {
-            1.0
-        } else {
-            known.iter().sum::<f64>() / known.len() as f64
-        };
-        let total: f64 = workers.iter().map(|w| speed(*w).unwrap_or(mean)).sum();
-        // Of all that is left, those held included (the master's own slot
-        // has one in hand when a remote first asks): a share of 64 less
-        // the one held, not a share of 63, which rounds 31.3 down for a
-        // worker 1% slower and leaves the other 33.
-        let held = self.leases.len();
-        let mine = self.leases.values().filter(|l| l.worker == worker).count();
-        let share = (unissued + held) as f64 * speed(worker).unwrap_or(mean) / total - mine as f64;
-        (share.round().max(1.0)) as usize
-    }
-
-    /// How many of the last `unissued` taskunits `worker` would finish
-    /// before any other worker at work on the job could: each goes, in
-    /// thought, to whoever would end it first, given the taskunits each
-    /// holds and its pace. A worker that asks before its batch ends (while
-    /// others may be about to be free) so gets only what it will really
-    /// be first to. A worker holding nothing gets at least one. Past
-    /// [`END_GAME`] taskunits, no limit.
-    fn end_game(&self, worker: PeerId, unissued: usize, now: Instant) -> usize {
-        if unissued > END_GAME {
-            return usize::MAX;
-        }
-        let Some(fallback) = self
-            .last_pace
-            .or_else(|| self.pace.values().map(Pace::median).min())
-        else {
-            return usize::MAX;
-        };
-        let pace = |w: PeerId| self.pace(w).unwrap_or(fallback);
-        // Each worker holding taskunits: how many, since when.
-        let mut held: HashMap<PeerId, (usize, Instant)> = HashMap::new();
-        for l in self.leases.values() {
-            let e = held.entry(l.worker).or_insert((0, l.since));
-            e.0 += 1;
-            e.1 = e.1.min(l.since);
-        }
-        // When each would be free: the asker is at work on what it holds
-        // now; others started theirs when leased.
-        let mine = held.get(&worker).map_or(0, |h| h.0);
-        let mut free = now + pace(worker) * mine as u32;
-        let mut others: Vec<(Instant, Duration)> = held
-            .iter()
-            .filter(|(w, _)| **w != worker)
-            .map(|(w, (n, since))| {
-                let t = pace(*w);
-                ((*since + t * *n as u32).max(now), t)
-            })
-            .collect();
-        let t = pace(worker);
-        let mut count = 0;
-        for _ in 0..unissued {
-            let first = others.iter_mut().min_by_key(|(f, t)| *f + *t);
-            match first {
-                Some((f, t_other)) if *f + *t_other < free + t => *f += *t_other,
-                _ => {
-                    count += 1;
-                    free += t;
-                }
-            }
-        }
-        if mine == 0 { count.max(1) } else { count }
-    }
-
-    /// Nothing fresh is left: copy the longest-held taskunits of other
-    /// workers (one backup each) so a slow worker does not hold up the end.
-    /// Only overdue batches are copied: held half as long again as the
-    /// batch and one more taskunit (a worker asks for its next batch before
-    /// it ends the last) take at their worker's last pace (or any worker's,
-    /// for a worker new to the job). This is speculation for stragglers, as in
-    /// MapReduce: a batch on time finishes first anyway, and its copy would
-    /// only take a core from the job's last steps.
-    fn take_backups(&mut self, worker: PeerId, max: usize, now: Instant) -> Vec<TaskUnit> {
-        let overdue = |l: &Lease| {
-            self.turnaround
-                .get(&l.worker)
-                .or(self.last_turnaround.as_ref())
-                .is_none_or(|t| now.saturating_duration_since(l.since) > *t * (l.batch + 1) * 3 / 2)
-        };
-        let mut held: Vec<(Instant, Slot)> = self
-            .leases
-            .iter()
-            .filter(|(s, l)| l.worker != worker && !self.backups.contains_key(s) && overdue(l))
-            .map(|(s, l)| (l.since, *s))
-            .collect();
-        held.sort_unstable();
-        held.into_iter()
-            .take(max)
-            .map(|(_, slot)| {
-                self.backups.insert(slot, worker);
-                TaskUnit {
-                    index: slot.0,
-                    data: self.open[&slot.0].clone(),
-                }
-            })
-            .collect()
-    }
-
     /// The next taskunit from the split: its first slot, the other
     /// replicas queued.
-    fn pull_split(&mut self) -> Option<Slot> {
+    fn pull_split(&mut self) -> Option<Replica> {
         loop {
             let rx = self.split.as_ref()?;
             match rx.try_recv() {
@@ -495,7 +376,7 @@ impl JobBook {
     }
 
     fn reclaim_expired(&mut self, now: Instant) {
-        let expired: Vec<Slot> = self
+        let expired: Vec<Replica> = self
             .leases
             .iter()
             .filter(|(_, l)| l.deadline <= now)
@@ -517,13 +398,11 @@ impl JobBook {
         if self.replicas > 1 || unissued || self.fatal.is_some() {
             return Vec::new();
         }
-        let mut batches: Vec<(PeerId, Instant)> = self
-            .unasked(asker)
-            .map(|l| (l.worker.clone(), l.since))
-            .collect();
+        let mut batches: Vec<(PeerId, Instant)> =
+            self.unasked(asker).map(|l| (l.worker, l.since)).collect();
         batches.sort_unstable();
         batches.dedup();
-        let mut workers: Vec<PeerId> = batches.iter().map(|(w, _)| w.clone()).collect();
+        let mut workers: Vec<PeerId> = batches.iter().map(|(w, _)| *w).collect();
         workers.dedup();
         for (worker, since) in batches {
             self.reclaim_asked.entry(worker).or_default().insert(since);
@@ -539,7 +418,7 @@ impl JobBook {
 
     /// The leases of workers other than `asker` whose batch was not yet
     /// asked to give back what it has not started.
-    fn unasked<'a>(&'a self, asker: PeerId) -> impl Iterator<Item = &'a Lease> {
+    fn unasked(&self, asker: PeerId) -> impl Iterator<Item = &Lease> {
         self.leases
             .values()
             .filter(move |l| l.worker != asker && !self.asked(l))
@@ -573,7 +452,7 @@ impl JobBook {
 
     /// Re-issue every taskunit leased to `worker` (it went away).
     pub fn release_worker(&mut self, worker: PeerId) -> usize {
-        let held: Vec<Slot> = self
+        let held: Vec<Replica> = self
             .leases
             .iter()
             .filter(|(_, l)| l.worker == worker)
@@ -708,7 +587,7 @@ impl JobBook {
     }
 
     /// The slot of `index` that `worker` holds (a lease or a backup), released.
-    fn release_slot(&mut self, index: u64, worker: PeerId) -> Option<Slot> {
+    fn release_replica(&mut self, index: u64, worker: PeerId) -> Option<Replica> {
         let slot = (0..self.replicas).map(|r| (index, r)).find(|s| {
             self.leases.get(s).is_some_and(|l| l.worker == worker)
                 || self.backups.get(s).is_some_and(|w| *w == worker)
@@ -722,7 +601,7 @@ impl JobBook {
     }
 
     fn record(&mut self, worker: PeerId, index: u64, result: Result<Vec<u8>, TaskError>) {
-        let held = self.release_slot(index, worker);
+        let held = self.release_replica(index, worker);
         let bytes = match result {
             Ok(bytes) => bytes,
             Err(err) => {
@@ -747,7 +626,7 @@ impl JobBook {
         }
         let votes = self.votes.entry(index).or_default();
         votes.push(Vote {
-            worker: worker,
+            worker,
             digest: Sha256::digest(&bytes).into(),
             bytes,
         });
@@ -901,5 +780,6 @@ impl JobBook {
     }
 }
 
+mod policy;
 #[cfg(test)]
 mod tests;
