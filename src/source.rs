@@ -230,10 +230,8 @@ fn build_python(file: &Path, cache_dir: Option<&Path>) -> Result<Vec<u8>, Source
         && let Some(parent) = path.parent()
         && std::fs::create_dir_all(parent).is_ok()
     {
-        let tmp = path.with_extension("tmp");
-        if std::fs::write(&tmp, &bytes).is_ok() {
-            let _ = std::fs::rename(&tmp, &path);
-        }
+        // A cache: a failed write only means building again next time.
+        let _ = antnest_proto::write_atomic(&path, &bytes);
     }
     Ok(bytes)
 }

@@ -119,7 +119,6 @@ enum Command {
     },
     Publish(Vec<u8>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
-    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
 }
 
 /// The handle to the network. Cheap to clone.
@@ -197,15 +196,6 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Command::Peers(tx))
-            .await
-            .map_err(|_| NetError::Stopped)?;
-        rx.await.map_err(|_| NetError::Stopped)
-    }
-
-    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Command::ListenAddrs(tx))
             .await
             .map_err(|_| NetError::Stopped)?;
         rx.await.map_err(|_| NetError::Stopped)
@@ -459,9 +449,6 @@ impl EventLoop {
                     })
                     .collect();
                 let _ = reply.send(peers);
-            }
-            Command::ListenAddrs(reply) => {
-                let _ = reply.send(self.listen_addrs.clone());
             }
         }
     }

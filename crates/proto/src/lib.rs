@@ -14,6 +14,21 @@ pub mod ids;
 pub mod limits;
 pub mod msg;
 
+/// Write `bytes` to `path` through a fresh temporary file in the same
+/// directory, renamed into place: a reader sees the old file or the whole
+/// new one, and two writers (threads, or processes sharing a cache
+/// directory) never rename each other's half-written file. Every file
+/// antnest writes for later (modules, artifacts, journals, built jobs)
+/// goes through this.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
 pub use ids::{JobId, ModuleHash, PeerId};
 pub use limits::{Limits, TaskError};
 pub use msg::{Announce, ByteBuf, Request, Response, SharedBytes, TaskOutcome, TaskUnit};

@@ -11,8 +11,7 @@ pub const MAX_RESPONSE: u64 = 128 << 20;
 /// bytes (a slot of the master's own peer is not capped). Small enough that
 /// a batch of data-heavy taskunits crosses the network in a few
 /// milliseconds and its buffers come from the heap instead of fresh
-/// mappings (W3, 1 MB taskunits: 16 MiB batches took 176 ms a job, 4 MiB
-/// batches 159 ms, with 10% less CPU).
+/// mappings (measured in `examples/speed-log.md`).
 pub const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Largest single taskunit.
 pub const MAX_TASKUNIT: usize = 16 << 20;

@@ -417,7 +417,7 @@ impl Drop for Running<'_> {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
-    crate::write_atomic(path, bytes).map_err(|source| LoadError::Cache {
+    antnest_proto::write_atomic(path, bytes).map_err(|source| LoadError::Cache {
         path: path.to_owned(),
         source,
     })

@@ -22,16 +22,3 @@ pub use engine::{CacheStats, Environment, LoadError, TICK_MAX, TICK_MIN};
 pub use input::SplitInput;
 pub use run::{SplitOutcome, TaskRunner, default_combine, run_combine, run_split};
 pub use wasmtime::component::Component;
-
-/// Write `bytes` to `path` through a fresh temporary file in the same
-/// directory, renamed into place: a reader sees the old file or the whole
-/// new one, and two writers (threads, or processes sharing a cache
-/// directory) never rename each other's half-written file.
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let dir = path.parent().unwrap_or(std::path::Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
-}

@@ -1,8 +1,13 @@
-//! The line splitter: taskunits cut at newlines, from a stream or from
+//! The line splitter: taskunits cut at line ends, from a stream or from
 //! bytes in memory (or mapped from a file, then cut without copying).
-//! [`split_lines`] and [`split_lines_shared`] pack whole lines into
-//! taskunits of up to a size (the guest's `host.emit-lines`);
-//! [`each_line`] makes one taskunit per line (the default split).
+//!
+//! One rule set: a line ends at `\n` or `\r\n` (a lone `\r` is data),
+//! and the line end where two taskunits meet belongs to neither.
+//! [`each_line`] makes one taskunit per line (the default split), so an
+//! empty line is an empty taskunit; [`split_lines`] and
+//! [`split_lines_shared`] pack whole lines into taskunits of up to a size
+//! (the guest's `host.emit-lines`), keeping the line ends inside a
+//! taskunit, and never hand out an empty one.
 
 use std::io::Read;
 
@@ -13,8 +18,8 @@ use crate::input::SplitInput;
 
 /// Read `input` to its end and hand it to `emit` as taskunits of whole
 /// lines, each at most `max` bytes where the lines allow (a longer line is a
-/// taskunit of its own). The newline ending a taskunit is dropped and empty
-/// taskunits are skipped. Memory stays around two taskunits; a line longer
+/// taskunit of its own). The line end (`\n` or `\r\n`) ending a taskunit is
+/// dropped and empty taskunits are skipped. Memory stays around two taskunits; a line longer
 /// than [`MAX_TASKUNIT`] is an error.
 pub fn split_lines(
     input: &mut dyn Read,
@@ -71,8 +76,12 @@ pub fn split_lines(
         // what follows the cut moves to a fresh buffer.
         let mut next = Vec::with_capacity(capacity.max(buf.len() - cut));
         next.extend_from_slice(&buf[(cut + 1).min(buf.len())..]);
+        let at_newline = cut < buf.len();
         let mut unit = std::mem::replace(&mut buf, next);
         unit.truncate(cut);
+        if at_newline && unit.last() == Some(&b'\r') {
+            unit.pop();
+        }
         if !unit.is_empty() {
             unit.shrink_to_fit();
             emit(unit.into())?;
@@ -104,7 +113,12 @@ pub fn split_lines_shared(
         if cut > MAX_TASKUNIT {
             return Err(line_too_long());
         }
-        let unit = data.slice(*pos..*pos + cut);
+        let end = if cut < rest.len() && cut > 0 && rest[cut - 1] == b'\r' {
+            cut - 1
+        } else {
+            cut
+        };
+        let unit = data.slice(*pos..*pos + end);
         *pos = (*pos + cut + 1).min(data.len());
         if !unit.is_empty() {
             emit(unit)?;
@@ -269,5 +283,48 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!((calls, err.as_str()), (1, "job cancelled"));
+    }
+
+    /// Both splitters end a line at `\n` or `\r\n`, in memory and from a
+    /// stream alike.
+    #[test]
+    fn crlf_ends_a_line_for_every_splitter() {
+        let input = b"ab\r\ncd\r\n\r\nef\rg\r\n".to_vec();
+        let units = |input: crate::input::SplitInput| {
+            let mut units = Vec::new();
+            super::each_line(input, &mut |u| {
+                units.push(u.to_vec());
+                Ok(())
+            })
+            .unwrap();
+            units
+        };
+        let shared = SharedBytes::from(input.clone());
+        let want: Vec<Vec<u8>> = vec![b"ab".to_vec(), b"cd".to_vec(), vec![], b"ef\rg".to_vec()];
+        let mapped = crate::input::SplitInput::Bytes {
+            data: shared.clone(),
+            pos: 0,
+        };
+        assert_eq!(units(mapped), want);
+        let stream =
+            crate::input::SplitInput::Stream(Box::new(std::io::Cursor::new(input.clone())));
+        assert_eq!(units(stream), want);
+        // Packed two lines at most: the line end at each cut is dropped,
+        // those inside a taskunit are kept.
+        let mut packed = Vec::new();
+        split_lines(&mut &input[..], 8, &mut |u| {
+            packed.push(u.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        // The empty line goes inside the second, with its line end.
+        assert_eq!(packed, [b"ab\r\ncd".to_vec(), b"\r\nef\rg".to_vec()]);
+        let mut sliced = Vec::new();
+        split_lines_shared(&shared, &mut 0, 8, &mut |u| {
+            sliced.push(u.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(sliced, packed);
     }
 }

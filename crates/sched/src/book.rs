@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 pub use antnest_proto::control::Progress;
 
 use crate::intake::SplitReceiver;
-use crate::journal::Journal;
+use crate::journal;
 use crate::pace::{Pace, WorkerTimes};
 
 /// One replica of one taskunit: (index, replica number). Leases, backups
@@ -55,21 +55,43 @@ pub struct Finished {
     pub resumed: u64,
     /// Results in taskunit order (failed taskunits are absent).
     pub results: BTreeMap<u64, Vec<u8>>,
-    pub journal: Option<Journal>,
 }
 
+/// The record of one job. Its fields are grouped by what they are for; the
+/// rules that read them (shares, end game, backups) are in [`policy`].
 pub struct JobBook {
-    /// Taskunits straight from the split; disconnected when the split ends.
-    split: Option<SplitReceiver>,
-    next_index: u64,
+    intake: Intake,
     /// Taskunits emitted and not yet retired, by index.
     open: HashMap<u64, SharedBytes>,
-    /// Slots that nobody holds a lease on, oldest first.
+    /// Replicas that nobody holds a lease on, oldest first.
     queue: VecDeque<Replica>,
     leases: HashMap<Replica, Lease>,
     /// Straggler backups (only without replication): near the end of a job,
-    /// an idle worker gets a copy of a slot leased to someone else.
+    /// an idle worker gets a copy of a replica leased to someone else.
     backups: HashMap<Replica, PeerId>,
+    timing: Timing,
+    reclaims: Reclaims,
+    votes: Votes,
+    record: Record,
+    feed: Feed,
+    rules: Rules,
+    /// Set when the split failed or the job was cancelled: it cannot complete.
+    fatal: Option<Fatal>,
+}
+
+/// Where taskunits come from: the split, through its queue.
+#[derive(Default)]
+struct Intake {
+    /// Taskunits straight from the split; `None` once the split has ended.
+    split: Option<SplitReceiver>,
+    next_index: u64,
+    /// Taskunits the split made, once it has finished.
+    split_total: Option<u64>,
+}
+
+/// How fast each worker is, as this job measures it.
+#[derive(Default)]
+struct Timing {
     /// Time per taskunit from lease to result (network and a batch queued
     /// behind another included) of each worker's last batch, and of the
     /// last batch of any worker: how long a batch is expected to be held.
@@ -84,40 +106,66 @@ pub struct JobBook {
     /// When each remote worker last handed in results, and whether it got
     /// taskunits in the same exchange (so it was busy since).
     reported: HashMap<PeerId, (Instant, bool)>,
+}
+
+/// Taskunits asked back from slower workers (see [`JobBook::to_reclaim`]).
+#[derive(Default)]
+struct Reclaims {
     /// Batches (worker, lease time) already asked to give back what they
-    /// have not started (see [`JobBook::to_reclaim`]).
+    /// have not started.
     reclaim_asked: HashMap<PeerId, HashSet<Instant>>,
     taken_back: u64,
+}
+
+/// Replication: results of replicated taskunits, compared.
+struct Votes {
     /// Results in so far of replicated taskunits.
     votes: HashMap<u64, Vec<Vote>>,
     /// How many distinct workers must agree on each result.
     replicas: u8,
     mismatches: u64,
-    attempts: HashMap<u64, u32>,
+}
+
+/// What the job has to show: results, failures, who did what.
+#[derive(Default)]
+struct Record {
     results: BTreeMap<u64, Vec<u8>>,
     failures: BTreeMap<u64, TaskError>,
     per_worker: BTreeMap<PeerId, u64>,
-    lease_time: Duration,
-    max_attempts: u32,
-    /// Set when the split failed: the job cannot complete.
-    fatal: Option<String>,
     /// When the first result came in.
     first_result: Option<Instant>,
-    /// Where results are written as they arrive, if anywhere.
-    journal: Option<Journal>,
     /// Results read back from the journal of an earlier run.
     resumed: u64,
-    /// Results accepted since the last [`JobBook::take_accepted`] (the
-    /// master passes them to the combine and to a streaming submitter).
+    attempts: HashMap<u64, u32>,
+    /// Results accepted and not yet handed to the journal, encoded as its
+    /// records; `None` when the job keeps no journal. The master writes
+    /// them outside the book's lock ([`JobBook::take_journal`]).
+    journal: Option<Vec<u8>>,
+}
+
+/// What waits to be passed on by the master: results to the combine and a
+/// streaming submitter, guest stderr to the submitter.
+#[derive(Default)]
+struct Feed {
+    /// Results accepted since the last [`JobBook::take_accepted`].
     accepted: Vec<(u64, Vec<u8>)>,
     accepted_bytes: usize,
-    cancelled: bool,
-    /// Taskunits the split made, once it has finished.
-    split_total: Option<u64>,
     /// Guest stderr not yet passed on to the submitter, by taskunit.
     logs: Vec<(u64, String)>,
     /// Guest stderr collected so far; past [`MAX_LOG`] the rest is dropped.
     log_bytes: usize,
+}
+
+/// The job's settings.
+struct Rules {
+    lease_time: Duration,
+    max_attempts: u32,
+}
+
+/// Why a job cannot complete.
+enum Fatal {
+    Cancelled,
+    Failed(String),
 }
 
 /// The most guest stderr one job forwards to its submitter.
@@ -126,45 +174,35 @@ const MAX_LOG: usize = 1 << 20;
 impl JobBook {
     /// Guest stderr since the last call, by taskunit.
     pub fn take_logs(&mut self) -> Vec<(u64, String)> {
-        std::mem::take(&mut self.logs)
+        std::mem::take(&mut self.feed.logs)
     }
 }
 
 impl JobBook {
     pub fn new(split: SplitReceiver, lease_time: Duration, max_attempts: u32) -> Self {
         JobBook {
-            split: Some(split),
-            next_index: 0,
+            intake: Intake {
+                split: Some(split),
+                ..Default::default()
+            },
             open: HashMap::new(),
             queue: VecDeque::new(),
             leases: HashMap::new(),
             backups: HashMap::new(),
-            turnaround: HashMap::new(),
-            last_turnaround: None,
-            pace: HashMap::new(),
-            last_pace: None,
-            reported: HashMap::new(),
-            reclaim_asked: HashMap::new(),
-            taken_back: 0,
-            votes: HashMap::new(),
-            replicas: 1,
-            mismatches: 0,
-            attempts: HashMap::new(),
-            results: BTreeMap::new(),
-            failures: BTreeMap::new(),
-            per_worker: BTreeMap::new(),
-            lease_time,
-            max_attempts: max_attempts.max(1),
+            timing: Timing::default(),
+            reclaims: Reclaims::default(),
+            votes: Votes {
+                votes: HashMap::new(),
+                replicas: 1,
+                mismatches: 0,
+            },
+            record: Record::default(),
+            feed: Feed::default(),
+            rules: Rules {
+                lease_time,
+                max_attempts: max_attempts.max(1),
+            },
             fatal: None,
-            first_result: None,
-            journal: None,
-            resumed: 0,
-            accepted: Vec::new(),
-            accepted_bytes: 0,
-            cancelled: false,
-            split_total: None,
-            logs: Vec::new(),
-            log_bytes: 0,
         }
     }
 
@@ -172,59 +210,70 @@ impl JobBook {
     /// earlier job of the same module, so that a worker's first batch is
     /// already its share (a worker's measured figures replace these).
     pub fn with_times(mut self, times: WorkerTimes) -> Self {
-        self.turnaround = times.turnaround;
-        self.pace = times.pace;
+        self.timing.turnaround = times.turnaround;
+        self.timing.pace = times.pace;
         self
     }
 
     /// What each worker's last batch took per taskunit.
     pub fn times(&self) -> WorkerTimes {
         WorkerTimes {
-            turnaround: self.turnaround.clone(),
-            pace: self.pace.clone(),
+            turnaround: self.timing.turnaround.clone(),
+            pace: self.timing.pace.clone(),
         }
     }
 
     /// The split finished after making `total` taskunits (some may still
     /// wait in the channel).
     pub fn split_done(&mut self, total: u64) {
-        self.split_total = Some(total);
+        self.intake.split_total = Some(total);
     }
 
     /// Results accepted since the last call, in the order they came.
     pub fn take_accepted(&mut self) -> Vec<(u64, Vec<u8>)> {
-        self.accepted_bytes = 0;
-        std::mem::take(&mut self.accepted)
+        self.feed.accepted_bytes = 0;
+        std::mem::take(&mut self.feed.accepted)
     }
 
     /// How many results, and how many bytes of them, wait to be taken by
     /// [`Self::take_accepted`].
     pub fn accepted_waiting(&self) -> (usize, usize) {
-        (self.accepted.len(), self.accepted_bytes)
+        (self.feed.accepted.len(), self.feed.accepted_bytes)
     }
 
     /// Stop the job: nothing more is handed out and the split stops.
     pub fn cancel(&mut self) {
-        self.cancelled = true;
-        self.fail("cancelled".into());
+        self.fatal = Some(Fatal::Cancelled);
+        self.intake.split = None;
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.cancelled
+        matches!(self.fatal, Some(Fatal::Cancelled))
     }
 
     /// Run every taskunit on `k` distinct workers and compare the results.
     pub fn with_replicas(mut self, k: u8) -> Self {
-        self.replicas = k.max(1);
+        self.votes.replicas = k.max(1);
         self
     }
 
-    /// Write results to `journal`; `done` holds results of an earlier run
-    /// (by index), whose taskunits are skipped when the split emits them.
-    pub fn set_journal(&mut self, journal: Journal, done: BTreeMap<u64, Vec<u8>>) {
-        self.resumed = done.len() as u64;
-        self.results = done;
-        self.journal = Some(journal);
+    /// Keep a journal: accepted results are encoded as its records for
+    /// [`Self::take_journal`]; `done` holds results of an earlier run (by
+    /// index), whose taskunits are skipped when the split emits them.
+    pub fn set_journal(&mut self, done: BTreeMap<u64, Vec<u8>>) {
+        self.record.resumed = done.len() as u64;
+        self.record.results = done;
+        self.record.journal = Some(Vec::new());
+    }
+
+    /// The journal records of the results accepted since the last call, to
+    /// be appended to the job's journal once the book is unlocked.
+    pub fn take_journal(&mut self) -> Vec<u8> {
+        self.record
+            .journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Hand over everything a finished job's master needs to report and
@@ -232,22 +281,24 @@ impl JobBook {
     pub fn finish(&mut self) -> Finished {
         Finished {
             progress: self.progress(),
-            failures: std::mem::take(&mut self.failures).into_iter().collect(),
-            per_worker: std::mem::take(&mut self.per_worker),
-            first_result: self.first_result,
-            resumed: self.resumed,
-            results: std::mem::take(&mut self.results),
-            journal: self.journal.take(),
+            failures: std::mem::take(&mut self.record.failures)
+                .into_iter()
+                .collect(),
+            per_worker: std::mem::take(&mut self.record.per_worker),
+            first_result: self.record.first_result,
+            resumed: self.record.resumed,
+            results: std::mem::take(&mut self.record.results),
         }
     }
 
     /// Whether `worker` already holds a replica of `index` or voted on it.
     fn involved(&self, index: u64, worker: PeerId) -> bool {
-        (0..self.replicas).any(|r| {
+        (0..self.votes.replicas).any(|r| {
             self.leases
                 .get(&(index, r))
                 .is_some_and(|l| l.worker == worker)
         }) || self
+            .votes
             .votes
             .get(&index)
             .is_some_and(|v| v.iter().any(|v| v.worker == worker))
@@ -306,7 +357,7 @@ impl JobBook {
                     None => break,
                 },
             };
-            if self.replicas > 1 && self.involved(slot.0, worker) {
+            if self.votes.replicas > 1 && self.involved(slot.0, worker) {
                 skipped.push(slot);
                 continue;
             }
@@ -317,7 +368,7 @@ impl JobBook {
                 Lease {
                     worker,
                     since: now,
-                    deadline: now + self.lease_time,
+                    deadline: now + self.rules.lease_time,
                     batch: 1,
                 },
             );
@@ -335,7 +386,7 @@ impl JobBook {
         for slot in skipped.into_iter().rev() {
             self.queue.push_front(slot);
         }
-        if units.is_empty() && self.split.is_none() && self.replicas == 1 {
+        if units.is_empty() && self.intake.split.is_none() && self.votes.replicas == 1 {
             // A master's own slot first asks slower workers to give back
             // what they have not started (its peer sends the ask when the
             // slot finds nothing here), then copies what they still hold.
@@ -344,7 +395,7 @@ impl JobBook {
             }
             units = self.take_backups(worker, asked, now);
         }
-        if let Some((_, busy)) = self.reported.get_mut(&worker) {
+        if let Some((_, busy)) = self.timing.reported.get_mut(&worker) {
             *busy = !units.is_empty();
         }
         units
@@ -354,21 +405,22 @@ impl JobBook {
     /// replicas queued.
     fn pull_split(&mut self) -> Option<Replica> {
         loop {
-            let rx = self.split.as_ref()?;
+            let rx = self.intake.split.as_ref()?;
             match rx.try_recv() {
                 Ok(data) => {
-                    let index = self.next_index;
-                    self.next_index += 1;
-                    if self.results.contains_key(&index) {
+                    let index = self.intake.next_index;
+                    self.intake.next_index += 1;
+                    if self.record.results.contains_key(&index) {
                         continue; // done in an earlier run
                     }
                     self.open.insert(index, data);
-                    self.queue.extend((1..self.replicas).map(|r| (index, r)));
+                    self.queue
+                        .extend((1..self.votes.replicas).map(|r| (index, r)));
                     return Some((index, 0));
                 }
                 Err(TryRecvError::Empty) => return None,
                 Err(TryRecvError::Disconnected) => {
-                    self.split = None;
+                    self.intake.split = None;
                     return None;
                 }
             }
@@ -394,8 +446,8 @@ impl JobBook {
     /// asked once. Not with replicas (a taskunit given back would have to
     /// go to a worker not already holding another of its replicas).
     pub fn to_reclaim(&mut self, asker: PeerId) -> Vec<PeerId> {
-        let unissued = !self.queue.is_empty() || self.split.is_some();
-        if self.replicas > 1 || unissued || self.fatal.is_some() {
+        let unissued = !self.queue.is_empty() || self.intake.split.is_some();
+        if self.votes.replicas > 1 || unissued || self.fatal.is_some() {
             return Vec::new();
         }
         let mut batches: Vec<(PeerId, Instant)> =
@@ -405,7 +457,11 @@ impl JobBook {
         let mut workers: Vec<PeerId> = batches.iter().map(|(w, _)| *w).collect();
         workers.dedup();
         for (worker, since) in batches {
-            self.reclaim_asked.entry(worker).or_default().insert(since);
+            self.reclaims
+                .reclaim_asked
+                .entry(worker)
+                .or_default()
+                .insert(since);
         }
         workers
     }
@@ -426,7 +482,8 @@ impl JobBook {
 
     /// Whether the batch of lease `l` was asked to give back.
     fn asked(&self, l: &Lease) -> bool {
-        self.reclaim_asked
+        self.reclaims
+            .reclaim_asked
             .get(&l.worker)
             .is_some_and(|s| s.contains(&l.since))
     }
@@ -437,7 +494,7 @@ impl JobBook {
     pub fn give_back(&mut self, worker: PeerId, indices: &[u64]) -> usize {
         let mut n = 0;
         for index in indices.iter().rev() {
-            let slot = (0..self.replicas)
+            let slot = (0..self.votes.replicas)
                 .map(|r| (*index, r))
                 .find(|s| self.leases.get(s).is_some_and(|l| l.worker == worker));
             if let Some(slot) = slot {
@@ -446,7 +503,7 @@ impl JobBook {
                 n += 1;
             }
         }
-        self.taken_back += n as u64;
+        self.reclaims.taken_back += n as u64;
         n
     }
 
@@ -493,7 +550,7 @@ impl JobBook {
         now: Instant,
     ) -> Option<(Duration, u32)> {
         let lease = |index: u64| {
-            (0..self.replicas)
+            (0..self.votes.replicas)
                 .filter_map(|r| self.leases.get(&(index, r)))
                 .find(|l| l.worker == worker)
         };
@@ -504,8 +561,8 @@ impl JobBook {
             .filter(|o| lease(o.index).is_some_and(|l| l.since == since))
             .count() as u32;
         let t = now.saturating_duration_since(since) / done.max(1);
-        self.turnaround.insert(worker, t);
-        self.last_turnaround = Some(t);
+        self.timing.turnaround.insert(worker, t);
+        self.timing.last_turnaround = Some(t);
         Some((t, done))
     }
 
@@ -524,7 +581,7 @@ impl JobBook {
         self.held_for(worker, &outcomes, now);
         if !outcomes.is_empty() {
             let n = outcomes.len() as u32;
-            let between = match self.reported.get(&worker) {
+            let between = match self.timing.reported.get(&worker) {
                 Some((at, true)) => now.saturating_duration_since(*at) / n,
                 _ => Duration::ZERO,
             };
@@ -532,7 +589,7 @@ impl JobBook {
             if !pace.is_zero() {
                 self.paced(worker, pace, n);
             }
-            self.reported.insert(worker, (now, false));
+            self.timing.reported.insert(worker, (now, false));
         }
         self.take_outcomes(worker, outcomes);
     }
@@ -540,16 +597,17 @@ impl JobBook {
     /// Note `worker`'s time per taskunit over `n` taskunits just handed
     /// in (a worker's first figure counts for all of its [`Pace`]).
     fn paced(&mut self, worker: PeerId, per_unit: Duration, n: u32) {
-        self.pace
+        self.timing
+            .pace
             .entry(worker)
             .and_modify(|p| p.add(per_unit, n))
             .or_insert_with(|| Pace::steady(per_unit));
-        self.last_pace = self.pace(worker);
+        self.timing.last_pace = self.pace(worker);
     }
 
     /// `worker`'s time per taskunit, if it has been timed.
     pub fn pace(&self, worker: PeerId) -> Option<Duration> {
-        self.pace.get(&worker).map(Pace::median)
+        self.timing.pace.get(&worker).map(Pace::median)
     }
 
     fn take_outcomes(&mut self, worker: PeerId, outcomes: Vec<TaskOutcome>) {
@@ -560,10 +618,10 @@ impl JobBook {
         } in outcomes
         {
             if let Some(mut text) = stderr.filter(|t| !t.is_empty())
-                && self.log_bytes < MAX_LOG
+                && self.feed.log_bytes < MAX_LOG
             {
                 // A worker's report may be large; keep within the job's cap.
-                let room = MAX_LOG - self.log_bytes;
+                let room = MAX_LOG - self.feed.log_bytes;
                 if text.len() > room {
                     let cut = (0..=room)
                         .rev()
@@ -571,24 +629,18 @@ impl JobBook {
                         .unwrap_or(0);
                     text.truncate(cut);
                 }
-                self.log_bytes += text.len();
-                self.logs.push((index, text));
+                self.feed.log_bytes += text.len();
+                self.feed.logs.push((index, text));
             }
             if self.open.contains_key(&index) {
                 self.record(worker, index, result.map(|b| b.into_vec()));
             }
         }
-        if let Some(j) = &mut self.journal
-            && let Err(e) = j.flush()
-        {
-            tracing::warn!("journal write failed, journal dropped: {e}");
-            self.journal = None;
-        }
     }
 
     /// The slot of `index` that `worker` holds (a lease or a backup), released.
     fn release_replica(&mut self, index: u64, worker: PeerId) -> Option<Replica> {
-        let slot = (0..self.replicas).map(|r| (index, r)).find(|s| {
+        let slot = (0..self.votes.replicas).map(|r| (index, r)).find(|s| {
             self.leases.get(s).is_some_and(|l| l.worker == worker)
                 || self.backups.get(s).is_some_and(|w| *w == worker)
         })?;
@@ -616,24 +668,24 @@ impl JobBook {
                 return;
             }
         };
-        *self.per_worker.entry(worker).or_default() += 1;
-        if self.replicas == 1 {
+        *self.record.per_worker.entry(worker).or_default() += 1;
+        if self.votes.replicas == 1 {
             self.accept(index, bytes);
             return;
         }
         if self.involved(index, worker) {
             return; // a second vote from the same worker does not count
         }
-        let votes = self.votes.entry(index).or_default();
+        let votes = self.votes.votes.entry(index).or_default();
         votes.push(Vote {
             worker,
             digest: Sha256::digest(&bytes).into(),
             bytes,
         });
-        if votes.len() < self.replicas as usize {
+        if votes.len() < self.votes.replicas as usize {
             return;
         }
-        let votes = self.votes.remove(&index).unwrap_or_default();
+        let votes = self.votes.votes.remove(&index).unwrap_or_default();
         if votes.iter().all(|v| v.digest == votes[0].digest) {
             let bytes = votes
                 .into_iter()
@@ -643,15 +695,15 @@ impl JobBook {
             self.accept(index, bytes);
             return;
         }
-        self.mismatches += 1;
+        self.votes.mismatches += 1;
         tracing::warn!(
             index,
-            replicas = self.replicas,
+            replicas = self.votes.replicas,
             "replica results differ; running the taskunit again"
         );
         let err = TaskError::Mismatch(votes.len());
         if !self.count_attempt(index, err) {
-            for r in 0..self.replicas {
+            for r in 0..self.votes.replicas {
                 self.leases.remove(&(index, r));
                 self.queue.retain(|s| *s != (index, r));
                 self.queue.push_back((index, r));
@@ -661,35 +713,32 @@ impl JobBook {
 
     /// Count a failed attempt; true if the taskunit is now failed for good.
     fn count_attempt(&mut self, index: u64, err: TaskError) -> bool {
-        let attempts = self.attempts.entry(index).or_default();
+        let attempts = self.record.attempts.entry(index).or_default();
         *attempts += 1;
-        if *attempts >= self.max_attempts {
+        if *attempts >= self.rules.max_attempts {
             self.retire(index);
-            self.failures.insert(index, err);
+            self.record.failures.insert(index, err);
             return true;
         }
         false
     }
 
     fn accept(&mut self, index: u64, bytes: Vec<u8>) {
-        if let Some(j) = &mut self.journal
-            && let Err(e) = j.append(index, &bytes)
-        {
-            tracing::warn!("journal write failed, journal dropped: {e}");
-            self.journal = None;
+        if let Some(records) = &mut self.record.journal {
+            journal::encode(records, index, &bytes);
         }
         self.retire(index);
-        self.accepted_bytes += bytes.len();
-        self.accepted.push((index, bytes.clone()));
-        self.results.insert(index, bytes);
-        self.first_result.get_or_insert_with(Instant::now);
+        self.feed.accepted_bytes += bytes.len();
+        self.feed.accepted.push((index, bytes.clone()));
+        self.record.results.insert(index, bytes);
+        self.record.first_result.get_or_insert_with(Instant::now);
     }
 
     fn retire(&mut self, index: u64) {
         self.open.remove(&index);
-        self.votes.remove(&index);
-        self.attempts.remove(&index);
-        for r in 0..self.replicas {
+        self.votes.votes.remove(&index);
+        self.record.attempts.remove(&index);
+        for r in 0..self.votes.replicas {
             self.leases.remove(&(index, r));
             self.backups.remove(&(index, r));
         }
@@ -699,12 +748,15 @@ impl JobBook {
     /// The split failed; the job ends with this error. Dropping the
     /// receiving end stops a split still running.
     pub fn fail(&mut self, reason: String) {
-        self.fatal.get_or_insert(reason);
-        self.split = None;
+        self.fatal.get_or_insert(Fatal::Failed(reason));
+        self.intake.split = None;
     }
 
     pub fn fatal(&self) -> Option<&str> {
-        self.fatal.as_deref()
+        match self.fatal.as_ref()? {
+            Fatal::Cancelled => Some("cancelled"),
+            Fatal::Failed(reason) => Some(reason),
+        }
     }
 
     /// All taskunits are retired (or the job failed outright).
@@ -713,45 +765,51 @@ impl JobBook {
             return true;
         }
         // Notice a split that ended without a last pull.
-        if self.split.is_some()
+        if self.intake.split.is_some()
             && self.queue.is_empty()
             && self.open.is_empty()
             && let Some(slot) = self.pull_split()
         {
             self.queue.push_front(slot);
         }
-        self.split.is_none() && self.open.is_empty()
+        self.intake.split.is_none() && self.open.is_empty()
     }
 
     /// Taskunits no worker holds: queued, or made by the split and not
     /// pulled yet (while the split runs, what it has made so far).
     fn unissued(&self) -> usize {
         self.queue.len()
-            + match self.split_total {
-                Some(total) => total.saturating_sub(self.next_index) as usize,
-                None => self.split.as_ref().map_or(0, SplitReceiver::queued_units),
+            + match self.intake.split_total {
+                Some(total) => total.saturating_sub(self.intake.next_index) as usize,
+                None => self
+                    .intake
+                    .split
+                    .as_ref()
+                    .map_or(0, SplitReceiver::queued_units),
             }
     }
 
     /// Whether every taskunit has been handed out (the split has ended):
     /// what is left to do is held by workers.
     pub fn all_issued(&self) -> bool {
-        self.fatal.is_some() || (self.split_total.is_some() && self.unissued() == 0)
+        self.fatal.is_some() || (self.intake.split_total.is_some() && self.unissued() == 0)
     }
 
     /// Whether a worker asking now could get something (or soon will).
     pub fn has_work(&self) -> bool {
         self.fatal.is_none()
-            && (!self.queue.is_empty() || self.split.is_some() || !self.open.is_empty())
+            && (!self.queue.is_empty() || self.intake.split.is_some() || !self.open.is_empty())
     }
 
     pub fn progress(&self) -> Progress {
         Progress {
-            done: self.results.len() as u64,
-            failed: self.failures.len() as u64,
-            total: self
-                .split_total
-                .or(self.split.is_none().then_some(self.next_index)),
+            done: self.record.results.len() as u64,
+            failed: self.record.failures.len() as u64,
+            total: self.intake.split_total.or(self
+                .intake
+                .split
+                .is_none()
+                .then_some(self.intake.next_index)),
             leased: self.leases.len() as u64,
             workers: self
                 .leases
@@ -759,24 +817,24 @@ impl JobBook {
                 .map(|l| &l.worker)
                 .collect::<HashSet<_>>()
                 .len() as u64,
-            mismatches: self.mismatches,
-            taken_back: self.taken_back,
+            mismatches: self.votes.mismatches,
+            taken_back: self.reclaims.taken_back,
         }
     }
 
     #[cfg(test)]
     fn failures(&self) -> &BTreeMap<u64, TaskError> {
-        &self.failures
+        &self.record.failures
     }
 
     pub fn per_worker(&self) -> &BTreeMap<PeerId, u64> {
-        &self.per_worker
+        &self.record.per_worker
     }
 
     /// Hand over the results in taskunit order (failed taskunits are absent).
     #[cfg(test)]
     fn take_results(&mut self) -> BTreeMap<u64, Vec<u8>> {
-        std::mem::take(&mut self.results)
+        std::mem::take(&mut self.record.results)
     }
 }
 

@@ -83,7 +83,8 @@ impl Journal {
     fn open(dir: &Path, module: &ModuleHash, records: &[u8]) -> Result<File, JournalError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let meta = serde_json::json!({ "module": module.to_string() });
-        std::fs::write(dir.join("meta.json"), meta.to_string()).map_err(io_err(dir))?;
+        antnest_proto::write_atomic(&dir.join("meta.json"), meta.to_string().as_bytes())
+            .map_err(io_err(dir))?;
         let path = dir.join("results");
         let mut file = File::create(&path).map_err(io_err(&path))?;
         file.write_all(records).map_err(io_err(&path))?;
@@ -135,15 +136,15 @@ impl Journal {
         ))
     }
 
-    pub fn append(&mut self, index: u64, result: &[u8]) -> std::io::Result<()> {
-        fn write(out: &mut impl Write, index: u64, result: &[u8]) -> std::io::Result<()> {
-            out.write_all(&index.to_le_bytes())?;
-            out.write_all(&(result.len() as u32).to_le_bytes())?;
-            out.write_all(result)
-        }
+    /// Append `records` (made by [`encode`]) to the journal, in memory or
+    /// on disk.
+    pub fn append(&mut self, records: &[u8]) -> Result<(), JournalError> {
         match &mut self.out {
-            Output::Held { records, .. } => write(records, index, result),
-            Output::File(out) => write(out, index, result),
+            Output::Held { records: held, .. } => {
+                held.extend_from_slice(records);
+                Ok(())
+            }
+            Output::File(out) => out.write_all(records).map_err(io_err(&self.dir)),
         }
     }
 
@@ -181,6 +182,13 @@ impl Journal {
     }
 }
 
+/// Append the record of taskunit `index`'s `result` to `records`.
+pub fn encode(records: &mut Vec<u8>, index: u64, result: &[u8]) {
+    records.extend_from_slice(&index.to_le_bytes());
+    records.extend_from_slice(&(result.len() as u32).to_le_bytes());
+    records.extend_from_slice(result);
+}
+
 /// The complete records in `bytes`, and how many bytes they span.
 fn parse(bytes: &[u8]) -> (BTreeMap<u64, Vec<u8>>, usize) {
     let mut results = BTreeMap::new();
@@ -207,8 +215,10 @@ mod tests {
         let job = JobId(42);
         let module = ModuleHash::of(b"m");
         let mut j = Journal::create(dir.path(), job, &module);
-        j.append(3, b"three").unwrap();
-        j.append(0, b"").unwrap();
+        let mut records = Vec::new();
+        encode(&mut records, 3, b"three");
+        encode(&mut records, 0, b"");
+        j.append(&records).unwrap();
         j.flush().unwrap();
         assert!(!j.on_disk(), "a young journal stays in memory");
         assert!(!dir.path().join(job.to_string()).exists());
@@ -225,7 +235,9 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert_eq!(got[&3], b"three");
         assert_eq!(got[&0], b"");
-        j.append(7, b"seven").unwrap();
+        let mut records = Vec::new();
+        encode(&mut records, 7, b"seven");
+        j.append(&records).unwrap();
         j.flush().unwrap();
         drop(j);
         let (_, got) = Journal::resume(dir.path(), job, &module).unwrap();

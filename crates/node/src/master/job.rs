@@ -8,8 +8,9 @@ use std::time::Instant;
 
 use antnest_proto::{JobId, Limits, ModuleHash, PeerId};
 use antnest_sandbox::mapped::Damage;
-use antnest_sched::{JobBook, WorkerTimes};
+use antnest_sched::{JobBook, Journal, WorkerTimes};
 use tokio::sync::Notify;
+use tracing::warn;
 
 /// A master passes accepted results to the job's combine once this many
 /// bytes, or this many results, are waiting (and at the job's end).
@@ -28,6 +29,8 @@ pub(crate) struct MasterJob {
     pub(crate) bytes: Arc<Vec<u8>>,
     pub(crate) limits: Limits,
     pub(crate) book: Mutex<JobBook>,
+    /// Where accepted results go on disk (see [`MasterJob::record`]).
+    pub(crate) journal: Mutex<Option<Journal>>,
     /// Signalled when results arrive (holds a permit if nobody waits yet).
     pub(crate) progress: Notify,
     /// Set for each mapping of the input file the split made.
@@ -37,6 +40,31 @@ pub(crate) struct MasterJob {
     pub(crate) units_made: AtomicBool,
     /// Its submitter takes each result as it comes.
     pub(crate) streams: bool,
+}
+
+impl MasterJob {
+    /// Change the book with `f` (results handed in), then append the
+    /// results it accepted to the journal with the book unlocked: slot
+    /// threads take the book for every batch, and journal writes are file
+    /// I/O. Records are independent of each other, so two writers may
+    /// append theirs in either order.
+    pub(crate) fn record<R>(&self, f: impl FnOnce(&mut JobBook) -> R) -> R {
+        let (r, records) = {
+            let mut book = self.book.lock().unwrap();
+            let r = f(&mut book);
+            (r, book.take_journal())
+        };
+        if !records.is_empty() {
+            let mut journal = self.journal.lock().unwrap();
+            if let Some(j) = journal.as_mut()
+                && let Err(e) = j.append(&records).and_then(|()| j.flush())
+            {
+                warn!("journal write failed, journal dropped: {e}");
+                *journal = None;
+            }
+        }
+        r
+    }
 }
 
 /// The jobs this peer is master of, and what it learned of its workers.

@@ -167,11 +167,7 @@ impl Peer {
                         o
                     })
                     .collect();
-                master
-                    .book
-                    .lock()
-                    .unwrap()
-                    .complete_computed(net::id(&peer), outcomes, compute);
+                master.record(|book| book.complete_computed(net::id(&peer), outcomes, compute));
                 master.progress.notify_one();
                 if pull > 0 {
                     self.lease(&master, peer, pull)

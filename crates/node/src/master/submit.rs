@@ -154,19 +154,22 @@ impl Peer {
             .cache_dir
             .as_ref()
             .map(|d| d.join("journal"));
+        let mut journal = None;
         let id = match (spec.resume, &journal_root) {
             (Some(id), Some(root)) => {
-                let (journal, done) = Journal::resume(root, id, &hash)?;
+                let (resumed, done) = Journal::resume(root, id, &hash)?;
                 info!(job = %id, results = done.len(), "resuming from the journal");
                 let _ = feed.send(done.iter().map(|(i, r)| (*i, r.clone())).collect());
-                book.set_journal(journal, done);
+                book.set_journal(done);
+                journal = Some(resumed);
                 id
             }
             (Some(id), None) => return Err(SubmitError::Journal(JournalError::NotFound(id))),
             (None, root) => {
                 let id = JobId::random();
                 if let Some(root) = root {
-                    book.set_journal(Journal::create(root, id, &hash), Default::default());
+                    book.set_journal(Default::default());
+                    journal = Some(Journal::create(root, id, &hash));
                 }
                 id
             }
@@ -180,6 +183,7 @@ impl Peer {
             bytes,
             limits,
             book: Mutex::new(book),
+            journal: Mutex::new(journal),
             progress: Notify::new(),
             input_damage: Mutex::new(Vec::new()),
             units_made: std::sync::atomic::AtomicBool::new(false),
@@ -331,7 +335,7 @@ impl Peer {
             .any(Damage::happened)
         {
             // Some taskunits may hold zeros or newer bytes: no result to trust.
-            if let Some(journal) = master.book.lock().unwrap().finish().journal {
+            if let Some(journal) = master.journal.lock().unwrap().take() {
                 journal.remove();
             }
             return Err(SubmitError::InputChanged);
@@ -403,7 +407,8 @@ impl Peer {
             .map_err(|e| SubmitError::Combine(e.to_string()))?,
             Err(e) => return Err(SubmitError::Combine(e.to_string())),
         };
-        if let Some(journal) = done.journal.filter(Journal::on_disk) {
+        let journal = master.journal.lock().unwrap().take();
+        if let Some(journal) = journal.filter(Journal::on_disk) {
             // Off the answer's path; the runtime waits for it at exit.
             tokio::task::spawn_blocking(move || journal.remove());
         }

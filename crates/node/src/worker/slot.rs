@@ -230,8 +230,7 @@ impl Peer {
                     let now = Instant::now();
                     let stopped = *stop.borrow();
                     let feed;
-                    (units, feed) = {
-                        let mut book = master.book.lock().unwrap();
+                    (units, feed) = master.record(|book| {
                         book.complete(state.local, outcomes);
                         let (n, bytes) = book.accepted_waiting();
                         let feed = master.streams || enough_to_feed(n, bytes);
@@ -241,7 +240,7 @@ impl Peer {
                             book.take_local(state.local, units_for(unit_time, LOCAL_BATCH), now)
                         };
                         (units, feed)
-                    };
+                    });
                     // The job's loop looks every [`LOOK_EVERY`] anyway: wake it
                     // when nothing is left to take (a finished job
                     // included), and now and then when it has results to

@@ -23,9 +23,9 @@ impl JobBook {
     pub(super) fn share(&self, worker: PeerId, unissued: usize) -> usize {
         // Those at work on the job, and those timed on the module's last
         // job (who will likely ask soon).
-        let mut workers: HashSet<PeerId> = self.per_worker.keys().copied().collect();
+        let mut workers: HashSet<PeerId> = self.record.per_worker.keys().copied().collect();
         workers.extend(self.leases.values().map(|l| l.worker));
-        workers.extend(self.pace.keys().copied());
+        workers.extend(self.timing.pace.keys().copied());
         workers.insert(worker);
         let speed = |w: PeerId| self.pace(w).map(|t| 1.0 / t.as_secs_f64().max(1e-9));
         let known: Vec<f64> = workers.iter().filter_map(|w| speed(*w)).collect();
@@ -36,9 +36,9 @@ impl JobBook {
         };
         let total: f64 = workers.iter().map(|w| speed(*w).unwrap_or(mean)).sum();
         // Of all that is left, those held included (the master's own slot
-        // has one in hand when a remote first asks): a share of 64 less
-        // the one held, not a share of 63, which rounds 31.3 down for a
-        // worker 1% slower and leaves the other 33.
+        // has one in hand when a remote first asks), less what it holds:
+        // a share of only the unissued rounds unevenly between near-equal
+        // workers.
         let held = self.leases.len();
         let mine = self.leases.values().filter(|l| l.worker == worker).count();
         let share = (unissued + held) as f64 * speed(worker).unwrap_or(mean) / total - mine as f64;
@@ -57,8 +57,9 @@ impl JobBook {
             return usize::MAX;
         }
         let Some(fallback) = self
+            .timing
             .last_pace
-            .or_else(|| self.pace.values().map(Pace::median).min())
+            .or_else(|| self.timing.pace.values().map(Pace::median).min())
         else {
             return usize::MAX;
         };
@@ -112,9 +113,10 @@ impl JobBook {
         now: Instant,
     ) -> Vec<TaskUnit> {
         let overdue = |l: &Lease| {
-            self.turnaround
+            self.timing
+                .turnaround
                 .get(&l.worker)
-                .or(self.last_turnaround.as_ref())
+                .or(self.timing.last_turnaround.as_ref())
                 .is_none_or(|t| now.saturating_duration_since(l.since) > *t * (l.batch + 1) * 3 / 2)
         };
         let mut held: Vec<(Instant, Replica)> = self

@@ -424,3 +424,23 @@ fn failure_after_max_attempts() {
     assert_eq!(b.progress().failed, 1);
     assert_eq!(b.failures()[&0], TaskError::Guest("boom".into()));
 }
+
+#[test]
+fn accepted_results_become_journal_records_to_write_outside_the_book() {
+    let mut b = book(&["a", "b"]);
+    assert!(b.take_journal().is_empty(), "no journal, no records");
+    b.set_journal(Default::default());
+    let now = Instant::now();
+    assert_eq!(b.take(w("x"), 2, now).len(), 2);
+    b.complete(w("x"), vec![ok(1, "B")]);
+    let mut want = Vec::new();
+    crate::journal::encode(&mut want, 1, b"B");
+    assert_eq!(b.take_journal(), want);
+    assert!(
+        b.take_journal().is_empty(),
+        "each record is handed out once"
+    );
+    // A duplicate is not accepted again, so it is not journaled again.
+    b.complete(w("x"), vec![ok(1, "B")]);
+    assert!(b.take_journal().is_empty());
+}
