@@ -34,7 +34,7 @@ pub mod count;
 
 use antnest_proto::control::{self, ControlReply, ControlRequest, InputSpec, JobReport, JobSpec};
 use antnest_proto::{ByteBuf, Limits, ModuleHash};
-use antnest_sandbox::{Environment, TaskRunner};
+use antnest_sandbox::{Sandbox, TaskRunner};
 
 #[derive(Parser)]
 struct Args {
@@ -344,7 +344,7 @@ async fn efficiency(
     timeout: Duration,
 ) -> Result<()> {
     let (rounds, n) = (args.efficiency, args.nodes * args.slots);
-    let env = Environment::new(None)?;
+    let env = Sandbox::new(None)?;
     let component = env.component(&ModuleHash::of(module), || Some(module.to_vec()))?;
     let units: Vec<Vec<u8>> = lines(&std::fs::read(input)?).map(<[u8]>::to_vec).collect();
     let mut runners: Vec<TaskRunner> = (0..n)

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use antnest_proto::Limits;
 use antnest_proto::ModuleHash;
-use antnest_sandbox::{Environment, SplitInput, SplitOutcome, TaskRunner, run_combine, run_split};
+use antnest_sandbox::{Sandbox, SplitInput, SplitOutcome, TaskRunner, run_combine, run_split};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
     };
     let bytes = std::fs::read(&job)?;
     let hash = ModuleHash::of(&bytes);
-    let env = Environment::new(None)?;
+    let env = Sandbox::new(None)?;
     let t = Instant::now();
     let component = env.component(&hash, || Some(bytes))?;
     println!("compile: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);

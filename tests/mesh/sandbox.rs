@@ -189,12 +189,12 @@ fn a_peer_refuses_jobs_beyond_max_jobs() {
 #[test]
 fn threads_loading_one_module_at_once_compile_it_once() {
     use antnest_proto::ModuleHash;
-    use antnest_sandbox::Environment;
+    use antnest_sandbox::Sandbox;
 
     let bytes = std::fs::read(artifact("primes")).expect("primes.wasm");
     let hash = ModuleHash::of(&bytes);
     let cache = tempfile::tempdir().unwrap();
-    let env = Environment::new(Some(cache.path().to_owned())).unwrap();
+    let env = Sandbox::new(Some(cache.path().to_owned())).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     for _ in 0..4 {
         let (env, bytes, tx) = (env.clone(), bytes.clone(), tx.clone());
@@ -225,9 +225,9 @@ fn threads_loading_one_module_at_once_compile_it_once() {
 fn modules_instantiated_turn_about_each_run_their_own_code() {
     use antnest_proto::Limits;
     use antnest_proto::ModuleHash;
-    use antnest_sandbox::{Environment, TaskRunner};
+    use antnest_sandbox::{Sandbox, TaskRunner};
 
-    let env = Environment::new(None).unwrap();
+    let env = Sandbox::new(None).unwrap();
     let load = |name: &str| {
         let bytes = std::fs::read(artifact(name)).unwrap();
         env.component(&ModuleHash::of(&bytes), || Some(bytes.clone()))
@@ -311,10 +311,10 @@ fn endless_loops_with_different_limits_each_stop_at_their_own() {
 fn faulty_runners<const N: usize>(limits: [Duration; N]) -> [antnest_sandbox::TaskRunner; N] {
     use antnest_proto::Limits;
     use antnest_proto::ModuleHash;
-    use antnest_sandbox::{Environment, TaskRunner};
+    use antnest_sandbox::{Sandbox, TaskRunner};
 
     let bytes = std::fs::read(artifact("faulty")).expect("faulty.wasm");
-    let env = Environment::new(None).unwrap();
+    let env = Sandbox::new(None).unwrap();
     let component = env
         .component(&ModuleHash::of(&bytes), || Some(bytes.clone()))
         .unwrap();

@@ -10,7 +10,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use antnest_sandbox::{Environment, LoadError};
+use antnest_sandbox::{LoadError, Sandbox};
 
 use crate::config::PeerConfig;
 use crate::net::{self, Event};
@@ -80,7 +80,7 @@ impl RunningPeer {
 
 /// Start a peer: network, event handling and worker slots.
 pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
-    let env = Environment::new(config.cache_dir.clone())?;
+    let env = Sandbox::new(config.cache_dir.clone())?;
     let expected_listeners = config.net.listen.len();
     let (client, events, mut event_loop) = net::new(config.net.clone())?;
     let incoming = client.accept_streams()?;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use antnest_proto::PeerId;
 use antnest_proto::control::PeerInfo;
-use antnest_sandbox::Environment;
+use antnest_sandbox::Sandbox;
 use tokio::sync::{Notify, watch};
 
 use crate::config::PeerConfig;
@@ -17,7 +17,7 @@ use crate::net::Client;
 use crate::worker::known::Known;
 
 pub(crate) struct State {
-    pub(crate) env: Environment,
+    pub(crate) env: Sandbox,
     pub(crate) client: Client,
     pub(crate) config: PeerConfig,
     /// This peer's own id, as its book entries name its slots.
@@ -41,7 +41,7 @@ impl Peer {
         self.state.local
     }
 
-    pub fn env(&self) -> &Environment {
+    pub fn env(&self) -> &Sandbox {
         &self.state.env
     }
 

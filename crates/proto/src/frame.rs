@@ -342,44 +342,9 @@ pub fn decode<T: serde::de::DeserializeOwned>(message: Vec<u8>) -> std::io::Resu
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::ids::{JobId, ModuleHash};
-    use crate::limits::Limits;
-    use crate::msg::Announce;
     use crate::msg::lies_within;
-
-    pub(crate) fn sample_responses() -> Vec<Response> {
-        let units: Vec<TaskUnit> = (0..3)
-            .map(|i| TaskUnit {
-                index: i,
-                // Below and above GATHER_MIN: copied and gathered.
-                data: vec![i as u8; [1000, 9000, 5000][i as usize]].into(),
-            })
-            .collect();
-        vec![
-            Response::Tasks {
-                units: units.clone(),
-                lease: Duration::from_secs(30),
-            },
-            Response::Assigned {
-                job: Announce {
-                    job: JobId(5),
-                    master: vec![9; 38],
-                    module: ModuleHash::of(b"m"),
-                    module_size: 4,
-                    limits: Limits::default(),
-                },
-                units,
-                lease: Duration::from_secs(30),
-            },
-            Response::NoWork { finished: true },
-            Response::Ack,
-            Response::Module(vec![0, 97, 115, 109]),
-            Response::Refused("no".into()),
-        ]
-    }
+    use crate::samples::sample_responses;
 
     /// A batch is written with its big taskunits straight from their own
     /// buffers: only the small one is copied among the encoder's bytes.

@@ -13,6 +13,8 @@ pub mod frame;
 pub mod ids;
 pub mod limits;
 pub mod msg;
+#[cfg(any(test, feature = "samples"))]
+pub mod samples;
 
 /// Write `bytes` to `path` through a fresh temporary file in the same
 /// directory, renamed into place: a reader sees the old file or the whole

@@ -1,8 +1,8 @@
-//! The engine of a peer's sandbox ([`Environment`]): the wasmtime engine
+//! The engine of a peer's sandbox ([`Sandbox`]): the wasmtime engine
 //! and linker, the compiled-component cache (in memory and on disk, by
 //! module hash), instantiation under limits, and the epoch ticker.
 //!
-//! Deadlines use epoch interruption: one ticker thread per [`Environment`]
+//! Deadlines use epoch interruption: one ticker thread per [`Sandbox`]
 //! bumps the engine epoch while guest code runs, every 1/64 of the
 //! shortest time limit among the calls running (10 ms to 1 s), so a
 //! deadline is kept to within about 1.6% of its limit; it sleeps when none
@@ -66,7 +66,7 @@ pub struct CacheStats {
 /// One per peer: the engine, the linker, and the compiled-module cache.
 /// Cheap to clone.
 #[derive(Clone)]
-pub struct Environment {
+pub struct Sandbox {
     inner: Arc<EnvInner>,
 }
 
@@ -88,7 +88,7 @@ struct EnvInner {
     memory_hits: AtomicU64,
 }
 
-impl Environment {
+impl Sandbox {
     /// Build the engine and start its epoch ticker. `cache_dir` keeps module
     /// bytes and compiled artifacts between runs; `None` keeps them in memory only.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, LoadError> {
@@ -110,7 +110,7 @@ impl Environment {
             })?;
         }
         let ticker = Ticker::start(&engine);
-        Ok(Environment {
+        Ok(Sandbox {
             inner: Arc::new(EnvInner {
                 engine,
                 ticker,

@@ -3,7 +3,7 @@
 //! memory limit and an output size limit, with no filesystem, network or
 //! environment. Everything here is synchronous: a call blocks its thread.
 //!
-//! - [`engine`]: [`Environment`], one per peer: the engine, the component
+//! - [`engine`]: [`Sandbox`], one per peer: the engine, the component
 //!   cache, instantiation and the epoch ticker behind deadlines.
 //! - [`guest`] (private): the host interface a guest calls, WASI, limits.
 //! - [`run`]: [`TaskRunner`] for taskunits; [`run_split`], [`run_combine`].
@@ -18,7 +18,7 @@ pub mod lines;
 pub mod mapped;
 pub mod run;
 
-pub use engine::{CacheStats, Environment, LoadError, TICK_MAX, TICK_MIN};
+pub use engine::{CacheStats, LoadError, Sandbox, TICK_MAX, TICK_MIN};
 pub use input::SplitInput;
 pub use run::{SplitOutcome, TaskRunner, default_combine, run_combine, run_split};
 pub use wasmtime::component::Component;

@@ -13,13 +13,13 @@ use antnest_proto::{Limits, SharedBytes, TaskError};
 use wasmtime::Store;
 use wasmtime::component::Component;
 
-use crate::engine::Environment;
+use crate::engine::Sandbox;
 use crate::guest::{GuestState, HostIo, Job, STDERR_CAPTURE, classify};
 use crate::input::SplitInput;
 
 /// Runs `process` for one module, reusing one instance across taskunits.
 pub struct TaskRunner {
-    env: Environment,
+    env: Sandbox,
     component: Component,
     limits: Limits,
     instance: Option<(Store<GuestState>, Job)>,
@@ -30,7 +30,7 @@ pub struct TaskRunner {
 }
 
 impl TaskRunner {
-    pub fn new(env: Environment, component: Component, limits: Limits) -> Self {
+    pub fn new(env: Sandbox, component: Component, limits: Limits) -> Self {
         TaskRunner {
             env,
             component,
@@ -110,7 +110,7 @@ pub enum SplitOutcome {
 /// (which may block, to keep memory bounded, and fails to stop the split).
 /// For [`SplitOutcome::Default`] the caller splits by lines itself.
 pub fn run_split(
-    env: &Environment,
+    env: &Sandbox,
     component: &Component,
     limits: Limits,
     input: SplitInput,
@@ -145,7 +145,7 @@ pub fn run_split(
 /// Run the job's `combine` over the results (in taskunit order). `None`
 /// means the job asked for the default combine.
 pub fn run_combine(
-    env: &Environment,
+    env: &Sandbox,
     component: &Component,
     limits: Limits,
     results: Box<dyn Iterator<Item = Vec<u8>> + Send>,

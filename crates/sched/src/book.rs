@@ -9,7 +9,9 @@
 //! Each (taskunit, replica) pair is a [`Replica`] with its own lease.
 //!
 //! `JobBook` is plain data behind a `std::sync::Mutex`; every method is short
-//! and never awaits.
+//! and never awaits. `lease*` hands taskunits to a worker; `take_*` hands
+//! over, and clears, what waits to be passed on (results, guest stderr,
+//! journal records).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::mpsc::TryRecvError;
@@ -310,18 +312,18 @@ impl JobBook {
     /// self-scheduling: at most `worker`'s share of what is left, see
     /// [`Self::share`]), so no worker sits on a big batch while the others
     /// idle.
-    pub fn take(&mut self, worker: PeerId, max: usize, now: Instant) -> Vec<TaskUnit> {
-        self.take_up_to(worker, max, false, now)
+    pub fn lease(&mut self, worker: PeerId, max: usize, now: Instant) -> Vec<TaskUnit> {
+        self.lease_up_to(worker, max, false, now)
     }
 
-    /// [`Self::take`] for a slot of the master's own peer: its batch shares
+    /// [`Self::lease`] for a slot of the master's own peer: its batch shares
     /// the taskunits in memory and crosses no network, so it is not capped
     /// in bytes.
-    pub fn take_local(&mut self, worker: PeerId, max: usize, now: Instant) -> Vec<TaskUnit> {
-        self.take_up_to(worker, max, true, now)
+    pub fn lease_local(&mut self, worker: PeerId, max: usize, now: Instant) -> Vec<TaskUnit> {
+        self.lease_up_to(worker, max, true, now)
     }
 
-    fn take_up_to(
+    fn lease_up_to(
         &mut self,
         worker: PeerId,
         max: usize,
@@ -393,7 +395,7 @@ impl JobBook {
             if local && self.reclaim_due(worker) {
                 return Vec::new();
             }
-            units = self.take_backups(worker, asked, now);
+            units = self.lease_backups(worker, asked, now);
         }
         if let Some((_, busy)) = self.timing.reported.get_mut(&worker) {
             *busy = !units.is_empty();
@@ -536,7 +538,7 @@ impl JobBook {
             // The master's own slots: lease to result is their compute time.
             self.paced(worker, t, done);
         }
-        self.take_outcomes(worker, outcomes);
+        self.record_outcomes(worker, outcomes);
     }
 
     /// How long `worker` held the taskunits of the first outcome's batch,
@@ -591,7 +593,7 @@ impl JobBook {
             }
             self.timing.reported.insert(worker, (now, false));
         }
-        self.take_outcomes(worker, outcomes);
+        self.record_outcomes(worker, outcomes);
     }
 
     /// Note `worker`'s time per taskunit over `n` taskunits just handed
@@ -610,7 +612,7 @@ impl JobBook {
         self.timing.pace.get(&worker).map(Pace::median)
     }
 
-    fn take_outcomes(&mut self, worker: PeerId, outcomes: Vec<TaskOutcome>) {
+    fn record_outcomes(&mut self, worker: PeerId, outcomes: Vec<TaskOutcome>) {
         for TaskOutcome {
             index,
             result,

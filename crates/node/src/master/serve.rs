@@ -198,7 +198,7 @@ impl Peer {
     /// Lease up to `max` taskunits of `master`'s job to `peer`.
     pub(crate) fn lease(&self, master: &MasterJob, peer: PeerId, max: u32) -> Response {
         let mut book = master.book.lock().unwrap();
-        let units = book.take(net::id(&peer), max.min(4096) as usize, Instant::now());
+        let units = book.lease(net::id(&peer), max.min(4096) as usize, Instant::now());
         if units.is_empty() {
             Response::NoWork {
                 finished: !book.has_work(),

@@ -7,7 +7,7 @@ use antnest_proto::control::InputSpec;
 use antnest_proto::limits::MAX_TASKUNIT;
 use antnest_proto::{Limits, SharedBytes};
 use antnest_sandbox::mapped::Damage;
-use antnest_sandbox::{Component, Environment, SplitOutcome, input, lines, run_split};
+use antnest_sandbox::{Component, Sandbox, SplitOutcome, input, lines, run_split};
 use antnest_sched::SplitSender;
 
 /// Hands taskunits from the split to the job's book, waking idle worker
@@ -52,7 +52,7 @@ impl<W: Fn()> UnitSender<W> {
 /// Run the job's split (or the default line split) into `tx`; returns how
 /// many taskunits it made.
 pub(crate) fn split_job(
-    env: &Environment,
+    env: &Sandbox,
     component: &Component,
     limits: Limits,
     input: &InputSpec,

@@ -89,11 +89,8 @@ impl libp2p::request_response::Codec for Codec {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use antnest_proto::limits::Limits;
     use antnest_proto::msg::PROTOCOL;
-    use antnest_proto::{Announce, JobId, ModuleHash, TaskError, TaskOutcome, TaskUnit};
+    use antnest_proto::samples::{sample_requests, sample_responses};
 
     use super::*;
 
@@ -117,63 +114,6 @@ mod tests {
         futures::executor::block_on(codec().write_request(&protocol, &mut out, req.clone()))
             .unwrap();
         out.into_inner()
-    }
-
-    fn sample_requests() -> Vec<Request> {
-        vec![
-            Request::Pull {
-                job: JobId(0xdead_beef),
-                max: 64,
-            },
-            Request::FetchModule {
-                hash: ModuleHash::of(b"m"),
-            },
-            Request::Wait {
-                sizes: vec![(ModuleHash::of(b"m"), 3)],
-            },
-            Request::EndWait,
-            Request::Results {
-                job: JobId(3),
-                outcomes: vec![TaskOutcome {
-                    index: 5,
-                    result: Err(TaskError::OutOfMemory(1 << 20)),
-                    stderr: None,
-                }],
-                compute: Duration::from_micros(7),
-                pull: 9,
-            },
-        ]
-    }
-
-    fn sample_responses() -> Vec<Response> {
-        let units: Vec<TaskUnit> = (0..3)
-            .map(|i| TaskUnit {
-                index: i,
-                // Below and above GATHER_MIN: copied and gathered.
-                data: vec![i as u8; [1000, 9000, 5000][i as usize]].into(),
-            })
-            .collect();
-        vec![
-            Response::Tasks {
-                units: units.clone(),
-                lease: Duration::from_secs(30),
-            },
-            Response::Assigned {
-                job: Announce {
-                    job: JobId(5),
-                    master: vec![9; 38],
-                    module: ModuleHash::of(b"m"),
-                    module_size: 4,
-                    limits: Limits::default(),
-                },
-                units,
-                lease: Duration::from_secs(30),
-            },
-            Response::NoWork { finished: true },
-            Response::Ack,
-            Response::Module(vec![0, 97, 115, 109]),
-            Response::Refused("no".into()),
-        ]
     }
 
     /// Our codec and libp2p's cbor codec put the same bytes on the wire and

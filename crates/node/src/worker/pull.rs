@@ -137,7 +137,7 @@ impl Peer {
                     .book
                     .lock()
                     .unwrap()
-                    .take_local(self.state.local, max, Instant::now());
+                    .lease_local(self.state.local, max, Instant::now());
             if !units.is_empty() {
                 return Some(Batch {
                     job,

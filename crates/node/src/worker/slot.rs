@@ -237,7 +237,7 @@ impl Peer {
                         let units = if stopped {
                             Vec::new()
                         } else {
-                            book.take_local(state.local, units_for(unit_time, LOCAL_BATCH), now)
+                            book.lease_local(state.local, units_for(unit_time, LOCAL_BATCH), now)
                         };
                         (units, feed)
                     });

@@ -1,6 +1,6 @@
 //! The rules of what a worker is handed: its share of what is left (by
 //! pace), the end game (only what it would finish before any other), and
-//! backups of stragglers' taskunits. [`super::JobBook::take`] applies them.
+//! backups of stragglers' taskunits. [`super::JobBook::lease`] applies them.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -106,7 +106,7 @@ impl JobBook {
     /// for a worker new to the job). This is speculation for stragglers, as in
     /// MapReduce: a batch on time finishes first anyway, and its copy would
     /// only take a core from the job's last steps.
-    pub(super) fn take_backups(
+    pub(super) fn lease_backups(
         &mut self,
         worker: PeerId,
         max: usize,

@@ -53,7 +53,7 @@ fn only_batches_for_the_network_stop_at_the_byte_cap() {
     let now = Instant::now();
     // With no figures, a lone worker's share is all there is.
     let mut b = book(rx, &[]);
-    assert_eq!(b.take(w("remote"), 100, now).len(), fits);
+    assert_eq!(b.lease(w("remote"), 100, now).len(), fits);
     // The local slot is far the faster, so its share is all that is
     // left: only a byte cap could stop it.
     let (tx, rx) = split_channel(64, 64 << 20);
@@ -66,21 +66,21 @@ fn only_batches_for_the_network_stop_at_the_byte_cap() {
         ("remote", Duration::from_secs(1)),
     ];
     let mut b = book(rx, &paces);
-    assert_eq!(b.take_local(w("local"), 100, now).len(), 2 * fits + 2);
+    assert_eq!(b.lease_local(w("local"), 100, now).len(), 2 * fits + 2);
 }
 
 #[test]
 fn expired_leases_are_reissued_and_duplicates_ignored() {
     let mut b = book(&["a", "b"]);
     let t0 = Instant::now();
-    let first = b.take(w("w1"), 10, t0);
+    let first = b.lease(w("w1"), 10, t0);
     assert_eq!(first.len(), 2);
     assert!(
-        b.take(w("w1"), 10, t0).is_empty(),
+        b.lease(w("w1"), 10, t0).is_empty(),
         "nothing fresh, and no backups of its own"
     );
     let later = t0 + Duration::from_secs(11);
-    let again = b.take(w("w2"), 10, later);
+    let again = b.lease(w("w2"), 10, later);
     assert_eq!(again.len(), 2, "expired leases come back");
     b.complete(w("w2"), vec![ok(0, "A"), ok(1, "B")]);
     b.complete(w("w1"), vec![ok(0, "late duplicate")]);
@@ -95,11 +95,11 @@ fn expired_leases_are_reissued_and_duplicates_ignored() {
 fn taskunits_given_back_go_to_the_idle_worker_and_each_batch_is_asked_once() {
     let mut b = book(&["a", "b", "c", "d", "e", "f"]);
     let t0 = Instant::now();
-    let remote = b.take(w("remote"), 4, t0);
+    let remote = b.lease(w("remote"), 4, t0);
     assert_eq!(remote.len(), 4);
     // While there are taskunits to hand out, nobody is asked.
     assert!(b.to_reclaim(w("master")).is_empty());
-    let mine = b.take_local(w("master"), 10, t0);
+    let mine = b.lease_local(w("master"), 10, t0);
     assert_eq!(mine.len(), 2);
     b.complete(w("master"), vec![ok(4, "E"), ok(5, "F")]);
     // The master's slot has run out: the remote's batch is asked, once.
@@ -109,7 +109,7 @@ fn taskunits_given_back_go_to_the_idle_worker_and_each_batch_is_asked_once() {
     assert_eq!(b.give_back(w("remote"), &[2, 3, 99]), 2);
     assert_eq!(b.give_back(w("someone"), &[0]), 0, "not its lease");
     assert_eq!(b.progress().taken_back, 2);
-    let back = b.take_local(w("master"), 10, t0);
+    let back = b.lease_local(w("master"), 10, t0);
     assert_eq!(back.iter().map(|u| u.index).collect::<Vec<_>>(), vec![2, 3]);
     b.complete(w("master"), vec![ok(2, "C"), ok(3, "D")]);
     b.complete(w("remote"), vec![ok(0, "A"), ok(1, "B")]);
@@ -127,9 +127,9 @@ fn taskunits_given_back_go_to_the_idle_worker_and_each_batch_is_asked_once() {
 fn vanished_worker_loses_nothing() {
     let mut b = book(&["a", "b", "c"]);
     let now = Instant::now();
-    assert_eq!(b.take(w("dead"), 2, now).len(), 2);
+    assert_eq!(b.lease(w("dead"), 2, now).len(), 2);
     assert_eq!(b.release_worker(w("dead")), 2);
-    let units = b.take(w("alive"), 10, now);
+    let units = b.lease(w("alive"), 10, now);
     let mut idx: Vec<u64> = units.iter().map(|u| u.index).collect();
     idx.sort();
     assert_eq!(idx, vec![0, 1, 2]);
@@ -140,23 +140,26 @@ fn idle_workers_back_up_stragglers_and_the_first_result_wins() {
     let mut b = book(&["a", "b"]);
     let now = Instant::now();
     let ms = Duration::from_millis;
-    assert_eq!(b.take(w("slow"), 1, now).len(), 1);
-    assert_eq!(b.take(w("fast"), 1, now).len(), 1);
+    assert_eq!(b.lease(w("slow"), 1, now).len(), 1);
+    assert_eq!(b.lease(w("fast"), 1, now).len(), 1);
     b.complete_at(w("fast"), vec![ok(1, "B")], now + ms(10));
     // Nothing fresh is left, but "slow" is not late yet: its taskunit
     // (and one it may have had in hand) were expected to take about as
     // long as "fast"'s (10 ms each).
-    assert!(b.take(w("fast"), 4, now + ms(29)).is_empty(), "not overdue");
+    assert!(
+        b.lease(w("fast"), 4, now + ms(29)).is_empty(),
+        "not overdue"
+    );
     // Half as long again: "fast" gets a backup of "slow"'s taskunit, once.
     let now = now + ms(31);
-    let backup = b.take(w("fast"), 4, now);
+    let backup = b.lease(w("fast"), 4, now);
     assert_eq!(backup.iter().map(|u| u.index).collect::<Vec<_>>(), vec![0]);
     assert!(
-        b.take(w("other"), 4, now).is_empty(),
+        b.lease(w("other"), 4, now).is_empty(),
         "one backup per taskunit"
     );
     assert!(
-        b.take(w("slow"), 4, now).is_empty(),
+        b.lease(w("slow"), 4, now).is_empty(),
         "no backup of your own lease"
     );
     b.complete(w("fast"), vec![ok(0, "A from backup")]);
@@ -172,25 +175,25 @@ fn a_batch_is_backed_up_only_once_late_for_its_worker_and_size() {
     let t0 = Instant::now();
     let at = |ms| t0 + Duration::from_millis(ms);
     let indices = |units: Vec<TaskUnit>| units.iter().map(|u| u.index).collect::<Vec<_>>();
-    assert_eq!(indices(b.take(w("remote"), 2, at(0))), vec![0, 1]);
+    assert_eq!(indices(b.lease(w("remote"), 2, at(0))), vec![0, 1]);
     // The remote's first batch took 20 ms per taskunit.
     b.complete_at(w("remote"), vec![ok(0, "A"), ok(1, "B")], at(40));
-    assert_eq!(indices(b.take(w("remote"), 2, at(40))), vec![2, 3]);
-    assert_eq!(indices(b.take_local(w("local"), 1, at(40))), vec![4]);
+    assert_eq!(indices(b.lease(w("remote"), 2, at(40))), vec![2, 3]);
+    assert_eq!(indices(b.lease_local(w("local"), 1, at(40))), vec![4]);
     b.complete_at(w("local"), vec![ok(4, "E")], at(50));
     // 80 ms into a 2-taskunit batch of a 20 ms worker (that may have
     // had one more in hand): on time, though the last batch in (the
     // master's own slot's) took 10 ms.
-    assert!(b.take_local(w("local"), 1, at(80)).is_empty());
+    assert!(b.lease_local(w("local"), 1, at(80)).is_empty());
     // The master's slot found nothing: its peer asks the remote to give
     // back what it has not started (here it answers nothing). Until
     // then no backups: the ask comes first.
-    assert!(b.take_local(w("local"), 1, at(200)).is_empty());
+    assert!(b.lease_local(w("local"), 1, at(200)).is_empty());
     assert_eq!(b.to_reclaim(w("local")), vec![w("remote")]);
-    assert!(b.take_local(w("local"), 1, at(129)).is_empty());
+    assert!(b.lease_local(w("local"), 1, at(129)).is_empty());
     // Past half as long again (90 ms): backed up, one taskunit a call.
-    assert_eq!(indices(b.take_local(w("local"), 1, at(131))), vec![2]);
-    assert_eq!(indices(b.take_local(w("local"), 1, at(131))), vec![3]);
+    assert_eq!(indices(b.lease_local(w("local"), 1, at(131))), vec![2]);
+    assert_eq!(indices(b.lease_local(w("local"), 1, at(131))), vec![3]);
 }
 
 #[test]
@@ -200,16 +203,16 @@ fn the_end_is_shared_out_by_how_fast_each_worker_turns_batches_around() {
     b.split_done(10);
     let t0 = Instant::now();
     let at = |ms| t0 + Duration::from_millis(ms);
-    assert_eq!(b.take(w("fast"), 1, at(0)).len(), 1);
-    assert_eq!(b.take(w("slow"), 1, at(0)).len(), 1);
+    assert_eq!(b.lease(w("fast"), 1, at(0)).len(), 1);
+    assert_eq!(b.lease(w("slow"), 1, at(0)).len(), 1);
     b.complete_at(w("fast"), vec![ok(0, "a")], at(10));
     b.complete_at(w("slow"), vec![ok(1, "b")], at(30));
     // 8 left; "fast" is three times as fast, so its share is 3/4.
-    assert_eq!(b.take(w("fast"), 100, at(30)).len(), 6);
+    assert_eq!(b.lease(w("fast"), 100, at(30)).len(), 6);
     // A quarter of the 8 left (6 of them held by "fast"): its two end
     // with the 6 of "fast", at 90 ms.
-    assert_eq!(b.take(w("slow"), 100, at(30)).len(), 2);
-    assert!(b.take(w("newcomer"), 100, at(30)).is_empty(), "none left");
+    assert_eq!(b.lease(w("slow"), 100, at(30)).len(), 2);
+    assert!(b.lease(w("newcomer"), 100, at(30)).is_empty(), "none left");
 }
 
 #[test]
@@ -227,12 +230,12 @@ fn a_workers_first_batch_is_its_share_by_the_last_job_of_the_module() {
     // The master's own slot holds one; 63 are left. In the module's
     // last job the remote took three times as long per taskunit.
     let mut b = book_with(&[("local", ms(2)), ("remote", ms(6))]);
-    assert_eq!(b.take_local(w("local"), 1, now).len(), 1);
-    assert_eq!(b.take(w("remote"), 100, now).len(), 16);
+    assert_eq!(b.lease_local(w("local"), 1, now).len(), 1);
+    assert_eq!(b.lease(w("remote"), 100, now).len(), 16);
     // Without figures the two count alike.
     let mut b = book_with(&[]);
-    assert_eq!(b.take_local(w("local"), 1, now).len(), 1);
-    assert_eq!(b.take(w("remote"), 100, now).len(), 32);
+    assert_eq!(b.lease_local(w("local"), 1, now).len(), 1);
+    assert_eq!(b.lease(w("remote"), 100, now).len(), 32);
 }
 
 #[test]
@@ -242,17 +245,17 @@ fn at_the_end_a_worker_gets_only_what_it_would_finish_first() {
     b.split_done(4);
     let t0 = Instant::now();
     let at = |ms| t0 + Duration::from_millis(ms);
-    assert_eq!(b.take_local(w("local"), 1, at(0)).len(), 1);
-    assert_eq!(b.take(w("remote"), 1, at(0)).len(), 1);
+    assert_eq!(b.lease_local(w("local"), 1, at(0)).len(), 1);
+    assert_eq!(b.lease(w("remote"), 1, at(0)).len(), 1);
     // The remote asks ahead, 2 ms into its taskunit: of the two left,
     // the master's slot (free at 10 ms) would end one at 20 ms, the
     // remote (free at 12 ms) the other at 22 ms.
-    assert_eq!(b.take(w("remote"), 100, at(2)).len(), 1);
+    assert_eq!(b.lease(w("remote"), 100, at(2)).len(), 1);
     // Asking again at 3 ms, it holds two: the last one would end at
     // 33 ms with it, at 20 ms with the master's slot.
-    assert!(b.take(w("remote"), 100, at(3)).is_empty());
+    assert!(b.lease(w("remote"), 100, at(3)).is_empty());
     b.complete_at(w("local"), vec![ok(0, "A")], at(10));
-    assert_eq!(b.take_local(w("local"), 1, at(10)).len(), 1);
+    assert_eq!(b.lease_local(w("local"), 1, at(10)).len(), 1);
     // Paced as it measured its work, not by the time since its lease;
     // a few fast taskunits do not move its pace, half the window does.
     b.complete_computed(w("remote"), vec![ok(1, "B")], ms(7));
@@ -287,16 +290,16 @@ fn a_pace_is_the_median_of_recent_taskunits_and_a_large_batch_sets_it() {
     // The master's slot is held up 18 ms on one taskunit, then 6 ms on
     // the next (its peer's combine and the next job's start share its
     // core): its pace does not move.
-    let one = b.take_local(w("local"), 1, at(0));
+    let one = b.lease_local(w("local"), 1, at(0));
     b.complete_at(w("local"), vec![ok(one[0].index, "x")], at(18));
-    let two = b.take_local(w("local"), 1, at(18));
+    let two = b.lease_local(w("local"), 1, at(18));
     b.complete_at(w("local"), vec![ok(two[0].index, "x")], at(24));
     assert_eq!(b.pace(w("local")), Some(ms(2)));
     // So the shares stay even: 19 of the 38 left to the remote, not
     // the 34 that an 18 ms pace would give it.
     assert_eq!(b.share(w("remote"), 38), 19);
     // A batch of 16 or more taskunits sets the pace outright.
-    let batch = b.take(w("remote"), 16, at(0));
+    let batch = b.lease(w("remote"), 16, at(0));
     assert_eq!(batch.len(), 16);
     let done = batch.iter().map(|u| ok(u.index, "y")).collect();
     b.complete_computed(w("remote"), done, ms(16 * 4));
@@ -314,8 +317,8 @@ fn a_worker_holding_nothing_gets_one_even_if_others_would_be_first() {
     let mut b = book(&["a", "b", "c"]).with_times(known);
     b.split_done(3);
     let now = Instant::now();
-    assert_eq!(b.take(w("fast"), 1, now).len(), 1);
-    assert_eq!(b.take(w("slow"), 100, now).len(), 1);
+    assert_eq!(b.lease(w("fast"), 1, now).len(), 1);
+    assert_eq!(b.lease(w("slow"), 100, now).len(), 1);
 }
 
 #[test]
@@ -326,9 +329,9 @@ fn while_the_split_runs_a_batch_is_a_share_of_what_it_has_made() {
     }
     let mut b = JobBook::new(rx, Duration::from_secs(10), 2);
     let now = Instant::now();
-    assert_eq!(b.take_local(w("local"), 1, now).len(), 1);
+    assert_eq!(b.lease_local(w("local"), 1, now).len(), 1);
     // 9 made and not handed out, two workers alike: 4.5, rounded.
-    assert_eq!(b.take(w("remote"), 100, now).len(), 5);
+    assert_eq!(b.lease(w("remote"), 100, now).len(), 5);
     drop(tx);
 }
 
@@ -336,16 +339,16 @@ fn while_the_split_runs_a_batch_is_a_share_of_what_it_has_made() {
 fn a_cancelled_job_hands_out_nothing_not_even_backups() {
     let mut b = book(&["a", "b", "c"]);
     let now = Instant::now();
-    assert_eq!(b.take(w("w1"), 1, now).len(), 1);
+    assert_eq!(b.lease(w("w1"), 1, now).len(), 1);
     b.release_worker(w("w1")); // its taskunit waits in the queue again
-    assert_eq!(b.take(w("w2"), 1, now).len(), 1);
+    assert_eq!(b.lease(w("w2"), 1, now).len(), 1);
     b.cancel();
     assert!(
-        b.take_local(w("local"), 10, now + Duration::from_secs(60))
+        b.lease_local(w("local"), 10, now + Duration::from_secs(60))
             .is_empty()
     );
     assert!(
-        b.take(w("w3"), 10, now + Duration::from_secs(60))
+        b.lease(w("w3"), 10, now + Duration::from_secs(60))
             .is_empty()
     );
     assert!(b.is_finished());
@@ -359,12 +362,12 @@ fn book_k(units: &[&str], k: u8) -> JobBook {
 fn replicas_go_to_distinct_workers_and_must_agree() {
     let mut b = book_k(&["a"], 2);
     let now = Instant::now();
-    assert_eq!(b.take(w("w1"), 4, now).len(), 1);
+    assert_eq!(b.lease(w("w1"), 4, now).len(), 1);
     assert!(
-        b.take(w("w1"), 4, now).is_empty(),
+        b.lease(w("w1"), 4, now).is_empty(),
         "w1 may not run both replicas"
     );
-    assert_eq!(b.take(w("w2"), 4, now).len(), 1);
+    assert_eq!(b.lease(w("w2"), 4, now).len(), 1);
     b.complete(w("w1"), vec![ok(0, "A")]);
     assert!(!b.is_finished(), "one replica is not enough");
     b.complete(w("w2"), vec![ok(0, "A")]);
@@ -378,8 +381,8 @@ fn disagreeing_replicas_are_rerun_then_fail() {
     let mut b = book_k(&["a"], 2);
     let now = Instant::now();
     for round in 0..2 {
-        assert_eq!(b.take(w("w1"), 1, now).len(), 1, "round {round}");
-        assert_eq!(b.take(w("w2"), 1, now).len(), 1, "round {round}");
+        assert_eq!(b.lease(w("w1"), 1, now).len(), 1, "round {round}");
+        assert_eq!(b.lease(w("w2"), 1, now).len(), 1, "round {round}");
         b.complete(w("w1"), vec![ok(0, "one answer")]);
         b.complete(w("w2"), vec![ok(0, "another")]);
     }
@@ -392,7 +395,7 @@ fn disagreeing_replicas_are_rerun_then_fail() {
 fn guest_stderr_is_kept_within_the_job_cap() {
     let mut b = book(&["a", "b"]);
     let now = Instant::now();
-    b.take(w("w"), 2, now);
+    b.lease(w("w"), 2, now);
     let noisy = |index, text: String| TaskOutcome {
         index,
         result: Ok(ByteBuf::from(b"x".to_vec())),
@@ -415,10 +418,10 @@ fn failure_after_max_attempts() {
         result: Err(TaskError::Guest("boom".into())),
         stderr: None,
     };
-    b.take(w("w"), 1, now);
+    b.lease(w("w"), 1, now);
     b.complete(w("w"), vec![err(0)]);
     assert!(!b.is_finished(), "one failure is retried");
-    assert_eq!(b.take(w("w"), 1, now).len(), 1);
+    assert_eq!(b.lease(w("w"), 1, now).len(), 1);
     b.complete(w("w"), vec![err(0)]);
     assert!(b.is_finished());
     assert_eq!(b.progress().failed, 1);
@@ -431,7 +434,7 @@ fn accepted_results_become_journal_records_to_write_outside_the_book() {
     assert!(b.take_journal().is_empty(), "no journal, no records");
     b.set_journal(Default::default());
     let now = Instant::now();
-    assert_eq!(b.take(w("x"), 2, now).len(), 2);
+    assert_eq!(b.lease(w("x"), 2, now).len(), 2);
     b.complete(w("x"), vec![ok(1, "B")]);
     let mut want = Vec::new();
     crate::journal::encode(&mut want, 1, b"B");
