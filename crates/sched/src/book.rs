@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use antnest_proto::limits::MAX_BATCH_BYTES;
 use antnest_proto::{PeerId, SharedBytes, TaskError, TaskOutcome, TaskUnit};
-use sha2::{Digest, Sha256};
 
 pub use antnest_proto::control::Progress;
 
@@ -291,19 +290,6 @@ impl JobBook {
             resumed: self.record.resumed,
             results: std::mem::take(&mut self.record.results),
         }
-    }
-
-    /// Whether `worker` already holds a replica of `index` or voted on it.
-    fn involved(&self, index: u64, worker: PeerId) -> bool {
-        (0..self.votes.replicas).any(|r| {
-            self.leases
-                .get(&(index, r))
-                .is_some_and(|l| l.worker == worker)
-        }) || self
-            .votes
-            .votes
-            .get(&index)
-            .is_some_and(|v| v.iter().any(|v| v.worker == worker))
     }
 
     /// Lease up to `max` taskunits to `worker`, a batch that will cross the
@@ -675,42 +661,7 @@ impl JobBook {
             self.accept(index, bytes);
             return;
         }
-        if self.involved(index, worker) {
-            return; // a second vote from the same worker does not count
-        }
-        let votes = self.votes.votes.entry(index).or_default();
-        votes.push(Vote {
-            worker,
-            digest: Sha256::digest(&bytes).into(),
-            bytes,
-        });
-        if votes.len() < self.votes.replicas as usize {
-            return;
-        }
-        let votes = self.votes.votes.remove(&index).unwrap_or_default();
-        if votes.iter().all(|v| v.digest == votes[0].digest) {
-            let bytes = votes
-                .into_iter()
-                .next()
-                .map(|v| v.bytes)
-                .unwrap_or_default();
-            self.accept(index, bytes);
-            return;
-        }
-        self.votes.mismatches += 1;
-        tracing::warn!(
-            index,
-            replicas = self.votes.replicas,
-            "replica results differ; running the taskunit again"
-        );
-        let err = TaskError::Mismatch(votes.len());
-        if !self.count_attempt(index, err) {
-            for r in 0..self.votes.replicas {
-                self.leases.remove(&(index, r));
-                self.queue.retain(|s| *s != (index, r));
-                self.queue.push_back((index, r));
-            }
-        }
+        self.vote(worker, index, bytes);
     }
 
     /// Count a failed attempt; true if the taskunit is now failed for good.
@@ -841,5 +792,6 @@ impl JobBook {
 }
 
 mod policy;
+mod replicas;
 #[cfg(test)]
 mod tests;

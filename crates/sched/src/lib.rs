@@ -3,8 +3,9 @@
 //! on their own (`cargo test -p antnest-sched`).
 //!
 //! - [`book`]: [`JobBook`], the record of one job: taskunits from the
-//!   split, leases and their expiry, results, replicas' votes, and the
-//!   rules for what to hand out (shares, the end game, backups, give-back).
+//!   split, leases and their expiry, results, give-back; `book/policy.rs`
+//!   holds the rules for what to hand out (shares, the end game, backups),
+//!   `book/replicas.rs` the replicas' votes.
 //! - [`intake`]: the bounded queue from a job's split into its book.
 //! - [`pace`]: how fast each worker is, remembered across jobs.
 //! - [`journal`]: results on disk as they arrive, for `--resume`.
