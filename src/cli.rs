@@ -104,8 +104,8 @@ pub(crate) struct PeerArgs {
     pub(crate) control: ControlArgs,
 }
 
-/// `antnest submit`: one field per flag (more than a dozen, as the command
-/// has that many), validated into a `JobSpec` before any I/O.
+// One field per flag of `antnest submit`: more than a dozen, as the
+// command has that many.
 #[derive(Debug, Args)]
 pub(crate) struct SubmitArgs {
     /// The job: a .wasm component, a Rust job crate directory, or a .py file.
