@@ -102,11 +102,75 @@ fn build_rust(dir: &Path) -> Result<Vec<u8>, SourceError> {
 }
 
 /// The glue between the original's plain functions and the WIT world.
+///
+/// Both styles of job run: today's plain functions (`processor(x)`,
+/// `split(data)`, `combine(results)`) and the original antnest's methods
+/// (`processor(self, x)`, `split(self, input_data, processor)` yielding
+/// `taskunit.TaskUnit(data=..., processor=...)`, `combine(self)` reading
+/// `self.taskunits` and printing the output). A job whose `combine` takes
+/// `self` gets, with each result, the taskunit it came from: its
+/// taskunits' results travel as pickles of `(data, result)`, only ever
+/// unpickled inside the sandbox. The module's `input_data` is the input
+/// when the job is given none.
 const PY_WRAPPER: &str = r#"
+import inspect
+import io
+import pickle
+import sys
+import types
+
 import wit_world
 from wit_world.imports import host
 from componentize_py_types import Err
+
+
+class TaskUnit:
+    """The original antnest's taskunit: its data, and its result once run."""
+
+    def __init__(self, data=None, processor=None, **fields):
+        self.data = data
+        self.processor = processor
+        self.result = None
+        self.__dict__.update(fields)
+
+
+# The original's jobs `import taskunit` inside `split`.
+_taskunit = types.ModuleType("taskunit")
+_taskunit.TaskUnit = TaskUnit
+sys.modules.setdefault("taskunit", _taskunit)
+
 import __USER_MODULE__ as _job
+
+
+class _Job:
+    """The `self` the original's functions were methods of."""
+
+    taskunits = []
+
+
+_self = _Job()
+
+
+def _takes_self(fn):
+    params = list(inspect.signature(fn).parameters)
+    return bool(params) and params[0] == "self"
+
+
+def _call(fn, *args):
+    """`fn` with as many of `args` as it takes, after `self` if it has one."""
+    params = list(inspect.signature(fn).parameters.values())
+    lead = ()
+    if params and params[0].name == "self":
+        lead, params = (_self,), params[1:]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return fn(*lead, *args)
+    n = sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    return fn(*lead, *args[:n])
+
+
+_COMBINE = getattr(_job, "combine", None)
+# Results carry their taskunit's data for a combine that reads self.taskunits.
+_PAIRS = _COMBINE is not None and _takes_self(_COMBINE)
 
 
 def _bytes(value):
@@ -115,23 +179,46 @@ def _bytes(value):
     return str(value).encode("utf-8")
 
 
+def _text(data):
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data).decode("utf-8")
+    return str(data)
+
+
 def _fail(where, e):
     raise Err(f"{where}: {type(e).__name__}: {e}")
+
+
+def _read_all():
+    chunks = []
+    while True:
+        block = host.read_input(1 << 20)
+        if not block:
+            break
+        chunks.append(block)
+    return b"".join(chunks).decode("utf-8")
 
 
 class WitWorld(wit_world.WitWorld):
     def split(self) -> bool:
         split = getattr(_job, "split", None)
-        if split is None:
-            return False
-        chunks = []
-        while True:
-            block = host.read_input(1 << 20)
-            if not block:
-                break
-            chunks.append(block)
+        given = hasattr(_job, "input_data")
+        if split is None and not given:
+            return False  # the host splits the input by lines
+        data = _read_all()
+        if data == "" and given:
+            data = _text(_job.input_data)
         try:
-            for unit in split(b"".join(chunks).decode("utf-8")):
+            if split is None:
+                lines = data.split("\n")
+                if lines and lines[-1] == "":
+                    lines.pop()
+                units = (l[:-1] if l.endswith("\r") else l for l in lines)
+            else:
+                units = _call(split, data, _job.processor)
+            for unit in units:
+                if isinstance(unit, TaskUnit):
+                    unit = unit.data
                 host.emit(_bytes(unit))
         except Err:
             raise
@@ -140,25 +227,44 @@ class WitWorld(wit_world.WitWorld):
         return True
 
     def process(self, unit: bytes) -> bytes:
+        data = unit.decode("utf-8")
         try:
-            return _bytes(_job.processor(unit.decode("utf-8")))
+            result = _call(_job.processor, data)
         except Exception as e:
             _fail("processor", e)
+        if _PAIRS:
+            return pickle.dumps((data, result))
+        return _bytes(result)
 
     def combine(self) -> bool:
-        combine = getattr(_job, "combine", None)
-        if combine is None:
+        if _COMBINE is None:
             return False
         results = []
         while True:
             r = host.next_result()
             if r is None:
                 break
-            results.append(r.decode("utf-8"))
+            results.append(r)
+        printed = io.StringIO()
+        stdout, sys.stdout = sys.stdout, printed
         try:
-            host.write_output(_bytes(combine(results)))
+            if _PAIRS:
+                units = []
+                for r in results:
+                    data, result = pickle.loads(r)
+                    t = TaskUnit(data=data, processor=_job.processor)
+                    t.result = result
+                    units.append(t)
+                _self.taskunits = units
+                out = _call(_COMBINE)
+            else:
+                out = _call(_COMBINE, [r.decode("utf-8") for r in results])
         except Exception as e:
             _fail("combine", e)
+        finally:
+            sys.stdout = stdout
+        # What combine returns is the output; if nothing, what it printed.
+        host.write_output(_bytes(printed.getvalue() if out is None else out))
         return True
 "#;
 

@@ -36,6 +36,39 @@ fn reverse_strings_python_like_the_original() {
     assert_eq!(stats_of(&stats)["tasks"], 3);
 }
 
+/// The sample job of the original antnest's README, verbatim: methods
+/// with `self`, a split over the module's `input_data` yielding
+/// `taskunit.TaskUnit`s, and a combine that prints `self.taskunits`.
+#[test]
+fn the_original_readme_job_runs_unchanged() {
+    let out = submit_local(
+        std::path::Path::new("jobs/original/reverse_strings.py"),
+        &[],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "olleh\ndlrow\n");
+}
+
+/// An original-style job given an input uses it instead of `input_data`,
+/// and plain values yielded by its split are taskunits too.
+#[test]
+fn an_original_style_job_takes_the_given_input() {
+    let dir = scratch();
+    let job = dir.path().join("shout.py");
+    std::fs::write(
+        &job,
+        "def processor(self, s):\n    return s.upper()\n\n\
+         def split(self, input_data, processor):\n    yield from input_data.split()\n\n\
+         def combine(self):\n    return ','.join(f'{t.data}={t.result}' for t in self.taskunits)\n\n\
+         input_data = 'not this'\n",
+    )
+    .unwrap();
+    let out = submit_local(&job, &[], b"ab cd");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "ab=AB,cd=CD");
+}
+
 #[test]
 fn wordcount_matches_a_direct_count() {
     // Words of 1 to 40 bytes (the job keeps words of up to 16 bytes in its
