@@ -49,14 +49,17 @@ pub(crate) struct CancelArgs {
 
 #[derive(Debug, Args, Clone)]
 pub(crate) struct NetArgs {
-    /// Address to listen on (repeatable). Default: /ip4/0.0.0.0/tcp/0.
+    /// Address to listen on (repeatable). Default for `peer`: port 4001 on
+    /// every interface if it is free, else a random port; for `submit`'s own
+    /// peer: a random port.
     #[arg(long, value_name = "MULTIADDR")]
     pub(crate) listen: Vec<Multiaddr>,
     /// Peer to dial at start (repeatable), e.g. /ip4/10.0.0.5/tcp/4001.
     #[arg(long, value_name = "MULTIADDR")]
     pub(crate) bootstrap: Vec<Multiaddr>,
-    /// Bootstrap config file (`{"masters":[{"ip":..,"port":..}]}`).
-    /// Default: config/<hostname>-peer-config.json, if it exists.
+    /// Bootstrap config file (`{"masters":[{"ip":..,"port":..}]}`; a master
+    /// without a port is at 4001). Default: config/<hostname>-slave-config.json
+    /// and config/<hostname>-peer-config.json, those that exist.
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
     /// Taskunits run at once on this peer. Default: one per core.

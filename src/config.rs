@@ -1,7 +1,9 @@
 //! The bootstrap config file, in the original antnest's format:
-//! `config/<hostname>-peer-config.json` holding
-//! `{"masters": [{"ip": "10.0.0.5", "hostname": "box", "port": 4001}]}`.
-//! A `"bootstrap": ["/ip4/…/tcp/…"]` list of multiaddrs may sit beside it.
+//! `config/<hostname>-slave-config.json` (the original's name) or
+//! `config/<hostname>-peer-config.json`, holding
+//! `{"masters": [{"ip": "10.0.0.5", "hostname": "box", "port": 4001}]}`; a
+//! master without a port is at [`DEFAULT_PORT`]. A
+//! `"bootstrap": ["/ip4/…/tcp/…"]` list of multiaddrs may sit beside it.
 
 use std::path::{Path, PathBuf};
 
@@ -22,8 +24,13 @@ pub struct Master {
     /// An IPv4/IPv6 address; if absent, `hostname` is resolved by DNS.
     pub ip: Option<String>,
     pub hostname: Option<String>,
-    pub port: u16,
+    /// `None`: antnest's well-known port, [`DEFAULT_PORT`].
+    pub port: Option<u16>,
 }
+
+/// The port `antnest peer` listens on when it is free and no `--listen`
+/// is given, and where a master listed without a port is looked for.
+pub const DEFAULT_PORT: u16 = 4001;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -37,10 +44,12 @@ pub enum ConfigError {
     Invalid { path: PathBuf, reason: String },
 }
 
-/// `config/<hostname>-peer-config.json` under the current directory.
-pub fn default_path() -> PathBuf {
+/// The config files read when none is named, under the current directory:
+/// `config/<hostname>-slave-config.json` (the original antnest's name for a
+/// worker's file) and `config/<hostname>-peer-config.json`.
+pub fn default_paths() -> [PathBuf; 2] {
     let host = gethostname::gethostname().to_string_lossy().into_owned();
-    PathBuf::from("config").join(format!("{host}-peer-config.json"))
+    ["slave", "peer"].map(|role| PathBuf::from("config").join(format!("{host}-{role}-config.json")))
 }
 
 impl ConfigFile {
@@ -63,13 +72,14 @@ impl ConfigFile {
         };
         let mut addrs = Vec::new();
         for m in &self.masters {
+            let port = m.port.unwrap_or(DEFAULT_PORT);
             let addr = match (&m.ip, &m.hostname) {
                 (Some(ip), _) => match ip.parse::<std::net::IpAddr>() {
-                    Ok(std::net::IpAddr::V4(ip)) => format!("/ip4/{ip}/tcp/{}", m.port),
-                    Ok(std::net::IpAddr::V6(ip)) => format!("/ip6/{ip}/tcp/{}", m.port),
+                    Ok(std::net::IpAddr::V4(ip)) => format!("/ip4/{ip}/tcp/{port}"),
+                    Ok(std::net::IpAddr::V6(ip)) => format!("/ip6/{ip}/tcp/{port}"),
                     Err(e) => return Err(invalid(format!("master ip {ip:?}: {e}"))),
                 },
-                (None, Some(host)) => format!("/dns/{host}/tcp/{}", m.port),
+                (None, Some(host)) => format!("/dns/{host}/tcp/{port}"),
                 (None, None) => return Err(invalid("a master needs an ip or a hostname".into())),
             };
             addrs.push(addr.parse().map_err(|e| invalid(format!("{addr}: {e}")))?);
@@ -101,6 +111,19 @@ mod tests {
                 "/dns/b/tcp/5",
                 "/ip4/10.1.2.3/tcp/9"
             ]
+        );
+    }
+
+    /// The original's slave config, verbatim: a master without a port.
+    #[test]
+    fn a_master_without_a_port_is_at_the_default_port() {
+        let f: ConfigFile =
+            serde_json::from_str(r#"{"masters": [{"ip": "192.168.0.1", "hostname": "master"}]}"#)
+                .unwrap();
+        let addrs = f.bootstrap_addrs(Path::new("x.json")).unwrap();
+        assert_eq!(
+            addrs[0].to_string(),
+            format!("/ip4/192.168.0.1/tcp/{DEFAULT_PORT}")
         );
     }
 

@@ -79,13 +79,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 /// The validated peer configuration for these flags.
 fn peer_config(net: &NetArgs) -> Result<PeerConfig> {
     let mut bootstrap = net.bootstrap.clone();
-    let (path, explicit) = match &net.config {
-        Some(p) => (p.clone(), true),
-        None => (config::default_path(), false),
+    let paths: Vec<(std::path::PathBuf, bool)> = match &net.config {
+        Some(p) => vec![(p.clone(), true)],
+        None => config::default_paths()
+            .into_iter()
+            .map(|p| (p, false))
+            .collect(),
     };
-    if explicit || path.exists() {
-        let file = ConfigFile::load(&path)?;
-        bootstrap.extend(file.bootstrap_addrs(&path)?);
+    for (path, explicit) in paths {
+        if explicit || path.exists() {
+            let file = ConfigFile::load(&path)?;
+            bootstrap.extend(file.bootstrap_addrs(&path)?);
+        }
     }
     let psk = match &net.mesh_key {
         Some(p) => {
@@ -153,7 +158,10 @@ fn load_identity(path: &std::path::Path) -> Result<libp2p::identity::Keypair> {
 }
 
 async fn run_peer(args: cli::PeerArgs) -> Result<ExitCode> {
-    let cfg = peer_config(&args.net)?;
+    let mut cfg = peer_config(&args.net)?;
+    if args.net.listen.is_empty() {
+        cfg.net.listen = vec![default_listen()];
+    }
     let socket = args.control.control.unwrap_or_else(control::default_socket);
     let listener = control_server::bind(&socket)
         .await
@@ -193,6 +201,21 @@ async fn run_peer(args: cli::PeerArgs) -> Result<ExitCode> {
     running.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where `antnest peer` listens with no `--listen`: antnest's well-known
+/// port on every interface if it is free (so peers whose config names
+/// this machine without a port find it), else a random port.
+fn default_listen() -> libp2p::Multiaddr {
+    let port = config::DEFAULT_PORT;
+    let free = std::net::TcpListener::bind(("0.0.0.0", port)).is_ok();
+    if !free {
+        eprintln!("antnest: port {port} is in use; listening on a random port");
+    }
+    let port = if free { port } else { 0 };
+    format!("/ip4/0.0.0.0/tcp/{port}")
+        .parse()
+        .expect("a valid multiaddr")
 }
 
 async fn shutdown_signal() {

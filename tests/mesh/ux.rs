@@ -141,3 +141,49 @@ fn a_peer_that_has_the_module_gets_only_its_hash() {
         "the second time, the hash is enough"
     );
 }
+
+/// A peer started with no `--listen` takes antnest's well-known port when
+/// it is free; a worker whose config file has the original's name
+/// (`config/<hostname>-slave-config.json`) and names that master without a
+/// port finds it there.
+#[test]
+fn the_original_slave_config_finds_a_master_at_the_default_port() {
+    let dir = scratch();
+    let free = std::net::TcpListener::bind(("0.0.0.0", 4001)).is_ok();
+    let a = PeerProc::start(dir.path(), "a", &["--no-mdns", "--slots", "1"]);
+    if !free {
+        // Taken by something else on this machine: a random port instead.
+        assert!(
+            a.addrs.iter().all(|addr| !addr.contains("/tcp/4001/")),
+            "{:?}",
+            a.addrs
+        );
+        eprintln!("port 4001 is in use here: the config half of this test is not run");
+        return;
+    }
+    assert!(
+        a.addrs.iter().any(|addr| addr.contains("/tcp/4001/")),
+        "{:?}",
+        a.addrs
+    );
+    let cwd = dir.path().join("worker");
+    std::fs::create_dir_all(cwd.join("config")).unwrap();
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    std::fs::write(
+        cwd.join("config").join(format!("{host}-slave-config.json")),
+        r#"{"masters": [{"ip": "127.0.0.1", "hostname": "master"}]}"#,
+    )
+    .unwrap();
+    let mut cmd = antnest();
+    cmd.current_dir(&cwd);
+    let b = PeerProc::start_with(cmd, dir.path(), "b", &LOOPBACK_PEER);
+    eventually_or(Duration::from_secs(20), "b connected to a", || {
+        let out = run(&["peers", "--control", b.control.to_str().unwrap()], b"", T);
+        let listed = text(&out.stdout);
+        listed
+            .lines()
+            .any(|l| l.starts_with(a.peer_id.as_str()) && l.contains(" connected"))
+            .then_some(())
+            .ok_or(listed)
+    });
+}
