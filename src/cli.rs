@@ -158,6 +158,11 @@ pub(crate) struct SubmitArgs {
     /// Don't use a running local peer; run this job in a peer of its own.
     #[arg(long)]
     pub(crate) standalone: bool,
+    /// A folder of pure-Python packages a Python job imports (repeatable),
+    /// e.g. one made by `pip install --target DIR`; bundled into the job.
+    /// Modules and packages beside the job file are bundled anyway.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) python_path: Vec<PathBuf>,
     #[command(flatten)]
     pub(crate) control: ControlArgs,
     /// Used when no local peer runs (or with --standalone).

@@ -294,8 +294,9 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     let cfg = peer_config(&args.net)?;
     let job_path = args.job.clone();
     let cache = cfg.cache_dir.clone();
+    let python_path = args.python_path.clone();
     let (module, hash) = tokio::task::spawn_blocking(move || {
-        antnest::source::load(&job_path, cache.as_deref()).map(|m| {
+        antnest::source::load(&job_path, cache.as_deref(), &python_path).map(|m| {
             let hash = ModuleHash::of(&m);
             (m, hash)
         })

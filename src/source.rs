@@ -36,8 +36,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
     }
 }
 
-/// The component bytes for JOB. `cache_dir` keeps built Python jobs.
-pub fn load(job: &Path, cache_dir: Option<&Path>) -> Result<Vec<u8>, SourceError> {
+/// The component bytes for JOB. `cache_dir` keeps built Python jobs;
+/// `python_path` lists folders of pure-Python packages a Python job
+/// imports (e.g. made by `pip install --target DIR`), bundled with it.
+pub fn load(
+    job: &Path,
+    cache_dir: Option<&Path>,
+    python_path: &[PathBuf],
+) -> Result<Vec<u8>, SourceError> {
     if job.is_dir() {
         if job.join("Cargo.toml").is_file() {
             return build_rust(job);
@@ -46,7 +52,7 @@ pub fn load(job: &Path, cache_dir: Option<&Path>) -> Result<Vec<u8>, SourceError
     }
     match job.extension().and_then(|e| e.to_str()) {
         Some("wasm") => std::fs::read(job).map_err(io(job)),
-        Some("py") => build_python(job, cache_dir),
+        Some("py") => build_python(job, cache_dir, python_path),
         _ => Err(SourceError::Unknown(job.to_owned())),
     }
 }
@@ -108,10 +114,18 @@ fn build_rust(dir: &Path) -> Result<Vec<u8>, SourceError> {
 /// (`processor(self, x)`, `split(self, input_data, processor)` yielding
 /// `taskunit.TaskUnit(data=..., processor=...)`, `combine(self)` reading
 /// `self.taskunits` and printing the output). A job whose `combine` takes
-/// `self` gets, with each result, the taskunit it came from: its
-/// taskunits' results travel as pickles of `(data, result)`, only ever
-/// unpickled inside the sandbox. The module's `input_data` is the input
-/// when the job is given none.
+/// `self` gets, with each result, the taskunit it came from.
+///
+/// Values: a `str` travels as its UTF-8 text (so the host's line split and
+/// default combine see text, as before); any other value a split yields or
+/// a processor returns travels pickled (a pickle starts with byte 0x80,
+/// which no UTF-8 text does), and is only ever unpickled inside the
+/// sandbox. A job without `combine` gets the text of non-str results
+/// (`str(value)`), for the host's default combine. A split whose first
+/// argument is named `lines` or `blocks` gets the input as an iterator of
+/// lines (str, without their line end) or blocks (bytes) instead of one
+/// string. The module's `input_data` is the input when the job is given
+/// none.
 const PY_WRAPPER: &str = r#"
 import inspect
 import io
@@ -140,6 +154,16 @@ _taskunit.TaskUnit = TaskUnit
 sys.modules.setdefault("taskunit", _taskunit)
 
 import __USER_MODULE__ as _job
+
+class JobError(Exception):
+    """A job file that is not a job."""
+
+
+if not callable(getattr(_job, "processor", None)):
+    raise JobError(
+        "__USER_MODULE__.py defines no processor(): a job needs at least "
+        "`def processor(taskunit): ...`"
+    )
 
 
 class _Job:
@@ -173,16 +197,54 @@ _COMBINE = getattr(_job, "combine", None)
 _PAIRS = _COMBINE is not None and _takes_self(_COMBINE)
 
 
-def _bytes(value):
+def _text(data):
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data).decode("utf-8")
+    return str(data)
+
+
+def _encode(value):
+    """A value for the wire: text stays text, anything else is pickled."""
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return pickle.dumps(value)
+
+
+def _decode(data):
+    """What `_encode` made (or text from the host's line split)."""
+    if data[:1] == b"\x80":
+        return pickle.loads(data)
+    return data.decode("utf-8")
+
+
+def _output(value):
+    """What a job's combine returns or prints, as the job's output."""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     return str(value).encode("utf-8")
 
 
-def _text(data):
-    if isinstance(data, (bytes, bytearray)):
-        return bytes(data).decode("utf-8")
-    return str(data)
+def _blocks():
+    while True:
+        block = host.read_input(1 << 20)
+        if not block:
+            return
+        yield block
+
+
+def _lines():
+    rest = b""
+    for block in _blocks():
+        *lines, rest = (rest + block).split(b"\n")
+        for line in lines:
+            yield (line[:-1] if line.endswith(b"\r") else line).decode("utf-8")
+    if rest:
+        yield rest.decode("utf-8")
+
+
+def _first_arg(fn):
+    params = [p for p in inspect.signature(fn).parameters if p != "self"]
+    return params[0] if params else None
 
 
 def _fail(where, e):
@@ -205,9 +267,13 @@ class WitWorld(wit_world.WitWorld):
         given = hasattr(_job, "input_data")
         if split is None and not given:
             return False  # the host splits the input by lines
-        data = _read_all()
-        if data == "" and given:
-            data = _text(_job.input_data)
+        streamed = split is not None and _first_arg(split) in ("lines", "blocks")
+        if streamed:
+            data = _lines() if _first_arg(split) == "lines" else _blocks()
+        else:
+            data = _read_all()
+            if data == "" and given:
+                data = _text(_job.input_data)
         try:
             if split is None:
                 lines = data.split("\n")
@@ -219,7 +285,7 @@ class WitWorld(wit_world.WitWorld):
             for unit in units:
                 if isinstance(unit, TaskUnit):
                     unit = unit.data
-                host.emit(_bytes(unit))
+                host.emit(_encode(unit))
         except Err:
             raise
         except Exception as e:
@@ -227,14 +293,19 @@ class WitWorld(wit_world.WitWorld):
         return True
 
     def process(self, unit: bytes) -> bytes:
-        data = unit.decode("utf-8")
         try:
+            data = _decode(unit)
             result = _call(_job.processor, data)
         except Exception as e:
             _fail("processor", e)
-        if _PAIRS:
-            return pickle.dumps((data, result))
-        return _bytes(result)
+        try:
+            if _PAIRS:
+                return pickle.dumps((data, result))
+            if _COMBINE is None and not isinstance(result, str):
+                return _output(result)
+            return _encode(result)
+        except Exception as e:
+            _fail("processor: its result cannot be pickled", e)
 
     def combine(self) -> bool:
         if _COMBINE is None:
@@ -258,17 +329,102 @@ class WitWorld(wit_world.WitWorld):
                 _self.taskunits = units
                 out = _call(_COMBINE)
             else:
-                out = _call(_COMBINE, [r.decode("utf-8") for r in results])
+                out = _call(_COMBINE, [_decode(r) for r in results])
         except Exception as e:
             _fail("combine", e)
         finally:
             sys.stdout = stdout
         # What combine returns is the output; if nothing, what it printed.
-        host.write_output(_bytes(printed.getvalue() if out is None else out))
+        host.write_output(_output(printed.getvalue() if out is None else out))
         return True
 "#;
 
-fn build_python(file: &Path, cache_dir: Option<&Path>) -> Result<Vec<u8>, SourceError> {
+/// The Python files that go with a job file: modules (`*.py`) beside it
+/// and packages (folders with an `__init__.py`) beside it, each as (path
+/// relative to the job's folder, contents). Not the job file itself.
+fn helpers(file: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, SourceError> {
+    fn walk(
+        root: &Path,
+        rel: &Path,
+        top: bool,
+        out: &mut Vec<(PathBuf, Vec<u8>)>,
+    ) -> Result<(), SourceError> {
+        let dir = root.join(rel);
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(io(&dir))?
+            .filter_map(Result::ok)
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = PathBuf::from(e.file_name());
+            let path = e.path();
+            if path.is_dir() {
+                let package = path.join("__init__.py").is_file();
+                if name != Path::new("__pycache__") && (package || !top) {
+                    walk(root, &rel.join(&name), false, out)?;
+                }
+            } else if !top || name.extension().is_some_and(|x| x == "py") {
+                let bytes = std::fs::read(&path).map_err(io(&path))?;
+                out.push((rel.join(name), bytes));
+            }
+        }
+        Ok(())
+    }
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut out = Vec::new();
+    walk(dir, Path::new(""), true, &mut out)?;
+    out.retain(|(rel, _)| Some(rel.as_os_str()) != file.file_name());
+    Ok(out)
+}
+
+/// What identifies the files under `dirs` for the build cache: each file's
+/// path, size and modification time.
+fn fingerprint(dirs: &[PathBuf]) -> Result<Vec<u8>, SourceError> {
+    fn walk(dir: &Path, out: &mut Vec<u8>) -> Result<(), SourceError> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(Result::ok)
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            let meta = e.metadata().map_err(io(&path))?;
+            if meta.is_dir() {
+                walk(&path, out)?;
+            } else {
+                let mtime = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .unwrap_or_default();
+                out.extend_from_slice(path.to_string_lossy().as_bytes());
+                out.extend_from_slice(&meta.len().to_le_bytes());
+                out.extend_from_slice(&mtime.as_nanos().to_le_bytes());
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for d in dirs {
+        if !d.is_dir() {
+            return Err(SourceError::Io {
+                path: d.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a folder"),
+            });
+        }
+        walk(d, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn build_python(
+    file: &Path,
+    cache_dir: Option<&Path>,
+    python_path: &[PathBuf],
+) -> Result<Vec<u8>, SourceError> {
     let fail = |reason: String| SourceError::Build {
         path: file.to_owned(),
         reason,
@@ -279,14 +435,23 @@ fn build_python(file: &Path, cache_dir: Option<&Path>) -> Result<Vec<u8>, Source
         .and_then(|s| s.to_str())
         .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
         .ok_or_else(|| fail("the file name must be a Python module name".into()))?;
-    let key = hex::encode(
-        Sha256::new()
-            .chain_update(&source)
-            .chain_update(PY_WRAPPER)
-            .chain_update(JOB_WIT)
-            .chain_update(module)
-            .finalize(),
-    );
+    let helpers = helpers(file)?;
+    let python_path: Vec<PathBuf> = python_path
+        .iter()
+        .map(|d| std::fs::canonicalize(d).map_err(io(d)))
+        .collect::<Result<_, _>>()?;
+    let mut key = Sha256::new()
+        .chain_update(&source)
+        .chain_update(PY_WRAPPER)
+        .chain_update(JOB_WIT)
+        .chain_update(module)
+        .chain_update(fingerprint(&python_path)?);
+    for (rel, bytes) in &helpers {
+        key.update(rel.to_string_lossy().as_bytes());
+        key.update((bytes.len() as u64).to_le_bytes());
+        key.update(bytes);
+    }
+    let key = hex::encode(key.finalize());
     let cached = cache_dir.map(|d| d.join("python").join(format!("{key}.wasm")));
     if let Some(bytes) = cached.as_ref().and_then(|p| std::fs::read(p).ok()) {
         return Ok(bytes);
@@ -295,6 +460,13 @@ fn build_python(file: &Path, cache_dir: Option<&Path>) -> Result<Vec<u8>, Source
     let result = (|| {
         std::fs::create_dir_all(work.join("wit")).map_err(io(&work))?;
         std::fs::write(work.join("wit/job.wit"), JOB_WIT).map_err(io(&work))?;
+        for (rel, bytes) in &helpers {
+            let to = work.join(rel);
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
+            std::fs::write(&to, bytes).map_err(io(&to))?;
+        }
         std::fs::write(work.join(format!("{module}.py")), &source).map_err(io(&work))?;
         std::fs::write(
             work.join("antnest_app.py"),
@@ -302,17 +474,15 @@ fn build_python(file: &Path, cache_dir: Option<&Path>) -> Result<Vec<u8>, Source
         )
         .map_err(io(&work))?;
         let out_file = work.join("job.wasm");
-        let status = Command::new("componentize-py")
-            .args([
-                "-d",
-                "wit",
-                "-w",
-                "job",
-                "componentize",
-                "antnest_app",
-                "-o",
-                "job.wasm",
-            ])
+        let mut cmd = Command::new("componentize-py");
+        // Its own Rust backtrace would bury the job's Python traceback.
+        cmd.env("RUST_BACKTRACE", "0");
+        cmd.args(["-d", "wit", "-w", "job", "componentize", "-p", "."]);
+        for d in &python_path {
+            cmd.arg("-p").arg(d);
+        }
+        let status = cmd
+            .args(["antnest_app", "-o", "job.wasm"])
             .current_dir(&work)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -325,8 +495,7 @@ fn build_python(file: &Path, cache_dir: Option<&Path>) -> Result<Vec<u8>, Source
             Ok(out) => out,
         };
         if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            return Err(fail(format!("componentize-py: {}", stderr.trim())));
+            return Err(fail(python_error(&out.stderr, file, module, &python_path)));
         }
         std::fs::read(&out_file).map_err(io(&out_file))
     })();
@@ -340,6 +509,35 @@ fn build_python(file: &Path, cache_dir: Option<&Path>) -> Result<Vec<u8>, Source
         let _ = antnest_proto::write_atomic(&path, &bytes);
     }
     Ok(bytes)
+}
+
+/// componentize-py's report of a failed build, as the user should see it:
+/// the job's Python traceback (where the cause is, with its file and
+/// line), with the build's paths turned back into the job's own (the
+/// build sees python-path entry N as `/N/`, the job's folder as `/0/`).
+fn python_error(stderr: &[u8], file: &Path, module: &str, python_path: &[PathBuf]) -> String {
+    let stderr = String::from_utf8_lossy(stderr);
+    let report = stderr.split("\nCaused by:").next().unwrap_or_default();
+    let Some(start) = report.rfind("Traceback (most recent call last):") else {
+        let lines: Vec<&str> = stderr.trim().lines().collect();
+        return lines[lines.len().saturating_sub(12)..].join("\n");
+    };
+    let job_dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut text = report[start..]
+        .trim()
+        .replace(
+            &format!("\"/0/{module}.py\""),
+            &format!("{:?}", file.display().to_string()),
+        )
+        .replace("\"/0/antnest_app.py\"", "\"<antnest's wrapper>\"")
+        .replace("\"/0/", &format!("\"{}/", job_dir.display()));
+    for (i, d) in python_path.iter().enumerate() {
+        text = text.replace(&format!("\"/{}/", i + 1), &format!("\"{}/", d.display()));
+    }
+    text
 }
 
 fn tempfile_dir() -> std::io::Result<PathBuf> {

@@ -193,3 +193,99 @@ fn mandelbrot_writes_a_png() {
     assert_eq!(pixel(cx, h / 2), 0, "inside the set");
     assert_ne!(pixel(0, 0), 0, "outside the set");
 }
+
+/// Python values travel as themselves: a streaming split yields tuples, the
+/// processor returns a dict holding a Counter, a class of the job's own and
+/// bytes, and combine gets them back; a helper module beside the job and a
+/// package from `--python-path` are bundled.
+#[test]
+fn python_jobs_move_python_values_and_bring_their_modules() {
+    let dir = scratch();
+    let job_dir = dir.path().join("job");
+    let pkgs = dir.path().join("pkgs");
+    std::fs::create_dir_all(pkgs.join("scale")).unwrap();
+    std::fs::create_dir_all(&job_dir).unwrap();
+    std::fs::write(pkgs.join("scale/__init__.py"), "FACTOR = 10\n").unwrap();
+    std::fs::write(
+        job_dir.join("helper.py"),
+        "def weight(w):\n    return len(w)\n",
+    )
+    .unwrap();
+    let job = job_dir.join("tally.py");
+    std::fs::write(
+        &job,
+        r#"from collections import Counter
+import helper
+import scale
+
+class Weight:
+    def __init__(self, n):
+        self.n = n
+
+def split(lines):
+    for i, line in enumerate(lines):
+        yield (i, line)
+
+def processor(unit):
+    i, line = unit
+    words = line.split()
+    return {"i": i, "counts": Counter(words), "w": Weight(sum(map(helper.weight, words)) * scale.FACTOR), "b": b"\x80!"}
+
+def combine(results):
+    total = Counter()
+    for r in results:
+        total.update(r["counts"])
+    return f"{sorted(total.items())} {sum(r['w'].n for r in results)} {[r['i'] for r in results]} {results[0]['b']!r}"
+"#,
+    )
+    .unwrap();
+    let out = submit_local(
+        &job,
+        &["--python-path", pkgs.to_str().unwrap()],
+        b"a bb a\r\nccc bb\n",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "[('a', 2), ('bb', 2), ('ccc', 1)] 90 [0, 1] b'\\x80!'"
+    );
+}
+
+/// A job that cannot be built says why, naming its file and line; a
+/// result that cannot be pickled fails its taskunit, with the reason.
+#[test]
+fn python_job_errors_are_clear() {
+    let dir = scratch();
+    let syntax = dir.path().join("broken.py");
+    std::fs::write(&syntax, "def processor(x):\n    return x[::-1\n").unwrap();
+    let out = submit_local(&syntax, &[], b"a\n");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("File \"{}\", line 2", syntax.display()))
+            && err.contains("SyntaxError"),
+        "{err}"
+    );
+    let nothing = dir.path().join("nothing.py");
+    std::fs::write(&nothing, "def process(x):\n    return x\n").unwrap();
+    let out = submit_local(&nothing, &[], b"a\n");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("defines no processor()"),
+        "{}",
+        text(&out.stderr)
+    );
+    let unpicklable = dir.path().join("lambdas.py");
+    std::fs::write(
+        &unpicklable,
+        "def processor(x):\n    return lambda: x\n\ndef combine(results):\n    return 'no'\n",
+    )
+    .unwrap();
+    let out = submit_local(&unpicklable, &[], b"a\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("taskunit 0") && text(&out.stderr).contains("cannot be pickled"),
+        "{}",
+        text(&out.stderr)
+    );
+}
