@@ -184,5 +184,26 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m or h)")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    // Deadlines are instants this far ahead: bounded, so none overflows.
+    const MAX: Duration = Duration::from_secs(30 * 24 * 3600);
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d <= MAX => Ok(d),
+        _ => Err(format!("duration {s:?} is out of range (at most 30 days)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_and_out_of_range_ones_are_refused() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        for bad in ["99999999999999999999s", "31d", "-1s", "nan", "1e400"] {
+            assert!(parse_duration(bad).is_err(), "{bad} accepted");
+        }
+    }
 }

@@ -430,7 +430,7 @@ impl ProgressPrinter {
 
     fn started(&mut self, job: JobId) {
         if !self.quiet {
-            eprintln!("antnest: job {job} started (after a crash: --resume {job})");
+            eprintln!("antnest: job {job} (resume it after a crash with --resume {job})");
         }
     }
 
