@@ -328,3 +328,72 @@ async fn a_wait_is_answered_with_taskunits_when_a_job_has_some() {
     }
     driver.abort();
 }
+
+/// A peer that was given no taskunit of a job hands in a forged result for
+/// one: the master drops it and counts it against that peer, and the job's
+/// output is the honest one.
+#[tokio::test]
+async fn a_result_from_a_peer_not_given_the_taskunit_is_dropped_and_counted() {
+    use antnest_proto::frame::Frames;
+    use antnest_proto::{ByteBuf, JobId, Request, Response, TaskOutcome};
+
+    let dir = scratch();
+    let peer = PeerProc::loopback(dir.path(), "p", &[]);
+    let (id, mut control, driver) = stream_outsider(&peer);
+    let t = Duration::from_secs(60);
+    let protocol = StreamProtocol::new(antnest_proto::msg::STREAM_PROTOCOL);
+    let mut s = tokio::time::timeout(t, control.open_stream(id, protocol))
+        .await
+        .unwrap()
+        .unwrap();
+    // Slow taskunits (~0.1 s each) on the peer's one slot: the last is
+    // open for a while.
+    let numbers: Vec<u64> = (1_000_000..1_000_004).collect();
+    let input: String = numbers.iter().map(|n| format!("{n}\n")).collect();
+    let stats = dir.path().join("s.json");
+    let mut job = peer.spawn_submit(
+        &artifact("primes"),
+        &["--stats-json", stats.to_str().unwrap()],
+        input.as_bytes(),
+    );
+    let job_id: JobId = job.job_id(t).parse().unwrap();
+    let forged = Request::Results {
+        job: job_id,
+        outcomes: vec![TaskOutcome {
+            index: 3,
+            result: Ok(ByteBuf::from(b"1000000".to_vec())),
+            stderr: None,
+        }],
+        compute: Duration::from_millis(50),
+        pull: 0,
+    };
+    // The job is registered a moment after its id is printed.
+    let mut answered = None;
+    for _ in 0..100 {
+        Frames::write_request(&mut s, &forged).await.unwrap();
+        match tokio::time::timeout(t, Frames::read_response(&mut s)).await {
+            Ok(Ok(Response::Refused(_))) => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => {
+                answered = Some(other);
+                break;
+            }
+        }
+    }
+    assert!(
+        matches!(answered, Some(Ok(Ok(Response::Ack)))),
+        "{answered:?}"
+    );
+    let out = job.finish(Duration::from_secs(300));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The same job with nobody forging gives the same output.
+    let honest = peer.submit(&artifact("primes"), &[], input.as_bytes());
+    assert!(honest.status.success(), "{}", text(&honest.stderr));
+    assert_eq!(text(&out.stdout), text(&honest.stdout));
+    let stats = stats_of(&stats);
+    let dropped = stats["unleased"].as_object().unwrap();
+    assert_eq!(dropped.len(), 1, "{stats}");
+    let (who, n) = dropped.iter().next().unwrap();
+    assert_ne!(who, &peer.peer_id);
+    assert_eq!(n.as_u64(), Some(1), "{stats}");
+    driver.abort();
+}

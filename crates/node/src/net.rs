@@ -523,9 +523,19 @@ impl EventLoop {
                 message,
                 ..
             })) => match cbor4ii::serde::from_slice::<Announce>(&message.data) {
-                Ok(announce) => {
+                // A job's master is the announcement's signer (gossipsub
+                // checks the signature, `ValidationMode::Strict`): a peer
+                // cannot announce a job in another master's name.
+                Ok(announce)
+                    if message
+                        .source
+                        .is_some_and(|a| a.to_bytes() == announce.master) =>
+                {
                     let from = message.source.unwrap_or(propagation_source);
                     self.emit(Event::Announced { from, announce }).await;
+                }
+                Ok(_) => {
+                    debug!(%propagation_source, "announcement not signed by its master ignored")
                 }
                 Err(e) => debug!(%propagation_source, "malformed announcement ignored: {e}"),
             },

@@ -142,6 +142,10 @@ pub struct JobStats {
     /// Taskunits slower workers gave back unstarted, for a faster one.
     #[serde(default)]
     pub taken_back: u64,
+    /// Results and errors dropped because the peer that handed them in
+    /// had not been given that taskunit, by peer id.
+    #[serde(default)]
+    pub unleased: std::collections::BTreeMap<String, u64>,
     /// From submission to the first taskunit result, in milliseconds.
     pub first_result_ms: Option<f64>,
     /// Whether the submitter sent the module's bytes (not when the peer

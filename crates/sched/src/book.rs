@@ -52,6 +52,9 @@ pub struct Finished {
     /// Taskunits that failed every attempt, in order, with the last error.
     pub failures: Vec<(u64, TaskError)>,
     pub per_worker: BTreeMap<PeerId, u64>,
+    /// Outcomes dropped because their worker held no replica of the
+    /// taskunit, by worker.
+    pub unleased: BTreeMap<PeerId, u64>,
     pub first_result: Option<Instant>,
     pub resumed: u64,
     /// Results in taskunit order (failed taskunits are absent).
@@ -133,6 +136,9 @@ struct Record {
     results: BTreeMap<u64, Vec<u8>>,
     failures: BTreeMap<u64, TaskError>,
     per_worker: BTreeMap<PeerId, u64>,
+    /// Results and errors handed in by workers holding no replica of their
+    /// taskunit (dropped), by worker.
+    unleased: BTreeMap<PeerId, u64>,
     /// When the first result came in.
     first_result: Option<Instant>,
     /// Results read back from the journal of an earlier run.
@@ -286,6 +292,7 @@ impl JobBook {
                 .into_iter()
                 .collect(),
             per_worker: std::mem::take(&mut self.record.per_worker),
+            unleased: std::mem::take(&mut self.record.unleased),
             first_result: self.record.first_result,
             resumed: self.record.resumed,
             results: std::mem::take(&mut self.record.results),
@@ -605,6 +612,19 @@ impl JobBook {
             stderr,
         } in outcomes
         {
+            if !self.open.contains_key(&index) {
+                if index >= self.intake.next_index {
+                    // Not handed out to anyone yet.
+                    *self.record.unleased.entry(worker).or_default() += 1;
+                }
+                continue; // else retired already: a duplicate
+            }
+            // Only the worker a replica of it was given to may hand it in:
+            // others' results and errors are dropped, and counted.
+            let Some(held) = self.release_replica(index, worker) else {
+                *self.record.unleased.entry(worker).or_default() += 1;
+                continue;
+            };
             if let Some(mut text) = stderr.filter(|t| !t.is_empty())
                 && self.feed.log_bytes < MAX_LOG
             {
@@ -620,9 +640,7 @@ impl JobBook {
                 self.feed.log_bytes += text.len();
                 self.feed.logs.push((index, text));
             }
-            if self.open.contains_key(&index) {
-                self.record(worker, index, result.map(|b| b.into_vec()));
-            }
+            self.record(worker, index, held, result.map(|b| b.into_vec()));
         }
     }
 
@@ -640,19 +658,21 @@ impl JobBook {
         Some(slot)
     }
 
-    fn record(&mut self, worker: PeerId, index: u64, result: Result<Vec<u8>, TaskError>) {
-        let held = self.release_replica(index, worker);
+    fn record(
+        &mut self,
+        worker: PeerId,
+        index: u64,
+        held: Replica,
+        result: Result<Vec<u8>, TaskError>,
+    ) {
         let bytes = match result {
             Ok(bytes) => bytes,
             Err(err) => {
                 if self.count_attempt(index, err) {
                     return;
                 }
-                // Re-run the replica this worker held (if its lease is still
-                // live, nobody else will).
-                if let Some(slot) = held {
-                    self.queue.push_back(slot);
-                }
+                // Re-run the replica this worker held (its lease is gone).
+                self.queue.push_back(held);
                 return;
             }
         };

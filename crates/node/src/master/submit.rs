@@ -12,7 +12,7 @@ use antnest_proto::{ByteBuf, JobId, ModuleHash, TaskError};
 use antnest_sandbox::mapped::Damage;
 use antnest_sched::{JobBook, Journal, JournalError, split_channel};
 use tokio::sync::{Notify, mpsc};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::master::job::{MasterJob, REMEMBERED_MODULES, by_name, enough_to_feed};
 use crate::master::split::{InOrder, split_job};
@@ -356,6 +356,9 @@ impl Peer {
             known.insert(hash, book.times());
             book.finish()
         };
+        for (peer, n) in &done.unleased {
+            warn!(job = %id, %peer, n, "outcomes from a peer not given those taskunits were dropped");
+        }
         let prog = done.progress;
         let failures = done.failures;
         let stats = JobStats {
@@ -365,6 +368,7 @@ impl Peer {
             failed: prog.failed,
             wall_ms: 0,
             per_peer: by_name(&done.per_worker),
+            unleased: by_name(&done.unleased),
             compiled,
             resumed: done.resumed,
             mismatches: prog.mismatches,

@@ -447,3 +447,80 @@ fn accepted_results_become_journal_records_to_write_outside_the_book() {
     b.complete(w("x"), vec![ok(1, "B")]);
     assert!(b.take_journal().is_empty());
 }
+
+#[test]
+fn only_the_worker_holding_a_taskunit_may_hand_it_in() {
+    let mut b = book(&["a", "b"]);
+    let now = Instant::now();
+    assert_eq!(b.lease(w("honest"), 2, now).len(), 2);
+    // A peer that was given nothing: its result and its error are dropped.
+    b.complete(w("forger"), vec![ok(0, "forged")]);
+    let err = |i| TaskOutcome {
+        index: i,
+        result: Err(TaskError::Guest("boom".into())),
+        stderr: Some("noise".into()),
+    };
+    b.complete(w("forger"), vec![err(1), err(1), err(1)]);
+    assert_eq!(b.progress().done, 0);
+    assert_eq!(b.progress().failed, 0);
+    assert!(b.take_logs().is_empty(), "no stderr from a non-holder");
+    b.complete(w("honest"), vec![ok(0, "A"), ok(1, "B")]);
+    assert!(b.is_finished());
+    let done = b.finish();
+    assert_eq!(done.results[&0], b"A");
+    assert_eq!(done.unleased[&w("forger")], 4);
+    assert!(!done.unleased.contains_key(&w("honest")));
+}
+
+#[test]
+fn one_error_repeated_in_a_request_is_one_attempt() {
+    let mut b = book(&["x"]);
+    let now = Instant::now();
+    let err = TaskOutcome {
+        index: 0,
+        result: Err(TaskError::Guest("boom".into())),
+        stderr: None,
+    };
+    assert_eq!(b.lease(w("w"), 1, now).len(), 1);
+    b.complete(w("w"), vec![err.clone(), err.clone(), err]);
+    assert!(!b.is_finished(), "the taskunit gets its second attempt");
+    assert_eq!(b.progress().failed, 0);
+    assert_eq!(b.lease(w("other"), 1, now).len(), 1);
+}
+
+#[test]
+fn replica_votes_count_only_from_assigned_workers() {
+    let mut b = book_k(&["a"], 2);
+    let now = Instant::now();
+    assert_eq!(b.lease(w("w1"), 4, now).len(), 1);
+    assert_eq!(b.lease(w("w2"), 4, now).len(), 1);
+    // Two fresh ids agreeing on a forged result do not outvote anyone.
+    b.complete(w("sybil1"), vec![ok(0, "forged")]);
+    b.complete(w("sybil2"), vec![ok(0, "forged")]);
+    assert!(!b.is_finished());
+    b.complete(w("w1"), vec![ok(0, "A")]);
+    b.complete(w("w2"), vec![ok(0, "A")]);
+    assert!(b.is_finished());
+    assert_eq!(b.take_results()[&0], b"A");
+}
+
+#[test]
+fn a_result_for_a_taskunit_not_handed_out_yet_is_dropped_and_counted() {
+    let mut b = book(&["a", "b"]);
+    let now = Instant::now();
+    assert_eq!(b.lease(w("honest"), 1, now).len(), 1);
+    b.complete(w("forger"), vec![ok(1, "forged")]);
+    assert_eq!(
+        b.lease(w("honest"), 1, now).len(),
+        1,
+        "taskunit 1 is still to do"
+    );
+    b.complete(w("honest"), vec![ok(0, "A"), ok(1, "B")]);
+    // A late duplicate of a retired taskunit is only ignored.
+    b.complete(w("honest"), vec![ok(0, "A")]);
+    assert!(b.is_finished());
+    let done = b.finish();
+    assert_eq!(done.results[&1], b"B");
+    assert_eq!(done.unleased.len(), 1);
+    assert_eq!(done.unleased[&w("forger")], 1);
+}
