@@ -397,3 +397,63 @@ async fn a_result_from_a_peer_not_given_the_taskunit_is_dropped_and_counted() {
     assert_eq!(n.as_u64(), Some(1), "{stats}");
     driver.abort();
 }
+
+/// Many outsiders at once, each with a hundred requests in flight (more
+/// than the peer's event and command channels hold together): every
+/// request gets an answer (taken, or refused as busy), and the peer goes
+/// on running jobs.
+#[tokio::test]
+async fn a_burst_of_requests_from_many_peers_is_answered_and_the_peer_serves_on() {
+    let dir = scratch();
+    let peer = PeerProc::loopback(dir.path(), "p", &[]);
+    let addr: Multiaddr = peer.addr().parse().unwrap();
+    let one = |addr: Multiaddr| async move {
+        let mut swarm = outsider(Rr::new(
+            [(
+                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
+                ProtocolSupport::Outbound,
+            )],
+            request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
+        ));
+        let Some(libp2p::multiaddr::Protocol::P2p(id)) = addr.iter().last() else {
+            panic!("address without /p2p/");
+        };
+        swarm.dial(addr).unwrap();
+        let (mut sent, mut answered, mut failed) = (0, 0, Vec::new());
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { .. } if sent == 0 => {
+                    for job in 0..100u64 {
+                        let pull = json!({"Pull": {"job": job, "max": 1}});
+                        swarm.behaviour_mut().send_request(&id, pull);
+                        sent += 1;
+                    }
+                }
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Response { .. },
+                    ..
+                }) => answered += 1,
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                    error, ..
+                }) => failed.push(error.to_string()),
+                SwarmEvent::OutgoingConnectionError { error, .. } => {
+                    panic!("cannot reach the peer: {error}")
+                }
+                _ => {}
+            }
+            if sent > 0 && answered + failed.len() == sent {
+                return (answered, failed);
+            }
+        }
+    };
+    let bursts: Vec<_> = (0..6).map(|_| tokio::spawn(one(addr.clone()))).collect();
+    for burst in bursts {
+        let (answered, failed) = tokio::time::timeout(Duration::from_secs(120), burst)
+            .await
+            .expect("every request answered in time")
+            .unwrap();
+        assert!(failed.is_empty(), "{answered} answered, failed: {failed:?}");
+        assert_eq!(answered, 100);
+    }
+    still_runs_jobs(&peer);
+}

@@ -214,6 +214,9 @@ pub struct EventLoop {
     agents: HashMap<PeerId, String>,
     /// Dialed once the listeners are up (see [`EventLoop::run`]).
     bootstrap: Vec<Multiaddr>,
+    /// Departures not yet told to the peer: the event channel was full
+    /// (see [`EventLoop::emit`]).
+    departed: std::collections::VecDeque<PeerId>,
 }
 
 fn setup_err(e: impl std::fmt::Display) -> NetError {
@@ -353,6 +356,7 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
             known: HashMap::new(),
             agents: HashMap::new(),
             bootstrap: config.bootstrap,
+            departed: Default::default(),
         },
     ))
 }
@@ -387,6 +391,8 @@ impl EventLoop {
             }
         }
         tokio::pin!(shutdown);
+        // Waits for room for a held-back departure without borrowing `self`.
+        let events = self.events.clone();
         loop {
             tokio::select! {
                 biased;
@@ -396,6 +402,11 @@ impl EventLoop {
                     Some(cmd) => self.handle_command(cmd),
                     None => break,
                 },
+                room = events.reserve(), if !self.departed.is_empty() => {
+                    if let (Ok(room), Some(peer)) = (room, self.departed.pop_front()) {
+                        room.send(Event::PeerGone(peer));
+                    }
+                }
             }
         }
         debug!("network event loop stopped");
@@ -461,9 +472,27 @@ impl EventLoop {
         self.known.entry(peer).or_default().insert(addr);
     }
 
-    async fn emit(&mut self, event: Event) {
-        if self.events.send(event).await.is_err() {
-            debug!("event dropped: nobody listens");
+    /// Hand `event` to the peer without ever waiting for room. The loop
+    /// must go on taking commands: the peer answers a request by a command,
+    /// and a loop waiting for room in the event channel while the peer
+    /// waits for room in the command channel would hold both forever. So
+    /// when the channel is full, a request is refused at once (its sender
+    /// backs off and asks again), an announcement is dropped (it is
+    /// repeated every half second), and a departure waits in `departed`.
+    fn emit(&mut self, event: Event) {
+        use tokio::sync::mpsc::error::TrySendError;
+        match self.events.try_send(event) {
+            Ok(()) => {}
+            Err(TrySendError::Closed(_)) => debug!("event dropped: nobody listens"),
+            Err(TrySendError::Full(Event::InboundRequest { peer, channel, .. })) => {
+                debug!(%peer, "busy: request refused");
+                let busy = Response::Refused("busy: ask again".into());
+                let _ = self.swarm.behaviour_mut().rr.send_response(channel, busy);
+            }
+            Err(TrySendError::Full(Event::Announced { from, .. })) => {
+                debug!(%from, "busy: announcement dropped");
+            }
+            Err(TrySendError::Full(Event::PeerGone(peer))) => self.departed.push_back(peer),
         }
     }
 
@@ -487,7 +516,7 @@ impl EventLoop {
                 ..
             } => {
                 debug!(%peer_id, "disconnected");
-                self.emit(Event::PeerGone(peer_id)).await;
+                self.emit(Event::PeerGone(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(?peer_id, "dial failed: {error}");
@@ -532,7 +561,7 @@ impl EventLoop {
                         .is_some_and(|a| a.to_bytes() == announce.master) =>
                 {
                     let from = message.source.unwrap_or(propagation_source);
-                    self.emit(Event::Announced { from, announce }).await;
+                    self.emit(Event::Announced { from, announce });
                 }
                 Ok(_) => {
                     debug!(%propagation_source, "announcement not signed by its master ignored")
@@ -559,8 +588,7 @@ impl EventLoop {
                     peer,
                     request,
                     channel,
-                })
-                .await;
+                });
             }
             E::Message {
                 message:
