@@ -416,3 +416,62 @@ fn slows_down_mid_job() {
         "a ran more than half, the taskunits it took back included: {second}"
     );
 }
+
+/// A worker compiling one master's module (a Python component, which
+/// takes a while) still works on another master's job meanwhile: no slot
+/// waits on a module it does not need.
+#[test]
+fn a_module_being_compiled_does_not_hold_up_other_masters_jobs() {
+    let dir = scratch();
+    let a = PeerProc::loopback(dir.path(), "a", &[]);
+    let b = PeerProc::loopback(dir.path(), "b", &["--bootstrap", a.addr()]);
+    // A cache of its own: w has to compile a's Python job itself.
+    let w_cache = dir.path().join("w-cache");
+    let w = PeerProc::loopback(
+        dir.path(),
+        "w",
+        &[
+            "--bootstrap",
+            a.addr(),
+            "--cache-dir",
+            w_cache.to_str().unwrap(),
+        ],
+    );
+    eventually(Duration::from_secs(30), "w connected to a and b", || {
+        let out = run(&["peers", "--control", w.control.to_str().unwrap()], b"", T);
+        let listed = text(&out.stdout);
+        [&a.peer_id, &b.peer_id].iter().all(|id| {
+            listed
+                .lines()
+                .any(|l| l.starts_with(id.as_str()) && l.contains(" connected"))
+        })
+    });
+    let python = a.spawn_submit(
+        std::path::Path::new("jobs/reverse_strings.py"),
+        &[],
+        b"one\ntwo\nthree\n",
+    );
+    // a announces its job once its split runs; w then starts compiling.
+    std::thread::sleep(Duration::from_secs(3));
+    let (input, want) = primes_input(200, 200_000);
+    let stats = dir.path().join("b.json");
+    let out = b.submit(
+        &artifact("primes"),
+        &["--stats-json", stats.to_str().unwrap()],
+        input.as_bytes(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), want.to_string());
+    let s = stats_of(&stats);
+    assert!(
+        s["per_peer"]
+            .get(&w.peer_id)
+            .and_then(|n| n.as_u64())
+            .unwrap_or(0)
+            > 0,
+        "w did none of b's job while compiling a's module: {s}"
+    );
+    let out = python.finish(T);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "eno\nowt\neerht");
+}

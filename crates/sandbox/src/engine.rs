@@ -237,10 +237,18 @@ impl Sandbox {
         if ModuleHash::of(&bytes) != *hash {
             return Err(invalid("bytes do not match the module hash".into()));
         }
-        let serialized = self
-            .inner
-            .engine
-            .precompile_component(&bytes)
+        // Cranelift compiles a component's functions in parallel on rayon's
+        // pool; a pool of this compile's own keeps a small module from
+        // queueing behind a big one that another thread compiles (the
+        // kernel shares the cores between the two pools' threads).
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("antnest-compile-{i}"))
+            .build()
+            .map_err(|e| invalid(format!("compile threads: {e}")))?;
+        let serialized = pool
+            .install(|| self.inner.engine.precompile_component(&bytes))
             .map_err(|e| invalid(format!("{e:#}")))?;
         self.inner.compiled.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the bytes were produced just now by this engine.

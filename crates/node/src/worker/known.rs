@@ -20,12 +20,23 @@ pub(crate) struct RemoteJob {
     pub(crate) retry_at: Instant,
 }
 
+/// Where getting a module stands.
+#[derive(Debug, Clone)]
+pub(crate) enum Getting {
+    UnderWay,
+    Failed { until: Instant, why: String },
+}
+
 /// A worker's records, shared by its slots.
 #[derive(Default)]
 pub(crate) struct Known {
     pub(crate) remotes: Mutex<HashMap<JobId, RemoteJob>>,
-    /// Serializes module fetches, so each module is fetched once.
-    pub(crate) fetching: tokio::sync::Mutex<()>,
+    /// Modules being fetched and compiled (by a task of their own, so that
+    /// no slot waits on another module's compile), and those whose fetch or
+    /// compile failed lately, with why: not tried again before then.
+    pub(crate) modules: Mutex<HashMap<ModuleHash, Getting>>,
+    /// Woken when a module is ready or has failed.
+    pub(crate) module_done: tokio::sync::Notify,
     /// The remote batches this peer's slots are working through.
     pub(crate) batches: Mutex<Vec<Arc<RemoteBatch>>>,
 }

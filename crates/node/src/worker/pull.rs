@@ -17,9 +17,17 @@ use crate::master::serve::WAIT_MAX;
 use crate::net::{self, TaskStream};
 use crate::state::Peer;
 use crate::worker::batch::{Batch, BatchFrom, units_for};
-use crate::worker::known::RemoteJob;
+use crate::worker::known::{Getting, RemoteJob};
 use crate::worker::remote_batch::RemoteBatch;
 use crate::worker::slot::{LOCAL_BATCH, REMOTE_BATCH};
+
+/// How long a module's fetch and compile may take before it counts as
+/// failed (a Python component takes tens of seconds to compile).
+const COMPILE_MAX: Duration = Duration::from_secs(300);
+/// How long a module that could not be had is not asked for again.
+const MODULE_RETRY: Duration = Duration::from_secs(5);
+/// Modules whose state is kept at most (past it, settled ones are dropped).
+const REMEMBERED_FAILURES: usize = 256;
 
 impl Peer {
     /// A master's `Reclaim`: give back the taskunits of `job` that this
@@ -164,7 +172,7 @@ impl Peer {
         };
         for (job, master, module, limits) in candidates {
             let limits = limits.min(self.state.config.limits);
-            if !self.module_ready(job, master, module).await {
+            if !self.module_ready(job, master, module) {
                 continue;
             }
             let max = Self::batch_size(per_unit, module, REMOTE_BATCH) as u32;
@@ -261,7 +269,7 @@ impl Peer {
             debug!(%master, job = %job.job, "assigned taskunits refused");
             return None;
         }
-        if !self.module_ready(job.job, master, job.module).await {
+        if !self.module_ready_now(job.job, master, job.module).await {
             return None;
         }
         Some(Batch {
@@ -393,34 +401,104 @@ impl Peer {
         }
     }
 
-    /// [`Self::ensure_module`] for `job`'s module; if it cannot be had, the
-    /// job is set aside for 5 s.
-    pub(crate) async fn module_ready(
-        &self,
-        job: JobId,
-        master: PeerId,
-        module: ModuleHash,
-    ) -> bool {
-        match self.ensure_module(master, module).await {
-            Ok(()) => true,
+    /// Whether `job`'s module is compiled here. If not, it is fetched from
+    /// `master` and compiled in the background (once, whichever slot asks
+    /// first), and this says `false` at once: the slot goes on to other
+    /// work and is woken when the module is ready. A module that cannot be
+    /// had sets its job aside for a while.
+    pub(crate) fn module_ready(&self, job: JobId, master: PeerId, module: ModuleHash) -> bool {
+        match self.ensure_module(master, module) {
+            Ok(ready) => ready,
             Err(e) => {
                 warn!(%job, %master, "cannot get the job's module: {e}");
-                self.back_off(job, Duration::from_secs(5));
+                self.back_off(job, MODULE_RETRY);
                 false
             }
         }
     }
 
-    /// Make sure the module is compiled here, fetching it from `from` once.
-    pub(crate) async fn ensure_module(&self, from: PeerId, hash: ModuleHash) -> Result<(), String> {
+    /// [`Self::module_ready`], waiting for the module (taskunits already
+    /// leased to this peer are to run): whether it is ready.
+    pub(crate) async fn module_ready_now(
+        &self,
+        job: JobId,
+        master: PeerId,
+        module: ModuleHash,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + COMPILE_MAX;
+        loop {
+            let done = self.state.worker.module_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            match self.ensure_module(master, module) {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(%job, %master, "cannot get the job's module: {e}");
+                    self.back_off(job, MODULE_RETRY);
+                    return false;
+                }
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// `Ok(true)` if the module is compiled here; else start getting it
+    /// (unless under way) and `Ok(false)`; `Err` if it failed lately.
+    fn ensure_module(&self, from: PeerId, hash: ModuleHash) -> Result<bool, String> {
+        if self.state.env.is_compiled(&hash) {
+            return Ok(true);
+        }
+        {
+            let mut modules = self.state.worker.modules.lock().unwrap();
+            match modules.get(&hash) {
+                Some(Getting::UnderWay) => return Ok(false),
+                Some(Getting::Failed { until, why }) if Instant::now() < *until => {
+                    return Err(why.clone());
+                }
+                _ => {}
+            }
+            if modules.len() >= REMEMBERED_FAILURES {
+                let now = Instant::now();
+                modules.retain(|_, g| {
+                    matches!(g, Getting::Failed { until, .. } if *until > now)
+                        || matches!(g, Getting::UnderWay)
+                });
+            }
+            modules.insert(hash, Getting::UnderWay);
+        }
+        let peer = self.clone();
+        tokio::spawn(async move {
+            let got = tokio::time::timeout(COMPILE_MAX, peer.get_module(from, hash))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!("not fetched and compiled within {COMPILE_MAX:?}"))
+                });
+            let worker = &peer.state.worker;
+            {
+                let mut modules = worker.modules.lock().unwrap();
+                match got {
+                    Ok(()) => {
+                        modules.remove(&hash);
+                    }
+                    Err(why) => {
+                        debug!(%hash, "module not had: {why}");
+                        let until = Instant::now() + MODULE_RETRY;
+                        modules.insert(hash, Getting::Failed { until, why });
+                    }
+                }
+            }
+            worker.module_done.notify_waiters();
+            peer.state.work.notify_waiters();
+        });
+        Ok(false)
+    }
+
+    /// Fetch the module from `from` (unless it is on disk here) and compile it.
+    async fn get_module(&self, from: PeerId, hash: ModuleHash) -> Result<(), String> {
         let env = &self.state.env;
-        if env.is_compiled(&hash) {
-            return Ok(());
-        }
-        let _guard = self.state.worker.fetching.lock().await;
-        if env.is_compiled(&hash) {
-            return Ok(());
-        }
         let bytes = match env.stored_module(&hash) {
             Some(b) => b,
             None => match self
