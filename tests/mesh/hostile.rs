@@ -457,3 +457,49 @@ async fn a_burst_of_requests_from_many_peers_is_answered_and_the_peer_serves_on(
     }
     still_runs_jobs(&peer);
 }
+
+/// One outsider opening task streams without end: the peer serves a
+/// bounded number of them at once and closes the rest; the ones it kept
+/// still work, and the peer still runs jobs.
+#[tokio::test]
+async fn a_peer_serves_a_bounded_number_of_task_streams_per_peer() {
+    use antnest_proto::frame::Frames;
+    use antnest_proto::{JobId, Request, Response};
+
+    let dir = scratch();
+    let peer = PeerProc::loopback(dir.path(), "p", &[]);
+    let (id, mut control, driver) = stream_outsider(&peer);
+    let protocol = StreamProtocol::new(antnest_proto::msg::STREAM_PROTOCOL);
+    let t = Duration::from_secs(60);
+    let pull = Request::Pull {
+        job: JobId(7),
+        max: 1,
+    };
+    let mut kept = Vec::new();
+    let mut closed = 0;
+    for _ in 0..300 {
+        let mut s = tokio::time::timeout(t, control.open_stream(id, protocol.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        let asked = Frames::write_request(&mut s, &pull).await;
+        match tokio::time::timeout(t, Frames::read_response(&mut s)).await {
+            Ok(Ok(answer)) if asked.is_ok() => {
+                assert_eq!(answer, Response::NoWork { finished: true });
+                kept.push(s);
+            }
+            Ok(_) => closed += 1,
+            Err(_) => panic!("a stream neither answered nor closed"),
+        }
+    }
+    assert_eq!((kept.len(), closed), (256, 44));
+    // A kept stream still answers.
+    Frames::write_request(&mut kept[0], &pull).await.unwrap();
+    let again = tokio::time::timeout(t, Frames::read_response(&mut kept[0])).await;
+    assert!(
+        matches!(again, Ok(Ok(Response::NoWork { .. }))),
+        "{again:?}"
+    );
+    still_runs_jobs(&peer);
+    driver.abort();
+}

@@ -80,8 +80,23 @@ pub enum NetError {
     Stream { peer: PeerId, reason: String },
 }
 
+/// Connections a peer keeps at most: established in all, established with
+/// one peer (a dial each way may cross), and incoming ones still being set
+/// up (a stranger opening many at once waits).
+const MAX_CONNECTIONS: u32 = 512;
+const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+const MAX_PENDING_INCOMING: u32 = 64;
+/// No new connections while the process uses more than this share of the
+/// machine's memory.
+const MAX_MEMORY_SHARE: f64 = 0.9;
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    limits: libp2p::connection_limits::Behaviour,
+    memory: libp2p::memory_connection_limits::Behaviour,
+    /// A connection whose pings fail is closed, so a vanished peer's
+    /// taskunits are re-issued without waiting for TCP to notice.
+    ping: libp2p::ping::Behaviour,
     identify: identify::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -300,7 +315,16 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
                 [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(request_timeout),
             );
+            let limits = libp2p::connection_limits::ConnectionLimits::default()
+                .with_max_established(Some(MAX_CONNECTIONS))
+                .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+                .with_max_pending_incoming(Some(MAX_PENDING_INCOMING));
             Ok(Behaviour {
+                limits: libp2p::connection_limits::Behaviour::new(limits),
+                memory: libp2p::memory_connection_limits::Behaviour::with_max_percentage(
+                    MAX_MEMORY_SHARE,
+                ),
+                ping: libp2p::ping::Behaviour::new(libp2p::ping::Config::new()),
                 // A listen address that appears later (a new interface, or
                 // a listener slower than `wait_listening`'s wait) is pushed
                 // to connected peers, so they can tell others where we are.
@@ -569,6 +593,15 @@ impl EventLoop {
                 Err(e) => debug!(%propagation_source, "malformed announcement ignored: {e}"),
             },
             SwarmEvent::Behaviour(BehaviourEvent::Rr(event)) => self.handle_rr(event).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
+                peer,
+                connection,
+                result: Err(libp2p::ping::Failure::Timeout),
+            })) => {
+                // (A peer without ping, `Unsupported`, is no reason.)
+                debug!(%peer, "pings time out: connection closed");
+                self.swarm.close_connection(connection);
+            }
             _ => {}
         }
     }

@@ -4,7 +4,7 @@
 //! they have not started (`Reclaim`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use antnest_proto::control::JobInfo;
@@ -17,6 +17,13 @@ use tracing::debug;
 use crate::master::job::{MasterJob, by_name};
 use crate::net::{self, TaskStream};
 use crate::state::{Peer, stopped};
+
+/// Task streams one peer may have open to this one at once (a worker keeps
+/// one per slot).
+const MAX_STREAMS_PER_PEER: usize = 256;
+/// A task stream with no request for this long is closed (a worker opens
+/// a new one when it next pulls).
+const STREAM_IDLE: Duration = Duration::from_secs(120);
 
 /// How long a master holds a worker's `Wait` before it answers `NoWork`
 /// (and the worker asks again).
@@ -31,30 +38,71 @@ impl Peer {
         stop: watch::Receiver<bool>,
     ) {
         let incoming = tokio::sync::Mutex::new(incoming);
-        let serve = move |(peer, stream)| self.clone().serve_stream(peer, stream);
+        let open: Arc<Mutex<HashMap<PeerId, usize>>> = Default::default();
+        let serve = move |(peer, stream): (PeerId, libp2p::Stream)| {
+            let (me, open) = (self.clone(), open.clone());
+            async move {
+                {
+                    let mut open = open.lock().unwrap();
+                    let n = open.entry(peer).or_default();
+                    if *n >= MAX_STREAMS_PER_PEER {
+                        debug!(%peer, "task stream refused: too many open");
+                        return;
+                    }
+                    *n += 1;
+                }
+                me.serve_stream(peer, stream).await;
+                let mut open = open.lock().unwrap();
+                if let Some(n) = open.get_mut(&peer) {
+                    *n -= 1;
+                    if *n == 0 {
+                        open.remove(&peer);
+                    }
+                }
+            }
+        };
         crate::net::accept::serve("stream", incoming, serve, stopped(stop)).await;
     }
 
     /// One stream: read a request, answer it, until the stream ends. A
-    /// malformed or oversized message ends the stream, not the peer.
+    /// malformed or oversized message, or a stream silent for
+    /// [`STREAM_IDLE`] (or slow to take an answer), ends the stream, not
+    /// the peer.
     pub(crate) async fn serve_stream(self, peer: PeerId, stream: libp2p::Stream) {
         let mut stream = TaskStream::new(stream);
+        let write_limit = self.state.config.net.request_timeout;
         loop {
-            let request = match Frames::read_request(&mut stream).await {
-                Ok(Some(r)) => r,
-                Ok(None) => return,
-                Err(e) => {
-                    debug!(%peer, "stream closed: {e}");
-                    return;
-                }
-            };
+            let request =
+                match tokio::time::timeout(STREAM_IDLE, Frames::read_request(&mut stream)).await {
+                    Ok(Ok(Some(r))) => r,
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => {
+                        debug!(%peer, "stream closed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "stream closed: idle");
+                        return;
+                    }
+                };
             let response = match request {
                 Request::Wait { sizes } => self.hold_wait(peer, &sizes, &mut stream).await,
                 request => self.answer(peer, request),
             };
-            if let Err(e) = Frames::write_response(stream.get_mut(), &response).await {
-                debug!(%peer, "stream closed: {e}");
-                return;
+            let written = tokio::time::timeout(
+                write_limit,
+                Frames::write_response(stream.get_mut(), &response),
+            );
+            match written.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(%peer, "stream closed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "stream closed: the answer was not taken in time");
+                    return;
+                }
             }
         }
     }
