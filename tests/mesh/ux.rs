@@ -187,3 +187,30 @@ fn the_original_slave_config_finds_a_master_at_the_default_port() {
             .ok_or(listed)
     });
 }
+
+/// The control socket is this user's only: made with mode 0600, and a
+/// socket another user put where the client looks is not used.
+#[test]
+fn the_control_socket_is_private_to_its_user() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = scratch();
+    let p = PeerProc::loopback(dir.path(), "p", &[]);
+    let mode = std::fs::metadata(&p.control).unwrap().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    // Someone else's socket (only root can make one here).
+    let theirs = dir.path().join("theirs.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&theirs).unwrap();
+    let path = std::ffi::CString::new(theirs.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path; chown has no other preconditions.
+    if unsafe { libc::chown(path.as_ptr(), 65534, 65534) } != 0 {
+        eprintln!("not root: the foreign-socket half of this test is not run");
+        return;
+    }
+    let out = run(&["jobs", "--control", theirs.to_str().unwrap()], b"", T);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("uid 65534"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -104,7 +104,7 @@ impl Sandbox {
         Job::add_to_linker::<GuestState, HasSelf<GuestState>>(&mut linker, |s| s)
             .expect("host interface links once");
         if let Some(dir) = &cache_dir {
-            std::fs::create_dir_all(dir).map_err(|source| LoadError::Cache {
+            private_dir(dir).map_err(|source| LoadError::Cache {
                 path: dir.clone(),
                 source,
             })?;
@@ -342,6 +342,35 @@ impl Sandbox {
     }
 }
 
+/// Make `dir` (if missing) private to this user. Compiled artifacts are
+/// loaded from it with wasmtime's unchecked `deserialize_file`, so no one
+/// else may write there: a directory of this user's that is open to
+/// others is closed (mode 0700), and one that belongs to someone else is
+/// an error.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "owned by uid {}, not by this user (uid {me}): compiled code is loaded from it, so it must be this user's own (choose another with --cache-dir)",
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// The thread that advances an engine's epoch, how many guest calls run
 /// now, and the period of its ticks.
 struct Ticker {
@@ -429,4 +458,35 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
         path: path.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+
+    use super::Sandbox;
+
+    #[test]
+    fn the_cache_directory_is_private_to_its_user() {
+        let root = tempfile::tempdir().unwrap();
+        let fresh = root.path().join("a/b");
+        Sandbox::new(Some(fresh.clone())).unwrap();
+        assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o700);
+        let open = root.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        Sandbox::new(Some(open.clone())).unwrap();
+        assert_eq!(std::fs::metadata(&open).unwrap().mode() & 0o777, 0o700);
+        // Someone else's (only root can make one here).
+        let theirs = root.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        let path = std::ffi::CString::new(theirs.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; chown has no other preconditions.
+        if unsafe { libc::chown(path.as_ptr(), 65534, 65534) } == 0 {
+            let err = Sandbox::new(Some(theirs))
+                .err()
+                .expect("someone else's cache refused");
+            assert!(err.to_string().contains("uid 65534"), "{err}");
+        }
+    }
 }

@@ -27,7 +27,18 @@ pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    UnixListener::bind(path)
+    let listener = UnixListener::bind(path)?;
+    // Only this user may talk to its peer (connections are checked too).
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Whether the process at the other end of `stream` runs as this user.
+fn same_user(stream: &UnixStream) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    stream.peer_cred().is_ok_and(|c| c.uid() == me)
 }
 
 /// Serve control connections until `shutdown`.
@@ -48,6 +59,10 @@ pub async fn serve(
 }
 
 async fn handle(stream: UnixStream, peer: Peer) -> Result<(), ControlError> {
+    if !same_user(&stream) {
+        debug!("control connection from another user refused");
+        return Ok(());
+    }
     let mut stream = stream.compat();
     let Some(request) = read_msg::<ControlRequest, _>(&mut stream).await? else {
         return Ok(());
