@@ -214,3 +214,23 @@ fn the_control_socket_is_private_to_its_user() {
         text(&out.stderr)
     );
 }
+
+/// A job cannot be resumed while it runs: the second submission is
+/// refused and the first goes on to its result.
+#[test]
+fn resuming_a_running_job_is_refused() {
+    let dir = scratch();
+    let p = PeerProc::loopback(dir.path(), "p", &[]);
+    let numbers: String = (1_000_000..1_000_008).map(|n| format!("{n}\n")).collect();
+    let mut first = p.spawn_submit(&artifact("primes"), &[], numbers.as_bytes());
+    let id = first.job_id(T);
+    let again = p.submit(&artifact("primes"), &["--resume", &id], numbers.as_bytes());
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("is running"),
+        "{}",
+        text(&again.stderr)
+    );
+    let out = first.finish(T);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use antnest_proto::control::{JobEvent, JobReport, JobSpec, JobStats};
+use antnest_proto::control::{InputSpec, JobEvent, JobReport, JobSpec, JobStats};
 use antnest_proto::limits::MAX_MODULE;
 use antnest_proto::{ByteBuf, JobId, ModuleHash, TaskError};
 use antnest_sandbox::mapped::Damage;
@@ -56,6 +56,8 @@ pub enum SubmitError {
     NotEnoughPeers { need: u8, have: usize },
     #[error("this peer already runs {0} jobs, its limit (--max-jobs)")]
     Busy(usize),
+    #[error("job {0} is running on this peer: it cannot be resumed while it runs")]
+    StillRunning(JobId),
     #[error("this peer does not have module {0}: send its bytes")]
     ModuleNotHere(ModuleHash),
 }
@@ -155,9 +157,13 @@ impl Peer {
             .as_ref()
             .map(|d| d.join("journal"));
         let mut journal = None;
+        let input = input_identity(&spec.input);
         let id = match (spec.resume, &journal_root) {
+            (Some(id), _) if self.master_job(id).is_some() => {
+                return Err(SubmitError::StillRunning(id));
+            }
             (Some(id), Some(root)) => {
-                let (resumed, done) = Journal::resume(root, id, &hash)?;
+                let (resumed, done) = Journal::resume(root, id, &hash, &input)?;
                 info!(job = %id, results = done.len(), "resuming from the journal");
                 let _ = feed.send(done.iter().map(|(i, r)| (*i, r.clone())).collect());
                 book.set_journal(done);
@@ -169,7 +175,7 @@ impl Peer {
                 let id = JobId::random();
                 if let Some(root) = root {
                     book.set_journal(Default::default());
-                    journal = Some(Journal::create(root, id, &hash));
+                    journal = Some(Journal::create(root, id, &hash, &input));
                 }
                 id
             }
@@ -420,5 +426,26 @@ impl Peer {
         report.stats.wall_ms = started.elapsed().as_millis() as u64;
         info!(job = %id, tasks = report.stats.tasks, ms = report.stats.wall_ms, "job done");
         Ok(report)
+    }
+}
+
+/// What identifies a job's input in its journal, so that `--resume` with
+/// another input is refused: a file by its path, size and modification
+/// time; bytes by their SHA-256.
+fn input_identity(input: &InputSpec) -> String {
+    match input {
+        InputSpec::Path(p) => {
+            let meta = std::fs::metadata(p).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            let mtime = meta
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("file:{}:{len}:{mtime}", p.display())
+        }
+        InputSpec::Bytes(b) => {
+            use sha2::Digest as _;
+            format!("bytes:{}", hex::encode(sha2::Sha256::digest(b)))
+        }
     }
 }
