@@ -339,6 +339,17 @@ class WitWorld(wit_world.WitWorld):
         return True
 "#;
 
+/// The entries of `dir`, by name (so that what is built from them, and
+/// the build cache's key, do not depend on the order the disk lists them).
+fn sorted_entries(dir: &Path) -> Result<Vec<std::fs::DirEntry>, SourceError> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(Result::ok)
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    Ok(entries)
+}
+
 /// The Python files that go with a job file: modules (`*.py`) beside it
 /// and packages (folders with an `__init__.py`) beside it, each as (path
 /// relative to the job's folder, contents). Not the job file itself.
@@ -349,13 +360,7 @@ fn helpers(file: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, SourceError> {
         top: bool,
         out: &mut Vec<(PathBuf, Vec<u8>)>,
     ) -> Result<(), SourceError> {
-        let dir = root.join(rel);
-        let mut entries: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(io(&dir))?
-            .filter_map(Result::ok)
-            .collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
+        for e in sorted_entries(&root.join(rel))? {
             let name = PathBuf::from(e.file_name());
             let path = e.path();
             if path.is_dir() {
@@ -384,12 +389,7 @@ fn helpers(file: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, SourceError> {
 /// path, size and modification time.
 fn fingerprint(dirs: &[PathBuf]) -> Result<Vec<u8>, SourceError> {
     fn walk(dir: &Path, out: &mut Vec<u8>) -> Result<(), SourceError> {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .map_err(io(dir))?
-            .filter_map(Result::ok)
-            .collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
+        for e in sorted_entries(dir)? {
             let path = e.path();
             let meta = e.metadata().map_err(io(&path))?;
             if meta.is_dir() {

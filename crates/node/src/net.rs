@@ -516,7 +516,12 @@ impl EventLoop {
             Err(TrySendError::Full(Event::Announced { from, .. })) => {
                 debug!(%from, "busy: announcement dropped");
             }
-            Err(TrySendError::Full(Event::PeerGone(peer))) => self.departed.push_back(peer),
+            Err(TrySendError::Full(Event::PeerGone(peer))) => {
+                // Once per peer: it is told as soon as there is room.
+                if !self.departed.contains(&peer) {
+                    self.departed.push_back(peer);
+                }
+            }
         }
     }
 

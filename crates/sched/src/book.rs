@@ -612,15 +612,12 @@ impl JobBook {
             stderr,
         } in outcomes
         {
-            if !self.open.contains_key(&index) {
-                if index >= self.intake.next_index {
-                    // Not handed out to anyone yet.
-                    *self.record.unleased.entry(worker).or_default() += 1;
-                }
-                continue; // else retired already: a duplicate
+            if !self.open.contains_key(&index) && index < self.intake.next_index {
+                continue; // retired already: a duplicate
             }
             // Only the worker a replica of it was given to may hand it in:
-            // others' results and errors are dropped, and counted.
+            // others' results and errors (a taskunit not handed out yet
+            // included) are dropped, and counted.
             let Some(held) = self.release_replica(index, worker) else {
                 *self.record.unleased.entry(worker).or_default() += 1;
                 continue;

@@ -25,6 +25,46 @@ const MAX_STREAMS_PER_PEER: usize = 256;
 /// a new one when it next pulls).
 const STREAM_IDLE: Duration = Duration::from_secs(120);
 
+/// How many task streams each peer has open to this one.
+#[derive(Clone, Default)]
+struct OpenStreams(Arc<Mutex<HashMap<PeerId, usize>>>);
+
+/// One task stream counted in [`OpenStreams`], until dropped (whether its
+/// task ends, fails or is stopped).
+struct Counted {
+    open: OpenStreams,
+    peer: PeerId,
+}
+
+impl OpenStreams {
+    /// Count one more stream of `peer`'s, unless it has
+    /// [`MAX_STREAMS_PER_PEER`] open already.
+    fn count(&self, peer: PeerId) -> Option<Counted> {
+        let mut open = self.0.lock().unwrap();
+        let n = open.entry(peer).or_default();
+        if *n >= MAX_STREAMS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Counted {
+            open: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut open = self.open.0.lock().unwrap();
+        if let Some(n) = open.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
+}
+
 /// How long a master holds a worker's `Wait` before it answers `NoWork`
 /// (and the worker asks again).
 pub(crate) const WAIT_MAX: Duration = Duration::from_secs(5);
@@ -38,27 +78,15 @@ impl Peer {
         stop: watch::Receiver<bool>,
     ) {
         let incoming = tokio::sync::Mutex::new(incoming);
-        let open: Arc<Mutex<HashMap<PeerId, usize>>> = Default::default();
+        let open = OpenStreams::default();
         let serve = move |(peer, stream): (PeerId, libp2p::Stream)| {
-            let (me, open) = (self.clone(), open.clone());
+            let (me, counted) = (self.clone(), open.count(peer));
             async move {
-                {
-                    let mut open = open.lock().unwrap();
-                    let n = open.entry(peer).or_default();
-                    if *n >= MAX_STREAMS_PER_PEER {
-                        debug!(%peer, "task stream refused: too many open");
-                        return;
-                    }
-                    *n += 1;
-                }
+                let Some(_counted) = counted else {
+                    debug!(%peer, "task stream refused: too many open");
+                    return;
+                };
                 me.serve_stream(peer, stream).await;
-                let mut open = open.lock().unwrap();
-                if let Some(n) = open.get_mut(&peer) {
-                    *n -= 1;
-                    if *n == 0 {
-                        open.remove(&peer);
-                    }
-                }
             }
         };
         crate::net::accept::serve("stream", incoming, serve, stopped(stop)).await;
@@ -71,38 +99,31 @@ impl Peer {
     pub(crate) async fn serve_stream(self, peer: PeerId, stream: libp2p::Stream) {
         let mut stream = TaskStream::new(stream);
         let write_limit = self.state.config.net.request_timeout;
+        let timed_out = |what: &str| std::io::Error::new(std::io::ErrorKind::TimedOut, what);
         loop {
-            let request =
-                match tokio::time::timeout(STREAM_IDLE, Frames::read_request(&mut stream)).await {
-                    Ok(Ok(Some(r))) => r,
-                    Ok(Ok(None)) => return,
-                    Ok(Err(e)) => {
-                        debug!(%peer, "stream closed: {e}");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!(%peer, "stream closed: idle");
-                        return;
-                    }
-                };
+            let read = tokio::time::timeout(STREAM_IDLE, Frames::read_request(&mut stream));
+            let request = match read.await.unwrap_or_else(|_| Err(timed_out("idle"))) {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    debug!(%peer, "stream closed: {e}");
+                    return;
+                }
+            };
             let response = match request {
                 Request::Wait { sizes } => self.hold_wait(peer, &sizes, &mut stream).await,
                 request => self.answer(peer, request),
             };
-            let written = tokio::time::timeout(
+            let write = tokio::time::timeout(
                 write_limit,
                 Frames::write_response(stream.get_mut(), &response),
             );
-            match written.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    debug!(%peer, "stream closed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer, "stream closed: the answer was not taken in time");
-                    return;
-                }
+            let written = write
+                .await
+                .unwrap_or_else(|_| Err(timed_out("answer not taken")));
+            if let Err(e) = written {
+                debug!(%peer, "stream closed: {e}");
+                return;
             }
         }
     }

@@ -157,13 +157,13 @@ impl Peer {
             .as_ref()
             .map(|d| d.join("journal"));
         let mut journal = None;
-        let input = input_identity(&spec.input);
         let id = match (spec.resume, &journal_root) {
             (Some(id), _) if self.master_job(id).is_some() => {
                 return Err(SubmitError::StillRunning(id));
             }
             (Some(id), Some(root)) => {
-                let (resumed, done) = Journal::resume(root, id, &hash, &input)?;
+                let (resumed, done) =
+                    Journal::resume(root, id, &hash, &input_identity(&spec.input))?;
                 info!(job = %id, results = done.len(), "resuming from the journal");
                 let _ = feed.send(done.iter().map(|(i, r)| (*i, r.clone())).collect());
                 book.set_journal(done);
@@ -175,6 +175,7 @@ impl Peer {
                 let id = JobId::random();
                 if let Some(root) = root {
                     book.set_journal(Default::default());
+                    let input = input_identity(&spec.input);
                     journal = Some(Journal::create(root, id, &hash, &input));
                 }
                 id

@@ -27,7 +27,7 @@ const COMPILE_MAX: Duration = Duration::from_secs(300);
 /// How long a module that could not be had is not asked for again.
 const MODULE_RETRY: Duration = Duration::from_secs(5);
 /// Modules whose state is kept at most (past it, settled ones are dropped).
-const REMEMBERED_FAILURES: usize = 256;
+const MAX_MODULE_STATES: usize = 256;
 
 impl Peer {
     /// A master's `Reclaim`: give back the taskunits of `job` that this
@@ -407,14 +407,18 @@ impl Peer {
     /// work and is woken when the module is ready. A module that cannot be
     /// had sets its job aside for a while.
     pub(crate) fn module_ready(&self, job: JobId, master: PeerId, module: ModuleHash) -> bool {
-        match self.ensure_module(master, module) {
-            Ok(ready) => ready,
-            Err(e) => {
+        self.module_state(job, master, module) == Some(true)
+    }
+
+    /// [`Self::ensure_module`] for `job`: `Some(ready)`, or `None` when the
+    /// module cannot be had (logged, and the job set aside for a while).
+    fn module_state(&self, job: JobId, master: PeerId, module: ModuleHash) -> Option<bool> {
+        self.ensure_module(master, module)
+            .inspect_err(|e| {
                 warn!(%job, %master, "cannot get the job's module: {e}");
                 self.back_off(job, MODULE_RETRY);
-                false
-            }
-        }
+            })
+            .ok()
     }
 
     /// [`Self::module_ready`], waiting for the module (taskunits already
@@ -430,14 +434,10 @@ impl Peer {
             let done = self.state.worker.module_done.notified();
             tokio::pin!(done);
             done.as_mut().enable();
-            match self.ensure_module(master, module) {
-                Ok(true) => return true,
-                Ok(false) => {}
-                Err(e) => {
-                    warn!(%job, %master, "cannot get the job's module: {e}");
-                    self.back_off(job, MODULE_RETRY);
-                    return false;
-                }
+            match self.module_state(job, master, module) {
+                Some(true) => return true,
+                Some(false) => {}
+                None => return false,
             }
             if tokio::time::timeout_at(deadline, done).await.is_err() {
                 return false;
@@ -460,7 +460,7 @@ impl Peer {
                 }
                 _ => {}
             }
-            if modules.len() >= REMEMBERED_FAILURES {
+            if modules.len() >= MAX_MODULE_STATES {
                 let now = Instant::now();
                 modules.retain(|_, g| {
                     matches!(g, Getting::Failed { until, .. } if *until > now)
