@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -31,10 +31,13 @@ use sha2::{Digest, Sha256};
 
 #[path = "../jobs/wordcount/src/count.rs"]
 pub mod count;
+#[path = "common/peers.rs"]
+mod peers;
 
 use antnest_proto::control::{self, ControlReply, ControlRequest, InputSpec, JobReport, JobSpec};
 use antnest_proto::{ByteBuf, Limits, ModuleHash};
 use antnest_sandbox::{Sandbox, TaskRunner};
+use peers::start_peer;
 
 #[derive(Parser)]
 struct Args {
@@ -76,19 +79,6 @@ struct Args {
     antnest: Option<PathBuf>,
 }
 
-struct PeerProc {
-    child: Child,
-    control: PathBuf,
-    addr: String,
-}
-
-impl Drop for PeerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -120,53 +110,6 @@ fn job_modules() -> Result<HashMap<&'static str, Vec<u8>>> {
         );
     }
     Ok(m)
-}
-
-fn start_peer(
-    bin: &Path,
-    dir: &Path,
-    i: usize,
-    slots: usize,
-    bootstrap: Option<&str>,
-    logs: Option<&Path>,
-) -> Result<PeerProc> {
-    let control = dir.join(format!("p{i}.sock"));
-    let mut cmd = Command::new(bin);
-    cmd.args([
-        "peer",
-        "--no-mdns",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--slots",
-    ])
-    .arg(slots.to_string())
-    .arg("--control")
-    .arg(&control)
-    .arg("--cache-dir")
-    .arg(dir.join(format!("cache{i}")));
-    if let Some(b) = bootstrap {
-        cmd.args(["--bootstrap", b]);
-    }
-    let stderr = match logs {
-        Some(d) => Stdio::from(std::fs::File::create(d.join(format!("peer{i}.log")))?),
-        None => Stdio::null(),
-    };
-    let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn()?;
-    let mut addr = None;
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line?;
-        if let Some(a) = line.strip_prefix("listening on: ") {
-            addr.get_or_insert(a.to_string());
-        }
-        if line.starts_with("control socket:") {
-            break;
-        }
-    }
-    Ok(PeerProc {
-        child,
-        control,
-        addr: addr.context("peer printed no address")?,
-    })
 }
 
 /// Submit a job as `antnest submit` does: the module's hash first, and its

@@ -1,11 +1,13 @@
 //! Turning what the user names as JOB into component bytes: a `.wasm`
 //! component as is, a Rust job crate (built with cargo for
-//! `wasm32-wasip2`), or a Python file in the original antnest style (wrapped
-//! and built with componentize-py, cached by the hash of its source).
+//! `wasm32-wasip2`), or a Python file in the original antnest style (its
+//! files appended to antnest's Python runner, built once with
+//! componentize-py; see `python/antnest_runner.py`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use antnest_sandbox::job_files::{self, Bundle};
 use sha2::{Digest, Sha256};
 
 /// The job contract, compiled into the binary so Python jobs can be built anywhere.
@@ -107,237 +109,9 @@ fn build_rust(dir: &Path) -> Result<Vec<u8>, SourceError> {
     std::fs::read(&wasm).map_err(io(&wasm))
 }
 
-/// The glue between the original's plain functions and the WIT world.
-///
-/// Both styles of job run: today's plain functions (`processor(x)`,
-/// `split(data)`, `combine(results)`) and the original antnest's methods
-/// (`processor(self, x)`, `split(self, input_data, processor)` yielding
-/// `taskunit.TaskUnit(data=..., processor=...)`, `combine(self)` reading
-/// `self.taskunits` and printing the output). A job whose `combine` takes
-/// `self` gets, with each result, the taskunit it came from.
-///
-/// Values: a `str` travels as its UTF-8 text (so the host's line split and
-/// default combine see text, as before); any other value a split yields or
-/// a processor returns travels pickled (a pickle starts with byte 0x80,
-/// which no UTF-8 text does), and is only ever unpickled inside the
-/// sandbox. A job without `combine` gets the text of non-str results
-/// (`str(value)`), for the host's default combine. A split whose first
-/// argument is named `lines` or `blocks` gets the input as an iterator of
-/// lines (str, without their line end) or blocks (bytes) instead of one
-/// string. The module's `input_data` is the input when the job is given
-/// none.
-const PY_WRAPPER: &str = r#"
-import inspect
-import io
-import pickle
-import sys
-import types
-
-import wit_world
-from wit_world.imports import host
-from componentize_py_types import Err
-
-
-class TaskUnit:
-    """The original antnest's taskunit: its data, and its result once run."""
-
-    def __init__(self, data=None, processor=None, **fields):
-        self.data = data
-        self.processor = processor
-        self.result = None
-        self.__dict__.update(fields)
-
-
-# The original's jobs `import taskunit` inside `split`.
-_taskunit = types.ModuleType("taskunit")
-_taskunit.TaskUnit = TaskUnit
-sys.modules.setdefault("taskunit", _taskunit)
-
-import __USER_MODULE__ as _job
-
-class JobError(Exception):
-    """A job file that is not a job."""
-
-
-if not callable(getattr(_job, "processor", None)):
-    raise JobError(
-        "__USER_MODULE__.py defines no processor(): a job needs at least "
-        "`def processor(taskunit): ...`"
-    )
-
-
-class _Job:
-    """The `self` the original's functions were methods of."""
-
-    taskunits = []
-
-
-_self = _Job()
-
-
-def _takes_self(fn):
-    params = list(inspect.signature(fn).parameters)
-    return bool(params) and params[0] == "self"
-
-
-def _call(fn, *args):
-    """`fn` with as many of `args` as it takes, after `self` if it has one."""
-    params = list(inspect.signature(fn).parameters.values())
-    lead = ()
-    if params and params[0].name == "self":
-        lead, params = (_self,), params[1:]
-    if any(p.kind == p.VAR_POSITIONAL for p in params):
-        return fn(*lead, *args)
-    n = sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-    return fn(*lead, *args[:n])
-
-
-_COMBINE = getattr(_job, "combine", None)
-# Results carry their taskunit's data for a combine that reads self.taskunits.
-_PAIRS = _COMBINE is not None and _takes_self(_COMBINE)
-
-
-def _text(data):
-    if isinstance(data, (bytes, bytearray)):
-        return bytes(data).decode("utf-8")
-    return str(data)
-
-
-def _encode(value):
-    """A value for the wire: text stays text, anything else is pickled."""
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    return pickle.dumps(value)
-
-
-def _decode(data):
-    """What `_encode` made (or text from the host's line split)."""
-    if data[:1] == b"\x80":
-        return pickle.loads(data)
-    return data.decode("utf-8")
-
-
-def _output(value):
-    """What a job's combine returns or prints, as the job's output."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    return str(value).encode("utf-8")
-
-
-def _blocks():
-    while True:
-        block = host.read_input(1 << 20)
-        if not block:
-            return
-        yield block
-
-
-def _lines():
-    rest = b""
-    for block in _blocks():
-        *lines, rest = (rest + block).split(b"\n")
-        for line in lines:
-            yield (line[:-1] if line.endswith(b"\r") else line).decode("utf-8")
-    if rest:
-        yield rest.decode("utf-8")
-
-
-def _first_arg(fn):
-    params = [p for p in inspect.signature(fn).parameters if p != "self"]
-    return params[0] if params else None
-
-
-def _fail(where, e):
-    raise Err(f"{where}: {type(e).__name__}: {e}")
-
-
-def _read_all():
-    chunks = []
-    while True:
-        block = host.read_input(1 << 20)
-        if not block:
-            break
-        chunks.append(block)
-    return b"".join(chunks).decode("utf-8")
-
-
-class WitWorld(wit_world.WitWorld):
-    def split(self) -> bool:
-        split = getattr(_job, "split", None)
-        given = hasattr(_job, "input_data")
-        if split is None and not given:
-            return False  # the host splits the input by lines
-        streamed = split is not None and _first_arg(split) in ("lines", "blocks")
-        if streamed:
-            data = _lines() if _first_arg(split) == "lines" else _blocks()
-        else:
-            data = _read_all()
-            if data == "" and given:
-                data = _text(_job.input_data)
-        try:
-            if split is None:
-                lines = data.split("\n")
-                if lines and lines[-1] == "":
-                    lines.pop()
-                units = (l[:-1] if l.endswith("\r") else l for l in lines)
-            else:
-                units = _call(split, data, _job.processor)
-            for unit in units:
-                if isinstance(unit, TaskUnit):
-                    unit = unit.data
-                host.emit(_encode(unit))
-        except Err:
-            raise
-        except Exception as e:
-            _fail("split", e)
-        return True
-
-    def process(self, unit: bytes) -> bytes:
-        try:
-            data = _decode(unit)
-            result = _call(_job.processor, data)
-        except Exception as e:
-            _fail("processor", e)
-        try:
-            if _PAIRS:
-                return pickle.dumps((data, result))
-            if _COMBINE is None and not isinstance(result, str):
-                return _output(result)
-            return _encode(result)
-        except Exception as e:
-            _fail("processor: its result cannot be pickled", e)
-
-    def combine(self) -> bool:
-        if _COMBINE is None:
-            return False
-        results = []
-        while True:
-            r = host.next_result()
-            if r is None:
-                break
-            results.append(r)
-        printed = io.StringIO()
-        stdout, sys.stdout = sys.stdout, printed
-        try:
-            if _PAIRS:
-                units = []
-                for r in results:
-                    data, result = pickle.loads(r)
-                    t = TaskUnit(data=data, processor=_job.processor)
-                    t.result = result
-                    units.append(t)
-                _self.taskunits = units
-                out = _call(_COMBINE)
-            else:
-                out = _call(_COMBINE, [_decode(r) for r in results])
-        except Exception as e:
-            _fail("combine", e)
-        finally:
-            sys.stdout = stdout
-        # What combine returns is the output; if nothing, what it printed.
-        host.write_output(_output(printed.getvalue() if out is None else out))
-        return True
-"#;
+/// antnest's Python runner: the component every Python job runs in, built
+/// once; each job's files travel beside it (see `antnest_sandbox::job_files`).
+const PY_RUNNER: &str = include_str!("python/antnest_runner.py");
 
 /// The entries of `dir`, by name (so that what is built from them, and
 /// the build cache's key, do not depend on the order the disk lists them).
@@ -385,41 +159,40 @@ fn helpers(file: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, SourceError> {
     Ok(out)
 }
 
-/// What identifies the files under `dirs` for the build cache: each file's
-/// path, size and modification time.
-fn fingerprint(dirs: &[PathBuf]) -> Result<Vec<u8>, SourceError> {
-    fn walk(dir: &Path, out: &mut Vec<u8>) -> Result<(), SourceError> {
-        for e in sorted_entries(dir)? {
+/// Every file under `dir` (but compiled bytecode), as (path relative to
+/// `dir`, contents), for a `--python-path` folder.
+fn package_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, SourceError> {
+    fn walk(root: &Path, rel: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) -> Result<(), SourceError> {
+        for e in sorted_entries(&root.join(rel))? {
+            let name = PathBuf::from(e.file_name());
             let path = e.path();
-            let meta = e.metadata().map_err(io(&path))?;
-            if meta.is_dir() {
-                walk(&path, out)?;
-            } else {
-                let mtime = meta
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .unwrap_or_default();
-                out.extend_from_slice(path.to_string_lossy().as_bytes());
-                out.extend_from_slice(&meta.len().to_le_bytes());
-                out.extend_from_slice(&mtime.as_nanos().to_le_bytes());
+            if path.is_dir() {
+                if name != Path::new("__pycache__") {
+                    walk(root, &rel.join(&name), out)?;
+                }
+            } else if name.extension().is_none_or(|x| x != "pyc") {
+                let bytes = std::fs::read(&path).map_err(io(&path))?;
+                out.push((rel.join(name), bytes));
             }
         }
         Ok(())
     }
-    let mut out = Vec::new();
-    for d in dirs {
-        if !d.is_dir() {
-            return Err(SourceError::Io {
-                path: d.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a folder"),
-            });
-        }
-        walk(d, &mut out)?;
+    if !dir.is_dir() {
+        return Err(SourceError::Io {
+            path: dir.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a folder"),
+        });
     }
+    let mut out = Vec::new();
+    walk(dir, Path::new(""), &mut out)?;
     Ok(out)
 }
 
+/// A Python job: antnest's runner with the job's files appended (the job
+/// file, the modules and packages beside it, the `--python-path`
+/// folders', in the order Python would look for them). Only the runner
+/// is built (once per machine, cached); the job's own code is not
+/// compiled anywhere, so editing it costs nothing but sending it.
 fn build_python(
     file: &Path,
     cache_dir: Option<&Path>,
@@ -435,69 +208,98 @@ fn build_python(
         .and_then(|s| s.to_str())
         .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
         .ok_or_else(|| fail("the file name must be a Python module name".into()))?;
-    let helpers = helpers(file)?;
-    let python_path: Vec<PathBuf> = python_path
-        .iter()
-        .map(|d| std::fs::canonicalize(d).map_err(io(d)))
-        .collect::<Result<_, _>>()?;
-    let mut key = Sha256::new()
-        .chain_update(&source)
-        .chain_update(PY_WRAPPER)
-        .chain_update(JOB_WIT)
-        .chain_update(module)
-        .chain_update(fingerprint(&python_path)?);
-    for (rel, bytes) in &helpers {
-        key.update(rel.to_string_lossy().as_bytes());
-        key.update((bytes.len() as u64).to_le_bytes());
-        key.update(bytes);
+    let job_dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut bundle = Bundle::new(module);
+    bundle.file(
+        &format!("{module}.py"),
+        &file.display().to_string(),
+        &source,
+    );
+    let mut folders = vec![(job_dir.to_owned(), helpers(file)?)];
+    for d in python_path {
+        folders.push((d.clone(), package_files(d)?));
     }
-    let key = hex::encode(key.finalize());
-    let cached = cache_dir.map(|d| d.join("python").join(format!("{key}.wasm")));
+    for (dir, files) in &folders {
+        for (rel, bytes) in files {
+            let label = dir.join(rel).display().to_string();
+            bundle.file(&rel.to_string_lossy().replace('\\', "/"), &label, bytes);
+        }
+    }
+    let runner = python_runner(cache_dir).map_err(|e| match e {
+        RunnerError::NoComponentizePy => SourceError::NoComponentizePy,
+        RunnerError::Failed(reason) => fail(reason),
+    })?;
+    Ok(job_files::append(&runner, &bundle))
+}
+
+enum RunnerError {
+    NoComponentizePy,
+    Failed(String),
+}
+
+impl From<String> for RunnerError {
+    fn from(reason: String) -> Self {
+        RunnerError::Failed(reason)
+    }
+}
+
+/// The runner component, from the cache or built with componentize-py.
+fn python_runner(cache_dir: Option<&Path>) -> Result<Vec<u8>, RunnerError> {
+    let key = Sha256::new()
+        .chain_update(PY_RUNNER)
+        .chain_update(JOB_WIT)
+        .finalize();
+    let cached = cache_dir.map(|d| {
+        d.join("python")
+            .join(format!("runner-{}.wasm", hex::encode(key)))
+    });
     if let Some(bytes) = cached.as_ref().and_then(|p| std::fs::read(p).ok()) {
         return Ok(bytes);
     }
-    let work = tempfile_dir().map_err(|e| fail(e.to_string()))?;
-    let result = (|| {
-        std::fs::create_dir_all(work.join("wit")).map_err(io(&work))?;
-        std::fs::write(work.join("wit/job.wit"), JOB_WIT).map_err(io(&work))?;
-        for (rel, bytes) in &helpers {
-            let to = work.join(rel);
-            if let Some(parent) = to.parent() {
-                std::fs::create_dir_all(parent).map_err(io(parent))?;
-            }
-            std::fs::write(&to, bytes).map_err(io(&to))?;
-        }
-        std::fs::write(work.join(format!("{module}.py")), &source).map_err(io(&work))?;
-        std::fs::write(
-            work.join("antnest_app.py"),
-            PY_WRAPPER.replace("__USER_MODULE__", module),
-        )
-        .map_err(io(&work))?;
-        let out_file = work.join("job.wasm");
-        let mut cmd = Command::new("componentize-py");
-        // Its own Rust backtrace would bury the job's Python traceback.
-        cmd.env("RUST_BACKTRACE", "0");
-        cmd.args(["-d", "wit", "-w", "job", "componentize", "-p", "."]);
-        for d in &python_path {
-            cmd.arg("-p").arg(d);
-        }
-        let status = cmd
-            .args(["antnest_app", "-o", "job.wasm"])
+    // One build at a time per cache (submits started together, the tests):
+    // the others wait and take what it built.
+    let _lock = cached.as_deref().and_then(build_lock);
+    if let Some(bytes) = cached.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        return Ok(bytes);
+    }
+    let work = tempfile_dir().map_err(|e| e.to_string())?;
+    let result = (|| -> Result<Vec<u8>, RunnerError> {
+        let write = |name: &str, text: &str| {
+            let path = work.join(name);
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        std::fs::create_dir_all(work.join("wit")).map_err(|e| e.to_string())?;
+        write("wit/job.wit", JOB_WIT)?;
+        write("antnest_runner.py", PY_RUNNER)?;
+        let out = Command::new("componentize-py")
+            // Its own Rust backtrace would bury the reason.
+            .env("RUST_BACKTRACE", "0")
+            .args(["-d", "wit", "-w", "job", "componentize", "-p", "."])
+            .args(["antnest_runner", "-o", "runner.wasm"])
             .current_dir(&work)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .output();
-        let out = match status {
+        let out = match out {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SourceError::NoComponentizePy);
+                return Err(RunnerError::NoComponentizePy);
             }
-            Err(e) => return Err(fail(format!("cannot run componentize-py: {e}"))),
+            Err(e) => return Err(format!("cannot run componentize-py: {e}").into()),
             Ok(out) => out,
         };
         if !out.status.success() {
-            return Err(fail(python_error(&out.stderr, file, module, &python_path)));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let lines: Vec<&str> = stderr.trim().lines().collect();
+            return Err(format!(
+                "componentize-py could not build antnest's Python runner:\n{}",
+                lines[lines.len().saturating_sub(12)..].join("\n")
+            )
+            .into());
         }
-        std::fs::read(&out_file).map_err(io(&out_file))
+        Ok(std::fs::read(work.join("runner.wasm")).map_err(|e| e.to_string())?)
     })();
     let _ = std::fs::remove_dir_all(&work);
     let bytes = result?;
@@ -511,33 +313,17 @@ fn build_python(
     Ok(bytes)
 }
 
-/// componentize-py's report of a failed build, as the user should see it:
-/// the job's Python traceback (where the cause is, with its file and
-/// line), with the build's paths turned back into the job's own (the
-/// build sees python-path entry N as `/N/`, the job's folder as `/0/`).
-fn python_error(stderr: &[u8], file: &Path, module: &str, python_path: &[PathBuf]) -> String {
-    let stderr = String::from_utf8_lossy(stderr);
-    let report = stderr.split("\nCaused by:").next().unwrap_or_default();
-    let Some(start) = report.rfind("Traceback (most recent call last):") else {
-        let lines: Vec<&str> = stderr.trim().lines().collect();
-        return lines[lines.len().saturating_sub(12)..].join("\n");
-    };
-    let job_dir = match file.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut text = report[start..]
-        .trim()
-        .replace(
-            &format!("\"/0/{module}.py\""),
-            &format!("{:?}", file.display().to_string()),
-        )
-        .replace("\"/0/antnest_app.py\"", "\"<antnest's wrapper>\"")
-        .replace("\"/0/", &format!("\"{}/", job_dir.display()));
-    for (i, d) in python_path.iter().enumerate() {
-        text = text.replace(&format!("\"/{}/", i + 1), &format!("\"{}/", d.display()));
-    }
-    text
+/// An exclusive lock on a file beside `path`, held until the file closes;
+/// `None` if it cannot be had (the build goes on unlocked).
+fn build_lock(path: &Path) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let parent = path.parent()?;
+    std::fs::create_dir_all(parent).ok()?;
+    let file = std::fs::File::create(path.with_extension("lock")).ok()?;
+    // SAFETY: flock on a descriptor this function owns; it blocks until
+    // the lock is free.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0;
+    locked.then_some(file)
 }
 
 fn tempfile_dir() -> std::io::Result<PathBuf> {

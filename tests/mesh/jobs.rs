@@ -251,7 +251,7 @@ def combine(results):
     );
 }
 
-/// A job that cannot be built says why, naming its file and line; a
+/// A job that cannot be loaded says why, naming its file and line; a
 /// result that cannot be pickled fails its taskunit, with the reason.
 #[test]
 fn python_job_errors_are_clear() {
@@ -259,7 +259,7 @@ fn python_job_errors_are_clear() {
     let syntax = dir.path().join("broken.py");
     std::fs::write(&syntax, "def processor(x):\n    return x[::-1\n").unwrap();
     let out = submit_local(&syntax, &[], b"a\n");
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(
         err.contains(&format!("File \"{}\", line 2", syntax.display()))
@@ -269,7 +269,7 @@ fn python_job_errors_are_clear() {
     let nothing = dir.path().join("nothing.py");
     std::fs::write(&nothing, "def process(x):\n    return x\n").unwrap();
     let out = submit_local(&nothing, &[], b"a\n");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("defines no processor()"),
         "{}",
@@ -288,4 +288,33 @@ fn python_job_errors_are_clear() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// Editing a Python job builds and compiles nothing: the job rides on the
+/// runner, compiled once, and the edit is what runs.
+#[test]
+fn an_edited_python_job_compiles_nothing() {
+    let dir = scratch();
+    let job = dir.path().join("edited.py");
+    for round in 0..2 {
+        std::fs::write(
+            &job,
+            format!("import json\n\ndef processor(x):\n    return json.dumps([x, {round}])\n"),
+        )
+        .unwrap();
+        let stats = dir.path().join("s.json");
+        let out = submit_local(&job, &["--stats-json", stats.to_str().unwrap()], b"a\nb\n");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stdout),
+            format!("[\"a\", {round}]\n[\"b\", {round}]")
+        );
+        if round == 1 {
+            assert_eq!(
+                stats_of(&stats)["compiled"],
+                0,
+                "nothing compiled for the edit"
+            );
+        }
+    }
 }

@@ -326,3 +326,78 @@ fn faulty_runners<const N: usize>(limits: [Duration; N]) -> [antnest_sandbox::Ta
         TaskRunner::new(env.clone(), component.clone(), limits)
     })
 }
+
+/// Modules that carry job files (antnest's Python runner with a job
+/// appended) share one compiled component: a second job over the same code
+/// compiles nothing, each keeps its own files, and a peer's cache gives
+/// back each module's exact bytes (kept as the code once plus the files).
+#[test]
+fn job_files_ride_on_one_compiled_component() {
+    use antnest_proto::ModuleHash;
+    use antnest_sandbox::Sandbox;
+    use antnest_sandbox::job_files::{self, Bundle};
+
+    let dir = scratch();
+    let env = Sandbox::new(Some(dir.path().join("cache"))).unwrap();
+    let code = std::fs::read(artifact("primes")).unwrap();
+    let job = |text: &str| {
+        let mut b = Bundle::new("job");
+        b.file("job.py", "job.py", text.as_bytes());
+        job_files::append(&code, &b)
+    };
+    let (one, two) = (job("one"), job("two"));
+    for bytes in [&one, &two] {
+        let hash = ModuleHash::of(bytes);
+        env.component(&hash, || Some(bytes.clone())).unwrap();
+        assert_eq!(env.stored_module(&hash).as_ref(), Some(bytes));
+    }
+    assert_eq!(env.cache_stats().compiled, 1, "the code compiled once");
+    // From disk, as after a restart: still no compile.
+    let env = Sandbox::new(Some(dir.path().join("cache"))).unwrap();
+    let mut runner = antnest_sandbox::TaskRunner::new(
+        env.clone(),
+        env.component(&ModuleHash::of(&two), || None).unwrap(),
+        antnest_proto::Limits::default(),
+    );
+    assert_eq!(runner.process(b"30").unwrap(), b"10");
+    assert_eq!(env.cache_stats().compiled, 0);
+    // A module whose bytes do not match its hash is refused as before.
+    let mut torn = two.clone();
+    torn.truncate(torn.len() - 1);
+    assert!(
+        env.component(&ModuleHash::of(&two[..10]), || Some(torn))
+            .is_err()
+    );
+}
+
+/// A taskunit blocked in a WASI call (Python's `time.sleep`) is stopped at
+/// its deadline like one that computes; the others finish. (Were the
+/// sleep not cut, the hour it asks for would outlast the test's timeout.)
+#[test]
+fn a_sleeping_taskunit_is_stopped_at_its_deadline() {
+    let dir = scratch();
+    let job = dir.path().join("sleepy.py");
+    std::fs::write(
+        &job,
+        "import time\n\ndef processor(x):\n    if x == 'sleep':\n        time.sleep(3600)\n    return x.upper()\n",
+    )
+    .unwrap();
+    let mut args = vec!["submit"];
+    args.extend(LOCAL);
+    args.extend([
+        job.to_str().unwrap(),
+        "--task-timeout",
+        "2s",
+        "--attempts",
+        "1",
+        "--keep-going",
+    ]);
+    let out = run(&args, b"a\nsleep\nb\n", T);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(text(&out.stdout), "A\nB", "{stderr}");
+    assert!(
+        stderr.contains("taskunit 1") && stderr.contains("timed out"),
+        "{stderr}"
+    );
+}

@@ -25,7 +25,11 @@ use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
 
-use crate::guest::{GuestState, HasSelf, HostIo, Job, JobPre, MemoryLimiter, STDERR_CAPTURE};
+use crate::guest::{
+    ClocksUntil, DeadlineClocks, GuestState, HasSelf, HostIo, Job, JobPre, MemoryLimiter,
+    STDERR_CAPTURE,
+};
+use crate::job_files;
 
 /// The epoch advances this many times over the shortest time limit of the
 /// guest calls running, and no more often than [`TICK_MIN`], no less than
@@ -63,6 +67,18 @@ pub struct CacheStats {
     pub memory_hits: u64,
 }
 
+/// A job module ready to run: its compiled component and, for a module
+/// that carries its job's files (see [`crate::job_files`]), those files.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Module {
+    pub(crate) component: Component,
+    pub(crate) files: Arc<[u8]>,
+}
+
+/// Where a module's bytes come from if they must be read (see [`Sandbox::component`]).
+type Bytes<'a> = Box<dyn FnOnce() -> Option<Vec<u8>> + 'a>;
+
 /// One per peer: the engine, the linker, and the compiled-module cache.
 /// Cheap to clone.
 #[derive(Clone)]
@@ -75,7 +91,7 @@ struct EnvInner {
     ticker: Ticker,
     linker: Linker<GuestState>,
     cache_dir: Option<PathBuf>,
-    loaded: Mutex<HashMap<ModuleHash, Component>>,
+    loaded: Mutex<HashMap<ModuleHash, Module>>,
     /// Each component's imports resolved against the linker once
     /// (`instantiate_pre` type-checks every WASI import, ~50 µs), keyed by
     /// the address of its code, which stays put while the entry holds it.
@@ -101,6 +117,14 @@ impl Sandbox {
         })?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).expect("WASI links once");
+        // WASI's monotonic clock again, with waits cut at the deadline.
+        linker.allow_shadowing(true);
+        wasmtime_wasi::p2::bindings::clocks::monotonic_clock::add_to_linker::<
+            GuestState,
+            DeadlineClocks,
+        >(&mut linker, ClocksUntil::of)
+        .expect("the clock links");
+        linker.allow_shadowing(false);
         Job::add_to_linker::<GuestState, HasSelf<GuestState>>(&mut linker, |s| s)
             .expect("host interface links once");
         if let Some(dir) = &cache_dir {
@@ -148,13 +172,42 @@ impl Sandbox {
             .map(|d| d.join(format!("{hash}-{}.cwasm", env!("CARGO_PKG_VERSION"))))
     }
 
-    /// The module's bytes, if this peer has them on disk.
-    pub fn stored_module(&self, hash: &ModuleHash) -> Option<Vec<u8>> {
-        std::fs::read(self.module_path(hash)?).ok()
+    /// Where a module that carries job files keeps them: the hash of its
+    /// code (kept as a module of its own) and the files' section.
+    fn files_path(&self, hash: &ModuleHash) -> Option<PathBuf> {
+        self.inner
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{hash}.files")))
     }
 
-    /// Keep the module's bytes on disk (so this peer can serve them to others).
+    /// The module's bytes, if this peer has them on disk.
+    pub fn stored_module(&self, hash: &ModuleHash) -> Option<Vec<u8>> {
+        if let Ok(bytes) = std::fs::read(self.module_path(hash)?) {
+            return Some(bytes);
+        }
+        let record = std::fs::read(self.files_path(hash)?).ok()?;
+        let (code, section) = record.split_at_checked(32)?;
+        let mut bytes = self.stored_module(&ModuleHash(code.try_into().ok()?))?;
+        bytes.extend_from_slice(section);
+        Some(bytes)
+    }
+
+    /// Keep the module's bytes on disk (so this peer can serve them to
+    /// others). A module that carries job files is kept as its code (once
+    /// for all the jobs that share it) and its files.
     pub fn store_module(&self, hash: &ModuleHash, bytes: &[u8]) -> Result<(), LoadError> {
+        if let Some((code, _)) = job_files::split(bytes) {
+            let code_hash = ModuleHash::of(code);
+            self.store_module(&code_hash, code)?;
+            return match self.files_path(hash) {
+                Some(path) if !path.exists() => {
+                    let record = [&code_hash.0[..], &bytes[code.len()..]].concat();
+                    write_atomic(&path, &record)
+                }
+                _ => Ok(()),
+            };
+        }
         match self.module_path(hash) {
             Some(path) if !path.exists() => write_atomic(&path, bytes),
             _ => Ok(()),
@@ -174,7 +227,13 @@ impl Sandbox {
         &self,
         hash: &ModuleHash,
         bytes: impl FnOnce() -> Option<Vec<u8>>,
-    ) -> Result<Component, LoadError> {
+    ) -> Result<Module, LoadError> {
+        self.component_of(hash, Box::new(bytes))
+    }
+
+    /// [`Self::component`], not generic: loading a module with job files
+    /// loads its code through here again.
+    fn component_of(&self, hash: &ModuleHash, bytes: Bytes<'_>) -> Result<Module, LoadError> {
         if let Some(c) = self.loaded(hash) {
             return Ok(c);
         }
@@ -203,18 +262,14 @@ impl Sandbox {
 
     /// The compiled component for `hash` if it is in memory (never blocks
     /// for long: no disk, no compile); counted as a memory hit.
-    pub fn loaded(&self, hash: &ModuleHash) -> Option<Component> {
+    pub fn loaded(&self, hash: &ModuleHash) -> Option<Module> {
         let c = self.inner.loaded.lock().unwrap().get(hash).cloned()?;
         self.inner.memory_hits.fetch_add(1, Ordering::Relaxed);
         Some(c)
     }
 
     /// `component` past the memory cache: from disk or compiled.
-    fn load(
-        &self,
-        hash: &ModuleHash,
-        bytes: impl FnOnce() -> Option<Vec<u8>>,
-    ) -> Result<Component, LoadError> {
+    fn load(&self, hash: &ModuleHash, bytes: Bytes<'_>) -> Result<Module, LoadError> {
         let invalid = |reason: String| LoadError::InvalidModule {
             hash: *hash,
             reason,
@@ -227,8 +282,7 @@ impl Sandbox {
             // artifact matches this engine's configuration.
             if let Ok(c) = unsafe { Component::deserialize_file(&self.inner.engine, path) } {
                 self.inner.disk_hits.fetch_add(1, Ordering::Relaxed);
-                self.remember(hash, &c);
-                return Ok(c);
+                return Ok(self.remember(hash, c, Arc::from([])));
             }
         }
         let bytes = bytes()
@@ -236,6 +290,14 @@ impl Sandbox {
             .ok_or_else(|| invalid("module bytes not available".into()))?;
         if ModuleHash::of(&bytes) != *hash {
             return Err(invalid("bytes do not match the module hash".into()));
+        }
+        if let Some((code, files)) = job_files::split(&bytes) {
+            // The code is a module of its own, compiled once for every job
+            // that carries its files on it.
+            let code_hash = ModuleHash::of(code);
+            let compiled = self.component_of(&code_hash, Box::new(|| Some(code.to_vec())))?;
+            self.store_module(hash, &bytes)?;
+            return Ok(self.remember(hash, compiled.component, Arc::from(files)));
         }
         // Cranelift compiles a component's functions in parallel on rayon's
         // pool; a pool of this compile's own keeps a small module from
@@ -258,21 +320,22 @@ impl Sandbox {
             write_atomic(&path, &serialized)?;
         }
         self.store_module(hash, &bytes)?;
-        self.remember(hash, &component);
-        Ok(component)
+        Ok(self.remember(hash, component, Arc::from([])))
     }
 
-    fn remember(&self, hash: &ModuleHash, component: &Component) {
+    fn remember(&self, hash: &ModuleHash, component: Component, files: Arc<[u8]>) -> Module {
+        let module = Module { component, files };
         self.inner
             .loaded
             .lock()
             .unwrap()
-            .insert(*hash, component.clone());
+            .insert(*hash, module.clone());
+        module
     }
 
     pub(crate) fn instantiate(
         &self,
-        component: &Component,
+        module: &Module,
         limits: Limits,
         io: HostIo,
     ) -> Result<(Store<GuestState>, Job), TaskError> {
@@ -291,6 +354,7 @@ impl Sandbox {
             stderr,
             deadline: Instant::now() + limits.time,
             io,
+            files: module.files.clone(),
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -310,7 +374,7 @@ impl Sandbox {
                 ))
             }
         });
-        let pre = self.ready(component)?;
+        let pre = self.ready(&module.component)?;
         let job = {
             let _running = self.running(limits.time);
             pre.instantiate(&mut store)

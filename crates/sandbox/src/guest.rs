@@ -84,6 +84,8 @@ pub(crate) struct GuestState {
     /// [`crate::engine`]): host calls that wait push it forward.
     pub(crate) deadline: Instant,
     pub(crate) io: HostIo,
+    /// What `host.job-files` returns (see [`crate::job_files`]).
+    pub(crate) files: std::sync::Arc<[u8]>,
 }
 
 impl WasiView for GuestState {
@@ -92,6 +94,71 @@ impl WasiView for GuestState {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
+    }
+}
+
+/// `wasi:clocks/monotonic-clock` as WASI has it, but for a sleep: a guest
+/// waiting on a clock (Python's `time.sleep`, `poll` with a timeout) is in
+/// a host call, where epoch interruption cannot reach it, so no wait may
+/// end past the call's compute deadline. The wait is cut to end just past
+/// it; back in wasm, the next epoch check finds the deadline gone and
+/// stops the call. Time spent waiting counts as compute time.
+pub(crate) struct DeadlineClocks;
+
+impl wasmtime::component::HasData for DeadlineClocks {
+    type Data<'a> = ClocksUntil<'a>;
+}
+
+pub(crate) struct ClocksUntil<'a> {
+    clocks: wasmtime_wasi::clocks::WasiClocksCtxView<'a>,
+    deadline: Instant,
+}
+
+impl ClocksUntil<'_> {
+    pub(crate) fn of(state: &mut GuestState) -> ClocksUntil<'_> {
+        ClocksUntil {
+            clocks: wasmtime_wasi::clocks::WasiClocksCtxView {
+                ctx: state.wasi.clocks(),
+                table: &mut state.table,
+            },
+            deadline: state.deadline,
+        }
+    }
+
+    /// `nanos` of waiting, cut to end a little past the deadline.
+    fn cut(&self, nanos: u64) -> u64 {
+        const PAST: std::time::Duration = std::time::Duration::from_millis(1);
+        let left = self.deadline.saturating_duration_since(Instant::now()) + PAST;
+        nanos.min(u64::try_from(left.as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+use wasmtime_wasi::p2::bindings::clocks::monotonic_clock as mono;
+
+impl mono::Host for ClocksUntil<'_> {
+    fn now(&mut self) -> wasmtime::Result<mono::Instant> {
+        self.clocks.now()
+    }
+
+    fn resolution(&mut self) -> wasmtime::Result<mono::Duration> {
+        self.clocks.resolution()
+    }
+
+    fn subscribe_instant(
+        &mut self,
+        when: mono::Instant,
+    ) -> wasmtime::Result<wasmtime::component::Resource<wasmtime_wasi::p2::DynPollable>> {
+        let now = self.clocks.now()?;
+        let wait = self.cut(when.saturating_sub(now));
+        self.clocks.subscribe_duration(wait)
+    }
+
+    fn subscribe_duration(
+        &mut self,
+        nanos: mono::Duration,
+    ) -> wasmtime::Result<wasmtime::component::Resource<wasmtime_wasi::p2::DynPollable>> {
+        let wait = self.cut(nanos);
+        self.clocks.subscribe_duration(wait)
     }
 }
 
@@ -171,6 +238,10 @@ impl bindings::antnest::job::host::Host for GuestState {
         };
         // Waiting for a result is not compute time.
         Ok(uncharged(&mut self.deadline, || results.next()))
+    }
+
+    fn job_files(&mut self) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.files.to_vec())
     }
 
     fn write_output(&mut self, bytes: Vec<u8>) -> wasmtime::Result<()> {

@@ -7,6 +7,8 @@
 //!   cache, instantiation and the epoch ticker behind deadlines.
 //! - [`guest`] (private): the host interface a guest calls, WASI, limits.
 //! - [`run`]: [`TaskRunner`] for taskunits; [`run_split`], [`run_combine`].
+//! - [`job_files`]: a job's files carried beside an interpreter (antnest's
+//!   Python runner), compiled once for every job that shares it.
 //! - [`lines`]: the line splitter (the default split, `host.emit-lines`).
 //! - [`input`]: a job's input opened for its split; [`mapped`]: files
 //!   mapped into memory, with a flag for a file changed meanwhile.
@@ -14,11 +16,11 @@
 pub mod engine;
 mod guest;
 pub mod input;
+pub mod job_files;
 pub mod lines;
 pub mod mapped;
 pub mod run;
 
-pub use engine::{CacheStats, LoadError, Sandbox, TICK_MAX, TICK_MIN};
+pub use engine::{CacheStats, LoadError, Module, Sandbox, TICK_MAX, TICK_MIN};
 pub use input::SplitInput;
 pub use run::{SplitOutcome, TaskRunner, default_combine, run_combine, run_split};
-pub use wasmtime::component::Component;

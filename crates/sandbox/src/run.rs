@@ -9,18 +9,16 @@
 
 use std::time::Instant;
 
-use antnest_proto::{Limits, SharedBytes, TaskError};
-use wasmtime::Store;
-use wasmtime::component::Component;
-
-use crate::engine::Sandbox;
+use crate::engine::{Module, Sandbox};
 use crate::guest::{GuestState, HostIo, Job, STDERR_CAPTURE, classify};
 use crate::input::SplitInput;
+use antnest_proto::{Limits, SharedBytes, TaskError};
+use wasmtime::Store;
 
 /// Runs `process` for one module, reusing one instance across taskunits.
 pub struct TaskRunner {
     env: Sandbox,
-    component: Component,
+    module: Module,
     limits: Limits,
     instance: Option<(Store<GuestState>, Job)>,
     /// Bytes of the instance's stderr already handed out.
@@ -30,10 +28,10 @@ pub struct TaskRunner {
 }
 
 impl TaskRunner {
-    pub fn new(env: Sandbox, component: Component, limits: Limits) -> Self {
+    pub fn new(env: Sandbox, module: Module, limits: Limits) -> Self {
         TaskRunner {
             env,
-            component,
+            module,
             limits,
             instance: None,
             stderr_seen: 0,
@@ -68,7 +66,7 @@ impl TaskRunner {
             Some(inst) => inst,
             None => self
                 .env
-                .instantiate(&self.component, self.limits, HostIo::None)?,
+                .instantiate(&self.module, self.limits, HostIo::None)?,
         };
         store.data_mut().deadline = Instant::now() + self.limits.time;
         let called = {
@@ -111,7 +109,7 @@ pub enum SplitOutcome {
 /// For [`SplitOutcome::Default`] the caller splits by lines itself.
 pub fn run_split(
     env: &Sandbox,
-    component: &Component,
+    module: &Module,
     limits: Limits,
     input: SplitInput,
     emit: Box<dyn FnMut(SharedBytes) -> Result<(), String> + Send>,
@@ -121,7 +119,7 @@ pub fn run_split(
         emit,
         emitted: 0,
     };
-    let (mut store, job) = env.instantiate(component, limits, io)?;
+    let (mut store, job) = env.instantiate(module, limits, io)?;
     store.data_mut().deadline = Instant::now() + limits.time;
     let result = {
         let _running = env.running(limits.time);
@@ -146,7 +144,7 @@ pub fn run_split(
 /// means the job asked for the default combine.
 pub fn run_combine(
     env: &Sandbox,
-    component: &Component,
+    module: &Module,
     limits: Limits,
     results: Box<dyn Iterator<Item = Vec<u8>> + Send>,
 ) -> Result<Option<Vec<u8>>, TaskError> {
@@ -155,7 +153,7 @@ pub fn run_combine(
         output: Vec::new(),
         limit: limits.combined_output(),
     };
-    let (mut store, job) = env.instantiate(component, limits, io)?;
+    let (mut store, job) = env.instantiate(module, limits, io)?;
     store.data_mut().deadline = Instant::now() + limits.time;
     let result = {
         let _running = env.running(limits.time);

@@ -7,7 +7,7 @@ use antnest_proto::control::InputSpec;
 use antnest_proto::limits::MAX_TASKUNIT;
 use antnest_proto::{Limits, SharedBytes};
 use antnest_sandbox::mapped::Damage;
-use antnest_sandbox::{Component, Sandbox, SplitOutcome, input, lines, run_split};
+use antnest_sandbox::{Module, Sandbox, SplitOutcome, input, lines, run_split};
 use antnest_sched::SplitSender;
 
 /// Hands taskunits from the split to the job's book, waking idle worker
@@ -53,7 +53,7 @@ impl<W: Fn()> UnitSender<W> {
 /// many taskunits it made.
 pub(crate) fn split_job(
     env: &Sandbox,
-    component: &Component,
+    module: &Module,
     limits: Limits,
     input: &InputSpec,
     damage: &Mutex<Vec<Damage>>,
@@ -75,7 +75,7 @@ pub(crate) fn split_job(
         damage.lock().unwrap().extend(mapped);
         Ok::<_, String>(input)
     };
-    match run_split(env, component, limits, open()?, emit) {
+    match run_split(env, module, limits, open()?, emit) {
         Ok(SplitOutcome::Emitted(_)) => {}
         Ok(SplitOutcome::Default) => lines::each_line(open()?, &mut |unit| sender.send(unit))?,
         Err(e) => return Err(e.to_string()),

@@ -63,6 +63,7 @@ impl Peer {
         }
         let now = Instant::now();
         let mut remotes = self.state.worker.remotes.lock().unwrap();
+        let new = !remotes.contains_key(&a.job);
         let job = remotes.entry(a.job).or_insert_with(|| {
             debug!(%master, job = %a.job, "job announced");
             RemoteJob {
@@ -75,6 +76,11 @@ impl Peer {
         });
         job.seen = now;
         drop(remotes);
+        if new {
+            // Get the module now, before any slot is free to pull: it is
+            // ready when one is, also while every slot is busy elsewhere.
+            let _ = self.module_state(a.job, master, a.module);
+        }
         self.state.work.notify_waiters();
         true
     }
