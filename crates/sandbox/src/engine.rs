@@ -11,7 +11,10 @@
 //! for the scheduler's next tick), hence no more ticks than that. The
 //! deadline callback compares against a wall-clock deadline kept in the
 //! store, which host calls that block (a split waiting for workers to take
-//! its taskunits) push forward, so only time spent computing counts.
+//! its taskunits) push forward, so only time spent computing counts. A
+//! guest waiting in WASI (a sleep) is out of epochs' reach, so WASI's
+//! monotonic clock is linked again with every wait cut at the deadline
+//! (see `guest::DeadlineClocks`); waiting counts as computing.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
