@@ -9,7 +9,7 @@
 //! cargo build --release --example edit_run && target/release/examples/edit_run
 //! ```
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,7 +93,8 @@ fn submit(bin: &Path, dir: &Path, control: &Path, job: &Path, input: &Path) -> R
         .spawn()?;
     let mut first = None;
     let mut lines = 0;
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+    // Results as they come (raw: a Python value streams pickled).
+    for line in BufReader::new(child.stdout.take().unwrap()).split(b'\n') {
         line?;
         first.get_or_insert_with(|| started.elapsed());
         lines += 1;
