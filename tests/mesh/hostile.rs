@@ -1,6 +1,7 @@
 //! A live peer fed malformed CBOR, oversized frames and unknown module
 //! hashes over a real libp2p connection, by request-response or on a
-//! long-lived stream, keeps serving jobs.
+//! long-lived stream, keeps serving jobs; forged results and
+//! announcements gossiped in another master's name are not taken.
 
 use std::time::Duration;
 
@@ -502,4 +503,119 @@ async fn a_peer_serves_a_bounded_number_of_task_streams_per_peer() {
     );
     still_runs_jobs(&peer);
     driver.abort();
+}
+
+#[derive(libp2p::swarm::NetworkBehaviour)]
+struct Gossiper {
+    gossip: libp2p::gossipsub::Behaviour,
+    rr: Rr,
+}
+
+/// An outsider that gossips announcements to a live peer: one of a job
+/// in another peer's name, one of its own. The peer takes up its own (it
+/// asks it for the module at once) and never the one in another's name
+/// (it never asks that peer for anything).
+#[tokio::test]
+async fn an_announcement_in_another_masters_name_is_ignored() {
+    use antnest_proto::{Announce, JobId, Limits, ModuleHash};
+    use libp2p::gossipsub;
+
+    let dir = scratch();
+    let peer = PeerProc::loopback(dir.path(), "w", &[]);
+    let addr: Multiaddr = peer.addr().parse().unwrap();
+    let rr = || {
+        Rr::new(
+            [(
+                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
+                ProtocolSupport::Full,
+            )],
+            request_response::Config::default(),
+        )
+    };
+    // The peer the liar names as master.
+    let mut named = outsider(rr());
+    let named_id = *named.local_peer_id();
+    named.dial(addr.clone()).unwrap();
+    let mut liar = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|key| Gossiper {
+            gossip: gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossipsub::ConfigBuilder::default()
+                    .heartbeat_interval(Duration::from_millis(200))
+                    .build()
+                    .unwrap(),
+            )
+            .unwrap(),
+            rr: rr(),
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let liar_id = *liar.local_peer_id();
+    let topic = gossipsub::IdentTopic::new(antnest_proto::msg::JOBS_TOPIC);
+    liar.behaviour_mut().gossip.subscribe(&topic).unwrap();
+    liar.dial(addr).unwrap();
+    let announce = |master: libp2p::PeerId, module: &[u8]| Announce {
+        job: JobId::random(),
+        master: master.to_bytes(),
+        module: ModuleHash::of(module),
+        module_size: module.len() as u64,
+        limits: Limits::default(),
+    };
+    let forged = announce(named_id, b"forged module");
+    let own = announce(liar_id, b"the liar's own module");
+    let encode = |a: &Announce| cbor4ii::serde::to_vec(Vec::new(), a).unwrap();
+    let asked = async {
+        let mut published = false;
+        loop {
+            tokio::select! {
+                e = liar.select_next_some() => match e {
+                    SwarmEvent::Behaviour(GossiperEvent::Gossip(
+                        gossipsub::Event::Subscribed { .. },
+                    )) if !published => {
+                        published = true;
+                        for a in [&forged, &own] {
+                            liar.behaviour_mut().gossip.publish(topic.clone(), encode(a)).unwrap();
+                        }
+                    }
+                    SwarmEvent::Behaviour(GossiperEvent::Rr(request_response::Event::Message {
+                        message: request_response::Message::Request { request, .. },
+                        ..
+                    })) => return format!("{request:?}"),
+                    _ => {}
+                },
+                e = named.select_next_some() => {
+                    if let SwarmEvent::Behaviour(request_response::Event::Message { message, .. }) = e {
+                        panic!("the peer took up a job in another's name: it asked {message:?}");
+                    }
+                }
+            }
+        }
+    };
+    let request = tokio::time::timeout(Duration::from_secs(60), asked)
+        .await
+        .expect("the peer never asked the liar for its own job's module");
+    assert!(request.contains("FetchModule"), "{request}");
+    // Time for the forged one, gossiped first, to be acted on too.
+    let settle = async {
+        loop {
+            tokio::select! {
+                _ = liar.select_next_some() => {}
+                e = named.select_next_some() => {
+                    if let SwarmEvent::Behaviour(request_response::Event::Message { message, .. }) = e {
+                        panic!("the peer took up a job in another's name: it asked {message:?}");
+                    }
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), settle).await;
+    still_runs_jobs(&peer);
 }
