@@ -401,3 +401,30 @@ fn a_sleeping_taskunit_is_stopped_at_its_deadline() {
         "{stderr}"
     );
 }
+
+/// A cached module damaged on disk is not used or served: it is removed,
+/// so the peer fetches it again, and a good copy is kept anew.
+#[test]
+fn a_damaged_cached_module_is_dropped_and_kept_again() {
+    use antnest_proto::ModuleHash;
+    use antnest_sandbox::Sandbox;
+
+    let dir = scratch();
+    let cache = dir.path().join("cache");
+    let bytes = std::fs::read(artifact("primes")).unwrap();
+    let hash = ModuleHash::of(&bytes);
+    let env = Sandbox::new(Some(cache.clone())).unwrap();
+    env.store_module(&hash, &bytes).unwrap();
+    let file = cache.join(format!("{hash}.wasm"));
+    let mut torn = bytes.clone();
+    torn.truncate(bytes.len() / 2);
+    std::fs::write(&file, &torn).unwrap();
+    assert_eq!(
+        env.stored_module(&hash),
+        None,
+        "a torn copy is not given out"
+    );
+    assert!(!file.exists(), "the torn copy is removed");
+    env.store_module(&hash, &bytes).unwrap();
+    assert_eq!(env.stored_module(&hash), Some(bytes));
+}

@@ -184,16 +184,31 @@ impl Sandbox {
             .map(|d| d.join(format!("{hash}.files")))
     }
 
-    /// The module's bytes, if this peer has them on disk.
+    /// The module's bytes, if this peer has them on disk, intact. A copy
+    /// that does not match its hash (a torn or damaged file) is removed,
+    /// so the module is fetched again.
     pub fn stored_module(&self, hash: &ModuleHash) -> Option<Vec<u8>> {
-        if let Ok(bytes) = std::fs::read(self.module_path(hash)?) {
+        let (path, bytes) = self.read_module(hash)?;
+        if ModuleHash::of(&bytes) == *hash {
             return Some(bytes);
         }
-        let record = std::fs::read(self.files_path(hash)?).ok()?;
+        tracing::warn!(%hash, path = %path.display(), "cached module damaged: removed, to be fetched again");
+        let _ = std::fs::remove_file(&path);
+        None
+    }
+
+    /// The module's bytes as kept on disk, and the file they came from.
+    fn read_module(&self, hash: &ModuleHash) -> Option<(PathBuf, Vec<u8>)> {
+        let path = self.module_path(hash)?;
+        if let Ok(bytes) = std::fs::read(&path) {
+            return Some((path, bytes));
+        }
+        let path = self.files_path(hash)?;
+        let record = std::fs::read(&path).ok()?;
         let (code, section) = record.split_at_checked(32)?;
         let mut bytes = self.stored_module(&ModuleHash(code.try_into().ok()?))?;
         bytes.extend_from_slice(section);
-        Some(bytes)
+        Some((path, bytes))
     }
 
     /// Keep the module's bytes on disk (so this peer can serve them to
