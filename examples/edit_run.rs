@@ -123,14 +123,7 @@ fn submit(bin: &Path, dir: &Path, control: &Path, job: &Path, input: &Path) -> R
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let bin = match &args.antnest {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(|p| p.parent())
-            .context("no exe dir")?
-            .join("antnest"),
-    };
+    let bin = peers::antnest_bin(args.antnest.as_deref())?;
     let dir = tempfile::tempdir()?;
     let logs = args.peer_logs.as_deref();
     let a = peers::start_peer(&bin, dir.path(), 0, 1, None, logs)?;

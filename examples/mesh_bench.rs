@@ -395,14 +395,7 @@ async fn main() -> Result<()> {
         .split(',')
         .map(|s| s.trim().to_uppercase())
         .collect();
-    let bin = match &args.antnest {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(|p| p.parent())
-            .context("no exe dir")?
-            .join("antnest"),
-    };
+    let bin = peers::antnest_bin(args.antnest.as_deref())?;
     let modules = job_modules()?;
     let dir = tempfile::tempdir()?;
 

@@ -124,51 +124,31 @@ fn sorted_entries(dir: &Path) -> Result<Vec<std::fs::DirEntry>, SourceError> {
     Ok(entries)
 }
 
-/// The Python files that go with a job file: modules (`*.py`) beside it
-/// and packages (folders with an `__init__.py`) beside it, each as (path
-/// relative to the job's folder, contents). Not the job file itself.
-fn helpers(file: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, SourceError> {
+/// The files under `root` a Python job may import, as (path relative to
+/// `root`, contents), but for `__pycache__` folders and compiled bytecode.
+/// Of `root`'s own entries, only those `top` keeps (given the entry's path
+/// and whether it is a folder).
+fn python_files(
+    root: &Path,
+    top: &dyn Fn(&Path, bool) -> bool,
+) -> Result<Vec<(PathBuf, Vec<u8>)>, SourceError> {
+    type Keep<'a> = Option<&'a dyn Fn(&Path, bool) -> bool>;
     fn walk(
         root: &Path,
         rel: &Path,
-        top: bool,
+        top: Keep<'_>,
         out: &mut Vec<(PathBuf, Vec<u8>)>,
     ) -> Result<(), SourceError> {
         for e in sorted_entries(&root.join(rel))? {
             let name = PathBuf::from(e.file_name());
             let path = e.path();
-            if path.is_dir() {
-                let package = path.join("__init__.py").is_file();
-                if name != Path::new("__pycache__") && (package || !top) {
-                    walk(root, &rel.join(&name), false, out)?;
-                }
-            } else if !top || name.extension().is_some_and(|x| x == "py") {
-                let bytes = std::fs::read(&path).map_err(io(&path))?;
-                out.push((rel.join(name), bytes));
+            let dir = path.is_dir();
+            if top.is_some_and(|keep| !keep(&path, dir)) {
+                continue;
             }
-        }
-        Ok(())
-    }
-    let dir = match file.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut out = Vec::new();
-    walk(dir, Path::new(""), true, &mut out)?;
-    out.retain(|(rel, _)| Some(rel.as_os_str()) != file.file_name());
-    Ok(out)
-}
-
-/// Every file under `dir` (but compiled bytecode), as (path relative to
-/// `dir`, contents), for a `--python-path` folder.
-fn package_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, SourceError> {
-    fn walk(root: &Path, rel: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) -> Result<(), SourceError> {
-        for e in sorted_entries(&root.join(rel))? {
-            let name = PathBuf::from(e.file_name());
-            let path = e.path();
-            if path.is_dir() {
+            if dir {
                 if name != Path::new("__pycache__") {
-                    walk(root, &rel.join(&name), out)?;
+                    walk(root, &rel.join(&name), None, out)?;
                 }
             } else if name.extension().is_none_or(|x| x != "pyc") {
                 let bytes = std::fs::read(&path).map_err(io(&path))?;
@@ -177,15 +157,35 @@ fn package_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, SourceError> {
         }
         Ok(())
     }
+    let mut out = Vec::new();
+    walk(root, Path::new(""), Some(top), &mut out)?;
+    Ok(out)
+}
+
+/// The Python files that go with the job file `file` in `dir`: modules
+/// (`*.py`) and packages (folders with an `__init__.py`) beside it. Not
+/// the job file itself.
+fn helpers(file: &Path, dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, SourceError> {
+    let mut out = python_files(dir, &|path, is_dir| {
+        if is_dir {
+            path.join("__init__.py").is_file()
+        } else {
+            path.extension().is_some_and(|x| x == "py")
+        }
+    })?;
+    out.retain(|(rel, _)| Some(rel.as_os_str()) != file.file_name());
+    Ok(out)
+}
+
+/// Every file of a `--python-path` folder.
+fn package_files(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, SourceError> {
     if !dir.is_dir() {
         return Err(SourceError::Io {
             path: dir.to_owned(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a folder"),
         });
     }
-    let mut out = Vec::new();
-    walk(dir, Path::new(""), &mut out)?;
-    Ok(out)
+    python_files(dir, &|_, _| true)
 }
 
 /// A Python job: antnest's runner with the job's files appended (the job
@@ -218,7 +218,7 @@ fn build_python(
         &file.display().to_string(),
         &source,
     );
-    let mut folders = vec![(job_dir.to_owned(), helpers(file)?)];
+    let mut folders = vec![(job_dir.to_owned(), helpers(file, job_dir)?)];
     for d in python_path {
         folders.push((d.clone(), package_files(d)?));
     }
@@ -228,26 +228,16 @@ fn build_python(
             bundle.file(&rel.to_string_lossy().replace('\\', "/"), &label, bytes);
         }
     }
-    let runner = python_runner(cache_dir).map_err(|e| match e {
-        RunnerError::NoComponentizePy => SourceError::NoComponentizePy,
-        RunnerError::Failed(reason) => fail(reason),
-    })?;
+    let runner = python_runner(cache_dir, &fail)?;
     Ok(job_files::append(&runner, &bundle))
 }
 
-enum RunnerError {
-    NoComponentizePy,
-    Failed(String),
-}
-
-impl From<String> for RunnerError {
-    fn from(reason: String) -> Self {
-        RunnerError::Failed(reason)
-    }
-}
-
-/// The runner component, from the cache or built with componentize-py.
-fn python_runner(cache_dir: Option<&Path>) -> Result<Vec<u8>, RunnerError> {
+/// The runner component, from the cache or built with componentize-py;
+/// `fail` names what the build was for in its errors.
+fn python_runner(
+    cache_dir: Option<&Path>,
+    fail: &dyn Fn(String) -> SourceError,
+) -> Result<Vec<u8>, SourceError> {
     let key = Sha256::new()
         .chain_update(PY_RUNNER)
         .chain_update(JOB_WIT)
@@ -265,13 +255,13 @@ fn python_runner(cache_dir: Option<&Path>) -> Result<Vec<u8>, RunnerError> {
     if let Some(bytes) = cached.as_ref().and_then(|p| std::fs::read(p).ok()) {
         return Ok(bytes);
     }
-    let work = tempfile_dir().map_err(|e| e.to_string())?;
-    let result = (|| -> Result<Vec<u8>, RunnerError> {
+    let work = tempfile_dir().map_err(|e| fail(e.to_string()))?;
+    let result = (|| {
         let write = |name: &str, text: &str| {
             let path = work.join(name);
-            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+            std::fs::write(&path, text).map_err(|e| fail(format!("{}: {e}", path.display())))
         };
-        std::fs::create_dir_all(work.join("wit")).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(work.join("wit")).map_err(|e| fail(e.to_string()))?;
         write("wit/job.wit", JOB_WIT)?;
         write("antnest_runner.py", PY_RUNNER)?;
         let out = Command::new("componentize-py")
@@ -285,21 +275,20 @@ fn python_runner(cache_dir: Option<&Path>) -> Result<Vec<u8>, RunnerError> {
             .output();
         let out = match out {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(RunnerError::NoComponentizePy);
+                return Err(SourceError::NoComponentizePy);
             }
-            Err(e) => return Err(format!("cannot run componentize-py: {e}").into()),
+            Err(e) => return Err(fail(format!("cannot run componentize-py: {e}"))),
             Ok(out) => out,
         };
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let lines: Vec<&str> = stderr.trim().lines().collect();
-            return Err(format!(
+            return Err(fail(format!(
                 "componentize-py could not build antnest's Python runner:\n{}",
                 lines[lines.len().saturating_sub(12)..].join("\n")
-            )
-            .into());
+            )));
         }
-        Ok(std::fs::read(work.join("runner.wasm")).map_err(|e| e.to_string())?)
+        std::fs::read(work.join("runner.wasm")).map_err(|e| fail(e.to_string()))
     })();
     let _ = std::fs::remove_dir_all(&work);
     let bytes = result?;

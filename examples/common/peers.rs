@@ -68,3 +68,16 @@ pub(crate) fn start_peer(
         addr: addr.context("peer printed no address")?,
     })
 }
+
+/// The antnest binary: `given`, or the one beside the examples' directory
+/// (`target/<profile>/antnest`).
+pub(crate) fn antnest_bin(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(b) = given {
+        return Ok(b.to_owned());
+    }
+    Ok(std::env::current_exe()?
+        .parent()
+        .and_then(|p| p.parent())
+        .context("no exe dir")?
+        .join("antnest"))
+}

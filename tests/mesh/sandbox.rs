@@ -382,17 +382,11 @@ fn a_sleeping_taskunit_is_stopped_at_its_deadline() {
         "import time\n\ndef processor(x):\n    if x == 'sleep':\n        time.sleep(3600)\n    return x.upper()\n",
     )
     .unwrap();
-    let mut args = vec!["submit"];
-    args.extend(LOCAL);
-    args.extend([
-        job.to_str().unwrap(),
-        "--task-timeout",
-        "2s",
-        "--attempts",
-        "1",
-        "--keep-going",
-    ]);
-    let out = run(&args, b"a\nsleep\nb\n", T);
+    let out = submit_local(
+        &job,
+        &["--task-timeout", "2s", "--attempts", "1", "--keep-going"],
+        b"a\nsleep\nb\n",
+    );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(text(&out.stdout), "A\nB", "{stderr}");

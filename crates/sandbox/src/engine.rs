@@ -216,18 +216,29 @@ impl Sandbox {
     /// for all the jobs that share it) and its files.
     pub fn store_module(&self, hash: &ModuleHash, bytes: &[u8]) -> Result<(), LoadError> {
         if let Some((code, _)) = job_files::split(bytes) {
-            let code_hash = ModuleHash::of(code);
-            self.store_module(&code_hash, code)?;
-            return match self.files_path(hash) {
-                Some(path) if !path.exists() => {
-                    let record = [&code_hash.0[..], &bytes[code.len()..]].concat();
-                    write_atomic(&path, &record)
-                }
-                _ => Ok(()),
-            };
+            return self.store_with_files(hash, &ModuleHash::of(code), bytes, code.len());
         }
         match self.module_path(hash) {
             Some(path) if !path.exists() => write_atomic(&path, bytes),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Self::store_module`] for a module with job files, whose first
+    /// `code_len` bytes are its code, of hash `code_hash`.
+    fn store_with_files(
+        &self,
+        hash: &ModuleHash,
+        code_hash: &ModuleHash,
+        bytes: &[u8],
+        code_len: usize,
+    ) -> Result<(), LoadError> {
+        let (code, section) = bytes.split_at(code_len);
+        self.store_module(code_hash, code)?;
+        match self.files_path(hash) {
+            Some(path) if !path.exists() => {
+                write_atomic(&path, &[&code_hash.0[..], section].concat())
+            }
             _ => Ok(()),
         }
     }
@@ -303,18 +314,20 @@ impl Sandbox {
                 return Ok(self.remember(hash, c, Arc::from([])));
             }
         }
-        let bytes = bytes()
-            .or_else(|| self.stored_module(hash))
-            .ok_or_else(|| invalid("module bytes not available".into()))?;
-        if ModuleHash::of(&bytes) != *hash {
-            return Err(invalid("bytes do not match the module hash".into()));
-        }
+        // Bytes from the disk are checked against their hash as they are read.
+        let bytes = match bytes() {
+            Some(b) if ModuleHash::of(&b) == *hash => b,
+            Some(_) => return Err(invalid("bytes do not match the module hash".into())),
+            None => self
+                .stored_module(hash)
+                .ok_or_else(|| invalid("module bytes not available".into()))?,
+        };
         if let Some((code, files)) = job_files::split(&bytes) {
             // The code is a module of its own, compiled once for every job
             // that carries its files on it.
             let code_hash = ModuleHash::of(code);
             let compiled = self.component_of(&code_hash, Box::new(|| Some(code.to_vec())))?;
-            self.store_module(hash, &bytes)?;
+            self.store_with_files(hash, &code_hash, &bytes, code.len())?;
             return Ok(self.remember(hash, compiled.component, Arc::from(files)));
         }
         // Cranelift compiles a component's functions in parallel on rayon's
