@@ -130,6 +130,7 @@ async fn submit(
         resume: None,
         replicate: 1,
         stream: false,
+        runtime: antnest_proto::Runtime::Wasm,
     };
     let run = async {
         loop {

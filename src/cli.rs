@@ -83,6 +83,18 @@ pub(crate) struct NetArgs {
     /// Jobs this peer may be master of at once.
     #[arg(long, default_value_t = 8)]
     pub(crate) max_jobs: usize,
+    /// Run Python jobs' taskunits in this machine's own CPython (native
+    /// speed, its installed packages such as numpy) instead of wasm, each
+    /// process contained by bubblewrap (`bwrap`): no network, the
+    /// filesystem read-only, a private /tmp, the cache folder hidden. Jobs
+    /// of other masters only with --mesh-key or --allow-master, since
+    /// their code runs natively here; a submit's own peer runs its own
+    /// job so.
+    #[arg(long)]
+    pub(crate) allow_native_python: bool,
+    /// The CPython the native runtime starts.
+    #[arg(long, value_name = "CMD", default_value = "python3")]
+    pub(crate) native_python: String,
     /// Lease on handed-out taskunits before they are re-issued, e.g. 30s.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub(crate) lease: Duration,
@@ -158,6 +170,12 @@ pub(crate) struct SubmitArgs {
     /// Don't use a running local peer; run this job in a peer of its own.
     #[arg(long)]
     pub(crate) standalone: bool,
+    /// Where a Python job's taskunits run: `wasm` (everywhere), `native`
+    /// (only on peers with --allow-native-python, in their own CPython),
+    /// or `auto` (native where a peer allows it, wasm elsewhere). The
+    /// results are the same.
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(antnest_proto::Runtime))]
+    pub(crate) runtime: antnest_proto::Runtime,
     /// A folder of pure-Python packages a Python job imports (repeatable),
     /// e.g. one made by `pip install --target DIR`; bundled into the job.
     /// Modules and packages beside the job file are bundled anyway.

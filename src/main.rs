@@ -11,6 +11,7 @@ use clap::Parser;
 
 use antnest::client;
 use antnest::config::{self, ConfigFile};
+use antnest_node::config::NativeConfig;
 use antnest_node::local::control as control_server;
 use antnest_node::net::NetConfig;
 use antnest_node::{self as peer, PeerConfig};
@@ -18,6 +19,7 @@ use antnest_proto::control::{
     self, ControlReply, ControlRequest, InputSpec, JobEvent, JobReport, JobSpec, Progress,
 };
 use antnest_proto::{ByteBuf, JobId, Limits, ModuleHash};
+use antnest_sandbox::NativePython;
 use cli::{Cli, Command, NetArgs, SubmitArgs};
 
 fn main() -> ExitCode {
@@ -76,8 +78,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// The validated peer configuration for these flags.
-fn peer_config(net: &NetArgs) -> Result<PeerConfig> {
+/// The validated peer configuration for these flags; `submitter` for the
+/// peer of a standalone submit (its native Python is for its own job
+/// unless it trusts other masters).
+fn peer_config(net: &NetArgs, submitter: bool) -> Result<PeerConfig> {
     let mut bootstrap = net.bootstrap.clone();
     let paths: Vec<(std::path::PathBuf, bool)> = match &net.config {
         Some(p) => vec![(p.clone(), true)],
@@ -131,6 +135,21 @@ fn peer_config(net: &NetArgs) -> Result<PeerConfig> {
     if net.cache_dir.is_some() {
         cfg.cache_dir = net.cache_dir.clone();
     }
+    if net.allow_native_python {
+        let trusted = cfg.net.psk.is_some() || cfg.allowed_masters.is_some();
+        if !trusted && !submitter {
+            bail!(
+                "--allow-native-python runs other masters' Python code natively on this machine: \
+                 it needs --mesh-key or --allow-master, so that only masters you trust can send it"
+            );
+        }
+        let hidden = cfg.cache_dir.iter().cloned().collect();
+        let python = NativePython::check(&net.native_python, hidden)?;
+        cfg.native_python = Some(NativeConfig {
+            python,
+            others: trusted,
+        });
+    }
     Ok(cfg)
 }
 
@@ -158,7 +177,7 @@ fn load_identity(path: &std::path::Path) -> Result<libp2p::identity::Keypair> {
 }
 
 async fn run_peer(args: cli::PeerArgs) -> Result<ExitCode> {
-    let mut cfg = peer_config(&args.net)?;
+    let mut cfg = peer_config(&args.net, false)?;
     if args.net.listen.is_empty() {
         cfg.net.listen = vec![default_listen()];
     }
@@ -291,7 +310,11 @@ async fn list_peers(args: cli::ControlArgs) -> Result<ExitCode> {
 }
 
 async fn submit(args: SubmitArgs) -> Result<ExitCode> {
-    let cfg = peer_config(&args.net)?;
+    let python_job = args.job.extension().is_some_and(|x| x == "py");
+    if args.runtime == antnest_proto::Runtime::Native && !python_job {
+        bail!("--runtime native is for Python jobs (a .py file); other jobs run in wasm");
+    }
+    let cfg = peer_config(&args.net, true)?;
     let job_path = args.job.clone();
     let cache = cfg.cache_dir.clone();
     let python_path = args.python_path.clone();
@@ -328,6 +351,7 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         resume: args.resume,
         replicate: args.replicate,
         stream: args.stream,
+        runtime: args.runtime,
     };
     let socket = args
         .control

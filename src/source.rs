@@ -2,12 +2,13 @@
 //! component as is, a Rust job crate (built with cargo for
 //! `wasm32-wasip2`), or a Python file in the original antnest style (its
 //! files appended to antnest's Python runner, built once with
-//! componentize-py; see `python/antnest_runner.py`).
+//! componentize-py; see `crates/sandbox/python/antnest_runner.py`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use antnest_sandbox::job_files::{self, Bundle};
+use antnest_sandbox::python;
 use sha2::{Digest, Sha256};
 
 /// The job contract, compiled into the binary so Python jobs can be built anywhere.
@@ -108,10 +109,6 @@ fn build_rust(dir: &Path) -> Result<Vec<u8>, SourceError> {
     let wasm = wasm.ok_or_else(|| fail("cargo built no .wasm (is the crate a cdylib?)".into()))?;
     std::fs::read(&wasm).map_err(io(&wasm))
 }
-
-/// antnest's Python runner: the component every Python job runs in, built
-/// once; each job's files travel beside it (see `antnest_sandbox::job_files`).
-const PY_RUNNER: &str = include_str!("python/antnest_runner.py");
 
 /// The entries of `dir`, by name (so that what is built from them, and
 /// the build cache's key, do not depend on the order the disk lists them).
@@ -239,7 +236,8 @@ fn python_runner(
     fail: &dyn Fn(String) -> SourceError,
 ) -> Result<Vec<u8>, SourceError> {
     let key = Sha256::new()
-        .chain_update(PY_RUNNER)
+        .chain_update(python::RUNNER)
+        .chain_update(python::JOB)
         .chain_update(JOB_WIT)
         .finalize();
     let cached = cache_dir.map(|d| {
@@ -263,7 +261,8 @@ fn python_runner(
         };
         std::fs::create_dir_all(work.join("wit")).map_err(|e| fail(e.to_string()))?;
         write("wit/job.wit", JOB_WIT)?;
-        write("antnest_runner.py", PY_RUNNER)?;
+        write("antnest_runner.py", python::RUNNER)?;
+        write("antnest_job.py", python::JOB)?;
         let out = Command::new("componentize-py")
             // Its own Rust backtrace would bury the reason.
             .env("RUST_BACKTRACE", "0")

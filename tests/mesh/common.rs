@@ -327,6 +327,16 @@ impl Drop for PeerProc {
     }
 }
 
+/// A mesh key file `name` in `dir` (its 32 bytes start at `byte`); its path.
+pub(crate) fn write_key(dir: &std::path::Path, name: &str, byte: u8) -> String {
+    let path = dir.join(name);
+    let hex: String = (0..32)
+        .map(|i| format!("{:02x}", byte.wrapping_add(i)))
+        .collect();
+    std::fs::write(&path, format!("/key/swarm/psk/1.0.0/\n/base16/\n{hex}\n")).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
 /// Poll `check` until it holds or `timeout` passes.
 pub(crate) fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     eventually_or(timeout, what, || {

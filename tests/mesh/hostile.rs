@@ -291,6 +291,7 @@ async fn a_wait_is_answered_with_taskunits_when_a_job_has_some() {
             index: unit.index,
             result: Ok(ByteBuf::from(b"1000000".to_vec())),
             stderr: None,
+            native: false,
         }],
         compute: Duration::from_millis(50),
         pull: 0,
@@ -364,6 +365,7 @@ async fn a_result_from_a_peer_not_given_the_taskunit_is_dropped_and_counted() {
             index: 3,
             result: Ok(ByteBuf::from(b"1000000".to_vec())),
             stderr: None,
+            native: false,
         }],
         compute: Duration::from_millis(50),
         pull: 0,
@@ -568,6 +570,7 @@ async fn an_announcement_in_another_masters_name_is_ignored() {
         module: ModuleHash::of(module),
         module_size: module.len() as u64,
         limits: Limits::default(),
+        runtime: antnest_proto::Runtime::Wasm,
     };
     let forged = announce(named_id, b"forged module");
     let own = announce(liar_id, b"the liar's own module");

@@ -17,15 +17,6 @@ fn connected(observer: &PeerProc, other: &PeerProc) -> bool {
         .any(|l| l.starts_with(&other.peer_id) && l.contains(" connected"))
 }
 
-fn write_key(dir: &std::path::Path, name: &str, byte: u8) -> String {
-    let path = dir.join(name);
-    let hex: String = (0..32)
-        .map(|i| format!("{:02x}", byte.wrapping_add(i)))
-        .collect();
-    std::fs::write(&path, format!("/key/swarm/psk/1.0.0/\n/base16/\n{hex}\n")).unwrap();
-    path.to_str().unwrap().to_string()
-}
-
 #[test]
 fn a_mesh_key_keeps_outsiders_out() {
     let dir = scratch();

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use antnest_proto::Limits;
+use antnest_sandbox::NativePython;
 use libp2p::PeerId;
 
 use crate::net::NetConfig;
@@ -27,6 +28,18 @@ pub struct PeerConfig {
     pub allowed_masters: Option<std::collections::HashSet<PeerId>>,
     /// Jobs this peer is master of at once; more submissions are refused.
     pub max_jobs: usize,
+    /// Python taskunits may run in native CPython here (see
+    /// `antnest_sandbox::native`); `None`: only in wasm.
+    pub native_python: Option<NativeConfig>,
+}
+
+/// The native Python runtime on a peer.
+#[derive(Debug, Clone)]
+pub struct NativeConfig {
+    pub python: NativePython,
+    /// Other masters' jobs too, not only this peer's own: only for a mesh
+    /// whose masters are trusted (a mesh key, or an allowlist of masters).
+    pub others: bool,
 }
 
 impl Default for PeerConfig {
@@ -40,6 +53,7 @@ impl Default for PeerConfig {
             announce_every: Duration::from_millis(500),
             allowed_masters: None,
             max_jobs: 8,
+            native_python: None,
         }
     }
 }

@@ -121,6 +121,9 @@ pub struct JobSpec {
     pub replicate: u8,
     /// Send each result to the submitter as it arrives.
     pub stream: bool,
+    /// Where a Python job's taskunits may run.
+    #[serde(default)]
+    pub runtime: crate::msg::Runtime,
 }
 
 /// Figures about a finished job (`--stats-json`).
@@ -146,6 +149,10 @@ pub struct JobStats {
     /// had not been given that taskunit, by peer id.
     #[serde(default)]
     pub unleased: std::collections::BTreeMap<String, u64>,
+    /// Taskunits run by native CPython (see `Runtime`); the others ran
+    /// in wasm (or came from the journal).
+    #[serde(default)]
+    pub native_tasks: u64,
     /// From submission to the first taskunit result, in milliseconds.
     pub first_result_ms: Option<f64>,
     /// Whether the submitter sent the module's bytes (not when the peer

@@ -33,4 +33,4 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
 
 pub use ids::{JobId, ModuleHash, PeerId};
 pub use limits::{Limits, TaskError};
-pub use msg::{Announce, ByteBuf, Request, Response, SharedBytes, TaskOutcome, TaskUnit};
+pub use msg::{Announce, ByteBuf, Request, Response, Runtime, SharedBytes, TaskOutcome, TaskUnit};

@@ -28,6 +28,44 @@ pub struct Announce {
     pub module: ModuleHash,
     pub module_size: u64,
     pub limits: Limits,
+    #[serde(default)]
+    pub runtime: Runtime,
+}
+
+/// Where a Python job's taskunits may run on a worker. Other jobs run in
+/// wasm whatever this says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Runtime {
+    /// In the wasm runner, on every worker.
+    Wasm,
+    /// In the worker's own CPython, only on workers that allow it
+    /// (`antnest peer --allow-native-python`).
+    Native,
+    /// Natively where a worker allows it, in wasm elsewhere.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for Runtime {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "wasm" => Ok(Runtime::Wasm),
+            "native" => Ok(Runtime::Native),
+            "auto" => Ok(Runtime::Auto),
+            _ => Err(format!("unknown runtime {s:?} (use wasm, native or auto)")),
+        }
+    }
+}
+
+impl fmt::Display for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Runtime::Wasm => "wasm",
+            Runtime::Native => "native",
+            Runtime::Auto => "auto",
+        })
+    }
 }
 
 thread_local! {
@@ -142,6 +180,9 @@ pub struct TaskOutcome {
     /// What the taskunit wrote to stderr, if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stderr: Option<String>,
+    /// Run by native CPython rather than in wasm (see [`Runtime`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub native: bool,
 }
 
 /// Bytes that serialize compactly in CBOR.
@@ -238,11 +279,13 @@ mod tests {
                     index: 0,
                     result: Ok(ByteBuf::from(b"ok".to_vec())),
                     stderr: Some("a note".into()),
+                    native: true,
                 },
                 TaskOutcome {
                     index: 1,
                     result: Err(TaskError::Timeout(Duration::from_secs(1))),
                     stderr: None,
+                    native: false,
                 },
             ],
             compute: Duration::from_millis(5),
@@ -261,6 +304,7 @@ mod tests {
             module: ModuleHash::of(b"x"),
             module_size: 1,
             limits: Limits::default(),
+            runtime: Runtime::Native,
         };
         roundtrip(announce.clone());
         roundtrip(Request::Wait {

@@ -95,6 +95,9 @@ struct EnvInner {
     linker: Linker<GuestState>,
     cache_dir: Option<PathBuf>,
     loaded: Mutex<HashMap<ModuleHash, Module>>,
+    /// The job files of modules kept for the native runtime, which does
+    /// not compile them (see [`Sandbox::store_uncompiled`]).
+    files: Mutex<HashMap<ModuleHash, Arc<[u8]>>>,
     /// Each component's imports resolved against the linker once
     /// (`instantiate_pre` type-checks every WASI import, ~50 µs), keyed by
     /// the address of its code, which stays put while the entry holds it.
@@ -144,6 +147,7 @@ impl Sandbox {
                 linker,
                 cache_dir,
                 loaded: Mutex::new(HashMap::new()),
+                files: Mutex::new(HashMap::new()),
                 ready: Mutex::new(HashMap::new()),
                 loading: Mutex::new(HashMap::new()),
                 compiled: AtomicU64::new(0),
@@ -241,6 +245,60 @@ impl Sandbox {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Keep a module that carries job files (see [`crate::job_files`])
+    /// without compiling it, for the native runtime: its bytes on disk,
+    /// its files in memory. `Ok(None)` for a module without files;
+    /// an error if `bytes` do not hash to `hash`.
+    pub fn store_uncompiled(
+        &self,
+        hash: &ModuleHash,
+        bytes: &[u8],
+    ) -> Result<Option<Arc<[u8]>>, LoadError> {
+        if ModuleHash::of(bytes) != *hash {
+            return Err(LoadError::InvalidModule {
+                hash: *hash,
+                reason: "bytes do not match the module hash".into(),
+            });
+        }
+        let Some((code, files)) = job_files::split(bytes) else {
+            return Ok(None);
+        };
+        self.store_with_files(hash, &ModuleHash::of(code), bytes, code.len())?;
+        Ok(Some(self.keep_files(hash, files)))
+    }
+
+    /// The job files of module `hash`, without compiling it: from memory,
+    /// else from the module kept on disk (checked against its hash).
+    /// `None` if this peer does not have the module, or it has no files.
+    pub fn job_files(&self, hash: &ModuleHash) -> Option<Arc<[u8]>> {
+        if let Some(files) = self.files_in_memory(hash) {
+            return Some(files);
+        }
+        let bytes = self.stored_module(hash)?;
+        let (_, files) = job_files::split(&bytes)?;
+        Some(self.keep_files(hash, files))
+    }
+
+    /// [`Self::job_files`] if they are in memory (never blocks for long).
+    pub fn files_in_memory(&self, hash: &ModuleHash) -> Option<Arc<[u8]>> {
+        let loaded = self.inner.loaded.lock().unwrap().get(hash).cloned();
+        if let Some(m) = loaded.filter(|m| !m.files.is_empty()) {
+            return Some(m.files);
+        }
+        self.inner.files.lock().unwrap().get(hash).cloned()
+    }
+
+    fn keep_files(&self, hash: &ModuleHash, files: &[u8]) -> Arc<[u8]> {
+        let files: Arc<[u8]> = Arc::from(files);
+        let mut kept = self.inner.files.lock().unwrap();
+        // Jobs' files are small, but a peer runs many jobs in its life.
+        if kept.len() >= 64 {
+            kept.clear();
+        }
+        kept.insert(*hash, files.clone());
+        files
     }
 
     /// Whether the compiled component is available without compiling.

@@ -9,6 +9,8 @@
 //! - [`run`]: [`TaskRunner`] for taskunits; [`run_split`], [`run_combine`].
 //! - [`job_files`]: a job's files carried beside an interpreter (antnest's
 //!   Python runner), compiled once for every job that shares it.
+//! - [`python`]: antnest's Python, shared by the wasm runner and
+//!   [`native`], the opt-in native CPython runtime (under bubblewrap).
 //! - [`lines`]: the line splitter (the default split, `host.emit-lines`).
 //! - [`input`]: a job's input opened for its split; [`mapped`]: files
 //!   mapped into memory, with a flag for a file changed meanwhile.
@@ -19,8 +21,11 @@ pub mod input;
 pub mod job_files;
 pub mod lines;
 pub mod mapped;
+pub mod native;
+pub mod python;
 pub mod run;
 
 pub use engine::{CacheStats, LoadError, Module, Sandbox, TICK_MAX, TICK_MIN};
 pub use input::SplitInput;
+pub use native::{NativeError, NativePython, NativeRunner};
 pub use run::{SplitOutcome, TaskRunner, default_combine, run_combine, run_split};

@@ -57,6 +57,8 @@ pub struct Finished {
     pub unleased: BTreeMap<PeerId, u64>,
     pub first_result: Option<Instant>,
     pub resumed: u64,
+    /// Results run by native CPython (the others ran in wasm).
+    pub native: u64,
     /// Results in taskunit order (failed taskunits are absent).
     pub results: BTreeMap<u64, Vec<u8>>,
 }
@@ -143,6 +145,8 @@ struct Record {
     first_result: Option<Instant>,
     /// Results read back from the journal of an earlier run.
     resumed: u64,
+    /// Results counted in `per_worker` that native CPython ran.
+    native: u64,
     attempts: HashMap<u64, u32>,
     /// Results accepted and not yet handed to the journal, encoded as its
     /// records; `None` when the job keeps no journal. The master writes
@@ -295,6 +299,7 @@ impl JobBook {
             unleased: std::mem::take(&mut self.record.unleased),
             first_result: self.record.first_result,
             resumed: self.record.resumed,
+            native: self.record.native,
             results: std::mem::take(&mut self.record.results),
         }
     }
@@ -610,6 +615,7 @@ impl JobBook {
             index,
             result,
             stderr,
+            native,
         } in outcomes
         {
             if !self.open.contains_key(&index) && index < self.intake.next_index {
@@ -636,6 +642,9 @@ impl JobBook {
                 }
                 self.feed.log_bytes += text.len();
                 self.feed.logs.push((index, text));
+            }
+            if native && result.is_ok() {
+                self.record.native += 1;
             }
             self.record(worker, index, held, result.map(|b| b.into_vec()));
         }

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use antnest_proto::{JobId, Limits, ModuleHash, PeerId};
+use antnest_proto::{JobId, Limits, ModuleHash, PeerId, Runtime};
 use antnest_sandbox::mapped::Damage;
 use antnest_sched::{JobBook, Journal, WorkerTimes};
 use tokio::sync::Notify;
@@ -28,6 +28,8 @@ pub(crate) struct MasterJob {
     pub(crate) module: ModuleHash,
     pub(crate) bytes: Arc<Vec<u8>>,
     pub(crate) limits: Limits,
+    /// Where its Python taskunits may run.
+    pub(crate) runtime: Runtime,
     pub(crate) book: Mutex<JobBook>,
     /// Where accepted results go on disk (see [`MasterJob::record`]).
     pub(crate) journal: Mutex<Option<Journal>>,

@@ -194,6 +194,7 @@ impl Peer {
             module: master.module,
             module_size: master.bytes.len() as u64,
             limits: master.limits,
+            runtime: master.runtime,
         }
     }
 

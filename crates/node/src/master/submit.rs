@@ -189,6 +189,7 @@ impl Peer {
             module: hash,
             bytes,
             limits,
+            runtime: spec.runtime,
             book: Mutex::new(book),
             journal: Mutex::new(journal),
             progress: Notify::new(),
@@ -378,6 +379,7 @@ impl Peer {
             unleased: by_name(&done.unleased),
             compiled,
             resumed: done.resumed,
+            native_tasks: done.native,
             mismatches: prog.mismatches,
             taken_back: prog.taken_back,
             first_result_ms: done

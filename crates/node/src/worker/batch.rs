@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use antnest_proto::{ByteBuf, JobId, Limits, ModuleHash, Request, TaskOutcome, TaskUnit};
-use antnest_sandbox::TaskRunner;
 use libp2p::PeerId;
 use tracing::debug;
 
 use crate::master::job::MasterJob;
 use crate::state::State;
+use crate::worker::runner::Runner;
 
 /// About `target` of work at `unit_time` per taskunit, 1..=4096 taskunits.
 pub(crate) fn units_for(unit_time: Duration, target: Duration) -> usize {
@@ -27,17 +27,18 @@ pub(crate) fn batch_ran(shared: &State, slot: usize, job: JobId, n: u32, took: D
 }
 
 /// Run a batch's taskunits in order on `runner`.
-pub(crate) fn run_batch(runner: &mut TaskRunner, units: Vec<TaskUnit>) -> Vec<TaskOutcome> {
+pub(crate) fn run_batch(runner: &mut Runner, units: Vec<TaskUnit>) -> Vec<TaskOutcome> {
     units.iter().map(|u| run_unit(runner, u)).collect()
 }
 
-pub(crate) fn run_unit(runner: &mut TaskRunner, unit: &TaskUnit) -> TaskOutcome {
+pub(crate) fn run_unit(runner: &mut Runner, unit: &TaskUnit) -> TaskOutcome {
     let result = runner.process(&unit.data).map(ByteBuf::from);
     let stderr = Some(runner.take_stderr()).filter(|s| !s.is_empty());
     TaskOutcome {
         index: unit.index,
         result,
         stderr,
+        native: runner.is_native(),
     }
 }
 

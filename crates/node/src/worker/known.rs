@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use antnest_proto::{JobId, Limits, ModuleHash};
+use antnest_proto::{JobId, Limits, ModuleHash, Runtime};
 use libp2p::PeerId;
 
 use crate::worker::remote_batch::RemoteBatch;
@@ -15,6 +15,7 @@ pub(crate) struct RemoteJob {
     pub(crate) master: PeerId,
     pub(crate) module: ModuleHash,
     pub(crate) limits: Limits,
+    pub(crate) runtime: Runtime,
     pub(crate) seen: Instant,
     /// Don't ask before this (after an error or an empty answer).
     pub(crate) retry_at: Instant,

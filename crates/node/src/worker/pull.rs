@@ -61,6 +61,10 @@ impl Peer {
             debug!(%master, job = %a.job, "job from a master not on the allowlist ignored");
             return false;
         }
+        if !self.takes_runtime(a.runtime, false) {
+            debug!(%master, job = %a.job, "job for native Python only ignored");
+            return false;
+        }
         let now = Instant::now();
         let mut remotes = self.state.worker.remotes.lock().unwrap();
         let new = !remotes.contains_key(&a.job);
@@ -70,6 +74,7 @@ impl Peer {
                 master,
                 module: a.module,
                 limits: a.limits,
+                runtime: a.runtime,
                 seen: now,
                 retry_at: now,
             }
@@ -145,6 +150,9 @@ impl Peer {
         streams: &mut HashMap<PeerId, TaskStream>,
     ) -> Option<Batch> {
         for (job, master) in self.master_jobs() {
+            if !self.takes_runtime(master.runtime, true) {
+                continue;
+            }
             let max = Self::batch_size(per_unit, master.module, LOCAL_BATCH);
             let units =
                 master
@@ -419,7 +427,8 @@ impl Peer {
     /// [`Self::ensure_module`] for `job`: `Some(ready)`, or `None` when the
     /// module cannot be had (logged, and the job set aside for a while).
     fn module_state(&self, job: JobId, master: PeerId, module: ModuleHash) -> Option<bool> {
-        self.ensure_module(master, module)
+        let native = self.native_for(job).is_some();
+        self.ensure_module(master, module, native)
             .inspect_err(|e| {
                 warn!(%job, %master, "cannot get the job's module: {e}");
                 self.back_off(job, MODULE_RETRY);
@@ -451,10 +460,12 @@ impl Peer {
         }
     }
 
-    /// `Ok(true)` if the module is compiled here; else start getting it
+    /// `Ok(true)` if the module is compiled here (or, for a job run by
+    /// native Python, its files are at hand); else start getting it
     /// (unless under way) and `Ok(false)`; `Err` if it failed lately.
-    fn ensure_module(&self, from: PeerId, hash: ModuleHash) -> Result<bool, String> {
-        if self.state.env.is_compiled(&hash) {
+    fn ensure_module(&self, from: PeerId, hash: ModuleHash, native: bool) -> Result<bool, String> {
+        let env = &self.state.env;
+        if env.is_compiled(&hash) || native && env.files_in_memory(&hash).is_some() {
             return Ok(true);
         }
         {
@@ -477,7 +488,7 @@ impl Peer {
         }
         let peer = self.clone();
         tokio::spawn(async move {
-            let got = tokio::time::timeout(COMPILE_MAX, peer.get_module(from, hash))
+            let got = tokio::time::timeout(COMPILE_MAX, peer.get_module(from, hash, native))
                 .await
                 .unwrap_or_else(|_| {
                     Err(format!("not fetched and compiled within {COMPILE_MAX:?}"))
@@ -502,8 +513,9 @@ impl Peer {
         Ok(false)
     }
 
-    /// Fetch the module from `from` (unless it is on disk here) and compile it.
-    async fn get_module(&self, from: PeerId, hash: ModuleHash) -> Result<(), String> {
+    /// Fetch the module from `from` (unless it is on disk here) and compile
+    /// it; for `native` Python, a module with job files is only kept.
+    async fn get_module(&self, from: PeerId, hash: ModuleHash, native: bool) -> Result<(), String> {
         // Reading and hashing a module (tens of MB for a Python job) is
         // blocking work; `component` checks fetched bytes against the hash.
         let env = self.state.env.clone();
@@ -527,9 +539,14 @@ impl Peer {
             },
         };
         let env = self.state.env.clone();
-        tokio::task::spawn_blocking(move || env.component(&hash, || Some(bytes)).map(drop))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+        tokio::task::spawn_blocking(move || {
+            if native && env.store_uncompiled(&hash, &bytes)?.is_some() {
+                return Ok(());
+            }
+            env.component(&hash, || Some(bytes)).map(drop)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
     }
 }

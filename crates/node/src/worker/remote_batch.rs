@@ -5,15 +5,15 @@
 use std::time::{Duration, Instant};
 
 use antnest_proto::{JobId, TaskOutcome, TaskUnit};
-use antnest_sandbox::TaskRunner;
 use libp2p::PeerId;
 
 use crate::worker::batch::run_unit;
+use crate::worker::runner::Runner;
 
 /// Run a remote batch's taskunits on `runner` as `claims` hands them out,
 /// up to position `limit`.
 pub(crate) fn run_claimed(
-    runner: &mut TaskRunner,
+    runner: &mut Runner,
     units: &[TaskUnit],
     claims: &RemoteBatch,
     limit: usize,

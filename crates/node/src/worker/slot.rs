@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use antnest_proto::{ModuleHash, TaskOutcome};
-use antnest_sandbox::TaskRunner;
 use libp2p::PeerId;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
@@ -18,6 +17,7 @@ use crate::net::TaskStream;
 use crate::state::Peer;
 use crate::worker::batch::{Batch, BatchFrom, HeldResults, batch_ran, run_batch, units_for};
 use crate::worker::remote_batch::{RemoteBatch, run_claimed};
+use crate::worker::runner::Runner;
 use crate::worker::thread::SlotThread;
 
 /// Work per batch from this peer's own jobs. The slot's thread takes the
@@ -61,7 +61,7 @@ impl Peer {
         // Per-slot state: one runner per module (instances are reused), and
         // the measured time per taskunit of each module, to size batches (a
         // new job of a module starts from its last job's figure).
-        let mut runners: HashMap<ModuleHash, TaskRunner> = HashMap::new();
+        let mut runners: HashMap<ModuleHash, Runner> = HashMap::new();
         let mut per_unit: HashMap<ModuleHash, Duration> = HashMap::new();
         let mut idle = Duration::from_millis(1);
         let mut idle_since = Instant::now();
@@ -138,16 +138,20 @@ impl Peer {
                 limits,
                 units,
             } = batch;
-            let runner = match runners.remove(&module) {
+            // A runner of the other kind (the job's runtime differs from
+            // the last job's of this module) is not reused.
+            let native =
+                self.native_for(job).is_some() && self.state.env.files_in_memory(&module).is_some();
+            let runner = match runners.remove(&module).filter(|r| r.is_native() == native) {
                 Some(r) => r,
                 None => {
-                    let env = self.state.env.clone();
-                    let loaded =
-                        tokio::task::spawn_blocking(move || env.component(&module, || None))
+                    let peer = self.clone();
+                    let made =
+                        tokio::task::spawn_blocking(move || peer.runner_for(job, module, limits))
                             .await
                             .expect("compile task");
-                    match loaded {
-                        Ok(c) => TaskRunner::new(self.state.env.clone(), c, limits),
+                    match made {
+                        Ok(r) => r,
                         Err(e) => {
                             warn!(slot, %job, "cannot load module: {e}");
                             self.state.worker.remotes.lock().unwrap().remove(&job);

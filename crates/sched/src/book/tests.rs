@@ -35,6 +35,7 @@ fn ok(index: u64, s: &str) -> TaskOutcome {
         index,
         result: Ok(ByteBuf::from(s.as_bytes().to_vec())),
         stderr: None,
+        native: false,
     }
 }
 
@@ -400,6 +401,7 @@ fn guest_stderr_is_kept_within_the_job_cap() {
         index,
         result: Ok(ByteBuf::from(b"x".to_vec())),
         stderr: Some(text),
+        native: false,
     };
     b.complete(w("w"), vec![noisy(0, "é".repeat(MAX_LOG))]);
     b.complete(w("w"), vec![noisy(1, "more".into())]);
@@ -417,6 +419,7 @@ fn failure_after_max_attempts() {
         index: i,
         result: Err(TaskError::Guest("boom".into())),
         stderr: None,
+        native: false,
     };
     b.lease(w("w"), 1, now);
     b.complete(w("w"), vec![err(0)]);
@@ -459,6 +462,7 @@ fn only_the_worker_holding_a_taskunit_may_hand_it_in() {
         index: i,
         result: Err(TaskError::Guest("boom".into())),
         stderr: Some("noise".into()),
+        native: false,
     };
     b.complete(w("forger"), vec![err(1), err(1), err(1)]);
     assert_eq!(b.progress().done, 0);
@@ -480,6 +484,7 @@ fn one_error_repeated_in_a_request_is_one_attempt() {
         index: 0,
         result: Err(TaskError::Guest("boom".into())),
         stderr: None,
+        native: false,
     };
     assert_eq!(b.lease(w("w"), 1, now).len(), 1);
     b.complete(w("w"), vec![err.clone(), err.clone(), err]);

@@ -1,14 +1,9 @@
-"""antnest's Python runner: one component that runs any Python job.
+"""A Python job as antnest runs it, in either runtime.
 
-The component is built once (componentize-py, then Cranelift on each peer)
-and is the same for every Python job; a job's own files travel beside it,
-as data (`host.job_files()`), and are imported from memory the first time
-the job is called. Editing a job therefore builds and compiles nothing.
-
-componentize-py snapshots the interpreter after this module is imported,
-and what was not imported then cannot be imported later (the standard
-library's files are not in the component), so the standard library is
-imported here, once, as far as it imports in a sandbox.
+The wasm runner (`antnest_runner.py`, CPython compiled to a component)
+and the native loop (`antnest_native.py`, the worker's own CPython under
+bubblewrap) both run a job through this module, so a job gives the same
+results in both.
 
 Both styles of job run: today's plain functions (`processor(x)`,
 `split(data)`, `combine(results)`) and the original antnest's methods
@@ -20,7 +15,7 @@ Both styles of job run: today's plain functions (`processor(x)`,
 Values: a `str` travels as its UTF-8 text (so the host's line split and
 default combine see text); any other value a split yields or a processor
 returns travels pickled (a pickle starts with byte 0x80, which no UTF-8
-text does), and is only ever unpickled inside the sandbox. A job without
+text does), and is only ever unpickled inside a sandbox. A job without
 `combine` gets the text of non-str results (`str(value)`), for the host's
 default combine. A split whose first argument is named `lines` or
 `blocks` gets the input as an iterator of lines (str, without their line
@@ -38,45 +33,9 @@ import sys
 import traceback
 import types
 
-import wit_world
-from wit_world.imports import host
-from componentize_py_types import Err
 
-# Modules that must not be imported at build time: they do something when
-# imported (print, open a browser), need a display or a terminal, or are
-# tools and tests rather than a library.
-_SKIP = {
-    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo",
-    "test", "tests", "lib2to3", "ensurepip", "venv", "pydoc_data", "curses",
-    "readline", "msilib", "winreg", "winsound", "msvcrt", "_winapi", "nt",
-    "__main__", "__phello__", "_pyrepl", "pip", "idle_test",
-}
-
-
-def _preload():
-    """Import the standard library (and its packages' submodules)."""
-    import pkgutil
-
-    for name in sorted(sys.stdlib_module_names):
-        if name in _SKIP:
-            continue
-        try:
-            module = importlib.import_module(name)
-        except BaseException:
-            continue
-        path = getattr(module, "__path__", None)
-        if not path:
-            continue
-        for info in pkgutil.walk_packages(path, name + ".", onerror=lambda _: None):
-            if _SKIP.intersection(info.name.split(".")) or "__main__" in info.name:
-                continue
-            try:
-                importlib.import_module(info.name)
-            except BaseException:
-                pass
-
-
-_preload()
+class Failed(Exception):
+    """A call of the job failed; the message says why and where."""
 
 
 class TaskUnit:
@@ -89,7 +48,9 @@ class TaskUnit:
         self.__dict__.update(fields)
 
 
-# The original's jobs `import taskunit` inside `split`.
+# The original's jobs `import taskunit` inside `split`. Named after that
+# module, a pickled TaskUnit unpickles in either runtime.
+TaskUnit.__module__ = "taskunit"
 _taskunit = types.ModuleType("taskunit")
 _taskunit.TaskUnit = TaskUnit
 sys.modules.setdefault("taskunit", _taskunit)
@@ -163,10 +124,6 @@ def _unpack(data):
     return main, files
 
 
-class JobError(Exception):
-    """A job file that is not a job."""
-
-
 class _Job:
     """The `self` the original's functions were methods of."""
 
@@ -174,44 +131,38 @@ class _Job:
 
 
 _self = _Job()
-
-
-class _Loaded:
-    """The job, imported, with what the glue needs to know about it."""
-
-    def __init__(self):
-        main, files = _unpack(host.job_files())
-        _labels.update(label for label, _ in files.values())
-        sys.meta_path.insert(0, _Files(files))
-        self.job = importlib.import_module(main)
-        if not callable(getattr(self.job, "processor", None)):
-            raise JobError(
-                f"{files[main + '.py'][0]} defines no processor(): a job needs "
-                "at least `def processor(taskunit): ...`"
-            )
-        self.combine = getattr(self.job, "combine", None)
-        # Results carry their taskunit's data for a combine that reads
-        # self.taskunits.
-        self.pairs = self.combine is not None and _takes_self(self.combine)
-
-
-_loaded = None
 # The names of the job's files, as the user knows them: the frames of a
 # traceback worth showing.
 _labels = set()
 
 
-def _job():
-    """The job, imported on first use; `Err` with its traceback if it cannot be."""
-    global _loaded
-    if _loaded is None:
-        try:
-            _loaded = _Loaded()
-        except JobError as e:
-            raise Err(f"cannot load the job: {e}")
-        except BaseException as e:
-            raise Err("cannot load the job:\n" + _traceback(e))
-    return _loaded
+class Loaded:
+    """The job, imported, with what the calls need to know about it."""
+
+    def __init__(self, job):
+        self.job = job
+        self.combine = getattr(job, "combine", None)
+        # Results carry their taskunit's data for a combine that reads
+        # self.taskunits.
+        self.pairs = self.combine is not None and _takes_self(self.combine)
+
+
+def load(bundle):
+    """The job packed in `bundle`, imported; `Failed` with its traceback
+    if it cannot be."""
+    try:
+        main, files = _unpack(bundle)
+        _labels.update(label for label, _ in files.values())
+        sys.meta_path.insert(0, _Files(files))
+        job = importlib.import_module(main)
+    except BaseException as e:
+        raise Failed("cannot load the job:\n" + _traceback(e))
+    if not callable(getattr(job, "processor", None)):
+        raise Failed(
+            f"cannot load the job: {files[main + '.py'][0]} defines no processor(): "
+            "a job needs at least `def processor(taskunit): ...`"
+        )
+    return Loaded(job)
 
 
 def _job_frames(e):
@@ -271,17 +222,17 @@ def _output(value):
     return str(value).encode("utf-8")
 
 
-def _blocks():
+def _blocks(read_input):
     while True:
-        block = host.read_input(1 << 20)
+        block = read_input(1 << 20)
         if not block:
             return
         yield block
 
 
-def _lines():
+def _lines(read_input):
     rest = b""
-    for block in _blocks():
+    for block in _blocks(read_input):
         *lines, rest = (rest + block).split(b"\n")
         for line in lines:
             yield (line[:-1] if line.endswith(b"\r") else line).decode("utf-8")
@@ -301,89 +252,91 @@ def _fail(where, e):
     if frames:
         f = frames[-1]
         at = f" (at {f.filename}, line {f.lineno}, in {f.name})"
-    raise Err(f"{where}: {type(e).__name__}: {e}{at}")
+    raise Failed(f"{where}: {type(e).__name__}: {e}{at}")
 
 
-def _read_all():
-    return b"".join(_blocks()).decode("utf-8")
-
-
-class WitWorld(wit_world.WitWorld):
-    def split(self) -> bool:
-        job = _job().job
-        split = getattr(job, "split", None)
-        given = hasattr(job, "input_data")
-        if split is None and not given:
-            return False  # the host splits the input by lines
-        streamed = split is not None and _first_arg(split) in ("lines", "blocks")
-        if streamed:
-            data = _lines() if _first_arg(split) == "lines" else _blocks()
+def split(loaded, read_input, emit):
+    """Run the job's split (or split `input_data` by lines), emitting each
+    taskunit; `False` if the job leaves the split to the host."""
+    job = loaded.job
+    fn = getattr(job, "split", None)
+    given = hasattr(job, "input_data")
+    if fn is None and not given:
+        return False  # the host splits the input by lines
+    streamed = fn is not None and _first_arg(fn) in ("lines", "blocks")
+    if streamed:
+        data = _lines(read_input) if _first_arg(fn) == "lines" else _blocks(read_input)
+    else:
+        data = b"".join(_blocks(read_input)).decode("utf-8")
+        if data == "" and given:
+            data = _text(job.input_data)
+    try:
+        if fn is None:
+            lines = data.split("\n")
+            if lines and lines[-1] == "":
+                lines.pop()
+            units = (l[:-1] if l.endswith("\r") else l for l in lines)
         else:
-            data = _read_all()
-            if data == "" and given:
-                data = _text(job.input_data)
-        try:
-            if split is None:
-                lines = data.split("\n")
-                if lines and lines[-1] == "":
-                    lines.pop()
-                units = (l[:-1] if l.endswith("\r") else l for l in lines)
-            else:
-                units = _call(split, data, job.processor)
-            for unit in units:
-                if isinstance(unit, TaskUnit):
-                    unit = unit.data
-                host.emit(_encode(unit))
-        except Err:
-            raise
-        except Exception as e:
-            _fail("split", e)
-        return True
+            units = _call(fn, data, job.processor)
+        for unit in units:
+            if isinstance(unit, TaskUnit):
+                unit = unit.data
+            emit(_encode(unit))
+    except Failed:
+        raise
+    except Exception as e:
+        _fail("split", e)
+    return True
 
-    def process(self, unit: bytes) -> bytes:
-        loaded = _job()
-        try:
-            data = _decode(unit)
-            result = _call(loaded.job.processor, data)
-        except Exception as e:
-            _fail("processor", e)
-        try:
-            if loaded.pairs:
-                return pickle.dumps((data, result))
-            if loaded.combine is None and not isinstance(result, str):
-                return _output(result)
-            return _encode(result)
-        except Exception as e:
-            _fail("processor: its result cannot be pickled", e)
 
-    def combine(self) -> bool:
-        loaded = _job()
-        if loaded.combine is None:
-            return False
-        results = []
-        while True:
-            r = host.next_result()
-            if r is None:
-                break
-            results.append(r)
-        printed = io.StringIO()
-        stdout, sys.stdout = sys.stdout, printed
-        try:
-            if loaded.pairs:
-                units = []
-                for r in results:
-                    data, result = pickle.loads(r)
-                    t = TaskUnit(data=data, processor=loaded.job.processor)
-                    t.result = result
-                    units.append(t)
-                _self.taskunits = units
-                out = _call(loaded.combine)
-            else:
-                out = _call(loaded.combine, [_decode(r) for r in results])
-        except Exception as e:
-            _fail("combine", e)
-        finally:
-            sys.stdout = stdout
-        # What combine returns is the output; if nothing, what it printed.
-        host.write_output(_output(printed.getvalue() if out is None else out))
-        return True
+def process(loaded, unit):
+    """One taskunit's result, as bytes for the wire."""
+    try:
+        data = _decode(unit)
+        result = _call(loaded.job.processor, data)
+    except MemoryError:
+        raise
+    except Exception as e:
+        _fail("processor", e)
+    try:
+        if loaded.pairs:
+            return pickle.dumps((data, result))
+        if loaded.combine is None and not isinstance(result, str):
+            return _output(result)
+        return _encode(result)
+    except Exception as e:
+        _fail("processor: its result cannot be pickled", e)
+
+
+def combine(loaded, next_result, write_output):
+    """Run the job's combine over every result; `False` if it has none
+    (the host joins the results)."""
+    if loaded.combine is None:
+        return False
+    results = []
+    while True:
+        r = next_result()
+        if r is None:
+            break
+        results.append(r)
+    printed = io.StringIO()
+    stdout, sys.stdout = sys.stdout, printed
+    try:
+        if loaded.pairs:
+            units = []
+            for r in results:
+                data, result = pickle.loads(r)
+                t = TaskUnit(data=data, processor=loaded.job.processor)
+                t.result = result
+                units.append(t)
+            _self.taskunits = units
+            out = _call(loaded.combine)
+        else:
+            out = _call(loaded.combine, [_decode(r) for r in results])
+    except Exception as e:
+        _fail("combine", e)
+    finally:
+        sys.stdout = stdout
+    # What combine returns is the output; if nothing, what it printed.
+    write_output(_output(printed.getvalue() if out is None else out))
+    return True

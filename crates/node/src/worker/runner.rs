@@ -1,0 +1,95 @@
+//! What runs a slot's taskunits ([`Runner`]): an instance of the job's
+//! wasm component, or, for a Python job on a peer that allows it, a
+//! native CPython process (see `antnest_sandbox::native`).
+
+use antnest_proto::{JobId, Limits, ModuleHash, Runtime, TaskError};
+use antnest_sandbox::{NativePython, NativeRunner, TaskRunner};
+
+use crate::state::Peer;
+
+pub(crate) enum Runner {
+    Wasm(TaskRunner),
+    Native(NativeRunner),
+}
+
+impl Runner {
+    pub(crate) fn process(&mut self, unit: &[u8]) -> Result<Vec<u8>, TaskError> {
+        match self {
+            Runner::Wasm(r) => r.process(unit),
+            Runner::Native(r) => r.process(unit),
+        }
+    }
+
+    /// What the last taskunit wrote to stderr (empty if nothing).
+    pub(crate) fn take_stderr(&mut self) -> String {
+        match self {
+            Runner::Wasm(r) => r.take_stderr(),
+            Runner::Native(r) => r.take_stderr(),
+        }
+    }
+
+    pub(crate) fn is_native(&self) -> bool {
+        matches!(self, Runner::Native(_))
+    }
+}
+
+impl Peer {
+    /// The native Python to run `job`'s taskunits with, if its runtime
+    /// allows native and so does this peer: for its own jobs whenever it
+    /// has the native runtime, for other masters' only if it trusts them.
+    /// Whether the job is a Python job is the module's to say.
+    pub(crate) fn native_for(&self, job: JobId) -> Option<NativePython> {
+        let native = self.state.config.native_python.as_ref()?;
+        let own = self
+            .state
+            .master
+            .jobs
+            .lock()
+            .unwrap()
+            .get(&job)
+            .map(|m| m.runtime);
+        let (runtime, others) = match own {
+            Some(runtime) => (runtime, false),
+            None => (
+                self.state.worker.remotes.lock().unwrap().get(&job)?.runtime,
+                true,
+            ),
+        };
+        (runtime != Runtime::Wasm && (native.others || !others)).then(|| native.python.clone())
+    }
+
+    /// Whether this peer's slots may take `runtime`'s taskunits of another
+    /// master: not a native-only job if they cannot run it natively.
+    pub(crate) fn takes_runtime(&self, runtime: Runtime, own: bool) -> bool {
+        runtime != Runtime::Native
+            || self
+                .state
+                .config
+                .native_python
+                .as_ref()
+                .is_some_and(|n| own || n.others)
+    }
+
+    /// A runner for `job`'s taskunits of `module`: native if
+    /// [`Self::native_for`] says so and the module is a Python job's, else
+    /// wasm (compiled here if it is not yet; call it off the async runtime).
+    pub(crate) fn runner_for(
+        &self,
+        job: JobId,
+        module: ModuleHash,
+        limits: Limits,
+    ) -> Result<Runner, String> {
+        let env = &self.state.env;
+        if let Some(python) = self.native_for(job)
+            && let Some(files) = env.job_files(&module)
+        {
+            return Ok(Runner::Native(NativeRunner::new(python, files, limits)));
+        }
+        let component = env.component(&module, || None).map_err(|e| e.to_string())?;
+        Ok(Runner::Wasm(TaskRunner::new(
+            env.clone(),
+            component,
+            limits,
+        )))
+    }
+}

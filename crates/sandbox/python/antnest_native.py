@@ -1,0 +1,74 @@
+
+# antnest's native Python loop: the worker's own CPython, under
+# bubblewrap, running one Python job's taskunits one after another (see
+# `native.rs`). Appended to `antnest_job.py`'s text and run with
+# `python3 -c`, so nothing is written to disk and nothing can shadow it.
+#
+# On stdin, frames of a u32 LE length and that many bytes: the job's
+# files first (answered once the job is imported), then one taskunit per
+# frame. Each answer on the original stdout: a tag byte (0 result, 1 job
+# error, 2 out of memory), the payload's length and the captured output's
+# length (u32 LE each), the payload, then what the call printed. What the
+# job prints goes to that capture, and anything written to the process's
+# own stdout goes to its stderr, so nothing but answers reaches the host.
+
+import os as _os
+
+_OK, _ERROR, _NO_MEMORY = 0, 1, 2
+# The most a taskunit's captured output may be; the host caps it too.
+_CAPTURE_MAX = 64 << 10
+
+
+def _native_main():
+    stdin = sys.stdin.buffer
+    answers = _os.fdopen(_os.dup(1), "wb")
+    _os.dup2(2, 1)
+
+    def read_frame():
+        head = stdin.read(4)
+        if len(head) < 4:
+            return None
+        n = int.from_bytes(head, "little")
+        data = stdin.read(n)
+        return data if len(data) == n else None
+
+    def answer(tag, payload=b"", printed=""):
+        printed = printed.encode("utf-8", "replace")[:_CAPTURE_MAX]
+        answers.write(
+            bytes([tag]) + len(payload).to_bytes(4, "little") + len(printed).to_bytes(4, "little")
+        )
+        answers.write(payload)
+        answers.write(printed)
+        answers.flush()
+
+    def captured(call):
+        """`call()`'s (tag, payload) and what it printed meanwhile."""
+        out = io.StringIO()
+        saved = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = out
+        try:
+            return (_OK, call()), out.getvalue()
+        except Failed as e:
+            return (_ERROR, str(e).encode("utf-8")), out.getvalue()
+        except MemoryError as e:
+            return (_NO_MEMORY, str(e).encode("utf-8")), out.getvalue()
+        finally:
+            sys.stdout, sys.stderr = saved
+
+    bundle = read_frame()
+    if bundle is None:
+        return
+    (tag, loaded), printed = captured(lambda: load(bundle))
+    answer(tag, b"" if tag == _OK else loaded, printed)
+    while True:
+        unit = read_frame()
+        if unit is None:
+            return
+        if tag != _OK:
+            answer(tag, loaded)  # the load's error, for every taskunit
+            continue
+        (t, payload), printed = captured(lambda: process(loaded, unit))
+        answer(t, payload, printed)
+
+
+_native_main()

@@ -1,0 +1,414 @@
+//! The native Python runtime: a Python job's taskunits run in the
+//! worker's own CPython, at native speed and with the worker's installed
+//! packages (numpy, say), instead of in the wasm runner. Opt-in on the
+//! worker, for masters it trusts (the peer's flags decide whose jobs).
+//!
+//! Each slot keeps one long-lived CPython process per job, started under
+//! bubblewrap: no network, the filesystem read-only, a private `/tmp`,
+//! the peer's cache folder hidden, and the process dies with the peer.
+//! It is limited like a wasm taskunit: compute time (the host waits for
+//! each answer until the taskunit's deadline, then kills the process; the
+//! next taskunit gets a fresh one), memory (an address-space limit: a
+//! taskunit that passes it gets a `MemoryError`, reported as out of
+//! memory), and output (an answer over the limit is not read: the process
+//! is killed). The job's code is the same files the wasm runner carries
+//! ([`crate::job_files`]) and runs through the same Python
+//! (`python/antnest_job.py`), so a job gives the same results in both.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use antnest_proto::{Limits, TaskError};
+
+use crate::python;
+
+/// Address space a native process gets beyond the job's memory limit: the
+/// interpreter and the libraries a job imports (CPython with numpy maps
+/// about 140 MB).
+const BASE_MEMORY: u64 = 512 << 20;
+/// How long a new process may take to start and import its job.
+const START_MAX: Duration = Duration::from_secs(60);
+/// The most of a taskunit's printed output kept (the process caps it too).
+const CAPTURE_MAX: usize = 64 << 10;
+/// The end of a process's own stderr kept, for when it dies.
+const STDERR_TAIL: usize = 4 << 10;
+
+/// Why the native runtime cannot be used on this peer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NativeError {
+    #[error(
+        "--allow-native-python needs bubblewrap (`bwrap`) to contain native Python, and it was not found; install it (Debian: apt install bubblewrap)"
+    )]
+    NoBubblewrap,
+    #[error("native Python could not be started in bubblewrap ({python}): {reason}")]
+    Broken { python: String, reason: String },
+}
+
+/// The worker's CPython and the bubblewrap that contains it, checked to
+/// work. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct NativePython {
+    inner: Arc<Setup>,
+}
+
+#[derive(Debug)]
+struct Setup {
+    bwrap: PathBuf,
+    python: String,
+    /// Folders hidden from the job (the peer's cache, its keys).
+    hidden: Vec<PathBuf>,
+}
+
+impl NativePython {
+    /// Find bubblewrap, start `python` in it once to see that both work,
+    /// and hide `hidden` (folders that exist) from every job.
+    pub fn check(python: &str, hidden: Vec<PathBuf>) -> Result<Self, NativeError> {
+        let bwrap = find_on_path("bwrap").ok_or(NativeError::NoBubblewrap)?;
+        let setup = Setup {
+            bwrap,
+            python: python.to_owned(),
+            hidden: hidden.into_iter().filter(|d| d.is_dir()).collect(),
+        };
+        let broken = |reason: String| NativeError::Broken {
+            python: python.to_owned(),
+            reason,
+        };
+        let out = setup
+            .command(&["-c", "import sys; print(sys.version_info[0])"], 1 << 30)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| broken(e.to_string()))?;
+        if !out.status.success() || out.stdout.trim_ascii() != b"3" {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            return Err(broken(format!("{}; {}", out.status, stderr.trim())));
+        }
+        Ok(NativePython {
+            inner: Arc::new(setup),
+        })
+    }
+}
+
+impl Setup {
+    /// `python args…` in a fresh bubblewrap, its address space capped at
+    /// `memory` bytes.
+    fn command(&self, args: &[&str], memory: u64) -> Command {
+        let mut cmd = Command::new(&self.bwrap);
+        cmd.args(["--unshare-all", "--die-with-parent", "--new-session"])
+            .args(["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"])
+            .args(["--tmpfs", "/tmp"]);
+        for dir in &self.hidden {
+            cmd.arg("--tmpfs").arg(dir);
+        }
+        cmd.arg("--").arg(&self.python).args(args);
+        // One process per slot: numeric libraries use one thread each.
+        for var in ["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
+            cmd.env(var, "1");
+        }
+        cmd.env("PYTHONDONTWRITEBYTECODE", "1");
+        // SAFETY: setrlimit is async-signal-safe and touches only the
+        // child's own limits, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: memory,
+                    rlim_max: memory,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    p.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Runs `process` for one Python job in a native process, kept across
+/// taskunits.
+pub struct NativeRunner {
+    python: NativePython,
+    files: Arc<[u8]>,
+    limits: Limits,
+    process: Option<Process>,
+    /// Why the job could not be imported: every taskunit's error.
+    load_error: Option<String>,
+    last_stderr: String,
+}
+
+/// One running native process.
+struct Process {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    /// The end of what the process wrote to its own stderr.
+    stderr: Arc<Mutex<VecDeque<u8>>>,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // bubblewrap's death ends its namespace, and every process in it.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How a wait for the process ended badly.
+enum Stop {
+    Deadline,
+    /// The answer would be this many bytes, over the output limit.
+    TooLarge(usize),
+    /// The process ended, or broke the protocol; the reason.
+    Died(String),
+}
+
+impl NativeRunner {
+    /// A runner for the job whose files are `files` (see [`crate::job_files`]).
+    pub fn new(python: NativePython, files: Arc<[u8]>, limits: Limits) -> Self {
+        NativeRunner {
+            python,
+            files,
+            limits,
+            process: None,
+            load_error: None,
+            last_stderr: String::new(),
+        }
+    }
+
+    /// What the last taskunit printed (empty if nothing).
+    pub fn take_stderr(&mut self) -> String {
+        std::mem::take(&mut self.last_stderr)
+    }
+
+    /// Process one taskunit.
+    pub fn process(&mut self, unit: &[u8]) -> Result<Vec<u8>, TaskError> {
+        self.last_stderr.clear();
+        if let Some(e) = &self.load_error {
+            return Err(TaskError::Guest(e.clone()));
+        }
+        if self.process.is_none() {
+            self.process = Some(self.start()?);
+            if let Some(e) = &self.load_error {
+                return Err(TaskError::Guest(e.clone()));
+            }
+        }
+        let process = self.process.as_mut().expect("started above");
+        let deadline = Instant::now() + self.limits.time;
+        match process.call(unit, deadline, self.limits.output) {
+            Ok((tag, payload, printed)) => {
+                self.last_stderr = printed;
+                match tag {
+                    0 => Ok(payload),
+                    1 => Err(TaskError::Guest(String::from_utf8_lossy(&payload).into())),
+                    _ => {
+                        // A MemoryError may leave the interpreter short of
+                        // memory for good: start afresh next time.
+                        self.process = None;
+                        Err(TaskError::OutOfMemory(self.limits.memory))
+                    }
+                }
+            }
+            Err(stop) => {
+                let tail = process.stderr_tail();
+                self.process = None;
+                Err(match stop {
+                    Stop::Deadline => TaskError::Timeout(self.limits.time),
+                    Stop::TooLarge(size) => TaskError::OutputTooLarge {
+                        size,
+                        limit: self.limits.output,
+                    },
+                    Stop::Died(why) => TaskError::Trap(format!(
+                        "the native Python process ended: {why}{}",
+                        if tail.is_empty() {
+                            String::new()
+                        } else {
+                            format!("\n{tail}")
+                        }
+                    )),
+                })
+            }
+        }
+    }
+
+    /// A new process with the job imported (or its import error noted).
+    fn start(&mut self) -> Result<Process, TaskError> {
+        let source = [python::JOB, python::NATIVE].concat();
+        let memory = (self.limits.memory as u64).saturating_add(BASE_MEMORY);
+        let mut child = self
+            .python
+            .inner
+            .command(&["-c", &source], memory)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| TaskError::Load(format!("cannot start native Python: {e}")))?;
+        let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        let mut err_pipe = child.stderr.take().expect("piped");
+        let tail = stderr.clone();
+        std::thread::Builder::new()
+            .name("antnest-native-stderr".into())
+            .spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = err_pipe.read(&mut buf) {
+                    let mut t = tail.lock().unwrap();
+                    t.extend(&buf[..n]);
+                    let over = t.len().saturating_sub(STDERR_TAIL);
+                    t.drain(..over);
+                }
+            })
+            .map_err(|e| TaskError::Load(format!("cannot start native Python: {e}")))?;
+        let mut process = Process {
+            stdin: child.stdin.take().expect("piped"),
+            stdout: child.stdout.take().expect("piped"),
+            child,
+            stderr,
+        };
+        let files = self.files.clone();
+        let started = process.call(&files, Instant::now() + START_MAX, usize::MAX);
+        match started {
+            Ok((0, _, _)) => {}
+            Ok((_, why, _)) => self.load_error = Some(String::from_utf8_lossy(&why).into()),
+            Err(Stop::Deadline) => {
+                return Err(TaskError::Load(format!(
+                    "native Python did not import the job within {START_MAX:?}"
+                )));
+            }
+            Err(Stop::TooLarge(_)) => unreachable!("no limit on the first answer"),
+            Err(Stop::Died(why)) => {
+                return Err(TaskError::Load(format!(
+                    "native Python did not start: {why}\n{}",
+                    process.stderr_tail()
+                )));
+            }
+        }
+        Ok(process)
+    }
+}
+
+impl Process {
+    fn stderr_tail(&self) -> String {
+        let t = self.stderr.lock().unwrap();
+        String::from_utf8_lossy(&t.iter().copied().collect::<Vec<_>>())
+            .trim()
+            .to_owned()
+    }
+
+    /// Send one frame and read its answer: (tag, payload, printed).
+    fn call(
+        &mut self,
+        frame: &[u8],
+        deadline: Instant,
+        max_payload: usize,
+    ) -> Result<(u8, Vec<u8>, String), Stop> {
+        let len = u32::try_from(frame.len()).map_err(|_| Stop::Died("frame too large".into()))?;
+        write_until(&mut self.stdin, &len.to_le_bytes(), deadline)?;
+        write_until(&mut self.stdin, frame, deadline)?;
+        let mut head = [0u8; 9];
+        read_until(&mut self.stdout, &mut head, deadline)?;
+        let size = u32::from_le_bytes(head[1..5].try_into().expect("4 bytes")) as usize;
+        let printed = u32::from_le_bytes(head[5..9].try_into().expect("4 bytes")) as usize;
+        if size > max_payload {
+            return Err(Stop::TooLarge(size));
+        }
+        if printed > CAPTURE_MAX * 4 {
+            return Err(Stop::Died(format!("{printed} bytes of output captured")));
+        }
+        let mut payload = vec![0u8; size];
+        read_until(&mut self.stdout, &mut payload, deadline)?;
+        let mut text = vec![0u8; printed];
+        read_until(&mut self.stdout, &mut text, deadline)?;
+        text.truncate(CAPTURE_MAX);
+        Ok((
+            head[0],
+            payload,
+            String::from_utf8_lossy(&text).into_owned(),
+        ))
+    }
+}
+
+/// Wait until `fd` is ready for `events`, or `deadline`.
+fn ready(fd: BorrowedFd<'_>, events: libc::c_short, deadline: Instant) -> Result<(), Stop> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Stop::Deadline);
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd, for a descriptor `fd` keeps open.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n > 0 {
+            return Ok(());
+        }
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return Err(Stop::Died(std::io::Error::last_os_error().to_string()));
+        }
+    }
+}
+
+/// Put `fd` in non-blocking mode (once per pipe; cheap to repeat).
+fn non_blocking(fd: BorrowedFd<'_>) {
+    // SAFETY: fcntl on a descriptor `fd` keeps open.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
+}
+
+fn write_until(pipe: &mut ChildStdin, mut bytes: &[u8], deadline: Instant) -> Result<(), Stop> {
+    non_blocking(pipe.as_fd());
+    while !bytes.is_empty() {
+        match pipe.write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                ready(pipe.as_fd(), libc::POLLOUT, deadline)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Stop::Died(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+fn read_until(pipe: &mut ChildStdout, mut buf: &mut [u8], deadline: Instant) -> Result<(), Stop> {
+    non_blocking(pipe.as_fd());
+    while !buf.is_empty() {
+        match pipe.read(buf) {
+            Ok(0) => return Err(Stop::Died("it closed its output".into())),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                ready(pipe.as_fd(), libc::POLLIN, deadline)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Stop::Died(e.to_string())),
+        }
+    }
+    Ok(())
+}
