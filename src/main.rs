@@ -310,8 +310,7 @@ async fn list_peers(args: cli::ControlArgs) -> Result<ExitCode> {
 }
 
 async fn submit(args: SubmitArgs) -> Result<ExitCode> {
-    let python_job = args.job.extension().is_some_and(|x| x == "py");
-    if args.runtime == antnest_proto::Runtime::Native && !python_job {
+    if args.runtime == antnest_proto::Runtime::Native && !antnest::source::is_python(&args.job) {
         bail!("--runtime native is for Python jobs (a .py file); other jobs run in wasm");
     }
     let cfg = peer_config(&args.net, true)?;

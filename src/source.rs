@@ -39,6 +39,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
     }
 }
 
+/// Whether `job` names a Python job (a `.py` file).
+pub fn is_python(job: &Path) -> bool {
+    job.extension().is_some_and(|x| x == "py")
+}
+
 /// The component bytes for JOB. `cache_dir` keeps built Python jobs;
 /// `python_path` lists folders of pure-Python packages a Python job
 /// imports (e.g. made by `pip install --target DIR`), bundled with it.
@@ -53,9 +58,11 @@ pub fn load(
         }
         return Err(SourceError::Unknown(job.to_owned()));
     }
+    if is_python(job) {
+        return build_python(job, cache_dir, python_path);
+    }
     match job.extension().and_then(|e| e.to_str()) {
         Some("wasm") => std::fs::read(job).map_err(io(job)),
-        Some("py") => build_python(job, cache_dir, python_path),
         _ => Err(SourceError::Unknown(job.to_owned())),
     }
 }

@@ -310,3 +310,29 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
+
+/// A job that imports in wasm but not natively fails each taskunit with
+/// the import's traceback, naming the job's file and line.
+#[test]
+fn a_job_that_cannot_be_imported_natively_says_why() {
+    if no_sandbox_here().is_some() {
+        return;
+    }
+    let dir = scratch();
+    let job = dir.path().join("onlywasm.py");
+    std::fs::write(
+        &job,
+        "import sys\nif sys.platform != \"wasi\":\n    raise RuntimeError(\"only in wasm\")\n\n\
+         def processor(x):\n    return x\n",
+    )
+    .unwrap();
+    let out = submit_with(&job, &with(&NATIVE, &["--attempts", "1"]), b"a\nb\n");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("taskunit 1 failed: job error: cannot load the job")
+            && err.contains(&format!("File \"{}\", line 3", job.display()))
+            && err.contains("RuntimeError: only in wasm"),
+        "{err}"
+    );
+}

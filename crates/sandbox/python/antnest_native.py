@@ -5,8 +5,8 @@
 # `python3 -c`, so nothing is written to disk and nothing can shadow it.
 #
 # On stdin, frames of a u32 LE length and that many bytes: the job's
-# files first (answered once the job is imported), then one taskunit per
-# frame. Each answer on the original stdout: a tag byte (0 result, 1 job
+# files first (answered once the job is imported; the process ends if
+# it cannot be), then one taskunit per frame. Each answer on the original stdout: a tag byte (0 result, 1 job
 # error, 2 out of memory), the payload's length and the captured output's
 # length (u32 LE each), the payload, then what the call printed. What the
 # job prints goes to that capture, and anything written to the process's
@@ -60,13 +60,12 @@ def _native_main():
         return
     (tag, loaded), printed = captured(lambda: load(bundle))
     answer(tag, b"" if tag == _OK else loaded, printed)
+    if tag != _OK:
+        return  # the host gives every taskunit the import's error
     while True:
         unit = read_frame()
         if unit is None:
             return
-        if tag != _OK:
-            answer(tag, loaded)  # the load's error, for every taskunit
-            continue
         (t, payload), printed = captured(lambda: process(loaded, unit))
         answer(t, payload, printed)
 

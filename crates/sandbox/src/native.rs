@@ -203,16 +203,16 @@ impl NativeRunner {
     /// Process one taskunit.
     pub fn process(&mut self, unit: &[u8]) -> Result<Vec<u8>, TaskError> {
         self.last_stderr.clear();
-        if let Some(e) = &self.load_error {
-            return Err(TaskError::Guest(e.clone()));
+        if self.process.is_none() && self.load_error.is_none() {
+            self.process = self.start()?;
         }
-        if self.process.is_none() {
-            self.process = Some(self.start()?);
-            if let Some(e) = &self.load_error {
-                return Err(TaskError::Guest(e.clone()));
-            }
-        }
-        let process = self.process.as_mut().expect("started above");
+        let Some(process) = self.process.as_mut() else {
+            let why = self
+                .load_error
+                .clone()
+                .expect("no process: the import failed");
+            return Err(TaskError::Guest(why));
+        };
         let deadline = Instant::now() + self.limits.time;
         match process.call(unit, deadline, self.limits.output) {
             Ok((tag, payload, printed)) => {
@@ -250,8 +250,9 @@ impl NativeRunner {
         }
     }
 
-    /// A new process with the job imported (or its import error noted).
-    fn start(&mut self) -> Result<Process, TaskError> {
+    /// A new process with the job imported; `None` if the import failed
+    /// (the error is noted as every taskunit's, and the process has ended).
+    fn start(&mut self) -> Result<Option<Process>, TaskError> {
         let source = [python::JOB, python::NATIVE].concat();
         let memory = (self.limits.memory as u64).saturating_add(BASE_MEMORY);
         let mut child = self
@@ -284,11 +285,17 @@ impl NativeRunner {
             child,
             stderr,
         };
+        // Reads and writes wait with poll, to keep to a deadline.
+        non_blocking(process.stdin.as_fd());
+        non_blocking(process.stdout.as_fd());
         let files = self.files.clone();
         let started = process.call(&files, Instant::now() + START_MAX, usize::MAX);
         match started {
             Ok((0, _, _)) => {}
-            Ok((_, why, _)) => self.load_error = Some(String::from_utf8_lossy(&why).into()),
+            Ok((_, why, _)) => {
+                self.load_error = Some(String::from_utf8_lossy(&why).into());
+                return Ok(None);
+            }
             Err(Stop::Deadline) => {
                 return Err(TaskError::Load(format!(
                     "native Python did not import the job within {START_MAX:?}"
@@ -302,7 +309,7 @@ impl NativeRunner {
                 )));
             }
         }
-        Ok(process)
+        Ok(Some(process))
     }
 }
 
@@ -371,7 +378,7 @@ fn ready(fd: BorrowedFd<'_>, events: libc::c_short, deadline: Instant) -> Result
     }
 }
 
-/// Put `fd` in non-blocking mode (once per pipe; cheap to repeat).
+/// Put `fd` in non-blocking mode.
 fn non_blocking(fd: BorrowedFd<'_>) {
     // SAFETY: fcntl on a descriptor `fd` keeps open.
     unsafe {
@@ -382,8 +389,8 @@ fn non_blocking(fd: BorrowedFd<'_>) {
     }
 }
 
+/// Write all of `bytes` to the (non-blocking) pipe by `deadline`.
 fn write_until(pipe: &mut ChildStdin, mut bytes: &[u8], deadline: Instant) -> Result<(), Stop> {
-    non_blocking(pipe.as_fd());
     while !bytes.is_empty() {
         match pipe.write(bytes) {
             Ok(n) => bytes = &bytes[n..],
@@ -397,8 +404,8 @@ fn write_until(pipe: &mut ChildStdin, mut bytes: &[u8], deadline: Instant) -> Re
     Ok(())
 }
 
+/// Fill `buf` from the (non-blocking) pipe by `deadline`.
 fn read_until(pipe: &mut ChildStdout, mut buf: &mut [u8], deadline: Instant) -> Result<(), Stop> {
-    non_blocking(pipe.as_fd());
     while !buf.is_empty() {
         match pipe.read(buf) {
             Ok(0) => return Err(Stop::Died("it closed its output".into())),

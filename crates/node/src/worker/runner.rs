@@ -5,6 +5,7 @@
 use antnest_proto::{JobId, Limits, ModuleHash, Runtime, TaskError};
 use antnest_sandbox::{NativePython, NativeRunner, TaskRunner};
 
+use crate::config::NativeConfig;
 use crate::state::Peer;
 
 pub(crate) enum Runner {
@@ -34,40 +35,40 @@ impl Runner {
 }
 
 impl Peer {
-    /// The native Python to run `job`'s taskunits with, if its runtime
-    /// allows native and so does this peer: for its own jobs whenever it
-    /// has the native runtime, for other masters' only if it trusts them.
-    /// Whether the job is a Python job is the module's to say.
-    pub(crate) fn native_for(&self, job: JobId) -> Option<NativePython> {
-        let native = self.state.config.native_python.as_ref()?;
-        let own = self
-            .state
-            .master
-            .jobs
-            .lock()
-            .unwrap()
-            .get(&job)
-            .map(|m| m.runtime);
-        let (runtime, others) = match own {
-            Some(runtime) => (runtime, false),
-            None => (
-                self.state.worker.remotes.lock().unwrap().get(&job)?.runtime,
-                true,
-            ),
-        };
-        (runtime != Runtime::Wasm && (native.others || !others)).then(|| native.python.clone())
+    /// This peer's native Python, if it may run jobs of this peer
+    /// (`own`) or of other masters natively: its own whenever it has the
+    /// native runtime, other masters' only if it trusts them.
+    fn native_allowed(&self, own: bool) -> Option<&NativeConfig> {
+        (self.state.config.native_python.as_ref()).filter(|n| own || n.others)
     }
 
-    /// Whether this peer's slots may take `runtime`'s taskunits of another
-    /// master: not a native-only job if they cannot run it natively.
+    /// The native Python to run `job`'s taskunits with, if its runtime
+    /// allows native and so does this peer ([`Self::native_allowed`]).
+    /// Whether the job is a Python job is the module's to say.
+    pub(crate) fn native_for(&self, job: JobId) -> Option<NativePython> {
+        // No native runtime here: no locks taken, on every batch.
+        self.state.config.native_python.as_ref()?;
+        let own = (self.state.master.jobs.lock().unwrap())
+            .get(&job)
+            .map(|m| m.runtime);
+        let (runtime, own) = match own {
+            Some(runtime) => (runtime, true),
+            None => (
+                self.state.worker.remotes.lock().unwrap().get(&job)?.runtime,
+                false,
+            ),
+        };
+        let native = self
+            .native_allowed(own)
+            .filter(|_| runtime != Runtime::Wasm)?;
+        Some(native.python.clone())
+    }
+
+    /// Whether this peer's slots may take `runtime`'s taskunits of a job
+    /// of its own (`own`) or of another master: not a native-only job if
+    /// they cannot run it natively.
     pub(crate) fn takes_runtime(&self, runtime: Runtime, own: bool) -> bool {
-        runtime != Runtime::Native
-            || self
-                .state
-                .config
-                .native_python
-                .as_ref()
-                .is_some_and(|n| own || n.others)
+        runtime != Runtime::Native || self.native_allowed(own).is_some()
     }
 
     /// A runner for `job`'s taskunits of `module`: native if
