@@ -126,8 +126,8 @@ fn main() -> Result<()> {
     let bin = peers::antnest_bin(args.antnest.as_deref())?;
     let dir = tempfile::tempdir()?;
     let logs = args.peer_logs.as_deref();
-    let a = peers::start_peer(&bin, dir.path(), 0, 1, None, logs)?;
-    let b = peers::start_peer(&bin, dir.path(), 1, 1, Some(&a.addr), logs)?;
+    let a = peers::start_peer(&bin, dir.path(), 0, 1, None, &[], logs)?;
+    let b = peers::start_peer(&bin, dir.path(), 1, 1, Some(&a.addr), &[], logs)?;
     let job = dir.path().join("primes_job.py");
     let input = dir.path().join("in.txt");
     // Slightly different n per taskunit, as the harness's W2 does.

@@ -11,7 +11,12 @@
 //!     --ext mesh="$PWD/../../../main/target/release/examples/mesh_bench --nodes 2"
 //! ```
 //!
-//! W1 runs `jobs/reverse_strings`, W2 `jobs/primes`, W3 `jobs/wordcount`.
+//! W1 runs `jobs/reverse_strings`, W2 `jobs/primes`, W3 `jobs/wordcount`
+//! (Rust jobs). With `--python wasm` or `--python native` they are the
+//! Python jobs of `jobs/harness/` instead, written as a Python user writes
+//! them, run in antnest's CPython component or in each worker's own
+//! CPython under bubblewrap (the peers then share a mesh key and allow
+//! native Python).
 //! Besides the result file it prints extra figures to stderr: a native
 //! two-thread Rust word count over the same W3 input, the idle peer's RSS,
 //! time to first result, module cache hits, and with `--million` the
@@ -35,7 +40,7 @@ pub mod count;
 mod peers;
 
 use antnest_proto::control::{self, ControlReply, ControlRequest, InputSpec, JobReport, JobSpec};
-use antnest_proto::{ByteBuf, Limits, ModuleHash};
+use antnest_proto::{ByteBuf, Limits, ModuleHash, Runtime};
 use antnest_sandbox::{Sandbox, TaskRunner};
 use peers::start_peer;
 
@@ -77,6 +82,10 @@ struct Args {
     /// The antnest binary (default: beside this example's directory).
     #[arg(long)]
     antnest: Option<PathBuf>,
+    /// Run the Python jobs of jobs/harness/ in this runtime (wasm or
+    /// native) instead of the Rust jobs.
+    #[arg(long, value_name = "RUNTIME")]
+    python: Option<Runtime>,
 }
 
 fn repo() -> PathBuf {
@@ -112,11 +121,29 @@ fn job_modules() -> Result<HashMap<&'static str, Vec<u8>>> {
     Ok(m)
 }
 
+/// The Python jobs of jobs/harness/, built as `antnest submit` builds them
+/// (antnest's Python runner, built once into `cache`, with the job's file).
+fn python_modules(cache: &Path) -> Result<HashMap<&'static str, Vec<u8>>> {
+    let mut m = HashMap::new();
+    for (w, name) in [
+        ("W1", "w1_reverse"),
+        ("W2", "w2_primes"),
+        ("W3", "w3_wordcount"),
+    ] {
+        let p = repo().join(format!("jobs/harness/{name}.py"));
+        let module = antnest::source::load(&p, Some(cache), &[])
+            .with_context(|| format!("building {}", p.display()))?;
+        m.insert(w, module);
+    }
+    Ok(m)
+}
+
 /// Submit a job as `antnest submit` does: the module's hash first, and its
 /// bytes only if the peer asks for them.
 async fn submit(
     control: &Path,
     module: &[u8],
+    runtime: Runtime,
     input: InputSpec,
     timeout: Duration,
 ) -> Result<JobReport> {
@@ -130,7 +157,7 @@ async fn submit(
         resume: None,
         replicate: 1,
         stream: false,
-        runtime: antnest_proto::Runtime::Wasm,
+        runtime,
     };
     let run = async {
         loop {
@@ -305,6 +332,7 @@ async fn efficiency(
             let report = submit(
                 control,
                 module,
+                Runtime::Wasm,
                 InputSpec::Path(input.to_path_buf()),
                 timeout,
             )
@@ -397,12 +425,44 @@ async fn main() -> Result<()> {
         .map(|s| s.trim().to_uppercase())
         .collect();
     let bin = peers::antnest_bin(args.antnest.as_deref())?;
-    let modules = job_modules()?;
     let dir = tempfile::tempdir()?;
+    let runtime = args.python.unwrap_or(Runtime::Wasm);
+    let (modules, extra) = match args.python {
+        None => (job_modules()?, Vec::new()),
+        Some(_) if args.efficiency > 0 || args.million => {
+            bail!("--efficiency and --million measure the Rust jobs; leave out --python")
+        }
+        Some(Runtime::Auto) => bail!("--python takes wasm or native"),
+        Some(Runtime::Wasm) => (
+            python_modules(&repo().join("target/bench-cache"))?,
+            Vec::new(),
+        ),
+        Some(Runtime::Native) => {
+            // Workers run other masters' Python natively only in a mesh
+            // whose peers share a key.
+            let key = dir.path().join("mesh.key");
+            let mut secret = [0u8; 32];
+            std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut secret)?;
+            let psk = hex::encode(secret);
+            std::fs::write(&key, format!("/key/swarm/psk/1.0.0/\n/base16/\n{psk}\n"))?;
+            let extra = ["--allow-native-python", "--mesh-key"].map(String::from);
+            let mut extra = extra.to_vec();
+            extra.push(key.display().to_string());
+            (python_modules(&repo().join("target/bench-cache"))?, extra)
+        }
+    };
 
     let logs = args.peer_logs.as_deref();
     let t0 = Instant::now();
-    let mut peers = vec![start_peer(&bin, dir.path(), 0, args.slots, None, logs)?];
+    let mut peers = vec![start_peer(
+        &bin,
+        dir.path(),
+        0,
+        args.slots,
+        None,
+        &extra,
+        logs,
+    )?];
     let first = peers[0].addr.clone();
     for i in 1..args.nodes {
         peers.push(start_peer(
@@ -411,6 +471,7 @@ async fn main() -> Result<()> {
             i,
             args.slots,
             Some(&first),
+            &extra,
             logs,
         )?);
     }
@@ -429,6 +490,7 @@ async fn main() -> Result<()> {
             submit(
                 &p.control,
                 &modules[w.as_str()],
+                runtime,
                 InputSpec::Bytes(ByteBuf::from(input.clone())),
                 timeout,
             )
@@ -439,6 +501,7 @@ async fn main() -> Result<()> {
             let r = submit(
                 &master,
                 &modules[w.as_str()],
+                runtime,
                 InputSpec::Bytes(ByteBuf::from(input.clone())),
                 timeout,
             )
@@ -468,6 +531,7 @@ async fn main() -> Result<()> {
         let report = submit(
             &master,
             &modules[w.as_str()],
+            runtime,
             InputSpec::Path(path),
             timeout,
         )
@@ -518,12 +582,13 @@ async fn main() -> Result<()> {
     }
     if args.efficiency > 0 {
         // A one-slot peer of its own, outside the mesh, gives T(1).
-        let lone = start_peer(&bin, dir.path(), args.nodes, 1, None, logs)?;
+        let lone = start_peer(&bin, dir.path(), args.nodes, 1, None, &[], logs)?;
         let w2 = args.inputs.join("w2.txt");
         let input = warmup_input("W2", &args.inputs)?;
         submit(
             &lone.control,
             &modules["W2"],
+            Runtime::Wasm,
             InputSpec::Bytes(ByteBuf::from(input)),
             timeout,
         )
@@ -546,7 +611,14 @@ async fn main() -> Result<()> {
             .collect();
         std::fs::write(&input, lines)?;
         let t = Instant::now();
-        let r = submit(&master, &modules["W1"], InputSpec::Path(input), timeout * 4).await?;
+        let r = submit(
+            &master,
+            &modules["W1"],
+            Runtime::Wasm,
+            InputSpec::Path(input),
+            timeout * 4,
+        )
+        .await?;
         eprintln!(
             "1,000,000 taskunits: {:.2} s, {} tasks, master peak RSS {} KiB",
             t.elapsed().as_secs_f64(),

@@ -83,6 +83,16 @@ pub(crate) struct NetArgs {
     /// Jobs this peer may be master of at once.
     #[arg(long, default_value_t = 8)]
     pub(crate) max_jobs: usize,
+    /// Memory, in MiB, that all wasm instances of this peer may hold
+    /// together (every slot's running and cached ones). A taskunit that
+    /// would grow past it fails on this peer as "worker busy" and is run
+    /// again elsewhere. Default: half of this machine's memory.
+    #[arg(long, value_name = "MIB")]
+    pub(crate) max_memory: Option<usize>,
+    /// MiB the cache of modules and compiled code (--cache-dir) may hold;
+    /// past it the least recently used are removed.
+    #[arg(long, value_name = "MIB", default_value_t = antnest_node::config::DEFAULT_CACHE_MAX_MB)]
+    pub(crate) cache_max_mb: u64,
     /// Run Python jobs' taskunits in this machine's own CPython (native
     /// speed, its installed packages such as numpy) instead of wasm, each
     /// process contained by bubblewrap (`bwrap`): no network, the

@@ -122,6 +122,12 @@ fn peer_config(net: &NetArgs, submitter: bool) -> Result<PeerConfig> {
         },
         lease: net.lease,
         max_jobs: net.max_jobs.max(1),
+        max_memory: net
+            .max_memory
+            .map_or_else(antnest_node::config::default_max_memory, |mib| {
+                mib.saturating_mul(1 << 20)
+            }),
+        cache_max: net.cache_max_mb.saturating_mul(1 << 20),
         allowed_masters: (!net.allow_master.is_empty())
             .then(|| net.allow_master.iter().copied().collect()),
         ..PeerConfig::default()

@@ -21,13 +21,15 @@ impl Drop for PeerProc {
 }
 
 /// Start peer `i` of a mesh in `dir`, with `slots` worker slots, joining
-/// `bootstrap` if given; its log goes to `logs/peer<i>.log` if given.
+/// `bootstrap` if given, with `extra` arguments; its log goes to
+/// `logs/peer<i>.log` if given.
 pub(crate) fn start_peer(
     bin: &Path,
     dir: &Path,
     i: usize,
     slots: usize,
     bootstrap: Option<&str>,
+    extra: &[String],
     logs: Option<&Path>,
 ) -> Result<PeerProc> {
     let control = dir.join(format!("p{i}.sock"));
@@ -47,6 +49,7 @@ pub(crate) fn start_peer(
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }
+    cmd.args(extra);
     let stderr = match logs {
         Some(d) => Stdio::from(std::fs::File::create(d.join(format!("peer{i}.log")))?),
         None => Stdio::null(),

@@ -396,24 +396,33 @@ fn slows_down_mid_job() {
         return;
     }
     // Now b runs at about a twentieth of its speed, holding a share of the
-    // next job sized for full speed.
-    let throttle = Throttle::on(b.child.id());
-    let second = job("second.json");
-    drop(throttle);
-    let taken_back = second["taken_back"].as_u64().unwrap();
-    assert!(
-        taken_back >= 1,
-        "a's slot ran out while b held taskunits it had not started, and took none back: {second}"
-    );
-    let per_peer = second["per_peer"].as_object().unwrap();
-    assert_eq!(
-        per_peer.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
-        64,
-        "every taskunit run once: {second}"
-    );
-    assert!(
-        per_peer[&a.peer_id].as_u64().unwrap() > 32,
-        "a ran more than half, the taskunits it took back included: {second}"
+    // next job sized for full speed. On a loaded machine b's answer to the
+    // ask can come after a's slot has already run b's taskunits as backups
+    // and the job has ended (nothing then counts as taken back): up to
+    // three tries, each of which must still run every taskunit once.
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        let throttle = Throttle::on(b.child.id());
+        let second = job(&format!("second{i}.json"));
+        drop(throttle);
+        let per_peer = second["per_peer"].as_object().unwrap();
+        assert_eq!(
+            per_peer.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+            64,
+            "every taskunit run once: {second}"
+        );
+        assert!(
+            per_peer[&a.peer_id].as_u64().unwrap() > 32,
+            "a ran more than half, the taskunits it took back included: {second}"
+        );
+        let taken_back = second["taken_back"].as_u64().unwrap();
+        seen.push(second);
+        if taken_back >= 1 {
+            return;
+        }
+    }
+    panic!(
+        "a's slot ran out while b held taskunits it had not started, and took none back in three jobs: {seen:?}"
     );
 }
 

@@ -1,5 +1,6 @@
 //! Misbehaving jobs give clear per-task errors; the other taskunits finish.
 
+use std::path::Path;
 use std::time::Duration;
 
 use crate::common::*;
@@ -309,22 +310,62 @@ fn endless_loops_with_different_limits_each_stop_at_their_own() {
 /// Runners of the `faulty` job in one in-process environment (so one epoch
 /// ticker), one per time limit.
 fn faulty_runners<const N: usize>(limits: [Duration; N]) -> [antnest_sandbox::TaskRunner; N] {
-    use antnest_proto::Limits;
-    use antnest_proto::ModuleHash;
-    use antnest_sandbox::{Sandbox, TaskRunner};
-
-    let bytes = std::fs::read(artifact("faulty")).expect("faulty.wasm");
-    let env = Sandbox::new(None).unwrap();
-    let component = env
-        .component(&ModuleHash::of(&bytes), || Some(bytes.clone()))
-        .unwrap();
+    let (env, component) = faulty_module();
     limits.map(|time| {
-        let limits = Limits {
+        let limits = antnest_proto::Limits {
             time,
-            ..Limits::default()
+            ..antnest_proto::Limits::default()
         };
-        TaskRunner::new(env.clone(), component.clone(), limits)
+        antnest_sandbox::TaskRunner::new(env.clone(), component.clone(), limits)
     })
+}
+
+/// The `faulty` job compiled in an in-process environment of its own.
+fn faulty_module() -> (antnest_sandbox::Sandbox, antnest_sandbox::Module) {
+    let bytes = std::fs::read(artifact("faulty")).expect("faulty.wasm");
+    let env = antnest_sandbox::Sandbox::new(None).unwrap();
+    let component = env
+        .component(&antnest_proto::ModuleHash::of(&bytes), || {
+            Some(bytes.clone())
+        })
+        .unwrap();
+    (env, component)
+}
+
+/// The peer's memory budget (`--max-memory`) holds across instances: while
+/// one instance holds 48 MiB, another cannot grow as far under an 80 MiB
+/// budget and its taskunit fails as "worker busy" (not as the job's own
+/// out-of-memory); once the first is dropped the second runs, and every
+/// byte taken is given back when the instances go.
+#[test]
+fn instances_share_the_peers_memory_budget() {
+    use antnest_proto::{Limits, TaskError};
+    use antnest_sandbox::TaskRunner;
+
+    let (env, module) = faulty_module();
+    env.set_max_memory(80 << 20);
+    let mut first = TaskRunner::new(env.clone(), module.clone(), Limits::default());
+    let mut second = TaskRunner::new(env.clone(), module, Limits::default());
+    assert_eq!(first.process(b"grow").unwrap(), b"GREW");
+    let held = env.memory_used();
+    assert!(
+        held >= 48 << 20,
+        "the first instance holds its memory: {held}"
+    );
+    match second.process(b"grow") {
+        Err(TaskError::Busy(why)) => assert!(why.contains("--max-memory"), "{why}"),
+        other => panic!("the second instance grew past the budget: {other:?}"),
+    }
+    assert_eq!(
+        env.memory_used(),
+        held,
+        "the failed instance gave back what it took"
+    );
+    drop(first);
+    assert_eq!(env.memory_used(), 0);
+    assert_eq!(second.process(b"grow").unwrap(), b"GREW");
+    drop(second);
+    assert_eq!(env.memory_used(), 0);
 }
 
 /// Modules that carry job files (antnest's Python runner with a job
@@ -421,4 +462,75 @@ fn a_damaged_cached_module_is_dropped_and_kept_again() {
     assert!(!file.exists(), "the torn copy is removed");
     env.store_module(&hash, &bytes).unwrap();
     assert_eq!(env.stored_module(&hash), Some(bytes));
+}
+
+/// The disk cache keeps to its bound (`--cache-max-mb`): past it the least
+/// recently used module's files go (one just used stays), and a module
+/// whose files went compiles again when it is needed.
+#[test]
+fn the_module_cache_keeps_to_its_bound() {
+    use antnest_proto::ModuleHash;
+    use antnest_sandbox::Sandbox;
+
+    let dir = scratch();
+    let modules: Vec<Vec<u8>> = ["faulty", "primes", "reverse_strings"]
+        .iter()
+        .map(|n| std::fs::read(artifact(n)).unwrap())
+        .collect();
+    let load = |env: &Sandbox, m: &[u8]| {
+        let bytes = m.to_vec();
+        env.component(&ModuleHash::of(m), move || Some(bytes))
+            .unwrap();
+    };
+    let size = |d: &Path| -> u64 {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
+    };
+    // What each module takes on disk, each in a cache of its own.
+    let footprint: Vec<u64> = modules
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let d = dir.path().join(format!("alone{i}"));
+            load(&Sandbox::new(Some(d.clone())).unwrap(), m);
+            size(&d)
+        })
+        .collect();
+    // Room for module 0 with either other module, never for all three.
+    let bound = (footprint[0] + footprint[1]).max(footprint[0] + footprint[2]);
+    let cache = dir.path().join("cache");
+    let fresh = || {
+        let env = Sandbox::new(Some(cache.clone())).unwrap();
+        env.set_cache_max(bound);
+        env
+    };
+    let env = fresh();
+    load(&env, &modules[0]);
+    load(&env, &modules[1]);
+    assert_eq!(size(&cache), footprint[0] + footprint[1], "both fit");
+    // A restarted peer uses module 0 (from disk), then needs module 2.
+    let env = fresh();
+    load(&env, &modules[0]);
+    assert_eq!(env.cache_stats().disk_hits, 1);
+    load(&env, &modules[2]);
+    assert!(size(&cache) <= bound, "{} > {bound}", size(&cache));
+    let env = fresh();
+    load(&env, &modules[0]);
+    load(&env, &modules[2]);
+    assert_eq!(
+        (env.cache_stats().disk_hits, env.cache_stats().compiled),
+        (2, 0),
+        "the recently used modules stayed"
+    );
+    load(&env, &modules[1]);
+    assert_eq!(
+        env.cache_stats().compiled,
+        1,
+        "the least recently used module went, and compiles again"
+    );
+    assert!(size(&cache) <= bound, "{} > {bound}", size(&cache));
 }

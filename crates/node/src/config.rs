@@ -31,6 +31,11 @@ pub struct PeerConfig {
     /// Python taskunits may run in native CPython here (see
     /// `antnest_sandbox::native`); `None`: only in wasm.
     pub native_python: Option<NativeConfig>,
+    /// Bytes all wasm instances of this peer may hold together, running
+    /// and cached (see `Sandbox::set_max_memory`).
+    pub max_memory: usize,
+    /// Bytes the disk cache of modules and compiled artifacts may hold.
+    pub cache_max: u64,
 }
 
 /// The native Python runtime on a peer.
@@ -54,7 +59,29 @@ impl Default for PeerConfig {
             allowed_masters: None,
             max_jobs: 8,
             native_python: None,
+            max_memory: default_max_memory(),
+            cache_max: DEFAULT_CACHE_MAX_MB << 20,
         }
+    }
+}
+
+/// The disk cache's default bound, in MiB: antnest's Python runner and its
+/// compiled code take about 90 MB, a Rust job a few.
+pub const DEFAULT_CACHE_MAX_MB: u64 = 4096;
+
+/// Half of this machine's memory (4 GiB where it cannot be read).
+pub fn default_max_memory() -> usize {
+    // SAFETY: sysconf only reads system values.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && page > 0 {
+        (pages as usize).saturating_mul(page as usize) / 2
+    } else {
+        4 << 30
     }
 }
 

@@ -81,6 +81,8 @@ impl RunningPeer {
 /// Start a peer: network, event handling and worker slots.
 pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
     let env = Sandbox::new(config.cache_dir.clone())?;
+    env.set_max_memory(config.max_memory);
+    env.set_cache_max(config.cache_max);
     let expected_listeners = config.net.listen.len();
     let (client, events, mut event_loop) = net::new(config.net.clone())?;
     let incoming = client.accept_streams()?;

@@ -72,4 +72,8 @@ pub enum TaskError {
     Load(String),
     #[error("the {0} replicas of this taskunit gave different results")]
     Mismatch(usize),
+    /// The worker could not run it now (not the job's fault): another
+    /// peer, or this one later, may.
+    #[error("worker busy: {0}")]
+    Busy(String),
 }

@@ -29,8 +29,8 @@ use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
 
 use crate::guest::{
-    ClocksUntil, DeadlineClocks, GuestState, HasSelf, HostIo, Job, JobPre, MemoryLimiter,
-    STDERR_CAPTURE,
+    ClocksUntil, DeadlineClocks, GuestState, HasSelf, HostIo, Job, JobPre, MemoryBudget,
+    MemoryLimiter, STDERR_CAPTURE, classify,
 };
 use crate::job_files;
 
@@ -79,6 +79,47 @@ pub struct Module {
     pub(crate) files: Arc<[u8]>,
 }
 
+/// Compiled modules kept in memory: a peer that sees many jobs (or an
+/// outsider announcing many modules) holds at most this many, the least
+/// recently used dropped first (they stay in the disk cache).
+const MAX_LOADED: usize = 32;
+
+/// Compiled modules in memory, with when each was last used.
+#[derive(Default)]
+struct Loaded {
+    modules: HashMap<ModuleHash, (Module, u64)>,
+    clock: u64,
+}
+
+impl Loaded {
+    fn get(&mut self, hash: &ModuleHash) -> Option<Module> {
+        self.clock += 1;
+        let now = self.clock;
+        self.modules.get_mut(hash).map(|(m, used)| {
+            *used = now;
+            m.clone()
+        })
+    }
+
+    /// Keep `module`; true if another was dropped to make room.
+    fn insert(&mut self, hash: ModuleHash, module: Module) -> bool {
+        self.clock += 1;
+        self.modules.insert(hash, (module, self.clock));
+        if self.modules.len() <= MAX_LOADED {
+            return false;
+        }
+        let oldest = self
+            .modules
+            .iter()
+            .min_by_key(|(_, (_, used))| *used)
+            .map(|(h, _)| *h);
+        if let Some(h) = oldest {
+            self.modules.remove(&h);
+        }
+        true
+    }
+}
+
 /// Where a module's bytes come from if they must be read (see [`Sandbox::component`]).
 type Bytes<'a> = Box<dyn FnOnce() -> Option<Vec<u8>> + 'a>;
 
@@ -94,7 +135,7 @@ struct EnvInner {
     ticker: Ticker,
     linker: Linker<GuestState>,
     cache_dir: Option<PathBuf>,
-    loaded: Mutex<HashMap<ModuleHash, Module>>,
+    loaded: Mutex<Loaded>,
     /// The job files of modules kept for the native runtime, which does
     /// not compile them (see [`Sandbox::store_uncompiled`]).
     files: Mutex<HashMap<ModuleHash, Arc<[u8]>>>,
@@ -105,6 +146,10 @@ struct EnvInner {
     /// One gate per module being loaded, so that two threads wanting the
     /// same module (a job's submit and a worker slot, say) compile it once.
     loading: Mutex<HashMap<ModuleHash, Arc<Mutex<()>>>>,
+    /// Memory of every instance of this peer (see [`Sandbox::set_max_memory`]).
+    budget: Arc<MemoryBudget>,
+    /// Bytes the disk cache may hold (see [`Sandbox::set_cache_max`]).
+    cache_max: AtomicU64,
     compiled: AtomicU64,
     disk_hits: AtomicU64,
     memory_hits: AtomicU64,
@@ -146,15 +191,44 @@ impl Sandbox {
                 ticker,
                 linker,
                 cache_dir,
-                loaded: Mutex::new(HashMap::new()),
+                loaded: Mutex::new(Loaded::default()),
                 files: Mutex::new(HashMap::new()),
                 ready: Mutex::new(HashMap::new()),
                 loading: Mutex::new(HashMap::new()),
+                budget: Arc::new(MemoryBudget::new()),
+                cache_max: AtomicU64::new(u64::MAX),
                 compiled: AtomicU64::new(0),
                 disk_hits: AtomicU64::new(0),
                 memory_hits: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Bound the memory all instances of this peer hold together, every
+    /// slot's running and cached ones: a guest growing past it fails its
+    /// taskunit with [`TaskError::Busy`] (to be run again elsewhere or
+    /// later). Unbounded until set.
+    pub fn set_max_memory(&self, bytes: usize) {
+        self.inner.budget.set_max(bytes);
+    }
+
+    /// Whether instances hold over three quarters of the peer's memory
+    /// budget: time to drop cached instances rather than keep them.
+    pub fn memory_tight(&self) -> bool {
+        let b = &self.inner.budget;
+        b.used() > b.max() / 4 * 3
+    }
+
+    /// Bound the disk cache (modules, compiled artifacts, jobs' files):
+    /// past `bytes`, the least recently used files are removed, never
+    /// those of the module just kept. Unbounded until set.
+    pub fn set_cache_max(&self, bytes: u64) {
+        self.inner.cache_max.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes all instances of this peer hold (memories and tables).
+    pub fn memory_used(&self) -> usize {
+        self.inner.budget.used()
     }
 
     pub fn cache_stats(&self) -> CacheStats {
@@ -205,6 +279,7 @@ impl Sandbox {
     fn read_module(&self, hash: &ModuleHash) -> Option<(PathBuf, Vec<u8>)> {
         let path = self.module_path(hash)?;
         if let Ok(bytes) = std::fs::read(&path) {
+            self.touch(hash);
             return Some((path, bytes));
         }
         let path = self.files_path(hash)?;
@@ -265,7 +340,9 @@ impl Sandbox {
         let Some((code, files)) = job_files::split(bytes) else {
             return Ok(None);
         };
-        self.store_with_files(hash, &ModuleHash::of(code), bytes, code.len())?;
+        let code_hash = ModuleHash::of(code);
+        self.store_with_files(hash, &code_hash, bytes, code.len())?;
+        self.evict(&[*hash, code_hash]);
         Ok(Some(self.keep_files(hash, files)))
     }
 
@@ -283,7 +360,7 @@ impl Sandbox {
 
     /// [`Self::job_files`] if they are in memory (never blocks for long).
     pub fn files_in_memory(&self, hash: &ModuleHash) -> Option<Arc<[u8]>> {
-        let loaded = self.inner.loaded.lock().unwrap().get(hash).cloned();
+        let loaded = self.inner.loaded.lock().unwrap().get(hash);
         if let Some(m) = loaded.filter(|m| !m.files.is_empty()) {
             return Some(m.files);
         }
@@ -303,7 +380,7 @@ impl Sandbox {
 
     /// Whether the compiled component is available without compiling.
     pub fn is_compiled(&self, hash: &ModuleHash) -> bool {
-        self.inner.loaded.lock().unwrap().contains_key(hash)
+        self.inner.loaded.lock().unwrap().modules.contains_key(hash)
             || self.artifact_path(hash).is_some_and(|p| p.exists())
     }
 
@@ -350,7 +427,7 @@ impl Sandbox {
     /// The compiled component for `hash` if it is in memory (never blocks
     /// for long: no disk, no compile); counted as a memory hit.
     pub fn loaded(&self, hash: &ModuleHash) -> Option<Module> {
-        let c = self.inner.loaded.lock().unwrap().get(hash).cloned()?;
+        let c = self.inner.loaded.lock().unwrap().get(hash)?;
         self.inner.memory_hits.fetch_add(1, Ordering::Relaxed);
         Some(c)
     }
@@ -369,6 +446,7 @@ impl Sandbox {
             // artifact matches this engine's configuration.
             if let Ok(c) = unsafe { Component::deserialize_file(&self.inner.engine, path) } {
                 self.inner.disk_hits.fetch_add(1, Ordering::Relaxed);
+                self.touch(hash);
                 return Ok(self.remember(hash, c, Arc::from([])));
             }
         }
@@ -386,6 +464,7 @@ impl Sandbox {
             let code_hash = ModuleHash::of(code);
             let compiled = self.component_of(&code_hash, Box::new(|| Some(code.to_vec())))?;
             self.store_with_files(hash, &code_hash, &bytes, code.len())?;
+            self.evict(&[*hash, code_hash]);
             return Ok(self.remember(hash, compiled.component, Arc::from(files)));
         }
         // Cranelift compiles a component's functions in parallel on rayon's
@@ -409,16 +488,90 @@ impl Sandbox {
             write_atomic(&path, &serialized)?;
         }
         self.store_module(hash, &bytes)?;
+        self.evict(&[*hash]);
         Ok(self.remember(hash, component, Arc::from([])))
+    }
+
+    /// Mark a module's files in the disk cache as just used (the cache
+    /// drops the least recently used first); a failure only makes them
+    /// look older.
+    fn touch(&self, hash: &ModuleHash) {
+        let paths = [
+            self.module_path(hash),
+            self.artifact_path(hash),
+            self.files_path(hash),
+        ];
+        for path in paths.into_iter().flatten() {
+            if let Ok(f) = std::fs::File::options().write(true).open(&path) {
+                let _ = f.set_modified(std::time::SystemTime::now());
+            }
+        }
+    }
+
+    /// Remove the least recently used files of the disk cache until it
+    /// holds at most its bound, keeping those of `keep`. Only the cache's
+    /// own files count (the Python runner a submit builds is elsewhere).
+    fn evict(&self, keep: &[ModuleHash]) {
+        let max = self.inner.cache_max.load(Ordering::Relaxed);
+        let Some(dir) = self.inner.cache_dir.as_ref().filter(|_| max < u64::MAX) else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let path = e.path();
+                let ext = path.extension()?.to_str()?;
+                if !matches!(ext, "wasm" | "cwasm" | "files") {
+                    return None;
+                }
+                let meta = e.metadata().ok().filter(|m| m.is_file())?;
+                Some((meta.modified().ok()?, meta.len(), path))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        if total <= max {
+            return;
+        }
+        let kept: Vec<String> = keep.iter().map(|h| h.to_string()).collect();
+        files.sort();
+        for (_, len, path) in files {
+            if total <= max {
+                break;
+            }
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if kept.iter().any(|k| name.starts_with(k.as_str())) {
+                continue;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                total -= len;
+                tracing::debug!(path = %path.display(), "module cache full: least recently used file removed");
+            }
+        }
     }
 
     fn remember(&self, hash: &ModuleHash, component: Component, files: Arc<[u8]>) -> Module {
         let module = Module { component, files };
-        self.inner
-            .loaded
-            .lock()
-            .unwrap()
-            .insert(*hash, module.clone());
+        let mut loaded = self.inner.loaded.lock().unwrap();
+        if loaded.insert(*hash, module.clone()) {
+            // Linked components of modules no longer in memory go too (a
+            // slot still running one links it again).
+            let kept: std::collections::HashSet<usize> = loaded
+                .modules
+                .values()
+                .map(|(m, _)| m.component.image_range().start as usize)
+                .collect();
+            self.inner
+                .ready
+                .lock()
+                .unwrap()
+                .retain(|key, _| kept.contains(key));
+        }
         module
     }
 
@@ -436,10 +589,7 @@ impl Sandbox {
         let state = GuestState {
             wasi,
             table: ResourceTable::new(),
-            limiter: MemoryLimiter {
-                limit: limits.memory,
-                exceeded: false,
-            },
+            limiter: MemoryLimiter::new(limits.memory, self.inner.budget.clone()),
             stderr,
             deadline: Instant::now() + limits.time,
             io,
@@ -466,8 +616,14 @@ impl Sandbox {
         let pre = self.ready(&module.component)?;
         let job = {
             let _running = self.running(limits.time);
-            pre.instantiate(&mut store)
-                .map_err(|e| TaskError::Load(format!("instantiate: {e:#}")))?
+            match pre.instantiate(&mut store) {
+                Ok(job) => job,
+                // Its first memories may not fit the limits.
+                Err(e) if store.data().limiter.exceeded.is_some() => {
+                    return Err(classify(e, &store, limits));
+                }
+                Err(e) => return Err(TaskError::Load(format!("instantiate: {e:#}"))),
+            }
         };
         Ok((store, job))
     }

@@ -3,6 +3,8 @@
 //! environment, the memory limiter, and how a failed call is named.
 
 use std::io::Read as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use antnest_proto::{Limits, SharedBytes, TaskError};
@@ -28,34 +30,129 @@ pub(crate) use wasmtime::component::HasSelf;
 /// How much guest stderr is kept to explain a failure.
 pub(crate) const STDERR_CAPTURE: usize = 64 * 1024;
 
-/// Denies memory growth past the limit and remembers that it did.
+/// Bytes a table element is counted as (a function reference).
+const TABLE_ELEMENT: usize = 8;
+
+/// The memory every instance of this peer may hold at once, all slots and
+/// cached instances together (`antnest peer --max-memory`): each store
+/// takes what its memories and tables grow by, and gives it back when it
+/// is dropped.
+#[derive(Debug)]
+pub(crate) struct MemoryBudget {
+    max: AtomicUsize,
+    used: AtomicUsize,
+}
+
+impl MemoryBudget {
+    pub(crate) fn new() -> MemoryBudget {
+        MemoryBudget {
+            max: AtomicUsize::new(usize::MAX),
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn set_max(&self, bytes: usize) {
+        self.max.store(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Take `bytes` if they fit under the maximum.
+    fn take(&self, bytes: usize) -> bool {
+        let max = self.max();
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|&u| u <= max)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Which limit a guest's growth ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exceeded {
+    /// The instance's own: all its memories and tables together.
+    Instance,
+    /// The peer's budget, held by other instances.
+    Peer,
+}
+
+/// Denies growth past the instance's limit (all its memories and tables
+/// counted together, so many small memories are no way around it) or past
+/// the peer's budget, and remembers which it was.
 pub(crate) struct MemoryLimiter {
-    pub(crate) limit: usize,
-    pub(crate) exceeded: bool,
+    limit: usize,
+    /// What this store's memories and tables hold.
+    used: usize,
+    budget: Arc<MemoryBudget>,
+    pub(crate) exceeded: Option<Exceeded>,
+}
+
+impl MemoryLimiter {
+    pub(crate) fn new(limit: usize, budget: Arc<MemoryBudget>) -> MemoryLimiter {
+        MemoryLimiter {
+            limit,
+            used: 0,
+            budget,
+            exceeded: None,
+        }
+    }
+
+    fn grow(&mut self, bytes: usize) -> wasmtime::Result<bool> {
+        if self.used.saturating_add(bytes) > self.limit {
+            self.exceeded = Some(Exceeded::Instance);
+            // Trap rather than return -1 so the error names the cause.
+            return Err(wasmtime::Error::msg("memory limit reached"));
+        }
+        if !self.budget.take(bytes) {
+            self.exceeded = Some(Exceeded::Peer);
+            return Err(wasmtime::Error::msg("the peer's memory budget is in use"));
+        }
+        self.used += bytes;
+        Ok(true)
+    }
+}
+
+impl Drop for MemoryLimiter {
+    fn drop(&mut self) {
+        self.budget.give_back(self.used);
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limit {
-            self.exceeded = true;
-            // Trap rather than return -1 so the error names the cause.
-            return Err(wasmtime::Error::msg("memory limit reached"));
-        }
-        Ok(true)
+        self.grow(desired.saturating_sub(current))
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1 << 20)
+        if desired > 1 << 20 {
+            return Ok(false);
+        }
+        self.grow(
+            desired
+                .saturating_sub(current)
+                .saturating_mul(TABLE_ELEMENT),
+        )
     }
 }
 
@@ -265,8 +362,15 @@ pub(crate) fn classify(
     limits: Limits,
 ) -> TaskError {
     let state = store.data();
-    if state.limiter.exceeded {
-        return TaskError::OutOfMemory(limits.memory);
+    match state.limiter.exceeded {
+        Some(Exceeded::Instance) => return TaskError::OutOfMemory(limits.memory),
+        Some(Exceeded::Peer) => {
+            return TaskError::Busy(format!(
+                "this peer's memory budget ({} MiB, --max-memory) is held by other taskunits",
+                state.limiter.budget.max() >> 20
+            ));
+        }
+        None => {}
     }
     if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
         return TaskError::Timeout(limits.time);

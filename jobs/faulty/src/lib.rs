@@ -1,7 +1,8 @@
 //! A job that misbehaves on request, for the sandbox tests.
 //!
 //! Each taskunit is a command: `loop` spins forever, `bomb` allocates until
-//! the memory limit stops it, `trap` panics, `big` returns 4 MiB, `exit`
+//! the memory limit stops it, `grow` uses 48 MiB for a moment (the
+//! instance's memory stays that big), `trap` panics, `big` returns 4 MiB, `exit`
 //! calls `std::process::exit(3)`, `random`
 //! returns a different number each time (for replica mismatches), `say`
 //! writes a line to stderr; anything else is returned upper-cased.
@@ -29,6 +30,11 @@ impl Guest for Faulty {
                     hoard.push(vec![1u8; 16 << 20]);
                     std::hint::black_box(&hoard);
                 }
+            }
+            b"grow" => {
+                let v = vec![1u8; 48 << 20];
+                std::hint::black_box(&v);
+                Ok(b"GREW".to_vec())
             }
             b"trap" => panic!("the faulty job was asked to trap"),
             b"big" => Ok(vec![b'x'; 4 << 20]),

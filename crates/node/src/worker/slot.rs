@@ -297,7 +297,8 @@ impl Peer {
             if !unit_time.is_zero() {
                 per_unit.insert(module, unit_time);
             }
-            if runners.len() >= 4 {
+            // Cached instances hold memory other slots may need.
+            if runners.len() >= 4 || self.state.env.memory_tight() {
                 runners.clear();
             }
             runners.insert(module, runner);
