@@ -98,6 +98,8 @@ pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
         local,
         work: Notify::new(),
         tasks_done: std::sync::atomic::AtomicU64::new(0),
+        module_reads: tokio::sync::Semaphore::new(2),
+        unleased: std::sync::atomic::AtomicU64::new(0),
         master: Default::default(),
         worker: Default::default(),
     });
@@ -136,6 +138,28 @@ impl Peer {
                 },
             };
             match event {
+                Event::InboundRequest {
+                    request: antnest_proto::Request::FetchModule { hash },
+                    channel,
+                    ..
+                } => {
+                    // Reading a module from disk (a Python job's is 36 MB)
+                    // is off this loop, and two at a time.
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let _permit = this.state.module_reads.acquire().await;
+                        let read = this.clone();
+                        let response =
+                            tokio::task::spawn_blocking(move || read.module_response(hash))
+                                .await
+                                .unwrap_or_else(|e| {
+                                    antnest_proto::Response::Refused(format!(
+                                        "reading module {hash}: {e}"
+                                    ))
+                                });
+                        this.state.client.respond(channel, response).await;
+                    });
+                }
                 Event::InboundRequest {
                     peer,
                     request,

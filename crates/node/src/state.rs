@@ -26,6 +26,11 @@ pub(crate) struct State {
     pub(crate) work: Notify,
     /// Taskunits run by this peer's slots (for metrics).
     pub(crate) tasks_done: std::sync::atomic::AtomicU64,
+    /// Results and errors this peer's jobs dropped because the peer that
+    /// handed them in had not been given those taskunits (for metrics).
+    pub(crate) unleased: std::sync::atomic::AtomicU64,
+    /// Modules being read from disk for other peers at once.
+    pub(crate) module_reads: tokio::sync::Semaphore,
     pub(crate) master: Masters,
     pub(crate) worker: Known,
 }
@@ -47,6 +52,13 @@ impl Peer {
 
     pub async fn peers(&self) -> Vec<PeerInfo> {
         self.state.client.peers().await.unwrap_or_default()
+    }
+
+    /// Outcomes dropped from peers not given those taskunits, for metrics.
+    pub fn unleased(&self) -> u64 {
+        self.state
+            .unleased
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Taskunits this peer's slots have completed, for metrics.

@@ -183,16 +183,35 @@ def _takes_self(fn):
     return bool(params) and params[0] == "self"
 
 
+# How each job function is called: (takes self, how many arguments; None
+# for any number). Worked out once per function: `inspect.signature` costs
+# more than a small taskunit's whole work.
+_shapes = {}
+
+
+def _shape(fn):
+    shape = _shapes.get(fn)
+    if shape is None:
+        params = list(inspect.signature(fn).parameters.values())
+        lead = bool(params) and params[0].name == "self"
+        if lead:
+            params = params[1:]
+        if any(p.kind == p.VAR_POSITIONAL for p in params):
+            n = None
+        else:
+            n = sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        shape = _shapes[fn] = (lead, n)
+    return shape
+
+
 def _call(fn, *args):
     """`fn` with as many of `args` as it takes, after `self` if it has one."""
-    params = list(inspect.signature(fn).parameters.values())
-    lead = ()
-    if params and params[0].name == "self":
-        lead, params = (_self,), params[1:]
-    if any(p.kind == p.VAR_POSITIONAL for p in params):
-        return fn(*lead, *args)
-    n = sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-    return fn(*lead, *args[:n])
+    lead, n = _shape(fn)
+    if n is not None:
+        args = args[:n]
+    if lead:
+        return fn(_self, *args)
+    return fn(*args)
 
 
 def _text(data):

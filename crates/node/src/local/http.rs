@@ -143,6 +143,24 @@ pub async fn metrics(peer: &Peer) -> String {
         &per_job(|p| p.failed),
     );
     metric(
+        "antnest_outcomes_unleased_total",
+        "counter",
+        "Results and errors dropped because the peer that handed them in had not been given those taskunits.",
+        &[(String::new(), peer.unleased())],
+    );
+    metric(
+        "antnest_instance_memory_bytes",
+        "gauge",
+        "Memory all wasm instances of this peer hold (memories and tables).",
+        &[(String::new(), peer.env().memory_used() as u64)],
+    );
+    metric(
+        "antnest_instance_memory_max_bytes",
+        "gauge",
+        "The bound on antnest_instance_memory_bytes (--max-memory).",
+        &[(String::new(), peer.env().max_memory() as u64)],
+    );
+    metric(
         "antnest_modules_compiled_total",
         "counter",
         "Job modules compiled from wasm.",

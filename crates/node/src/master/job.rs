@@ -26,7 +26,10 @@ pub(crate) fn enough_to_feed(n: usize, bytes: usize) -> bool {
 pub(crate) struct MasterJob {
     pub(crate) started: Instant,
     pub(crate) module: ModuleHash,
-    pub(crate) bytes: Arc<Vec<u8>>,
+    /// The module's bytes if the submitter sent them (else they are read
+    /// from the disk cache when a worker asks).
+    pub(crate) bytes: Option<Arc<Vec<u8>>>,
+    pub(crate) module_size: u64,
     pub(crate) limits: Limits,
     /// Where its Python taskunits may run.
     pub(crate) runtime: Runtime,

@@ -192,7 +192,7 @@ impl Peer {
             job: id,
             master: self.state.client.local_peer_id().to_bytes(),
             module: master.module,
-            module_size: master.bytes.len() as u64,
+            module_size: master.module_size,
             limits: master.limits,
             runtime: master.runtime,
         }
@@ -245,24 +245,30 @@ impl Peer {
                     Response::Ack
                 }
             }
-            Request::FetchModule { hash } => {
-                let bytes = self
-                    .running_module(hash)
-                    .map(|b| b.as_ref().clone())
-                    .or_else(|| self.state.env.stored_module(&hash));
-                match bytes {
-                    Some(b) => Response::Module(b),
-                    None => Response::Refused(format!("module {hash} is not here")),
-                }
-            }
+            Request::FetchModule { hash } => self.module_response(hash),
+        }
+    }
+
+    /// The answer to a `FetchModule`: the bytes from a running job, else
+    /// from the disk cache (blocking: file I/O).
+    pub(crate) fn module_response(&self, hash: ModuleHash) -> Response {
+        let bytes = self
+            .running_module(hash)
+            .map(|b| b.as_ref().clone())
+            .or_else(|| self.state.env.stored_module(&hash));
+        match bytes {
+            Some(b) => Response::Module(b),
+            None => Response::Refused(format!("module {hash} is not here")),
         }
     }
 
     /// The bytes of `hash`, if a job of it runs with this peer as master.
     pub(crate) fn running_module(&self, hash: ModuleHash) -> Option<Arc<Vec<u8>>> {
         let masters = self.state.master.jobs.lock().unwrap();
-        let job = masters.values().find(|j| j.module == hash)?;
-        Some(job.bytes.clone())
+        masters
+            .values()
+            .filter(|j| j.module == hash)
+            .find_map(|j| j.bytes.clone())
     }
 
     /// Lease up to `max` taskunits of `master`'s job to `peer`.

@@ -91,26 +91,29 @@ impl Peer {
             }
         };
         let compiled_before = env.cache_stats().compiled;
-        // Looked up only with the bytes at hand (else the blocking path
-        // below looks again, and the cache would count two hits).
-        let in_memory = bytes.as_ref().and_then(|_| env.loaded(&hash));
-        let (bytes, component) = match (bytes, in_memory) {
-            // Compiled already and the bytes at hand: no blocking thread.
-            (Some(bytes), Some(component)) => (bytes, component),
-            (bytes, _) => {
+        // The module's bytes are read from the disk cache only if a worker
+        // asks for them (a Python job's are 36 MB): a job by hash needs
+        // only that they are there, and their size.
+        let module_size = match &bytes {
+            Some(b) => b.len() as u64,
+            None => {
                 let env = env.clone();
+                tokio::task::spawn_blocking(move || env.stored_size(&hash))
+                    .await
+                    .expect("stat task")
+                    .ok_or(SubmitError::ModuleNotHere(hash))?
+            }
+        };
+        let component = match env.loaded(&hash) {
+            // Compiled already: no blocking thread.
+            Some(component) => component,
+            None => {
+                let (env, bytes) = (env.clone(), bytes.clone());
                 tokio::task::spawn_blocking(move || {
-                    let bytes = match bytes {
-                        Some(b) => b,
-                        None => Arc::new(
-                            env.stored_module(&hash)
-                                .ok_or(SubmitError::ModuleNotHere(hash))?,
-                        ),
-                    };
-                    let component = env
-                        .component(&hash, || Some(bytes.as_ref().clone()))
-                        .map_err(|e| SubmitError::InvalidModule(e.to_string()))?;
-                    Ok::<_, SubmitError>((bytes, component))
+                    // No bytes at hand: the component loads from the
+                    // artifact cache, or the module from the disk cache.
+                    env.component(&hash, || bytes.map(|b| b.as_ref().clone()))
+                        .map_err(|e| SubmitError::InvalidModule(e.to_string()))
                 })
                 .await
                 .expect("compile task")?
@@ -188,6 +191,7 @@ impl Peer {
             started,
             module: hash,
             bytes,
+            module_size,
             limits,
             runtime: spec.runtime,
             book: Mutex::new(book),
@@ -365,6 +369,9 @@ impl Peer {
             book.finish()
         };
         for (peer, n) in &done.unleased {
+            self.state
+                .unleased
+                .fetch_add(*n, std::sync::atomic::Ordering::Relaxed);
             warn!(job = %id, %peer, n, "outcomes from a peer not given those taskunits were dropped");
         }
         let prog = done.progress;
