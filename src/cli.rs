@@ -38,6 +38,10 @@ pub(crate) enum Command {
     Cancel(CancelArgs),
     /// Print shell completions (bash, zsh, fish, ...).
     Completions { shell: clap_complete::Shell },
+    /// Compile a component from stdin to stdout (a peer runs this in a
+    /// child process, to bound a compile in time and memory).
+    #[command(hide = true)]
+    CompileModule,
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +97,14 @@ pub(crate) struct NetArgs {
     /// past it the least recently used are removed.
     #[arg(long, value_name = "MIB", default_value_t = antnest_node::config::DEFAULT_CACHE_MAX_MB)]
     pub(crate) cache_max_mb: u64,
+    /// Time a module's compile may take (it runs in a child process,
+    /// stopped past this), e.g. 300s.
+    #[arg(long, value_parser = parse_duration, default_value = "300s")]
+    pub(crate) compile_timeout: Duration,
+    /// Memory a module's compile may use, in MiB (an address-space cap on
+    /// its child process).
+    #[arg(long, value_name = "MIB", default_value_t = 4096)]
+    pub(crate) compile_memory_mb: u64,
     /// Run Python jobs' taskunits in this machine's own CPython (native
     /// speed, its installed packages such as numpy) instead of wasm, each
     /// process contained by bubblewrap (`bwrap`): no network, the

@@ -23,6 +23,14 @@ use antnest_sandbox::NativePython;
 use cli::{Cli, Command, NetArgs, SubmitArgs};
 
 fn main() -> ExitCode {
+    // A compile in a child process (see antnest_sandbox::compile): no
+    // runtime, no logging, nothing but the compile.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "compile-module")
+    {
+        return antnest_sandbox::compile::child_main();
+    }
     antnest_node::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -66,6 +74,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Peers(args) => list_peers(args).await,
         Command::Jobs(args) => list_jobs(args).await,
         Command::Cancel(args) => cancel_job(args).await,
+        Command::CompileModule => Ok(antnest_sandbox::compile::child_main()),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -128,6 +137,12 @@ fn peer_config(net: &NetArgs, submitter: bool) -> Result<PeerConfig> {
                 mib.saturating_mul(1 << 20)
             }),
         cache_max: net.cache_max_mb.saturating_mul(1 << 20),
+        compiler: Some(antnest_sandbox::Compiler {
+            program: std::env::current_exe().context("finding this program, to compile in")?,
+            args: vec!["compile-module".into()],
+            time: net.compile_timeout,
+            memory: net.compile_memory_mb.saturating_mul(1 << 20),
+        }),
         allowed_masters: (!net.allow_master.is_empty())
             .then(|| net.allow_master.iter().copied().collect()),
         ..PeerConfig::default()

@@ -513,6 +513,54 @@ struct Gossiper {
     rr: Rr,
 }
 
+/// An outsider that gossips on antnest's jobs topic (subscribed) and
+/// speaks its request-response protocol with `rr`.
+fn gossiper(rr: Rr) -> (libp2p::Swarm<Gossiper>, libp2p::gossipsub::IdentTopic) {
+    gossip_swarm(|gossip| Gossiper { gossip, rr })
+}
+
+/// A swarm of a fresh identity whose behaviour `make` builds around a
+/// gossipsub subscribed to antnest's jobs topic.
+fn gossip_swarm<B: libp2p::swarm::NetworkBehaviour>(
+    make: impl FnOnce(libp2p::gossipsub::Behaviour) -> B,
+) -> (libp2p::Swarm<B>, libp2p::gossipsub::IdentTopic) {
+    use libp2p::gossipsub;
+
+    let topic = gossipsub::IdentTopic::new(antnest_proto::msg::JOBS_TOPIC);
+    let swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|key| {
+            let mut gossip = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossipsub::ConfigBuilder::default()
+                    .heartbeat_interval(Duration::from_millis(200))
+                    .build()
+                    .unwrap(),
+            )
+            .unwrap();
+            gossip.subscribe(&topic).unwrap();
+            make(gossip)
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    (swarm, topic)
+}
+
+/// An outsider that announces jobs and serves their modules, speaking
+/// antnest's own messages.
+#[derive(libp2p::swarm::NetworkBehaviour)]
+struct ModuleServer {
+    gossip: libp2p::gossipsub::Behaviour,
+    rr: request_response::cbor::Behaviour<antnest_proto::Request, antnest_proto::Response>,
+}
+
 /// An outsider that gossips announcements to a live peer: one of a job
 /// in another peer's name, one of its own. The peer takes up its own (it
 /// asks it for the module at once) and never the one in another's name
@@ -538,31 +586,8 @@ async fn an_announcement_in_another_masters_name_is_ignored() {
     let mut named = outsider(rr());
     let named_id = *named.local_peer_id();
     named.dial(addr.clone()).unwrap();
-    let mut liar = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|key| Gossiper {
-            gossip: gossipsub::Behaviour::new(
-                gossipsub::MessageAuthenticity::Signed(key.clone()),
-                gossipsub::ConfigBuilder::default()
-                    .heartbeat_interval(Duration::from_millis(200))
-                    .build()
-                    .unwrap(),
-            )
-            .unwrap(),
-            rr: rr(),
-        })
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let (mut liar, topic) = gossiper(rr());
     let liar_id = *liar.local_peer_id();
-    let topic = gossipsub::IdentTopic::new(antnest_proto::msg::JOBS_TOPIC);
-    liar.behaviour_mut().gossip.subscribe(&topic).unwrap();
     liar.dial(addr).unwrap();
     let announce = |master: libp2p::PeerId, module: &[u8]| Announce {
         job: JobId::random(),
@@ -620,5 +645,142 @@ async fn an_announcement_in_another_masters_name_is_ignored() {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), settle).await;
+    still_runs_jobs(&peer);
+}
+
+/// An outsider announces many jobs, each of a module of its own (one
+/// compiled job with a different custom section each), and serves their
+/// bytes to a live peer whose disk cache is bounded at 4 MiB: the peer
+/// fetches and compiles them, its cache stays within its bound (the least
+/// recently used removed, as its log says) and its memory within reason,
+/// and it still runs jobs.
+#[tokio::test]
+async fn many_modules_announced_leave_the_cache_within_its_bound() {
+    use antnest_proto::{Announce, JobId, Limits, ModuleHash};
+
+    const MODULES: usize = 40;
+    const CAP: u64 = 4 << 20;
+    let dir = scratch();
+    let cache = dir.path().join("wcache");
+    let peer = PeerProc::loopback(
+        dir.path(),
+        "w",
+        &[
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--cache-max-mb",
+            "4",
+        ],
+    );
+    let code = std::fs::read(artifact("primes")).unwrap();
+    let modules: Vec<Vec<u8>> = (0..MODULES)
+        .map(|i| {
+            // A custom section: id 0, size, name, contents.
+            let name = b"antnest-test-pad";
+            let body = [&[name.len() as u8][..], name, &i.to_le_bytes()].concat();
+            [&code[..], &[0, body.len() as u8], &body].concat()
+        })
+        .collect();
+    let by_hash: std::collections::HashMap<ModuleHash, &Vec<u8>> =
+        modules.iter().map(|m| (ModuleHash::of(m), m)).collect();
+    let (mut liar, topic) = gossip_swarm(|gossip| ModuleServer {
+        gossip,
+        rr: request_response::cbor::Behaviour::new(
+            [(
+                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
+                ProtocolSupport::Full,
+            )],
+            request_response::Config::default(),
+        ),
+    });
+    let liar_id = *liar.local_peer_id();
+    liar.dial(peer.addr().parse::<Multiaddr>().unwrap())
+        .unwrap();
+    let announcements: Vec<Vec<u8>> = modules
+        .iter()
+        .map(|m| {
+            let a = Announce {
+                job: JobId::random(),
+                master: liar_id.to_bytes(),
+                module: ModuleHash::of(m),
+                module_size: m.len() as u64,
+                limits: Limits::default(),
+                runtime: antnest_proto::Runtime::Wasm,
+            };
+            cbor4ii::serde::to_vec(Vec::new(), &a).unwrap()
+        })
+        .collect();
+    let served = async {
+        let mut served = std::collections::HashSet::new();
+        let mut published = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    // Announced again and again, as a master does.
+                    if published {
+                        for a in &announcements {
+                            let _ = liar.behaviour_mut().gossip.publish(topic.clone(), a.clone());
+                        }
+                    }
+                }
+                e = liar.select_next_some() => match e {
+                    SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
+                        libp2p::gossipsub::Event::Subscribed { .. },
+                    )) => published = true,
+                    SwarmEvent::Behaviour(ModuleServerEvent::Rr(request_response::Event::Message {
+                        message: request_response::Message::Request { request, channel, .. },
+                        ..
+                    })) => {
+                        let response = match request {
+                            antnest_proto::Request::FetchModule { hash } if by_hash.contains_key(&hash) => {
+                                served.insert(hash);
+                                antnest_proto::Response::Module(by_hash[&hash].clone())
+                            }
+                            _ => antnest_proto::Response::NoWork { finished: false },
+                        };
+                        let _ = liar.behaviour_mut().rr.send_response(channel, response);
+                        if served.len() == MODULES {
+                            return;
+                        }
+                    }
+                    _ => {}
+                },
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(400), served)
+        .await
+        .expect("the peer did not fetch every module announced");
+    // The last fetched are compiled (and kept) meanwhile.
+    let size = || -> u64 {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
+    };
+    let mut last = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        last = size();
+        assert!(
+            last <= CAP + CAP / 2,
+            "the cache holds {last} bytes, past its 4 MiB bound"
+        );
+    }
+    assert!(last > 0, "the cache holds the modules fetched last");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", peer.child.id())).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    eprintln!("peer RSS after {MODULES} modules: {rss_kib} KiB, cache {last} bytes");
+    assert!(
+        rss_kib < 400 << 10,
+        "peer RSS {rss_kib} KiB after {MODULES} modules"
+    );
     still_runs_jobs(&peer);
 }

@@ -534,3 +534,50 @@ fn the_module_cache_keeps_to_its_bound() {
     );
     assert!(size(&cache) <= bound, "{} > {bound}", size(&cache));
 }
+
+/// A compile runs in a child process (`antnest compile-module`), bounded:
+/// past its time it is stopped, past its memory it fails, each with a
+/// clear error and nothing cached; within its bounds the component it
+/// makes loads and runs here.
+#[test]
+fn a_compile_is_bounded_in_time_and_memory() {
+    use antnest_proto::{Limits, ModuleHash};
+    use antnest_sandbox::{Compiler, Sandbox, TaskRunner};
+
+    let bytes = std::fs::read(artifact("primes")).unwrap();
+    let hash = ModuleHash::of(&bytes);
+    let compiler = |time: Duration, memory_mb: u64| Compiler {
+        program: env!("CARGO_BIN_EXE_antnest").into(),
+        args: vec!["compile-module".into()],
+        time,
+        memory: memory_mb << 20,
+    };
+    let dir = scratch();
+    let env = Sandbox::new(Some(dir.path().join("cache"))).unwrap();
+    let try_with = |c: Compiler| {
+        env.compile_in_child(c);
+        let bytes = bytes.clone();
+        env.component(&hash, move || Some(bytes)).map(|_| ())
+    };
+    let slow = try_with(compiler(Duration::from_millis(1), 4096)).unwrap_err();
+    assert!(slow.to_string().contains("took longer than"), "{slow}");
+    let big = try_with(compiler(Duration::from_secs(120), COMPILE_TOO_LITTLE_MB)).unwrap_err();
+    assert!(big.to_string().contains("MiB"), "{big}");
+    assert!(
+        !env.is_compiled(&hash),
+        "nothing cached from a failed compile"
+    );
+    assert_eq!(env.cache_stats().compiled, 0);
+    env.compile_in_child(compiler(Duration::from_secs(120), 4096));
+    let module = {
+        let bytes = bytes.clone();
+        env.component(&hash, move || Some(bytes)).unwrap()
+    };
+    assert_eq!(env.cache_stats().compiled, 1);
+    let mut runner = TaskRunner::new(env.clone(), module, Limits::default());
+    assert_eq!(runner.process(b"100").unwrap(), b"25");
+}
+
+/// Address space too small for a compile of `primes` (but enough to start
+/// the program).
+const COMPILE_TOO_LITTLE_MB: u64 = 48;

@@ -36,6 +36,10 @@ pub struct PeerConfig {
     pub max_memory: usize,
     /// Bytes the disk cache of modules and compiled artifacts may hold.
     pub cache_max: u64,
+    /// Compile modules in a child process, bounded in time and memory;
+    /// `None`: in this process, unbounded (tests and benchmarks that have
+    /// no `antnest` program to run).
+    pub compiler: Option<antnest_sandbox::Compiler>,
 }
 
 /// The native Python runtime on a peer.
@@ -61,6 +65,7 @@ impl Default for PeerConfig {
             native_python: None,
             max_memory: default_max_memory(),
             cache_max: DEFAULT_CACHE_MAX_MB << 20,
+            compiler: None,
         }
     }
 }

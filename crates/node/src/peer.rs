@@ -83,6 +83,9 @@ pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
     let env = Sandbox::new(config.cache_dir.clone())?;
     env.set_max_memory(config.max_memory);
     env.set_cache_max(config.cache_max);
+    if let Some(compiler) = &config.compiler {
+        env.compile_in_child(compiler.clone());
+    }
     let expected_listeners = config.net.listen.len();
     let (client, events, mut event_loop) = net::new(config.net.clone())?;
     let incoming = client.accept_streams()?;

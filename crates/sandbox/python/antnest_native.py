@@ -13,8 +13,11 @@
 # own stdout goes to its stderr, so nothing but answers reaches the host.
 
 import os as _os
+import struct as _struct
 
 _OK, _ERROR, _NO_MEMORY = 0, 1, 2
+# An answer's head: its tag, the payload's length, the captured output's.
+_HEAD = _struct.Struct("<BII")
 # The most a taskunit's captured output may be; the host caps it too.
 _CAPTURE_MAX = 64 << 10
 
@@ -33,27 +36,39 @@ def _native_main():
         return data if len(data) == n else None
 
     def answer(tag, payload=b"", printed=""):
-        printed = printed.encode("utf-8", "replace")[:_CAPTURE_MAX]
+        printed = printed.encode("utf-8", "replace")[:_CAPTURE_MAX] if printed else b""
         answers.write(
-            bytes([tag]) + len(payload).to_bytes(4, "little") + len(printed).to_bytes(4, "little")
+            _HEAD.pack(tag, len(payload), len(printed)) + payload + printed
+            if len(payload) < 4096
+            else _HEAD.pack(tag, len(payload), len(printed))
         )
-        answers.write(payload)
-        answers.write(printed)
+        if len(payload) >= 4096:
+            answers.write(payload)
+            answers.write(printed)
         answers.flush()
+
+    # One capture for every call, emptied after each (a new one per
+    # taskunit costs more than a small taskunit's work).
+    out = io.StringIO()
 
     def captured(call):
         """`call()`'s (tag, payload) and what it printed meanwhile."""
-        out = io.StringIO()
         saved = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = out
         try:
-            return (_OK, call()), out.getvalue()
+            result = (_OK, call())
         except Failed as e:
-            return (_ERROR, str(e).encode("utf-8")), out.getvalue()
+            result = (_ERROR, str(e).encode("utf-8"))
         except MemoryError as e:
-            return (_NO_MEMORY, str(e).encode("utf-8")), out.getvalue()
+            result = (_NO_MEMORY, str(e).encode("utf-8"))
         finally:
             sys.stdout, sys.stderr = saved
+        if not out.tell():
+            return result, ""
+        printed = out.getvalue()
+        out.seek(0)
+        out.truncate()
+        return result, printed
 
     bundle = read_frame()
     if bundle is None:

@@ -28,6 +28,7 @@ use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
 
+use crate::compile::Compiler;
 use crate::guest::{
     ClocksUntil, DeadlineClocks, GuestState, HasSelf, HostIo, Job, JobPre, MemoryBudget,
     MemoryLimiter, STDERR_CAPTURE, classify,
@@ -77,6 +78,15 @@ pub struct CacheStats {
 pub struct Module {
     pub(crate) component: Component,
     pub(crate) files: Arc<[u8]>,
+}
+
+/// The engine configuration of every sandbox (and of a compile in a
+/// child process, whose output the parent loads).
+pub(crate) fn engine_config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.wasm_component_model(true);
+    config
 }
 
 /// Compiled modules kept in memory: a peer that sees many jobs (or an
@@ -151,6 +161,9 @@ struct EnvInner {
     verified: Mutex<HashMap<ModuleHash, (u64, u64)>>,
     /// Memory of every instance of this peer (see [`Sandbox::set_max_memory`]).
     budget: Arc<MemoryBudget>,
+    /// Compiles in a child process, bounded, if set (see
+    /// [`Sandbox::compile_in_child`]); else in this process.
+    compiler: Mutex<Option<Arc<Compiler>>>,
     /// Bytes the disk cache may hold (see [`Sandbox::set_cache_max`]).
     cache_max: AtomicU64,
     compiled: AtomicU64,
@@ -162,10 +175,7 @@ impl Sandbox {
     /// Build the engine and start its epoch ticker. `cache_dir` keeps module
     /// bytes and compiled artifacts between runs; `None` keeps them in memory only.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, LoadError> {
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        config.wasm_component_model(true);
-        let engine = Engine::new(&config).map_err(|e| LoadError::InvalidModule {
+        let engine = Engine::new(&engine_config()).map_err(|e| LoadError::InvalidModule {
             hash: ModuleHash::of(b""),
             reason: format!("engine: {e}"),
         })?;
@@ -201,6 +211,7 @@ impl Sandbox {
                 verified: Mutex::new(HashMap::new()),
                 budget: Arc::new(MemoryBudget::new()),
                 cache_max: AtomicU64::new(u64::MAX),
+                compiler: Mutex::new(None),
                 compiled: AtomicU64::new(0),
                 disk_hits: AtomicU64::new(0),
                 memory_hits: AtomicU64::new(0),
@@ -221,6 +232,13 @@ impl Sandbox {
     pub fn memory_tight(&self) -> bool {
         let b = &self.inner.budget;
         b.used() > b.max() / 4 * 3
+    }
+
+    /// Compile modules in a child process run as `compiler` says, bounded
+    /// in time and memory (see [`crate::compile`]), instead of in this
+    /// process with no bound.
+    pub fn compile_in_child(&self, compiler: Compiler) {
+        *self.inner.compiler.lock().unwrap() = Some(Arc::new(compiler));
     }
 
     /// Bound the disk cache (modules, compiled artifacts, jobs' files):
@@ -512,21 +530,29 @@ impl Sandbox {
             self.evict(&[*hash, code_hash]);
             return Ok(self.remember(hash, compiled.component, Arc::from(files)));
         }
-        // Cranelift compiles a component's functions in parallel on rayon's
-        // pool; a pool of this compile's own keeps a small module from
-        // queueing behind a big one that another thread compiles (the
-        // kernel shares the cores between the two pools' threads).
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("antnest-compile-{i}"))
-            .build()
-            .map_err(|e| invalid(format!("compile threads: {e}")))?;
-        let serialized = pool
-            .install(|| self.inner.engine.precompile_component(&bytes))
-            .map_err(|e| invalid(format!("{e:#}")))?;
+        let compiler = self.inner.compiler.lock().unwrap().clone();
+        let serialized = match compiler {
+            Some(child) => child.compile(&bytes).map_err(invalid)?,
+            None => {
+                // Cranelift compiles a component's functions in parallel on
+                // rayon's pool; a pool of this compile's own keeps a small
+                // module from queueing behind a big one that another thread
+                // compiles (the kernel shares the cores between the two
+                // pools' threads).
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("antnest-compile-{i}"))
+                    .build()
+                    .map_err(|e| invalid(format!("compile threads: {e}")))?;
+                pool.install(|| self.inner.engine.precompile_component(&bytes))
+                    .map_err(|e| invalid(format!("{e:#}")))?
+            }
+        };
         self.inner.compiled.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the bytes were produced just now by this engine.
+        // SAFETY: the bytes were produced just now by this engine's
+        // configuration, in this process or in a child running this same
+        // program (`crate::compile`); wasmtime checks that they match.
         let component = unsafe { Component::deserialize(&self.inner.engine, &serialized) }
             .map_err(|e| invalid(format!("{e:#}")))?;
         if let Some(path) = artifact {

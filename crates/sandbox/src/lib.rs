@@ -5,6 +5,7 @@
 //!
 //! - [`engine`]: [`Sandbox`], one per peer: the engine, the component
 //!   cache, instantiation and the epoch ticker behind deadlines.
+//! - [`compile`]: compiling in a child process, bounded in time and memory.
 //! - [`guest`] (private): the host interface a guest calls, WASI, limits.
 //! - [`run`]: [`TaskRunner`] for taskunits; [`run_split`], [`run_combine`].
 //! - [`job_files`]: a job's files carried beside an interpreter (antnest's
@@ -15,6 +16,7 @@
 //! - [`input`]: a job's input opened for its split; [`mapped`]: files
 //!   mapped into memory, with a flag for a file changed meanwhile.
 
+pub mod compile;
 pub mod engine;
 mod guest;
 pub mod input;
@@ -25,6 +27,7 @@ pub mod native;
 pub mod python;
 pub mod run;
 
+pub use compile::Compiler;
 pub use engine::{CacheStats, LoadError, Module, Sandbox, TICK_MAX, TICK_MIN};
 pub use input::SplitInput;
 pub use native::{NativeError, NativePython, NativeRunner};

@@ -36,6 +36,10 @@ const BASE_MEMORY: u64 = 512 << 20;
 const START_MAX: Duration = Duration::from_secs(60);
 /// The most of a taskunit's printed output kept (the process caps it too).
 const CAPTURE_MAX: usize = 64 << 10;
+/// A taskunit frame this small is written with its length in one write.
+const SMALL_FRAME: usize = 16 << 10;
+/// What one read from a process's answers asks for at least.
+const READ_CHUNK: usize = 64 << 10;
 /// The end of a process's own stderr kept, for when it dies.
 const STDERR_TAIL: usize = 4 << 10;
 
@@ -161,6 +165,9 @@ struct Process {
     child: Child,
     stdin: ChildStdin,
     stdout: ChildStdout,
+    /// Read from `stdout` and not taken yet (answers are read in chunks,
+    /// not piece by piece: one read for a small taskunit's answer).
+    read: Vec<u8>,
     /// The end of what the process wrote to its own stderr.
     stderr: Arc<Mutex<VecDeque<u8>>>,
 }
@@ -282,6 +289,7 @@ impl NativeRunner {
         let mut process = Process {
             stdin: child.stdin.take().expect("piped"),
             stdout: child.stdout.take().expect("piped"),
+            read: Vec::new(),
             child,
             stderr,
         };
@@ -321,6 +329,18 @@ impl Process {
             .to_owned()
     }
 
+    /// Read until `self.read` holds at least `n` bytes.
+    fn fill(&mut self, n: usize, deadline: Instant) -> Result<(), Stop> {
+        while self.read.len() < n {
+            let have = self.read.len();
+            self.read.resize(n.max(have + READ_CHUNK), 0);
+            let got = read_some(&mut self.stdout, &mut self.read[have..], deadline);
+            self.read.truncate(have + got.as_ref().map_or(0, |n| *n));
+            got?;
+        }
+        Ok(())
+    }
+
     /// Send one frame and read its answer: (tag, payload, printed).
     fn call(
         &mut self,
@@ -329,10 +349,16 @@ impl Process {
         max_payload: usize,
     ) -> Result<(u8, Vec<u8>, String), Stop> {
         let len = u32::try_from(frame.len()).map_err(|_| Stop::Died("frame too large".into()))?;
-        write_until(&mut self.stdin, &len.to_le_bytes(), deadline)?;
-        write_until(&mut self.stdin, frame, deadline)?;
-        let mut head = [0u8; 9];
-        read_until(&mut self.stdout, &mut head, deadline)?;
+        if frame.len() <= SMALL_FRAME {
+            // One write for a small taskunit.
+            let whole = [&len.to_le_bytes()[..], frame].concat();
+            write_until(&mut self.stdin, &whole, deadline)?;
+        } else {
+            write_until(&mut self.stdin, &len.to_le_bytes(), deadline)?;
+            write_until(&mut self.stdin, frame, deadline)?;
+        }
+        self.fill(9, deadline)?;
+        let head: [u8; 9] = self.read[..9].try_into().expect("9 bytes");
         let size = u32::from_le_bytes(head[1..5].try_into().expect("4 bytes")) as usize;
         let printed = u32::from_le_bytes(head[5..9].try_into().expect("4 bytes")) as usize;
         if size > max_payload {
@@ -341,16 +367,13 @@ impl Process {
         if printed > CAPTURE_MAX * 4 {
             return Err(Stop::Died(format!("{printed} bytes of output captured")));
         }
-        let mut payload = vec![0u8; size];
-        read_until(&mut self.stdout, &mut payload, deadline)?;
-        let mut text = vec![0u8; printed];
-        read_until(&mut self.stdout, &mut text, deadline)?;
-        text.truncate(CAPTURE_MAX);
-        Ok((
-            head[0],
-            payload,
-            String::from_utf8_lossy(&text).into_owned(),
-        ))
+        self.fill(9 + size + printed, deadline)?;
+        let mut answer: Vec<u8> = self.read.drain(..9 + size + printed).collect();
+        let text =
+            String::from_utf8_lossy(&answer[9 + size..][..printed.min(CAPTURE_MAX)]).into_owned();
+        answer.truncate(9 + size);
+        answer.drain(..9);
+        Ok((head[0], answer, text))
     }
 }
 
@@ -405,11 +428,11 @@ fn write_until(pipe: &mut ChildStdin, mut bytes: &[u8], deadline: Instant) -> Re
 }
 
 /// Fill `buf` from the (non-blocking) pipe by `deadline`.
-fn read_until(pipe: &mut ChildStdout, mut buf: &mut [u8], deadline: Instant) -> Result<(), Stop> {
-    while !buf.is_empty() {
+fn read_some(pipe: &mut ChildStdout, buf: &mut [u8], deadline: Instant) -> Result<usize, Stop> {
+    loop {
         match pipe.read(buf) {
             Ok(0) => return Err(Stop::Died("it closed its output".into())),
-            Ok(n) => buf = &mut buf[n..],
+            Ok(n) => return Ok(n),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 ready(pipe.as_fd(), libc::POLLIN, deadline)?;
             }
@@ -417,5 +440,4 @@ fn read_until(pipe: &mut ChildStdout, mut buf: &mut [u8], deadline: Instant) -> 
             Err(e) => return Err(Stop::Died(e.to_string())),
         }
     }
-    Ok(())
 }
