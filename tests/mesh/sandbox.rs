@@ -581,3 +581,12 @@ fn a_compile_is_bounded_in_time_and_memory() {
 /// Address space too small for a compile of `primes` (but enough to start
 /// the program).
 const COMPILE_TOO_LITTLE_MB: u64 = 48;
+
+/// A NaN has the same bits on every peer (wasm's canonical NaN), not the
+/// CPU's own (x86 makes 0.0 / 0.0 negative), so a taskunit that makes one
+/// gives the same bytes wherever it runs.
+#[test]
+fn a_nan_has_the_same_bits_on_every_peer() {
+    let [mut runner] = faulty_runners([Duration::from_secs(10)]);
+    assert_eq!(runner.process(b"nan").unwrap(), b"7ff8000000000000");
+}

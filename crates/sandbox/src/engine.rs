@@ -86,6 +86,9 @@ pub(crate) fn engine_config() -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.wasm_component_model(true);
+    // A NaN's bits differ between CPUs unless canonicalized: with it, a
+    // taskunit gives the same bytes on any peer (replicas compare equal).
+    config.cranelift_nan_canonicalization(true);
     config
 }
 

@@ -4,7 +4,8 @@
 //! the memory limit stops it, `grow` uses 48 MiB for a moment (the
 //! instance's memory stays that big), `trap` panics, `big` returns 4 MiB, `exit`
 //! calls `std::process::exit(3)`, `random`
-//! returns a different number each time (for replica mismatches), `say`
+//! returns a different number each time (for replica mismatches), `nan`
+//! returns the bits of 0.0 / 0.0 in hex, `say`
 //! writes a line to stderr; anything else is returned upper-cased.
 
 wit_bindgen::generate!({ path: "../../wit", world: "job" });
@@ -35,6 +36,10 @@ impl Guest for Faulty {
                 let v = vec![1u8; 48 << 20];
                 std::hint::black_box(&v);
                 Ok(b"GREW".to_vec())
+            }
+            b"nan" => {
+                let zero = std::hint::black_box(0.0f64);
+                Ok(format!("{:016x}", (zero / zero).to_bits()).into_bytes())
             }
             b"trap" => panic!("the faulty job was asked to trap"),
             b"big" => Ok(vec![b'x'; 4 << 20]),
