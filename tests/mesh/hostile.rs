@@ -784,3 +784,117 @@ async fn many_modules_announced_leave_the_cache_within_its_bound() {
     );
     still_runs_jobs(&peer);
 }
+
+/// An outsider takes all the taskunits it can (a pull of 4096 at the
+/// first announcement) and never answers. The master's own slot runs
+/// backup copies of what it holds, so the job ends with the right output
+/// long before the outsider's leases (120 s) expire, and the stats show
+/// the backups and no result from the outsider.
+#[tokio::test]
+async fn a_worker_holding_leases_does_not_hold_the_job() {
+    use antnest_proto::{Announce, Request, Response};
+    use libp2p::gossipsub;
+
+    let dir = scratch();
+    let master = PeerProc::loopback(dir.path(), "m", &["--lease", "120s"]);
+    let (mut holder, _topic) = gossip_swarm(|gossip| ModuleServer {
+        gossip,
+        rr: request_response::cbor::Behaviour::new(
+            [(
+                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
+                ProtocolSupport::Full,
+            )],
+            request_response::Config::default().with_request_timeout(Duration::from_secs(120)),
+        ),
+    });
+    let holder_id = holder.local_peer_id().to_string();
+    holder
+        .dial(master.addr().parse::<Multiaddr>().unwrap())
+        .unwrap();
+    // Wait until the master's gossip reaches the holder.
+    let subscribed = async {
+        loop {
+            if let SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
+                gossipsub::Event::Subscribed { .. },
+            )) = holder.select_next_some().await
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), subscribed)
+        .await
+        .expect("the master's gossip never reached the holder");
+    let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let holding = {
+        let held = held.clone();
+        tokio::spawn(async move {
+            let mut pulled = std::collections::HashSet::new();
+            loop {
+                match holder.select_next_some().await {
+                    SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
+                        gossipsub::Event::Message { message, .. },
+                    )) => {
+                        let Ok(a) = cbor4ii::serde::from_slice::<Announce>(&message.data) else {
+                            continue;
+                        };
+                        if pulled.insert(a.job) {
+                            let master = libp2p::PeerId::from_bytes(&a.master).unwrap();
+                            let pull = Request::Pull {
+                                job: a.job,
+                                max: 4096,
+                            };
+                            holder.behaviour_mut().rr.send_request(&master, pull);
+                        }
+                    }
+                    SwarmEvent::Behaviour(ModuleServerEvent::Rr(
+                        request_response::Event::Message {
+                            message:
+                                request_response::Message::Response {
+                                    response: Response::Tasks { units, .. },
+                                    ..
+                                },
+                            ..
+                        },
+                    )) => {
+                        // Kept, never run, never answered.
+                        held.fetch_add(units.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+        })
+    };
+    // 400 taskunits of a few ms each: about two seconds on one slot.
+    let ns: Vec<u64> = (0..400).map(|i| 60_000 + i).collect();
+    let input: String = ns.iter().map(|n| format!("{n}\n")).collect();
+    let want: u64 = count_primes_below(&ns).iter().sum();
+    let stats = dir.path().join("s.json");
+    let job = master.spawn_submit(
+        &artifact("primes"),
+        &["--stats-json", stats.to_str().unwrap()],
+        input.as_bytes(),
+    );
+    let started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || job.finish(Duration::from_secs(100)))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    holding.abort();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), want.to_string());
+    let held = held.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(held > 0, "the holder got no taskunits to hold");
+    let stats = stats_of(&stats);
+    assert!(
+        stats["per_peer"].get(&holder_id).is_none(),
+        "nothing counted from the holder: {stats}"
+    );
+    assert!(
+        stats["backups"].as_u64().unwrap() >= 1,
+        "the held taskunits were run as backups: {stats}"
+    );
+    // Ended well within its 100 s (else it was killed and failed above),
+    // with the holder's leases good for 120 s.
+    eprintln!("the holder held {held} taskunits; the job took {took:?}: {stats}");
+}

@@ -149,6 +149,11 @@ pub struct JobStats {
     /// had not been given that taskunit, by peer id.
     #[serde(default)]
     pub unleased: std::collections::BTreeMap<String, u64>,
+    /// Backup copies handed out of taskunits a late worker held (first
+    /// result wins): a worker holding taskunits and not answering shows
+    /// here.
+    #[serde(default)]
+    pub backups: u64,
     /// Taskunits run by native CPython (see `Runtime`); the others ran
     /// in wasm (or came from the journal).
     #[serde(default)]

@@ -59,6 +59,8 @@ pub struct Finished {
     pub resumed: u64,
     /// Results run by native CPython (the others ran in wasm).
     pub native: u64,
+    /// Backup copies handed out of taskunits a late worker held.
+    pub backups: u64,
     /// Results in taskunit order (failed taskunits are absent).
     pub results: BTreeMap<u64, Vec<u8>>,
 }
@@ -121,6 +123,8 @@ struct Reclaims {
     /// have not started.
     reclaim_asked: HashMap<PeerId, HashSet<Instant>>,
     taken_back: u64,
+    /// Backup copies handed out of taskunits a late worker held.
+    backups: u64,
 }
 
 /// Replication: results of replicated taskunits, compared.
@@ -300,6 +304,7 @@ impl JobBook {
             first_result: self.record.first_result,
             resumed: self.record.resumed,
             native: self.record.native,
+            backups: self.reclaims.backups,
             results: std::mem::take(&mut self.record.results),
         }
     }

@@ -387,6 +387,7 @@ impl Peer {
             compiled,
             resumed: done.resumed,
             native_tasks: done.native,
+            backups: done.backups,
             mismatches: prog.mismatches,
             taken_back: prog.taken_back,
             first_result_ms: done

@@ -126,8 +126,9 @@ impl JobBook {
             .map(|(s, l)| (l.since, *s))
             .collect();
         held.sort_unstable();
+        held.truncate(max);
+        self.reclaims.backups += held.len() as u64;
         held.into_iter()
-            .take(max)
             .map(|(_, slot)| {
                 self.backups.insert(slot, worker);
                 TaskUnit {
