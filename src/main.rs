@@ -286,12 +286,10 @@ async fn list_jobs(args: cli::ControlArgs) -> Result<ExitCode> {
     match ask(&args, ControlRequest::Jobs).await? {
         ControlReply::Jobs(jobs) => {
             for j in jobs {
-                let total = j.progress.total.map_or("?".into(), |t| t.to_string());
                 println!(
-                    "{} {}/{total} done {} failed {:.1}s module {}",
+                    "{} {} {:.1}s module {}",
                     j.job_id,
-                    j.progress.done,
-                    j.progress.failed,
+                    progress_line(&j.progress, j.running_ms as f64 / 1000.0),
                     j.running_ms as f64 / 1000.0,
                     &j.module[..12]
                 );
@@ -453,6 +451,45 @@ async fn submit_over(
     }
 }
 
+/// One line of a job's progress, `secs` into it: a bar, the percentage and
+/// an ETA where it can be told (once the split has ended, or from the
+/// share of an input of known size split so far), else what was read.
+fn progress_line(p: &Progress, secs: f64) -> String {
+    let secs = secs.max(1e-3);
+    let rate = p.done as f64 / secs;
+    let Some(f) = p.fraction() else {
+        // A stream of unknown size: what was read of it, and how fast.
+        let mb = p.input_bytes as f64 / 1e6;
+        return format!(
+            "{}/? done, {} failed, {rate:.0}/s, {mb:.1} MB read ({:.1} MB/s), {} peers working",
+            p.done,
+            p.failed,
+            mb / secs,
+            p.workers
+        );
+    };
+    const WIDTH: usize = 24;
+    let filled = ((f * WIDTH as f64).round() as usize).min(WIDTH);
+    let bar = format!("[{}{}]", "#".repeat(filled), "-".repeat(WIDTH - filled));
+    let total = match (p.total, p.total_estimate()) {
+        (Some(t), _) => t.to_string(),
+        (None, Some(t)) => format!("~{t}"),
+        (None, None) => "?".into(),
+    };
+    let eta = if f > 0.0 {
+        format!("{:.0}s", secs * (1.0 - f) / f)
+    } else {
+        "?".into()
+    };
+    format!(
+        "{bar} {:>3.0}% {}/{total} done, {} failed, {rate:.0}/s, ETA {eta}, {} peers working",
+        f * 100.0,
+        p.done,
+        p.failed,
+        p.workers
+    )
+}
+
 /// Shows a job's progress on stderr: one updating line on a terminal, a
 /// plain line now and then otherwise, nothing with `--quiet`.
 struct ProgressPrinter {
@@ -484,19 +521,7 @@ impl ProgressPrinter {
             return;
         }
         self.last = Some(std::time::Instant::now());
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let rate = p.done as f64 / secs;
-        let total = p.total.map_or("?".to_string(), |t| t.to_string());
-        let eta = match p.total {
-            Some(t) if rate > 0.0 => {
-                format!("{:.0}s", t.saturating_sub(p.done + p.failed) as f64 / rate)
-            }
-            _ => "?".into(),
-        };
-        let line = format!(
-            "{}/{total} done, {} failed, {rate:.0}/s, ETA {eta}, {} peers working",
-            p.done, p.failed, p.workers
-        );
+        let line = progress_line(&p, self.started.elapsed().as_secs_f64());
         if self.tty {
             eprint!("\r\x1b[2K{line}");
         } else {

@@ -234,3 +234,55 @@ fn resuming_a_running_job_is_refused() {
     let out = first.finish(T);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// While the split of a job from a file still runs (it stays 4096
+/// taskunits ahead of the workers), `antnest jobs` tells how far the job
+/// is from the share of the input split so far: a percentage and an
+/// estimated total close to the real one.
+#[test]
+fn progress_tells_how_far_a_job_from_a_file_is() {
+    let dir = scratch();
+    let peer = PeerProc::loopback(dir.path(), "p", &[]);
+    let control = peer.control.to_str().unwrap().to_string();
+    let input = dir.path().join("in.txt");
+    let units = 8000;
+    let lines: String = (0..units)
+        .map(|i| format!("{}\n", 20_000 + i % 7))
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let mut job = spawn_antnest(
+        &[
+            "submit",
+            "--control",
+            &control,
+            "--input",
+            input.to_str().unwrap(),
+            artifact("primes").to_str().unwrap(),
+        ],
+        b"",
+    );
+    let id = job.job_id(Duration::from_secs(60));
+    // The split's first taskunits come a moment after the job starts.
+    let estimated = |line: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.split_once("/~").map(|(_, t)| t.parse::<u64>().unwrap()))
+    };
+    let mut line = String::new();
+    for _ in 0..30 {
+        line = text(&run(&["jobs", "--control", &control], b"", T).stdout);
+        if estimated(&line).is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(line.starts_with(&id), "{line}");
+    let estimate = estimated(&line)
+        .unwrap_or_else(|| panic!("no estimated total while the split runs: {line}"));
+    assert!(
+        estimate.abs_diff(units) <= units / 10,
+        "estimated {estimate} taskunits of {units}: {line}"
+    );
+    assert!(line.contains('%') && line.contains('['), "{line}");
+    let out = job.finish(Duration::from_secs(300));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

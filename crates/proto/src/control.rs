@@ -221,6 +221,50 @@ pub struct Progress {
     /// the scheduler's `JobBook::give_back`).
     #[serde(default)]
     pub taken_back: u64,
+    /// Taskunits the split has made so far.
+    #[serde(default)]
+    pub made: u64,
+    /// Bytes of the input the split has gone through so far, and the
+    /// input's size if it is known: while the split runs, they tell how far
+    /// the job is.
+    #[serde(default)]
+    pub input_bytes: u64,
+    #[serde(default)]
+    pub input_size: Option<u64>,
+}
+
+impl Progress {
+    /// How far the job is, from 0 to 1, if that can be told: taskunits
+    /// ended out of the total once the split has ended; before, out of the
+    /// total that the share of the input split so far points to (never
+    /// 1 before the split ends).
+    pub fn fraction(&self) -> Option<f64> {
+        let ended = (self.done + self.failed) as f64;
+        if let Some(total) = self.total {
+            return Some(if total == 0 {
+                1.0
+            } else {
+                (ended / total as f64).min(1.0)
+            });
+        }
+        let size = self.input_size.filter(|s| *s > 0)? as f64;
+        let split = (self.input_bytes as f64 / size).min(1.0);
+        if split <= 0.0 || self.made == 0 {
+            return Some(0.0);
+        }
+        Some((ended * split / self.made as f64).min(0.99))
+    }
+
+    /// The total number of taskunits: known once the split has ended, else
+    /// estimated from the share of the input split so far.
+    pub fn total_estimate(&self) -> Option<u64> {
+        if self.total.is_some() {
+            return self.total;
+        }
+        let size = self.input_size.filter(|s| *s > 0)? as f64;
+        let split = self.input_bytes as f64 / size;
+        (split > 0.0 && self.made > 0).then(|| (self.made as f64 / split.min(1.0)).round() as u64)
+    }
 }
 
 /// A peer as the local peer sees it.
@@ -230,4 +274,40 @@ pub struct PeerInfo {
     pub addresses: Vec<String>,
     pub connected: bool,
     pub agent: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Progress;
+
+    #[test]
+    fn progress_is_told_from_the_input_until_the_split_ends() {
+        // A quarter of a 1000-byte input split into 100 taskunits, 50 done:
+        // about 400 in all, an eighth done.
+        let mut p = Progress {
+            done: 50,
+            made: 100,
+            input_bytes: 250,
+            input_size: Some(1000),
+            ..Progress::default()
+        };
+        assert_eq!(p.total_estimate(), Some(400));
+        assert_eq!(p.fraction(), Some(0.125));
+        // All of it split, all done: still under 1 until the split ends.
+        p.done = 400;
+        p.made = 400;
+        p.input_bytes = 1000;
+        assert_eq!(p.fraction(), Some(0.99));
+        p.total = Some(400);
+        assert_eq!(p.fraction(), Some(1.0));
+        // A stream of unknown size: no fraction to tell.
+        let stream = Progress {
+            done: 5,
+            made: 9,
+            input_bytes: 77,
+            ..Progress::default()
+        };
+        assert_eq!(stream.fraction(), None);
+        assert_eq!(stream.total_estimate(), None);
+    }
 }

@@ -803,6 +803,10 @@ impl JobBook {
                 .len() as u64,
             mismatches: self.votes.mismatches,
             taken_back: self.reclaims.taken_back,
+            made: self.intake.next_index,
+            // The master knows the input (see its `InputSplit`).
+            input_bytes: 0,
+            input_size: None,
         }
     }
 

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use antnest_proto::{JobId, Limits, ModuleHash, PeerId, Runtime};
-use antnest_sandbox::mapped::Damage;
 use antnest_sched::{JobBook, Journal, WorkerTimes};
 use tokio::sync::Notify;
 use tracing::warn;
@@ -38,8 +37,9 @@ pub(crate) struct MasterJob {
     pub(crate) journal: Mutex<Option<Journal>>,
     /// Signalled when results arrive (holds a permit if nobody waits yet).
     pub(crate) progress: Notify,
-    /// Set for each mapping of the input file the split made.
-    pub(crate) input_damage: Mutex<Vec<Damage>>,
+    /// How far the split has gone through the input, and whether the
+    /// input file changed meanwhile.
+    pub(crate) input: Arc<crate::master::split::InputSplit>,
     /// The split has made a taskunit: the job may be announced (announced
     /// earlier, a worker's first pull finds nothing and it backs off).
     pub(crate) units_made: AtomicBool,

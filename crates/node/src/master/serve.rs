@@ -297,7 +297,7 @@ impl Peer {
                 JobInfo {
                     job_id: id.to_string(),
                     module: j.module.to_string(),
-                    progress: book.progress(),
+                    progress: j.input.fill(book.progress()),
                     running_ms: j.started.elapsed().as_millis() as u64,
                     per_peer: by_name(book.per_worker()),
                 }

@@ -1,6 +1,8 @@
 //! A job's split feeding its book, and the results feeding its combine
 //! in taskunit order ([`InOrder`]).
 
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use antnest_proto::control::InputSpec;
@@ -10,13 +12,78 @@ use antnest_sandbox::mapped::Damage;
 use antnest_sandbox::{Module, Sandbox, SplitOutcome, input, lines, run_split};
 use antnest_sched::SplitSender;
 
+/// How far a job's split has gone through its input.
+#[derive(Debug, Default)]
+pub(crate) struct InputSplit {
+    /// The input's size, if known (a file, or bytes sent with the job).
+    pub(crate) size: Option<u64>,
+    /// Taskunits made, shared by all forks of a [`UnitSender`].
+    pub(crate) units: AtomicU64,
+    /// Bytes of taskunits made, each with a line end: the input gone
+    /// through by a split that cuts it into lines.
+    pub(crate) emitted: AtomicU64,
+    /// Bytes a split read from a stream (or a job's split through the
+    /// host), for splits that make taskunits of their own.
+    pub(crate) read: AtomicU64,
+    /// Set for each mapping of the input file the split made.
+    pub(crate) damage: Mutex<Vec<Damage>>,
+}
+
+impl InputSplit {
+    pub(crate) fn of(input: &InputSpec) -> InputSplit {
+        InputSplit {
+            size: match input {
+                InputSpec::Path(p) => std::fs::metadata(p).ok().map(|m| m.len()),
+                InputSpec::Bytes(b) => Some(b.len() as u64),
+            },
+            ..InputSplit::default()
+        }
+    }
+
+    /// Bytes of the input gone through so far (at most its size).
+    pub(crate) fn bytes(&self) -> u64 {
+        let gone = self
+            .emitted
+            .load(Ordering::Relaxed)
+            .max(self.read.load(Ordering::Relaxed));
+        self.size.map_or(gone, |s| gone.min(s))
+    }
+
+    /// `p` with what the split has gone through of the input.
+    pub(crate) fn fill(
+        &self,
+        mut p: antnest_proto::control::Progress,
+    ) -> antnest_proto::control::Progress {
+        // The bytes first: a taskunit's bytes are counted before the
+        // taskunit, so the count read after holds every one of them.
+        p.input_bytes = self.bytes();
+        p.made = p.made.max(self.units.load(Ordering::Relaxed));
+        p.input_size = self.size;
+        p
+    }
+}
+
+/// A stream that counts what is read from it.
+struct Counting<R> {
+    inner: R,
+    read: Arc<InputSplit>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
 /// Hands taskunits from the split to the job's book, waking idle worker
 /// slots now and then (on the first units, then every 1024).
 pub(crate) struct UnitSender<W> {
     pub(crate) tx: SplitSender,
     pub(crate) wake: Arc<W>,
-    /// Taskunits sent, shared by all forks.
-    pub(crate) count: Arc<std::sync::atomic::AtomicU64>,
+    /// Taskunits and their bytes sent, shared by all forks.
+    pub(crate) made: Arc<InputSplit>,
 }
 
 impl<W: Fn()> UnitSender<W> {
@@ -27,13 +94,12 @@ impl<W: Fn()> UnitSender<W> {
                 unit.len()
             ));
         }
+        let len = unit.len() as u64;
         self.tx
             .send(unit)
             .map_err(|_| "job cancelled".to_string())?;
-        let count = self
-            .count
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
+        self.made.emitted.fetch_add(len + 1, Ordering::Relaxed);
+        let count = self.made.units.fetch_add(1, Ordering::Relaxed) + 1;
         if count.is_power_of_two() || count.is_multiple_of(1024) {
             (self.wake)();
         }
@@ -44,7 +110,7 @@ impl<W: Fn()> UnitSender<W> {
         UnitSender {
             tx: self.tx.clone(),
             wake: self.wake.clone(),
-            count: self.count.clone(),
+            made: self.made.clone(),
         }
     }
 }
@@ -56,14 +122,14 @@ pub(crate) fn split_job(
     module: &Module,
     limits: Limits,
     input: &InputSpec,
-    damage: &Mutex<Vec<Damage>>,
+    made: &Arc<InputSplit>,
     tx: SplitSender,
     wake: impl Fn() + Send + Sync + 'static,
 ) -> Result<u64, String> {
     let mut sender = UnitSender {
         tx,
         wake: Arc::new(wake),
-        count: Default::default(),
+        made: made.clone(),
     };
     let emit = {
         let mut sender = sender.fork();
@@ -72,8 +138,14 @@ pub(crate) fn split_job(
     let open = || {
         let (input, mapped) =
             input::open(input).map_err(|e| format!("cannot open the input: {e}"))?;
-        damage.lock().unwrap().extend(mapped);
-        Ok::<_, String>(input)
+        made.damage.lock().unwrap().extend(mapped);
+        Ok::<_, String>(match input {
+            input::SplitInput::Stream(r) => input::SplitInput::Stream(Box::new(Counting {
+                inner: r,
+                read: made.clone(),
+            })),
+            mapped => mapped,
+        })
     };
     match run_split(env, module, limits, open()?, emit) {
         Ok(SplitOutcome::Emitted(_)) => {}
@@ -81,7 +153,7 @@ pub(crate) fn split_job(
         Err(e) => return Err(e.to_string()),
     }
     (sender.wake)();
-    Ok(sender.count.load(std::sync::atomic::Ordering::Relaxed))
+    Ok(made.units.load(Ordering::Relaxed))
 }
 
 /// Results from a job's feed, in taskunit order, waiting for each as it is

@@ -15,7 +15,7 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
 use crate::master::job::{MasterJob, REMEMBERED_MODULES, by_name, enough_to_feed};
-use crate::master::split::{InOrder, split_job};
+use crate::master::split::{InOrder, InputSplit, split_job};
 use crate::state::Peer;
 
 /// How far (in bytes of taskunits) a job's split may run ahead of its workers.
@@ -197,7 +197,7 @@ impl Peer {
             book: Mutex::new(book),
             journal: Mutex::new(journal),
             progress: Notify::new(),
-            input_damage: Mutex::new(Vec::new()),
+            input: Arc::new(InputSplit::of(&spec.input)),
             units_made: std::sync::atomic::AtomicBool::new(false),
             streams: spec.stream && events.is_some(),
         });
@@ -251,15 +251,7 @@ impl Peer {
                 }
             };
             tokio::task::spawn_blocking(move || {
-                let result = split_job(
-                    &env,
-                    &component,
-                    limits,
-                    &input,
-                    &master.input_damage,
-                    tx,
-                    work,
-                );
+                let result = split_job(&env, &component, limits, &input, &master.input, tx, work);
                 debug!(job = %id, ms = master.started.elapsed().as_millis() as u64, ok = result.is_ok(), "split ended");
                 let mut book = master.book.lock().unwrap();
                 match result {
@@ -286,7 +278,7 @@ impl Peer {
                     book.is_finished(),
                     book.has_work(),
                     book.all_issued(),
-                    book.progress(),
+                    master.input.fill(book.progress()),
                     accepted,
                     logs,
                 )
@@ -340,7 +332,8 @@ impl Peer {
         let _ = split.await;
         self.state.master.jobs.lock().unwrap().remove(&id);
         if master
-            .input_damage
+            .input
+            .damage
             .lock()
             .unwrap()
             .iter()
