@@ -383,11 +383,21 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     };
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<JobEvent>(64);
     let mut printer = ProgressPrinter::new(args.quiet);
+    // A crate directory is named by its folder, a file by its name.
+    let module_name = args.job.file_name().map_or_else(
+        || args.job.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     let stream = args.stream;
     let consumer = tokio::spawn(async move {
         while let Some(event) = events_rx.recv().await {
             match event {
                 JobEvent::Started(job) => printer.started(job),
+                JobEvent::Setup {
+                    compiled,
+                    peers,
+                    slots,
+                } => printer.setup(&module_name, &hash, compiled, peers, slots),
                 JobEvent::Progress(p) => printer.update(p),
                 JobEvent::Log { index, text } => printer.log(index, &text),
                 JobEvent::Result { bytes, .. } if stream => {
@@ -527,6 +537,26 @@ impl ProgressPrinter {
         } else {
             eprintln!("antnest: {line}");
         }
+    }
+
+    /// Where the job starts: its module, and the mesh it has.
+    fn setup(&mut self, module: &str, hash: &ModuleHash, compiled: bool, peers: u64, slots: u64) {
+        if self.quiet {
+            return;
+        }
+        let hash = hash.to_string();
+        let how = if compiled {
+            "compiled for it"
+        } else {
+            "cached"
+        };
+        let plural = |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        eprintln!(
+            "antnest: module {module} ({}…, {how}), {} connected, {} here",
+            &hash[..12],
+            plural(peers, "peer"),
+            plural(slots, "slot")
+        );
     }
 
     /// Guest stderr of one taskunit, line by line.

@@ -286,3 +286,37 @@ fn progress_tells_how_far_a_job_from_a_file_is() {
     let out = job.finish(Duration::from_secs(300));
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// The first lines of a submit say which job it is and how to resume it,
+/// then what runs where: the module (name, hash prefix, compiled or
+/// cached), the peers connected and the slots of the submitting peer.
+#[test]
+fn the_first_lines_say_what_runs_where() {
+    let job = artifact("reverse_strings");
+    let hash = antnest_proto::ModuleHash::of(&std::fs::read(&job).unwrap()).to_string();
+    let out = submit_local(&job, &["--slots", "3"], b"abc\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    let mut lines = stderr.lines();
+    let first = lines.next().unwrap_or_default();
+    let id = first
+        .strip_prefix("antnest: job ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert_eq!(
+        first,
+        format!("antnest: job {id} (resume it after a crash with --resume {id})")
+    );
+    let second = lines.next().unwrap_or_default();
+    assert!(
+        second.starts_with(&format!(
+            "antnest: module reverse_strings.wasm ({}…, ",
+            &hash[..12]
+        )),
+        "{stderr}"
+    );
+    assert!(
+        second.ends_with("), 0 peers connected, 3 slots here"),
+        "{stderr}"
+    );
+}

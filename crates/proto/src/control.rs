@@ -180,6 +180,14 @@ pub struct JobReport {
 pub enum JobEvent {
     /// The job has an id (sent first).
     Started(JobId),
+    /// Where it starts (sent second): whether its master compiled the
+    /// module for it (else it was cached), the peers connected to the
+    /// master, and the master's own worker slots.
+    Setup {
+        compiled: bool,
+        peers: u64,
+        slots: u64,
+    },
     Progress(Progress),
     /// What a taskunit wrote to stderr, wherever it ran.
     Log {

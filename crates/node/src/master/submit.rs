@@ -186,6 +186,13 @@ impl Peer {
         };
         if let Some(events) = &events {
             let _ = events.send(JobEvent::Started(id)).await;
+            let peers = self.peers().await.iter().filter(|p| p.connected).count();
+            let setup = JobEvent::Setup {
+                compiled: compiled > 0,
+                peers: peers as u64,
+                slots: self.state.config.slots as u64,
+            };
+            let _ = events.send(setup).await;
         }
         let master = Arc::new(MasterJob {
             started,
