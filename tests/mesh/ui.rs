@@ -135,3 +135,66 @@ fn the_live_page_metrics_and_status_show_a_running_job() {
     );
     assert!(bar > 20, "a progress bar is drawn ({bar} bar pixels)");
 }
+
+/// Jobs that ended stay listed on the page (newest first): how each
+/// ended, its wall time, taskunits, failures with their errors and the
+/// per-peer split.
+#[test]
+fn finished_jobs_stay_on_the_page() {
+    let dir = scratch();
+    let peer = PeerProc::loopback(dir.path(), "p", &["--ui", "127.0.0.1:0"]);
+    let ui = peer.ui.clone().expect("the peer prints its UI address");
+    let control = peer.control.to_str().unwrap();
+    let done = run(
+        &[
+            "submit",
+            "-q",
+            "--control",
+            control,
+            artifact("reverse_strings").to_str().unwrap(),
+        ],
+        b"abc\nxyz\nuvw\n",
+        Duration::from_secs(120),
+    );
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    let failed = run(
+        &[
+            "submit",
+            "-q",
+            "--control",
+            control,
+            artifact("faulty").to_str().unwrap(),
+        ],
+        b"ok\ntrap\n",
+        Duration::from_secs(120),
+    );
+    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed.stderr));
+    let status: serde_json::Value = serde_json::from_str(&get(&ui, "/api/status")).unwrap();
+    let finished = status["finished"].as_array().expect("finished jobs listed");
+    assert_eq!(finished.len(), 2, "{status}");
+    let (last, first) = (&finished[0], &finished[1]);
+    assert_eq!(first["outcome"], "done", "{first}");
+    assert_eq!(first["tasks"], 3);
+    assert_eq!(first["per_peer"][&peer.peer_id], 3, "{first}");
+    assert!(first["wall_ms"].as_u64().is_some());
+    assert_eq!(last["outcome"], "failed", "{last}");
+    assert_eq!(last["failed"], 1, "{last}");
+    assert_eq!(last["failures"][0][0], 1, "{last}");
+    assert!(
+        last["failures"][0][1]
+            .as_str()
+            .unwrap()
+            .contains("asked to trap"),
+        "{last}"
+    );
+    let Some(browser) = chromium() else {
+        eprintln!(
+            "SKIPPED: the browser part needs Chromium (`apt-get install chromium`); .ci/run installs it"
+        );
+        return;
+    };
+    let dom = headless(browser, &dir.path().join("profile"), &["--dump-dom"], &ui);
+    let dom = text(&dom.stdout);
+    let id = first["job_id"].as_str().unwrap();
+    assert!(dom.contains(id) && dom.contains("asked to trap"), "{dom}");
+}

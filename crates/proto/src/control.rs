@@ -202,6 +202,22 @@ pub enum JobEvent {
     },
 }
 
+/// A job that has ended, for the web view's list of the last ones.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FinishedJob {
+    pub job_id: String,
+    pub module: String,
+    /// "done", "failed" or "cancelled".
+    pub outcome: String,
+    pub wall_ms: u64,
+    pub tasks: u64,
+    pub failed: u64,
+    /// Results by worker peer id.
+    pub per_peer: std::collections::BTreeMap<String, u64>,
+    /// The first few taskunits that failed, with their errors.
+    pub failures: Vec<(u64, String)>,
+}
+
 /// A running job, for `antnest jobs` and the web view.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobInfo {

@@ -87,6 +87,7 @@ pub async fn status(peer: &Peer) -> serde_json::Value {
         "peer_id": peer.peer_id().to_string(),
         "peers": peer.peers().await,
         "jobs": peer.jobs(),
+        "finished": peer.finished_jobs(),
         "tasks_done": peer.tasks_done(),
         "cache": peer.env().cache_stats(),
     })

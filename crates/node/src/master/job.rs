@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use antnest_proto::control::FinishedJob;
 use antnest_proto::{JobId, Limits, ModuleHash, PeerId, Runtime};
 use antnest_sched::{JobBook, Journal, WorkerTimes};
 use tokio::sync::Notify;
@@ -76,9 +77,46 @@ impl MasterJob {
 #[derive(Default)]
 pub(crate) struct Masters {
     pub(crate) jobs: Mutex<HashMap<JobId, Arc<MasterJob>>>,
+    /// The last [`FINISHED_KEPT`] jobs that ended, newest last.
+    pub(crate) finished: Mutex<std::collections::VecDeque<FinishedJob>>,
     /// What each worker's batches took per taskunit in the last job of each
     /// module this peer was master of (see [`JobBook::with_times`]).
     pub(crate) turnarounds: Mutex<HashMap<ModuleHash, WorkerTimes>>,
+}
+
+/// Finished jobs a master keeps for the web view.
+pub(crate) const FINISHED_KEPT: usize = 50;
+
+/// Notes a job as finished when dropped: as failed unless told how it
+/// ended (so every way out of a job after it started is noted).
+pub(crate) struct Finishing<'a> {
+    pub(crate) masters: &'a Masters,
+    pub(crate) started: std::time::Instant,
+    pub(crate) entry: FinishedJob,
+}
+
+impl Finishing<'_> {
+    /// The job ended with `report` (its failures too, if any).
+    pub(crate) fn report(&mut self, report: &antnest_proto::control::JobReport, outcome: &str) {
+        let s = &report.stats;
+        self.entry.outcome = outcome.into();
+        self.entry.tasks = s.tasks;
+        self.entry.failed = s.failed;
+        self.entry.per_peer = s.per_peer.clone();
+        self.entry.failures = report.failures.iter().take(10).cloned().collect();
+    }
+}
+
+impl Drop for Finishing<'_> {
+    fn drop(&mut self) {
+        let mut entry = std::mem::take(&mut self.entry);
+        entry.wall_ms = self.started.elapsed().as_millis() as u64;
+        let mut finished = self.masters.finished.lock().unwrap();
+        if finished.len() >= FINISHED_KEPT {
+            finished.pop_front();
+        }
+        finished.push_back(entry);
+    }
 }
 
 /// Results per worker, by the worker's peer id as text (as reports show them).

@@ -287,6 +287,12 @@ impl Peer {
         }
     }
 
+    /// The last jobs this peer was master of that have ended, newest first.
+    pub fn finished_jobs(&self) -> Vec<antnest_proto::control::FinishedJob> {
+        let finished = self.state.master.finished.lock().unwrap();
+        finished.iter().rev().cloned().collect()
+    }
+
     /// The jobs this peer is master of, with their progress.
     pub fn jobs(&self) -> Vec<JobInfo> {
         let masters = self.state.master.jobs.lock().unwrap();

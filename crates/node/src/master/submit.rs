@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use antnest_proto::control::{InputSpec, JobEvent, JobReport, JobSpec, JobStats};
+use antnest_proto::control::{FinishedJob, InputSpec, JobEvent, JobReport, JobSpec, JobStats};
 use antnest_proto::limits::MAX_MODULE;
 use antnest_proto::{ByteBuf, JobId, ModuleHash, TaskError};
 use antnest_sandbox::mapped::Damage;
@@ -14,7 +14,7 @@ use antnest_sched::{JobBook, Journal, JournalError, split_channel};
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
-use crate::master::job::{MasterJob, REMEMBERED_MODULES, by_name, enough_to_feed};
+use crate::master::job::{Finishing, MasterJob, REMEMBERED_MODULES, by_name, enough_to_feed};
 use crate::master::split::{InOrder, InputSplit, split_job};
 use crate::state::Peer;
 
@@ -183,6 +183,18 @@ impl Peer {
                 }
                 id
             }
+        };
+        // From here on the job is noted among the finished ones when it
+        // ends, however it does.
+        let mut finishing = Finishing {
+            masters: &self.state.master,
+            started,
+            entry: FinishedJob {
+                job_id: id.to_string(),
+                module: hash.to_string(),
+                outcome: "failed".into(),
+                ..FinishedJob::default()
+            },
         };
         if let Some(events) = &events {
             let _ = events.send(JobEvent::Started(id)).await;
@@ -356,6 +368,7 @@ impl Peer {
         let done = {
             let mut book = master.book.lock().unwrap();
             if book.is_cancelled() {
+                finishing.entry.outcome = "cancelled".into();
                 return Err(SubmitError::Cancelled);
             }
             if let Some(e) = book.fatal() {
@@ -404,6 +417,7 @@ impl Peer {
             && !spec.keep_going
         {
             report.stats.wall_ms = started.elapsed().as_millis() as u64;
+            finishing.report(&report, "failed");
             return Err(SubmitError::TasksFailed {
                 tasks: report.stats.tasks,
                 failed: report.stats.failed,
@@ -435,6 +449,7 @@ impl Peer {
         }
         report.output = ByteBuf::from(output);
         report.stats.wall_ms = started.elapsed().as_millis() as u64;
+        finishing.report(&report, "done");
         info!(job = %id, tasks = report.stats.tasks, ms = report.stats.wall_ms, "job done");
         Ok(report)
     }
