@@ -197,6 +197,21 @@ fn mdns_finds_peers_with_no_config_across_namespaces() {
             .lines()
             .any(|l| l.starts_with(&a.peer_id) && l.contains(" connected"))
     });
+    // Once identified, a is listed at its address on the link, and not at
+    // its loopback address, which is of no use from b's host.
+    eventually(Duration::from_secs(30), "a's address on the link", || {
+        let out = run(&["peers", "--control", b.control.to_str().unwrap()], b"", T);
+        let listed = text(&out.stdout);
+        let line = listed
+            .lines()
+            .find(|l| l.starts_with(&a.peer_id))
+            .unwrap_or_default();
+        assert!(
+            !line.contains("/ip4/127."),
+            "a loopback address of another host: {line}"
+        );
+        line.contains("/ip4/10.77.0.1/")
+    });
     let (input, want) = primes_input(120, 30_000);
     let stats = dir.path().join("s.json");
     let out = run_cmd(

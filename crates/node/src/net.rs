@@ -226,6 +226,9 @@ pub struct EventLoop {
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, NetError>>>,
     listen_addrs: Vec<Multiaddr>,
     known: HashMap<PeerId, HashSet<Multiaddr>>,
+    /// Connected peers reached over loopback: on this host, so their
+    /// loopback addresses are theirs (another host's are not).
+    on_this_host: HashSet<PeerId>,
     agents: HashMap<PeerId, String>,
     /// Dialed once the listeners are up (see [`EventLoop::run`]).
     bootstrap: Vec<Multiaddr>,
@@ -378,6 +381,7 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
             pending: HashMap::new(),
             listen_addrs: Vec::new(),
             known: HashMap::new(),
+            on_this_host: HashSet::new(),
             agents: HashMap::new(),
             bootstrap: config.bootstrap,
             departed: Default::default(),
@@ -535,6 +539,9 @@ impl EventLoop {
                 peer_id, endpoint, ..
             } => {
                 debug!(%peer_id, "connected");
+                if is_loopback(endpoint.get_remote_address()) {
+                    self.on_this_host.insert(peer_id);
+                }
                 if endpoint.is_dialer() {
                     self.learn(peer_id, endpoint.get_remote_address().clone());
                 }
@@ -545,6 +552,7 @@ impl EventLoop {
                 ..
             } => {
                 debug!(%peer_id, "disconnected");
+                self.on_this_host.remove(&peer_id);
                 self.emit(Event::PeerGone(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -569,8 +577,13 @@ impl EventLoop {
             })) => {
                 debug!(%peer_id, addrs = info.listen_addrs.len(), "identified");
                 self.agents.insert(peer_id, info.agent_version.clone());
+                // Only addresses another host can reach: a peer's loopback
+                // addresses are of no use off its host.
+                let here = self.on_this_host.contains(&peer_id);
                 for addr in info.listen_addrs {
-                    self.learn(peer_id, addr);
+                    if here || !is_loopback(&addr) {
+                        self.learn(peer_id, addr);
+                    }
                 }
                 if self.known.len() == 1 {
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
@@ -674,4 +687,14 @@ pub fn id(peer: &PeerId) -> antnest_proto::PeerId {
 /// The libp2p peer id of `peer`, if it is one.
 pub fn libp2p_id(peer: antnest_proto::PeerId) -> Option<PeerId> {
     PeerId::from_bytes(peer.as_bytes()).ok()
+}
+
+/// Whether `addr` is on the loopback interface (127.0.0.0/8 or ::1).
+fn is_loopback(addr: &Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(Protocol::Ip6(ip)) => ip.is_loopback(),
+        _ => false,
+    }
 }
