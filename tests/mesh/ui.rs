@@ -56,7 +56,7 @@ fn the_live_page_metrics_and_status_show_a_running_job() {
     let dir = scratch();
     let peer = PeerProc::loopback(dir.path(), "p", &["--ui", "127.0.0.1:0"]);
     let ui = peer.ui.clone().expect("the peer prints its UI address");
-    let input: String = (0..300).map(|i| format!("{}\n", 300_000 + i)).collect();
+    let input: String = (0..600).map(|i| format!("{}\n", 300_000 + i)).collect();
     let _job = spawn_antnest(
         &[
             "submit",
@@ -109,31 +109,54 @@ fn the_live_page_metrics_and_status_show_a_running_job() {
     assert!(dom.contains(&job_id), "the running job is listed: {dom}");
     assert!(dom.contains(&peer.peer_id), "{dom}");
     assert!(dom.contains("class=\"bar\""), "with a progress bar: {dom}");
-
-    let shot = dir.path().join("ui.png");
-    let out = headless(
-        browser,
-        &dir.path().join("profile2"),
-        &[&format!("--screenshot={}", shot.display())],
-        &ui,
-    );
-    assert!(shot.exists(), "no screenshot: {}", text(&out.stderr));
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut pixels = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut pixels).unwrap();
-    assert_eq!((info.width, info.height), (1000, 700));
-    let channels = info.line_size / info.width as usize;
-    let px: Vec<&[u8]> = pixels[..info.buffer_size()].chunks(channels).collect();
-    // The page background, and the progress bar's colour, are on screen.
-    let near = |p: &[u8], c: [u8; 3]| p.iter().zip(c).all(|(a, b)| a.abs_diff(b) <= 8);
-    let background = px.iter().filter(|p| near(p, [0xfa, 0xf7, 0xf2])).count();
-    let bar = px.iter().filter(|p| near(p, [0xc0, 0x66, 0x2b])).count();
+    // The chart of taskunits per second has a line for the working peer,
+    // and the workers' table says it works.
     assert!(
-        background > px.len() / 3,
-        "the page rendered ({background} background pixels)"
+        dom.contains(&format!("class=\"rate\" data-peer=\"{}\"", peer.peer_id)),
+        "the chart has a line for the peer: {dom}"
     );
-    assert!(bar > 20, "a progress bar is drawn ({bar} bar pixels)");
+    assert!(dom.contains(">working<"), "{dom}");
+
+    // Two screenshots a few seconds apart: the page rendered, and its
+    // progress bar grew between them. Kept under target/ as artifacts.
+    let shots = repo().join("target/ui-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let bar_pixels = |name: &str, profile: &str| {
+        let shot = shots.join(name);
+        let _ = std::fs::remove_file(&shot);
+        let out = headless(
+            browser,
+            &dir.path().join(profile),
+            &[&format!("--screenshot={}", shot.display())],
+            &ui,
+        );
+        assert!(shot.exists(), "no screenshot: {}", text(&out.stderr));
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut pixels = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut pixels).unwrap();
+        assert_eq!((info.width, info.height), (1000, 700));
+        let channels = info.line_size / info.width as usize;
+        let px: Vec<&[u8]> = pixels[..info.buffer_size()].chunks(channels).collect();
+        // The page background, and the progress bar's colour, are on screen.
+        let near = |p: &[u8], c: [u8; 3]| p.iter().zip(c).all(|(a, b)| a.abs_diff(b) <= 8);
+        let background = px.iter().filter(|p| near(p, [0xfa, 0xf7, 0xf2])).count();
+        let bar = px.iter().filter(|p| near(p, [0xc0, 0x66, 0x2b])).count();
+        assert!(
+            background > px.len() / 3,
+            "the page rendered ({background} background pixels)"
+        );
+        bar
+    };
+    let first = bar_pixels("running-1.png", "profile2");
+    assert!(first > 20, "a progress bar is drawn ({first} bar pixels)");
+    std::thread::sleep(Duration::from_secs(2));
+    let second = bar_pixels("running-2.png", "profile3");
+    assert!(
+        second > first,
+        "the progress bar moved: {first} then {second} bar pixels"
+    );
 }
 
 /// Jobs that ended stay listed on the page (newest first): how each

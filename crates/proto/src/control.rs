@@ -227,6 +227,18 @@ pub struct JobInfo {
     pub running_ms: u64,
     /// Results so far by worker peer id.
     pub per_peer: std::collections::BTreeMap<String, u64>,
+    /// Each worker of the job by peer id: what it holds now and its pace.
+    #[serde(default)]
+    pub workers: std::collections::BTreeMap<String, WorkerInfo>,
+}
+
+/// A worker of a running job, as its master sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Taskunits it holds (leased, not yet handed in).
+    pub held: u64,
+    /// Its recent compute time per taskunit, in milliseconds.
+    pub pace_ms: Option<f64>,
 }
 
 /// Progress figures, for the submitter.

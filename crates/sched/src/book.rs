@@ -819,6 +819,19 @@ impl JobBook {
         &self.record.per_worker
     }
 
+    /// Each worker holding taskunits of this job or with a known pace:
+    /// how many it holds, and its compute time per taskunit if known.
+    pub fn workers(&self) -> BTreeMap<PeerId, (u64, Option<Duration>)> {
+        let mut out: BTreeMap<PeerId, (u64, Option<Duration>)> = BTreeMap::new();
+        for l in self.leases.values() {
+            out.entry(l.worker).or_default().0 += 1;
+        }
+        for (w, pace) in &self.timing.pace {
+            out.entry(*w).or_default().1 = Some(pace.median());
+        }
+        out
+    }
+
     /// Hand over the results in taskunit order (failed taskunits are absent).
     #[cfg(test)]
     fn take_results(&mut self) -> BTreeMap<u64, Vec<u8>> {

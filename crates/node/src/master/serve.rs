@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use antnest_proto::control::JobInfo;
+use antnest_proto::control::{JobInfo, WorkerInfo};
 use antnest_proto::frame::Frames;
 use antnest_proto::{Announce, JobId, ModuleHash, Request, Response, TaskError};
 use libp2p::PeerId;
@@ -306,6 +306,14 @@ impl Peer {
                     progress: j.input.fill(book.progress()),
                     running_ms: j.started.elapsed().as_millis() as u64,
                     per_peer: by_name(book.per_worker()),
+                    workers: book
+                        .workers()
+                        .into_iter()
+                        .map(|(w, (held, pace))| {
+                            let pace_ms = pace.map(|p| p.as_secs_f64() * 1000.0);
+                            (w.to_string(), WorkerInfo { held, pace_ms })
+                        })
+                        .collect(),
                 }
             })
             .collect();
