@@ -82,11 +82,18 @@ struct Args {
     /// The antnest binary (default: beside this example's directory).
     #[arg(long)]
     antnest: Option<PathBuf>,
+    /// Spot-check this share of remote results (`antnest submit
+    /// --verify`); default: the master's (0.02 on this open mesh).
+    #[arg(long, value_name = "RATE")]
+    verify: Option<f64>,
     /// Run the Python jobs of jobs/harness/ in this runtime (wasm or
     /// native) instead of the Rust jobs.
     #[arg(long, value_name = "RUNTIME")]
     python: Option<Runtime>,
 }
+
+/// `--verify`, for every job submitted.
+static VERIFY: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -156,6 +163,7 @@ async fn submit(
         keep_going: false,
         resume: None,
         replicate: 1,
+        verify: VERIFY.get().copied().flatten(),
         stream: false,
         runtime,
     };
@@ -418,6 +426,7 @@ fn warmup_input(workload: &str, dir: &Path) -> Result<Vec<u8>> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    VERIFY.set(args.verify).expect("set once");
     let timeout = Duration::from_secs_f64(args.timeout);
     let workloads: Vec<String> = args
         .workloads

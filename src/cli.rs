@@ -179,6 +179,12 @@ pub(crate) struct SubmitArgs {
     /// a mismatch is reported and the taskunit run again. Needs K peers.
     #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
     pub(crate) replicate: u8,
+    /// Run this share (0 to 1) of other peers' results again on this
+    /// peer's own slots before taking them; a worker caught with a wrong
+    /// result is refused and all its results are run again. Default: 0.02
+    /// on an open mesh (no --mesh-key, no --allow-master), else 0.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub(crate) verify: Option<f64>,
     /// Print each taskunit's result (a line each) as it arrives, instead of
     /// the combined output.
     #[arg(long)]
@@ -211,6 +217,15 @@ pub(crate) struct SubmitArgs {
 }
 
 /// `250ms`, `2s`, `5m`, or plain seconds.
+/// A share from 0 to 1.
+pub(crate) fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        Ok(_) => Err(format!("{s:?} is not between 0 and 1")),
+        Err(e) => Err(format!("{s:?} is not a number: {e}")),
+    }
+}
+
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s

@@ -368,6 +368,7 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         keep_going: args.keep_going,
         resume: args.resume,
         replicate: args.replicate,
+        verify: args.verify,
         stream: args.stream,
         runtime: args.runtime,
     };

@@ -898,3 +898,137 @@ async fn a_worker_holding_leases_does_not_hold_the_job() {
     // with the holder's leases good for 120 s.
     eprintln!("the holder held {held} taskunits; the job took {took:?}: {stats}");
 }
+
+/// A worker that lies: it takes taskunits the usual way (a pull at the
+/// announcement, then results with the next pull) and hands in a forged
+/// result for every one. With `--verify 1` every remote result is run
+/// again on the master's own slot before it is taken: the liar is caught,
+/// refused, and what it handed in is run again, so the output is right,
+/// and the stats name it.
+#[tokio::test]
+async fn a_worker_handing_in_wrong_results_is_caught_by_spot_checks() {
+    use antnest_proto::{Announce, ByteBuf, Request, Response, TaskOutcome};
+    use libp2p::gossipsub;
+
+    let dir = scratch();
+    let master = PeerProc::loopback(dir.path(), "m", &[]);
+    let (mut liar, _topic) = gossip_swarm(|gossip| ModuleServer {
+        gossip,
+        rr: request_response::cbor::Behaviour::new(
+            [(
+                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
+                ProtocolSupport::Full,
+            )],
+            request_response::Config::default(),
+        ),
+    });
+    let liar_id = liar.local_peer_id().to_string();
+    liar.dial(master.addr().parse::<Multiaddr>().unwrap())
+        .unwrap();
+    let subscribed = async {
+        loop {
+            if let SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
+                gossipsub::Event::Subscribed { .. },
+            )) = liar.select_next_some().await
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), subscribed)
+        .await
+        .expect("the master's gossip never reached the liar");
+    let forged = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let lying = {
+        let forged = forged.clone();
+        tokio::spawn(async move {
+            let mut jobs = std::collections::HashMap::new();
+            loop {
+                match liar.select_next_some().await {
+                    SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
+                        gossipsub::Event::Message { message, .. },
+                    )) => {
+                        let Ok(a) = cbor4ii::serde::from_slice::<Announce>(&message.data) else {
+                            continue;
+                        };
+                        if jobs.contains_key(&a.job) {
+                            continue;
+                        }
+                        let master = libp2p::PeerId::from_bytes(&a.master).unwrap();
+                        let id = liar
+                            .behaviour_mut()
+                            .rr
+                            .send_request(&master, Request::Pull { job: a.job, max: 8 });
+                        jobs.insert(a.job, (master, id));
+                    }
+                    SwarmEvent::Behaviour(ModuleServerEvent::Rr(
+                        request_response::Event::Message {
+                            peer,
+                            message:
+                                request_response::Message::Response {
+                                    request_id,
+                                    response: Response::Tasks { units, .. },
+                                },
+                            ..
+                        },
+                    )) => {
+                        let Some(job) = jobs
+                            .iter()
+                            .find(|(_, (_, id))| *id == request_id)
+                            .map(|(job, _)| *job)
+                        else {
+                            continue;
+                        };
+                        forged.fetch_add(units.len(), std::sync::atomic::Ordering::Relaxed);
+                        let outcomes = units
+                            .iter()
+                            .map(|u| TaskOutcome {
+                                index: u.index,
+                                result: Ok(ByteBuf::from(b"1".to_vec())),
+                                stderr: None,
+                                native: false,
+                            })
+                            .collect();
+                        let results = Request::Results {
+                            job,
+                            outcomes,
+                            compute: Duration::from_millis(1),
+                            pull: 8,
+                        };
+                        let id = liar.behaviour_mut().rr.send_request(&peer, results);
+                        jobs.insert(job, (peer, id));
+                    }
+                    _ => {}
+                }
+            }
+        })
+    };
+    // 200 taskunits of a few ms each.
+    let ns: Vec<u64> = (0..200).map(|i| 60_000 + i).collect();
+    let input: String = ns.iter().map(|n| format!("{n}\n")).collect();
+    let want: u64 = count_primes_below(&ns).iter().sum();
+    let stats = dir.path().join("s.json");
+    let job = master.spawn_submit(
+        &artifact("primes"),
+        &["--verify", "1", "--stats-json", stats.to_str().unwrap()],
+        input.as_bytes(),
+    );
+    let out = tokio::task::spawn_blocking(move || job.finish(Duration::from_secs(300)))
+        .await
+        .unwrap();
+    lying.abort();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), want.to_string(), "the output is right");
+    let forged = forged.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(forged > 0, "the liar got taskunits to lie about");
+    let stats = stats_of(&stats);
+    assert!(
+        stats["caught"][&liar_id].as_u64() >= Some(1),
+        "the liar is named: {stats}"
+    );
+    assert!(
+        stats["per_peer"].get(&liar_id).is_none(),
+        "no result counts as the liar's: {stats}"
+    );
+    eprintln!("the liar forged {forged} results: {stats}");
+}

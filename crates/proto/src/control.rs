@@ -124,6 +124,10 @@ pub struct JobSpec {
     /// Where a Python job's taskunits may run.
     #[serde(default)]
     pub runtime: crate::msg::Runtime,
+    /// The share (0 to 1) of remote workers' results run again on the
+    /// master's own slots (`--verify`); `None`: the master's default.
+    #[serde(default)]
+    pub verify: Option<f64>,
 }
 
 /// Figures about a finished job (`--stats-json`).
@@ -149,6 +153,13 @@ pub struct JobStats {
     /// had not been given that taskunit, by peer id.
     #[serde(default)]
     pub unleased: std::collections::BTreeMap<String, u64>,
+    /// Spot checks (`--verify`) that found a worker's result right.
+    #[serde(default)]
+    pub verified: u64,
+    /// Workers caught with a wrong result by a spot check, by peer id: they
+    /// are refused, and their results were run again.
+    #[serde(default)]
+    pub caught: std::collections::BTreeMap<String, u64>,
     /// Backup copies handed out of taskunits a late worker held (first
     /// result wins): a worker holding taskunits and not answering shows
     /// here.

@@ -61,6 +61,13 @@ pub struct Finished {
     pub native: u64,
     /// Backup copies handed out of taskunits a late worker held.
     pub backups: u64,
+    /// Spot checks that found a worker's result right (`--verify`).
+    pub verified: u64,
+    /// Workers caught with a wrong result by a spot check, and how many.
+    pub caught: BTreeMap<PeerId, u64>,
+    /// Results of caught workers passed on to the combine before they were
+    /// caught (the combine's output cannot be trusted if any).
+    pub passed_on: u64,
     /// Results in taskunit order (failed taskunits are absent).
     pub results: BTreeMap<u64, Vec<u8>>,
 }
@@ -83,6 +90,8 @@ pub struct JobBook {
     record: Record,
     feed: Feed,
     rules: Rules,
+    /// Spot checks of remote workers' results (see [`checks`]).
+    checks: checks::Checks,
     /// Set when the split failed or the job was cancelled: it cannot complete.
     fatal: Option<Fatal>,
 }
@@ -217,6 +226,7 @@ impl JobBook {
                 lease_time,
                 max_attempts: max_attempts.max(1),
             },
+            checks: checks::Checks::default(),
             fatal: None,
         }
     }
@@ -305,6 +315,9 @@ impl JobBook {
             resumed: self.record.resumed,
             native: self.record.native,
             backups: self.reclaims.backups,
+            verified: self.checks.verified,
+            caught: self.checks.caught.clone(),
+            passed_on: self.checks.passed_on,
             results: std::mem::take(&mut self.record.results),
         }
     }
@@ -333,10 +346,17 @@ impl JobBook {
         local: bool,
         now: Instant,
     ) -> Vec<TaskUnit> {
-        if self.fatal.is_some() {
-            return Vec::new(); // failed or cancelled: nothing more to run
+        if self.fatal.is_some() || self.refused(worker) {
+            return Vec::new(); // failed or cancelled, or a caught worker
         }
         self.reclaim_expired(now);
+        if local && self.checks_on() {
+            // The master's own slots run the spot checks first.
+            let checks = self.lease_checks(worker, max, now);
+            if !checks.is_empty() {
+                return checks;
+            }
+        }
         let unissued = self.unissued();
         // A batch is at most the worker's share; over the network, and
         // near the end, only what it would finish first. Backups (below)
@@ -441,7 +461,11 @@ impl JobBook {
             .collect();
         for slot in expired {
             self.leases.remove(&slot);
-            self.queue.push_back(slot);
+            if Self::is_check(&slot) {
+                self.requeue_check(slot.0);
+            } else {
+                self.queue.push_back(slot);
+            }
         }
     }
 
@@ -626,6 +650,10 @@ impl JobBook {
             if !self.open.contains_key(&index) && index < self.intake.next_index {
                 continue; // retired already: a duplicate
             }
+            let result = result.map(|b| b.into_vec());
+            if self.checks_on() && self.settle_check(worker, index, &result) {
+                continue;
+            }
             // Only the worker a replica of it was given to may hand it in:
             // others' results and errors (a taskunit not handed out yet
             // included) are dropped, and counted.
@@ -651,7 +679,7 @@ impl JobBook {
             if native && result.is_ok() {
                 self.record.native += 1;
             }
-            self.record(worker, index, held, result.map(|b| b.into_vec()));
+            self.record(worker, index, held, result);
         }
     }
 
@@ -689,6 +717,10 @@ impl JobBook {
         };
         *self.record.per_worker.entry(worker).or_default() += 1;
         if self.votes.replicas == 1 {
+            let mut bytes = bytes;
+            if self.hold_for_check(worker, index, &mut bytes) {
+                return;
+            }
             self.accept(index, bytes);
             return;
         }
@@ -839,6 +871,7 @@ impl JobBook {
     }
 }
 
+mod checks;
 mod policy;
 mod replicas;
 #[cfg(test)]

@@ -77,6 +77,8 @@ impl MasterJob {
 #[derive(Default)]
 pub(crate) struct Masters {
     pub(crate) jobs: Mutex<HashMap<JobId, Arc<MasterJob>>>,
+    /// Workers caught with a wrong result, refused until then.
+    pub(crate) refused: Mutex<HashMap<PeerId, Instant>>,
     /// The last [`FINISHED_KEPT`] jobs that ended, newest last.
     pub(crate) finished: Mutex<std::collections::VecDeque<FinishedJob>>,
     /// What each worker's batches took per taskunit in the last job of each

@@ -8,6 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use antnest_proto::control::{JobInfo, WorkerInfo};
+
+/// How long a master refuses a worker caught with a wrong result.
+const REFUSED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 use antnest_proto::frame::Frames;
 use antnest_proto::{Announce, JobId, ModuleHash, Request, Response, TaskError};
 use libp2p::PeerId;
@@ -273,6 +276,9 @@ impl Peer {
 
     /// Lease up to `max` taskunits of `master`'s job to `peer`.
     pub(crate) fn lease(&self, master: &MasterJob, peer: PeerId, max: u32) -> Response {
+        if self.is_refused(net::id(&peer)) {
+            return Response::NoWork { finished: false };
+        }
         let mut book = master.book.lock().unwrap();
         let units = book.lease(net::id(&peer), max.min(4096) as usize, Instant::now());
         if units.is_empty() {
@@ -291,6 +297,21 @@ impl Peer {
     pub fn finished_jobs(&self) -> Vec<antnest_proto::control::FinishedJob> {
         let finished = self.state.master.finished.lock().unwrap();
         finished.iter().rev().cloned().collect()
+    }
+
+    /// Refuse `workers` (caught with a wrong result) for [`REFUSED_FOR`].
+    pub(crate) fn refuse(&self, workers: impl Iterator<Item = antnest_proto::PeerId>) {
+        let until = Instant::now() + REFUSED_FOR;
+        let mut refused = self.state.master.refused.lock().unwrap();
+        refused.retain(|_, t| *t > Instant::now());
+        for w in workers {
+            refused.insert(w, until);
+        }
+    }
+
+    fn is_refused(&self, worker: antnest_proto::PeerId) -> bool {
+        let refused = self.state.master.refused.lock().unwrap();
+        refused.get(&worker).is_some_and(|t| *t > Instant::now())
     }
 
     /// The jobs this peer is master of, with their progress.

@@ -49,6 +49,10 @@ pub enum SubmitError {
     #[error("the job was cancelled")]
     Cancelled,
     #[error(
+        "a spot check (--verify) caught a worker with a wrong result after {0} of its results had reached the job's combine: the output cannot be trusted; run the job again (that worker is refused now)"
+    )]
+    WrongResultsPassedOn(u64),
+    #[error(
         "the input file changed while the job ran (it was truncated, written or appended to); run the job again"
     )]
     InputChanged,
@@ -147,9 +151,17 @@ impl Peer {
             .unwrap()
             .get(&hash)
             .cloned();
+        let verify = spec.verify.unwrap_or_else(|| {
+            // An open mesh (anyone on the LAN may work on it) checks a few
+            // results by default.
+            let open =
+                self.state.config.net.psk.is_none() && self.state.config.allowed_masters.is_none();
+            if open { DEFAULT_VERIFY } else { 0.0 }
+        });
         let mut book = JobBook::new(rx, self.state.config.lease, spec.max_attempts)
             .with_replicas(spec.replicate)
-            .with_times(known.unwrap_or_default());
+            .with_times(known.unwrap_or_default())
+            .with_checks(verify.clamp(0.0, 1.0), check_key(), self.state.local);
         // Results go to the combine as they are accepted: it runs alongside
         // the job and sees the end of the feed when `feed` is dropped.
         let (feed, feed_rx) = std::sync::mpsc::channel::<Vec<(u64, Vec<u8>)>>();
@@ -293,6 +305,9 @@ impl Peer {
                 let mut book = master.book.lock().unwrap();
                 let accepted = book.take_accepted();
                 let logs = book.take_logs();
+                if !book.caught().is_empty() {
+                    self.refuse(book.caught().keys().copied());
+                }
                 (
                     book.is_finished(),
                     book.has_work(),
@@ -401,6 +416,8 @@ impl Peer {
             resumed: done.resumed,
             native_tasks: done.native,
             backups: done.backups,
+            verified: done.verified,
+            caught: by_name(&done.caught),
             mismatches: prog.mismatches,
             taken_back: prog.taken_back,
             first_result_ms: done
@@ -427,12 +444,21 @@ impl Peer {
             });
         }
         let results = done.results;
+        let passed_on = done.passed_on;
         debug!(job = %id, ms = started.elapsed().as_millis() as u64, "all results in");
         let combiner = match combiner {
             Some(c) => c,
             None => start_combine(feed_rx.take().expect("the combine starts once")),
         };
         let output = match combiner.await.expect("combine task") {
+            // A caught worker's results reached the job's own combine (or
+            // the submitter) before it was caught: no output built on them.
+            Ok(_) if passed_on > 0 && master.streams => {
+                return Err(SubmitError::WrongResultsPassedOn(passed_on));
+            }
+            Ok(Some(_)) if passed_on > 0 => {
+                return Err(SubmitError::WrongResultsPassedOn(passed_on));
+            }
             Ok(Some(out)) => out,
             Ok(None) => tokio::task::spawn_blocking(move || {
                 antnest_sandbox::default_combine(results.into_values(), limits.combined_output())
@@ -472,4 +498,21 @@ fn input_identity(input: &InputSpec) -> String {
         }
         InputSpec::Bytes(b) => format!("bytes:{}:{:08x}", b.len(), crc32fast::hash(b)),
     }
+}
+
+/// The share of remote results checked on an open mesh (see
+/// `JobBook::with_checks`) unless the submitter says otherwise.
+pub const DEFAULT_VERIFY: f64 = 0.02;
+
+/// A key for picking the taskunits to check, of this job only.
+fn check_key() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
 }

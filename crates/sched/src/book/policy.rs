@@ -122,7 +122,12 @@ impl JobBook {
         let mut held: Vec<(Instant, Replica)> = self
             .leases
             .iter()
-            .filter(|(s, l)| l.worker != worker && !self.backups.contains_key(s) && overdue(l))
+            .filter(|(s, l)| {
+                l.worker != worker
+                    && !Self::is_check(s)
+                    && !self.backups.contains_key(s)
+                    && overdue(l)
+            })
             .map(|(s, l)| (l.since, *s))
             .collect();
         held.sort_unstable();

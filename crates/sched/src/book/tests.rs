@@ -529,3 +529,88 @@ fn a_result_for_a_taskunit_not_handed_out_yet_is_dropped_and_counted() {
     assert_eq!(done.unleased.len(), 1);
     assert_eq!(done.unleased[&w("forger")], 1);
 }
+
+/// The reversed text of each unit: the right result.
+fn right(b: &[TaskUnit]) -> Vec<TaskOutcome> {
+    b.iter()
+        .map(|u| {
+            ok(
+                u.index,
+                &String::from_utf8_lossy(&u.data)
+                    .chars()
+                    .rev()
+                    .collect::<String>(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn spot_checks_accept_a_right_result_once_the_master_agrees() {
+    let mut b = book(&["ab", "cd", "ef"]).with_checks(1.0, 7, w("master"));
+    let now = Instant::now();
+    let batch = b.lease(w("remote"), 3, now);
+    assert_eq!(batch.len(), 3);
+    b.complete(w("remote"), right(&batch));
+    assert_eq!(b.progress().done, 0, "held until checked");
+    assert!(!b.is_finished());
+    // Nothing for another remote worker: the checks are the master's.
+    assert!(b.lease(w("other"), 10, now).is_empty());
+    let checks = b.lease_local(w("master"), 10, now);
+    assert_eq!(checks.len(), 3);
+    b.complete(w("master"), right(&checks));
+    assert!(b.is_finished());
+    let done = b.finish();
+    assert_eq!(done.verified, 3);
+    assert!(done.caught.is_empty());
+    assert_eq!(done.per_worker[&w("remote")], 3);
+    assert_eq!(done.results[&0], b"ba");
+}
+
+#[test]
+fn a_worker_caught_with_a_wrong_result_is_refused_and_its_results_run_again() {
+    let units: Vec<String> = (0..40).map(|i| format!("u{i:02}")).collect();
+    let units: Vec<&str> = units.iter().map(String::as_str).collect();
+    // About a quarter checked.
+    let (tx, rx) = split_channel(64, 1 << 20);
+    for u in &units {
+        tx.send(u.as_bytes().to_vec()).unwrap();
+    }
+    drop(tx);
+    let mut b = JobBook::new(rx, Duration::from_secs(10), 2).with_checks(0.25, 99, w("master"));
+    let now = Instant::now();
+    // The liar's first batch is right, and passed on to the combine.
+    let first = b.lease(w("liar"), 20, now);
+    b.complete(w("liar"), right(&first));
+    let passed = b.take_accepted().len();
+    // Then it lies about all of its second batch.
+    let second = b.lease(w("liar"), 20, now);
+    let lies: Vec<TaskOutcome> = second.iter().map(|u| ok(u.index, "forged")).collect();
+    b.complete(w("liar"), lies);
+    // The master's slots run the checks, and every taskunit left.
+    let mut rounds = 0;
+    while !b.is_finished() && rounds < 100 {
+        let batch = b.lease_local(w("master"), 8, now);
+        b.complete(w("master"), right(&batch));
+        rounds += 1;
+    }
+    assert!(b.is_finished(), "the job ends on the master's own slots");
+    // A caught worker gets nothing more.
+    assert!(b.lease(w("liar"), 10, now).is_empty());
+    let done = b.finish();
+    assert!(done.caught[&w("liar")] >= 1, "caught");
+    assert_eq!(done.results.len(), 40);
+    for (i, r) in &done.results {
+        let want: String = format!("u{i:02}").chars().rev().collect();
+        assert_eq!(r, want.as_bytes(), "taskunit {i} is right");
+    }
+    assert!(
+        !done.per_worker.contains_key(&w("liar")),
+        "nothing counts as the liar's: {:?}",
+        done.per_worker
+    );
+    assert_eq!(
+        done.passed_on as usize, passed,
+        "its results already passed on are counted"
+    );
+}
