@@ -39,29 +39,12 @@ struct Args {
     peer_logs: Option<PathBuf>,
 }
 
-/// The job, with one line (`EDIT`) that each round changes.
+/// The job: the harness's W2 in Python (`jobs/harness/w2_primes.py`) with
+/// one line (`EDIT`) that each round changes.
 fn job_source(edit: usize) -> String {
     format!(
-        r#"EDIT = {edit}
-
-def processor(n):
-    n = int(n)
-    count = 0
-    for k in range(2, n):
-        d = 2
-        is_p = True
-        while d * d <= k:
-            if k % d == 0:
-                is_p = False
-                break
-            d += 1
-        if is_p:
-            count += 1
-    return count
-
-def combine(results):
-    return f"{{sum(results)}} (edit {{EDIT}})"
-"#
+        "EDIT = {edit}\n{}",
+        include_str!("../jobs/harness/w2_primes.py")
     )
 }
 

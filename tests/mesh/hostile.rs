@@ -785,6 +785,38 @@ async fn many_modules_announced_leave_the_cache_within_its_bound() {
     still_runs_jobs(&peer);
 }
 
+/// An outsider speaking antnest's messages, connected to `peer` and
+/// hearing its gossip (requests time out after 120 s).
+async fn joined_worker(peer: &PeerProc) -> libp2p::Swarm<ModuleServer> {
+    let (mut swarm, _topic) = gossip_swarm(|gossip| ModuleServer {
+        gossip,
+        rr: request_response::cbor::Behaviour::new(
+            [(
+                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
+                ProtocolSupport::Full,
+            )],
+            request_response::Config::default().with_request_timeout(Duration::from_secs(120)),
+        ),
+    });
+    swarm
+        .dial(peer.addr().parse::<Multiaddr>().unwrap())
+        .unwrap();
+    let subscribed = async {
+        loop {
+            if let SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
+                libp2p::gossipsub::Event::Subscribed { .. },
+            )) = swarm.select_next_some().await
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), subscribed)
+        .await
+        .expect("the peer's gossip never reached the outsider");
+    swarm
+}
+
 /// An outsider takes all the taskunits it can (a pull of 4096 at the
 /// first announcement) and never answers. The master's own slot runs
 /// backup copies of what it holds, so the job ends with the right output
@@ -797,34 +829,8 @@ async fn a_worker_holding_leases_does_not_hold_the_job() {
 
     let dir = scratch();
     let master = PeerProc::loopback(dir.path(), "m", &["--lease", "120s"]);
-    let (mut holder, _topic) = gossip_swarm(|gossip| ModuleServer {
-        gossip,
-        rr: request_response::cbor::Behaviour::new(
-            [(
-                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
-                ProtocolSupport::Full,
-            )],
-            request_response::Config::default().with_request_timeout(Duration::from_secs(120)),
-        ),
-    });
+    let mut holder = joined_worker(&master).await;
     let holder_id = holder.local_peer_id().to_string();
-    holder
-        .dial(master.addr().parse::<Multiaddr>().unwrap())
-        .unwrap();
-    // Wait until the master's gossip reaches the holder.
-    let subscribed = async {
-        loop {
-            if let SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
-                gossipsub::Event::Subscribed { .. },
-            )) = holder.select_next_some().await
-            {
-                return;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), subscribed)
-        .await
-        .expect("the master's gossip never reached the holder");
     let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let holding = {
         let held = held.clone();
@@ -912,32 +918,8 @@ async fn a_worker_handing_in_wrong_results_is_caught_by_spot_checks() {
 
     let dir = scratch();
     let master = PeerProc::loopback(dir.path(), "m", &[]);
-    let (mut liar, _topic) = gossip_swarm(|gossip| ModuleServer {
-        gossip,
-        rr: request_response::cbor::Behaviour::new(
-            [(
-                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
-                ProtocolSupport::Full,
-            )],
-            request_response::Config::default(),
-        ),
-    });
+    let mut liar = joined_worker(&master).await;
     let liar_id = liar.local_peer_id().to_string();
-    liar.dial(master.addr().parse::<Multiaddr>().unwrap())
-        .unwrap();
-    let subscribed = async {
-        loop {
-            if let SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
-                gossipsub::Event::Subscribed { .. },
-            )) = liar.select_next_some().await
-            {
-                return;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), subscribed)
-        .await
-        .expect("the master's gossip never reached the liar");
     let forged = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let lying = {
         let forged = forged.clone();

@@ -168,29 +168,17 @@ fn finished_jobs_stay_on_the_page() {
     let peer = PeerProc::loopback(dir.path(), "p", &["--ui", "127.0.0.1:0"]);
     let ui = peer.ui.clone().expect("the peer prints its UI address");
     let control = peer.control.to_str().unwrap();
-    let done = run(
-        &[
-            "submit",
-            "-q",
-            "--control",
-            control,
-            artifact("reverse_strings").to_str().unwrap(),
-        ],
-        b"abc\nxyz\nuvw\n",
-        Duration::from_secs(120),
-    );
+    let submit = |job: &str, input: &[u8]| {
+        let job = artifact(job);
+        run(
+            &["submit", "-q", "--control", control, job.to_str().unwrap()],
+            input,
+            Duration::from_secs(120),
+        )
+    };
+    let done = submit("reverse_strings", b"abc\nxyz\nuvw\n");
     assert!(done.status.success(), "{}", text(&done.stderr));
-    let failed = run(
-        &[
-            "submit",
-            "-q",
-            "--control",
-            control,
-            artifact("faulty").to_str().unwrap(),
-        ],
-        b"ok\ntrap\n",
-        Duration::from_secs(120),
-    );
+    let failed = submit("faulty", b"ok\ntrap\n");
     assert_eq!(failed.status.code(), Some(1), "{}", text(&failed.stderr));
     let status: serde_json::Value = serde_json::from_str(&get(&ui, "/api/status")).unwrap();
     let finished = status["finished"].as_array().expect("finished jobs listed");

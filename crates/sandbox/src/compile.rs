@@ -37,21 +37,7 @@ impl Compiler {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let memory = self.memory;
-        // SAFETY: setrlimit is async-signal-safe and touches only the
-        // child's own limits, between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: memory,
-                    rlim_max: memory,
-                };
-                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        cap_address_space(&mut cmd, self.memory);
         let memory_mb = self.memory >> 20;
         let mut child = cmd.spawn().map_err(|e| {
             format!(
@@ -127,6 +113,24 @@ impl Compiler {
                 err
             })
         })
+    }
+}
+
+/// Start `cmd`'s process with at most `bytes` of address space.
+pub(crate) fn cap_address_space(cmd: &mut Command, bytes: u64) {
+    // SAFETY: setrlimit is async-signal-safe and touches only the
+    // child's own limits, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

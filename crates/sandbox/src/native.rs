@@ -18,7 +18,6 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -116,20 +115,7 @@ impl Setup {
             cmd.env(var, "1");
         }
         cmd.env("PYTHONDONTWRITEBYTECODE", "1");
-        // SAFETY: setrlimit is async-signal-safe and touches only the
-        // child's own limits, between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: memory,
-                    rlim_max: memory,
-                };
-                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::compile::cap_address_space(&mut cmd, memory);
         cmd
     }
 }

@@ -506,13 +506,5 @@ pub const DEFAULT_VERIFY: f64 = 0.02;
 
 /// A key for picking the taskunits to check, of this job only.
 fn check_key() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.finish()
+    JobId::random().0
 }

@@ -100,6 +100,13 @@ impl JobBook {
             self.checks.queue.push_back(index);
             return true;
         }
+        self.remember_accepted(worker, index);
+        false
+    }
+
+    /// Note that `worker`'s result of `index` is taken (before it is
+    /// retired), to run it again if `worker` is caught.
+    fn remember_accepted(&mut self, worker: PeerId, index: u64) {
         if let Some(data) = self.open.get(&index) {
             self.checks
                 .accepted
@@ -107,7 +114,6 @@ impl JobBook {
                 .or_default()
                 .push((index, data.clone()));
         }
-        false
     }
 
     /// Lease up to `max` checks to the master's own `worker`.
@@ -205,13 +211,7 @@ impl JobBook {
     }
 
     fn accept_from(&mut self, worker: PeerId, index: u64, bytes: Vec<u8>) {
-        if let Some(data) = self.open.get(&index) {
-            self.checks
-                .accepted
-                .entry(worker)
-                .or_default()
-                .push((index, data.clone()));
-        }
+        self.remember_accepted(worker, index);
         self.accept(index, bytes);
     }
 
