@@ -56,6 +56,8 @@ fn the_live_page_metrics_and_status_show_a_running_job() {
     let dir = scratch();
     let peer = PeerProc::loopback(dir.path(), "p", &["--ui", "127.0.0.1:0"]);
     let ui = peer.ui.clone().expect("the peer prints its UI address");
+    // A second peer, so that libp2p has connections to count.
+    let _other = PeerProc::loopback(dir.path(), "q", &["--bootstrap", peer.addr()]);
     let input: String = (0..600).map(|i| format!("{}\n", 300_000 + i)).collect();
     let _job = spawn_antnest(
         &[
@@ -93,6 +95,42 @@ fn the_live_page_metrics_and_status_show_a_running_job() {
         metrics.contains(&format!("antnest_job_taskunits_done{{job=\"{job_id}\"}}")),
         "{metrics}"
     );
+    // libp2p's own metrics beside ours, and every metric the example
+    // Grafana dashboard charts is one the peer exposes.
+    for family in [
+        "libp2p_swarm_",
+        "libp2p_identify_",
+        "libp2p_kad_",
+        "libp2p_gossipsub_",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {family}")),
+            "{family}: {metrics}"
+        );
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("examples/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    for panel in panels {
+        let expr = panel["targets"][0]["expr"].as_str().unwrap();
+        let names = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("antnest_") || w.starts_with("libp2p_"));
+        for name in names {
+            let base = ["_total", "_sum", "_count", "_bucket"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            assert!(
+                metrics.contains(&format!("# TYPE {name} "))
+                    || metrics.contains(&format!("# TYPE {base} ")),
+                "the dashboard charts {name}, which /metrics lacks"
+            );
+        }
+    }
 
     let Some(browser) = chromium() else {
         eprintln!(

@@ -144,6 +144,9 @@ pub struct Client {
     /// Opens and accepts long-lived streams; the swarm behind it stays in
     /// the [`EventLoop`].
     streams: libp2p_stream::Control,
+    /// libp2p's own metrics (connections, identify, Kademlia, gossipsub,
+    /// ping), which the [`EventLoop`] records.
+    metrics: std::sync::Arc<libp2p::metrics::Registry>,
 }
 
 /// How long opening a task stream may take, dial included.
@@ -181,6 +184,14 @@ impl Client {
 
     pub fn local_peer_id(&self) -> PeerId {
         self.local
+    }
+
+    /// libp2p's metrics in Prometheus' text format (OpenMetrics).
+    pub fn libp2p_metrics(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.metrics);
+        text
     }
 
     /// Send a request and wait for its response.
@@ -235,6 +246,8 @@ pub struct EventLoop {
     /// Departures not yet told to the peer: the event channel was full
     /// (see [`EventLoop::emit`]).
     departed: std::collections::VecDeque<PeerId>,
+    /// libp2p's metrics, recorded from the swarm's events.
+    metrics: libp2p::metrics::Metrics,
 }
 
 fn setup_err(e: impl std::fmt::Display) -> NetError {
@@ -366,11 +379,14 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (ev_tx, ev_rx) = mpsc::channel(256);
+    let mut registry = libp2p::metrics::Registry::default();
+    let metrics = libp2p::metrics::Metrics::new(&mut registry);
     Ok((
         Client {
             tx: cmd_tx,
             local,
             streams,
+            metrics: std::sync::Arc::new(registry),
         },
         ev_rx,
         EventLoop {
@@ -385,6 +401,7 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
             agents: HashMap::new(),
             bootstrap: config.bootstrap,
             departed: Default::default(),
+            metrics,
         },
     ))
 }
@@ -529,7 +546,21 @@ impl EventLoop {
         }
     }
 
+    /// Count `event` in libp2p's metrics.
+    fn record(&self, event: &SwarmEvent<BehaviourEvent>) {
+        use libp2p::metrics::Recorder;
+        self.metrics.record(event);
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => self.metrics.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.metrics.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.metrics.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.metrics.record(e),
+            _ => {}
+        }
+    }
+
     async fn handle_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.record(&event);
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");

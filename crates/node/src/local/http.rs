@@ -176,5 +176,7 @@ pub async fn metrics(peer: &Peer) -> String {
             ("{kind=\"memory\"}".into(), cache.memory_hits),
         ],
     );
+    // libp2p's own (connections, identify, Kademlia, gossipsub, ping).
+    m.push_str(&peer.state.client.libp2p_metrics());
     m
 }
