@@ -383,7 +383,7 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         client::connect(&socket).await.ok()
     };
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<JobEvent>(64);
-    let mut printer = ProgressPrinter::new(args.quiet);
+    let mut printer = ProgressPrinter::new(args.quiet, args.json);
     // A crate directory is named by its folder, a file by its name.
     let module_name = args.job.file_name().map_or_else(
         || args.job.display().to_string(),
@@ -506,33 +506,55 @@ fn progress_line(p: &Progress, secs: f64) -> String {
 struct ProgressPrinter {
     quiet: bool,
     tty: bool,
+    /// Progress as JSON lines (`--json`), not text.
+    json: bool,
     started: std::time::Instant,
     last: Option<std::time::Instant>,
 }
 
 impl ProgressPrinter {
-    fn new(quiet: bool) -> Self {
+    fn new(quiet: bool, json: bool) -> Self {
         ProgressPrinter {
             quiet,
-            tty: std::io::stderr().is_terminal(),
+            json,
+            tty: std::io::stderr().is_terminal() && !json,
             started: std::time::Instant::now(),
             last: None,
         }
     }
 
     fn started(&mut self, job: JobId) {
-        if !self.quiet {
+        if self.json && !self.quiet {
+            eprintln!(
+                "{}",
+                serde_json::json!({"event": "started", "job": job.to_string()})
+            );
+        } else if !self.quiet {
             eprintln!("antnest: job {job} (resume it after a crash with --resume {job})");
         }
     }
 
     fn update(&mut self, p: Progress) {
-        let every = if self.tty { 100 } else { 2000 };
+        let every = if self.tty || self.json { 100 } else { 2000 };
         if self.quiet || self.last.is_some_and(|t| t.elapsed().as_millis() < every) {
             return;
         }
         self.last = Some(std::time::Instant::now());
-        let line = progress_line(&p, self.started.elapsed().as_secs_f64());
+        let secs = self.started.elapsed().as_secs_f64();
+        if self.json {
+            // The figures of the text line, as a JSON line.
+            let fraction = p.fraction();
+            let eta = fraction.filter(|f| *f > 0.0).map(|f| secs * (1.0 - f) / f);
+            let mut event = serde_json::to_value(p).unwrap_or_default();
+            event["event"] = "progress".into();
+            event["fraction"] = fraction.into();
+            event["total_estimate"] = p.total_estimate().into();
+            event["eta_s"] = eta.into();
+            event["elapsed_s"] = secs.into();
+            eprintln!("{event}");
+            return;
+        }
+        let line = progress_line(&p, secs);
         if self.tty {
             eprint!("\r\x1b[2K{line}");
         } else {
@@ -546,6 +568,12 @@ impl ProgressPrinter {
             return;
         }
         let hash = hash.to_string();
+        if self.json {
+            let event = serde_json::json!({"event": "setup", "module": module, "hash": hash,
+                "compiled": compiled, "peers": peers, "slots": slots});
+            eprintln!("{event}");
+            return;
+        }
         let how = if compiled {
             "compiled for it"
         } else {
@@ -566,6 +594,11 @@ impl ProgressPrinter {
             return;
         }
         self.clear();
+        if self.json {
+            let event = serde_json::json!({"event": "log", "taskunit": index, "text": text});
+            eprintln!("{event}");
+            return;
+        }
         for line in text.lines() {
             eprintln!("antnest: taskunit {index}: {line}");
         }

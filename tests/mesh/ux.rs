@@ -320,3 +320,38 @@ fn the_first_lines_say_what_runs_where() {
         "{stderr}"
     );
 }
+
+/// With `--json`, stderr carries the job's events as JSON lines: started,
+/// setup, and progress with the figures of the text line (done, total,
+/// fraction, ETA) while the job runs.
+#[test]
+fn json_progress_events_carry_the_figures() {
+    // ~50 taskunits of ~20 ms on one slot: a second or so of progress.
+    let input: String = (0..50).map(|i| format!("{}\n", 200_000 + i)).collect();
+    let out = submit_local(
+        &artifact("primes"),
+        &["--json", "--slots", "1"],
+        input.as_bytes(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> = text(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert_eq!(events[0]["event"], "started", "{events:?}");
+    assert_eq!(events[1]["event"], "setup", "{events:?}");
+    assert_eq!(events[1]["slots"], 1);
+    let progress: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["event"] == "progress").collect();
+    assert!(!progress.is_empty(), "no progress event: {events:?}");
+    for p in &progress {
+        let f = p["fraction"]
+            .as_f64()
+            .expect("a fraction: the input's size is known");
+        assert!((0.0..=1.0).contains(&f), "{p}");
+        assert!(p["done"].as_u64().unwrap() <= 50, "{p}");
+        assert_eq!(p["input_size"], input.len(), "{p}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(v["stats"]["tasks"], 50);
+}
