@@ -236,6 +236,16 @@ fn finished_jobs_stay_on_the_page() {
             .contains("asked to trap"),
         "{last}"
     );
+    // Each peer's results over the finished jobs, as a Prometheus counter
+    // (three of the first job, one of the second).
+    let metrics = get(&ui, "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "antnest_peer_results_total{{peer=\"{}\"}} 4",
+            peer.peer_id
+        )),
+        "{metrics}"
+    );
     let Some(browser) = chromium() else {
         eprintln!(
             "SKIPPED: the browser part needs Chromium (`apt-get install chromium`); .ci/run installs it"

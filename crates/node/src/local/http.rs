@@ -144,6 +144,16 @@ pub async fn metrics(peer: &Peer) -> String {
         &per_job(|p| p.failed),
     );
     metric(
+        "antnest_peer_results_total",
+        "counter",
+        "Results of this peer's finished jobs, by the peer that computed them.",
+        &peer
+            .results_per_peer()
+            .into_iter()
+            .map(|(p, n)| (format!("{{peer=\"{p}\"}}"), n))
+            .collect::<Vec<_>>(),
+    );
+    metric(
         "antnest_outcomes_unleased_total",
         "counter",
         "Results and errors dropped because the peer that handed them in had not been given those taskunits.",

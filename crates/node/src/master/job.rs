@@ -77,6 +77,9 @@ impl MasterJob {
 #[derive(Default)]
 pub(crate) struct Masters {
     pub(crate) jobs: Mutex<HashMap<JobId, Arc<MasterJob>>>,
+    /// Results of this peer's finished jobs by the peer that computed them
+    /// (at most [`PER_PEER_KEPT`] peers), for metrics.
+    pub(crate) per_peer: Mutex<BTreeMap<PeerId, u64>>,
     /// Workers caught with a wrong result, refused until then.
     pub(crate) refused: Mutex<HashMap<PeerId, Instant>>,
     /// The last [`FINISHED_KEPT`] jobs that ended, newest last.
@@ -85,6 +88,9 @@ pub(crate) struct Masters {
     /// module this peer was master of (see [`JobBook::with_times`]).
     pub(crate) turnarounds: Mutex<HashMap<ModuleHash, WorkerTimes>>,
 }
+
+/// Peers whose results a master counts for its metrics.
+pub(crate) const PER_PEER_KEPT: usize = 1024;
 
 /// Finished jobs a master keeps for the web view.
 pub(crate) const FINISHED_KEPT: usize = 50;

@@ -293,6 +293,12 @@ impl Peer {
         }
     }
 
+    /// Results of this peer's finished jobs by the peer that computed them.
+    pub fn results_per_peer(&self) -> Vec<(String, u64)> {
+        let counted = self.state.master.per_peer.lock().unwrap();
+        counted.iter().map(|(p, n)| (p.to_string(), *n)).collect()
+    }
+
     /// The last jobs this peer was master of that have ended, newest first.
     pub fn finished_jobs(&self) -> Vec<antnest_proto::control::FinishedJob> {
         let finished = self.state.master.finished.lock().unwrap();

@@ -14,7 +14,9 @@ use antnest_sched::{JobBook, Journal, JournalError, split_channel};
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
-use crate::master::job::{Finishing, MasterJob, REMEMBERED_MODULES, by_name, enough_to_feed};
+use crate::master::job::{
+    Finishing, MasterJob, PER_PEER_KEPT, REMEMBERED_MODULES, by_name, enough_to_feed,
+};
 use crate::master::split::{InOrder, InputSplit, split_job};
 use crate::state::Peer;
 
@@ -396,6 +398,14 @@ impl Peer {
             known.insert(hash, book.times());
             book.finish()
         };
+        {
+            let mut counted = self.state.master.per_peer.lock().unwrap();
+            for (peer, n) in &done.per_worker {
+                if counted.len() < PER_PEER_KEPT || counted.contains_key(peer) {
+                    *counted.entry(*peer).or_default() += n;
+                }
+            }
+        }
         for (peer, n) in &done.unleased {
             self.state
                 .unleased
