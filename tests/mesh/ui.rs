@@ -216,7 +216,7 @@ fn finished_jobs_stay_on_the_page() {
     };
     let done = submit("reverse_strings", b"abc\nxyz\nuvw\n");
     assert!(done.status.success(), "{}", text(&done.stderr));
-    let failed = submit("faulty", b"ok\ntrap\n");
+    let failed = submit("faulty", b"say\ntrap\n");
     assert_eq!(failed.status.code(), Some(1), "{}", text(&failed.stderr));
     let status: serde_json::Value = serde_json::from_str(&get(&ui, "/api/status")).unwrap();
     let finished = status["finished"].as_array().expect("finished jobs listed");
@@ -235,6 +235,13 @@ fn finished_jobs_stay_on_the_page() {
             .unwrap()
             .contains("asked to trap"),
         "{last}"
+    );
+    assert!(
+        last["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("taskunit 0: hello from the guest"),
+        "its guest stderr is kept: {last}"
     );
     // Each peer's results over the finished jobs, as a Prometheus counter
     // (three of the first job, one of the second).
@@ -256,4 +263,5 @@ fn finished_jobs_stay_on_the_page() {
     let dom = text(&dom.stdout);
     let id = first["job_id"].as_str().unwrap();
     assert!(dom.contains(id) && dom.contains("asked to trap"), "{dom}");
+    assert!(dom.contains("hello from the guest"), "{dom}");
 }

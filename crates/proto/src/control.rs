@@ -227,6 +227,10 @@ pub struct FinishedJob {
     pub per_peer: std::collections::BTreeMap<String, u64>,
     /// The first few taskunits that failed, with their errors.
     pub failures: Vec<(u64, String)>,
+    /// The start of what its taskunits wrote to stderr, wherever they ran
+    /// (`taskunit N: ` before each line).
+    #[serde(default)]
+    pub stderr: String,
 }
 
 /// A running job, for `antnest jobs` and the web view.

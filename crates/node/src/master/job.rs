@@ -103,7 +103,27 @@ pub(crate) struct Finishing<'a> {
     pub(crate) entry: FinishedJob,
 }
 
+/// The most guest stderr a finished job keeps for the web view.
+const FINISHED_STDERR: usize = 16 << 10;
+
 impl Finishing<'_> {
+    /// Keep what taskunit `index` wrote to stderr, up to [`FINISHED_STDERR`].
+    pub(crate) fn note_stderr(&mut self, index: u64, text: &str) {
+        let kept = &mut self.entry.stderr;
+        for line in text.lines() {
+            if kept.len() >= FINISHED_STDERR {
+                return;
+            }
+            let line = format!("taskunit {index}: {line}\n");
+            let room = FINISHED_STDERR - kept.len();
+            let cut = (0..=room.min(line.len()))
+                .rev()
+                .find(|i| line.is_char_boundary(*i))
+                .unwrap_or(0);
+            kept.push_str(&line[..cut]);
+        }
+    }
+
     /// The job ended with `report` (its failures too, if any).
     pub(crate) fn report(&mut self, report: &antnest_proto::control::JobReport, outcome: &str) {
         let s = &report.stats;

@@ -319,6 +319,9 @@ impl Peer {
                     logs,
                 )
             };
+            for (index, text) in &logs {
+                finishing.note_stderr(*index, text);
+            }
             if let Some(events) = &events {
                 for (index, text) in logs {
                     let _ = events.send(JobEvent::Log { index, text }).await;
