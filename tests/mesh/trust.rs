@@ -148,3 +148,37 @@ fn replicated_taskunits_run_on_distinct_peers_and_mismatches_are_caught() {
     );
     assert_eq!(stats_of(&stats)["mismatches"], 2);
 }
+
+/// Spot checks judge no one for a job whose results vary between runs
+/// (here, random numbers): the master's own two runs of a taskunit differ
+/// from each other, so checks stop for the job, the workers' results are
+/// taken as they are and the stats say checks stopped.
+#[test]
+fn spot_checks_stop_for_a_job_whose_results_vary() {
+    let dir = scratch();
+    let a = PeerProc::loopback(dir.path(), "a", &[]);
+    let b = PeerProc::loopback(dir.path(), "b", &["--bootstrap", a.addr()]);
+    let input = "random\n".repeat(2000);
+    let stats = dir.path().join("s.json");
+    let mut tried = Vec::new();
+    for _ in 0..5 {
+        let out = a.submit(
+            &artifact("faulty"),
+            &["--verify", "1", "--stats-json", stats.to_str().unwrap()],
+            input.as_bytes(),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let s = stats_of(&stats);
+        assert!(
+            s["caught"].as_object().is_none_or(|c| c.is_empty()),
+            "an honest worker was judged: {s}"
+        );
+        if s["per_peer"].get(&b.peer_id).is_some() {
+            assert_eq!(s["verify_stopped"], true, "{s}");
+            assert_eq!(s["tasks"], 2000);
+            return;
+        }
+        tried.push(s);
+    }
+    panic!("b never took part: {tried:?}");
+}

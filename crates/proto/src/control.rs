@@ -160,6 +160,10 @@ pub struct JobStats {
     /// are refused, and their results were run again.
     #[serde(default)]
     pub caught: std::collections::BTreeMap<String, u64>,
+    /// Spot checks stopped because the job's results vary between runs
+    /// (random numbers, clocks): nothing to hold a worker's result against.
+    #[serde(default)]
+    pub verify_stopped: bool,
     /// Backup copies handed out of taskunits a late worker held (first
     /// result wins): a worker holding taskunits and not answering shows
     /// here.

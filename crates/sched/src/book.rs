@@ -68,6 +68,8 @@ pub struct Finished {
     /// Results of caught workers passed on to the combine before they were
     /// caught (the combine's output cannot be trusted if any).
     pub passed_on: u64,
+    /// Spot checks stopped: the job's results vary between runs.
+    pub checks_stopped: bool,
     /// Results in taskunit order (failed taskunits are absent).
     pub results: BTreeMap<u64, Vec<u8>>,
 }
@@ -318,6 +320,7 @@ impl JobBook {
             verified: self.checks.verified,
             caught: self.checks.caught.clone(),
             passed_on: self.checks.passed_on,
+            checks_stopped: self.checks.varies,
             results: std::mem::take(&mut self.record.results),
         }
     }

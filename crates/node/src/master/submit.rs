@@ -431,6 +431,7 @@ impl Peer {
             backups: done.backups,
             verified: done.verified,
             caught: by_name(&done.caught),
+            verify_stopped: done.checks_stopped,
             mismatches: prog.mismatches,
             taken_back: prog.taken_back,
             first_result_ms: done

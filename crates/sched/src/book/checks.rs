@@ -21,13 +21,15 @@ const CHECK: u8 = u8::MAX;
 
 #[derive(Default)]
 pub(super) struct Checks {
+    /// Checks were asked for (they may have stopped since: `threshold`).
+    active: bool,
     /// A taskunit is checked if its keyed hash is under this (0: none).
     threshold: u64,
     key: u64,
     /// The master's own peer, whose slots run the checks.
     local: Option<PeerId>,
-    /// Results held for a check: index -> (worker, its result).
-    pending: HashMap<u64, (PeerId, Vec<u8>)>,
+    /// Results held for a check.
+    pending: HashMap<u64, Held>,
     /// Checks waiting for a slot of the master's own.
     queue: VecDeque<u64>,
     /// The taskunits of each remote worker's accepted results, to run
@@ -40,6 +42,17 @@ pub(super) struct Checks {
     pub(super) verified: u64,
     /// Results of caught workers that had been passed on before.
     pub(super) passed_on: u64,
+    /// The job's results vary between runs here, so checks stopped.
+    pub(super) varies: bool,
+}
+
+/// A worker's result held for a check.
+struct Held {
+    from: PeerId,
+    theirs: Vec<u8>,
+    /// The master's first result, if it differed from theirs: it is run
+    /// once more before anyone is judged.
+    ours: Option<Vec<u8>>,
 }
 
 /// splitmix64: a hash of `x` spread over all 64 bits.
@@ -57,6 +70,7 @@ impl JobBook {
     pub fn with_checks(mut self, rate: f64, key: u64, local: PeerId) -> Self {
         self.checks.local = Some(local);
         if self.votes.replicas == 1 && rate > 0.0 {
+            self.checks.active = true;
             self.checks.threshold = if rate >= 1.0 {
                 u64::MAX
             } else {
@@ -73,7 +87,7 @@ impl JobBook {
     }
 
     pub(super) fn checks_on(&self) -> bool {
-        self.checks.threshold > 0
+        self.checks.active
     }
 
     /// Whether `worker` is refused (caught with a wrong result).
@@ -93,10 +107,13 @@ impl JobBook {
         if !self.checks_on() || self.checks.local.is_none_or(|l| l == worker) {
             return false;
         }
-        if mix(index ^ self.checks.key) <= self.checks.threshold {
-            self.checks
-                .pending
-                .insert(index, (worker, std::mem::take(bytes)));
+        if self.checks.threshold > 0 && mix(index ^ self.checks.key) <= self.checks.threshold {
+            let held = Held {
+                from: worker,
+                theirs: std::mem::take(bytes),
+                ours: None,
+            };
+            self.checks.pending.insert(index, held);
             self.checks.queue.push_back(index);
             return true;
         }
@@ -174,30 +191,68 @@ impl JobBook {
             return false;
         }
         self.leases.remove(&(index, CHECK));
-        let Some((theirs_from, theirs)) = self.checks.pending.remove(&index) else {
+        let Some(Held {
+            from,
+            theirs,
+            ours: first,
+        }) = self.checks.pending.remove(&index)
+        else {
             return true;
         };
         let ours = match result {
             Ok(ours) => ours.clone(),
             // The check could not run here: nothing to hold against theirs.
             Err(_) => {
-                self.accept_from(theirs_from, index, theirs);
+                self.accept_from(from, index, theirs);
                 return true;
             }
         };
-        if ours == theirs && !self.refused(theirs_from) {
+        if ours == theirs && !self.refused(from) {
             self.checks.verified += 1;
-            self.accept_from(theirs_from, index, theirs);
+            self.accept_from(from, index, theirs);
             return true;
         }
-        // Ours counts, not theirs.
-        self.uncount(theirs_from);
-        *self.record.per_worker.entry(worker).or_default() += 1;
-        if ours != theirs {
-            self.catch(theirs_from, index);
+        if !self.refused(from) {
+            match first {
+                // A mismatch: run it here once more before judging; a job
+                // whose results vary between runs is not one to check.
+                None => {
+                    let held = Held {
+                        from,
+                        theirs,
+                        ours: Some(ours),
+                    };
+                    self.checks.pending.insert(index, held);
+                    self.checks.queue.push_front(index);
+                    return true;
+                }
+                Some(first) if first != ours => {
+                    self.stop_checks();
+                    self.accept_from(from, index, theirs);
+                    return true;
+                }
+                // Twice the same here, and not theirs: theirs is wrong.
+                Some(_) => self.catch(from, index),
+            }
         }
+        // Ours counts, not theirs.
+        self.uncount(from);
+        *self.record.per_worker.entry(worker).or_default() += 1;
         self.accept(index, ours);
         true
+    }
+
+    /// The job's results vary between runs here: stop checking it, and
+    /// take the results held for checks as they are.
+    fn stop_checks(&mut self) {
+        tracing::info!("this job's results vary between runs: spot checks stopped for it");
+        self.checks.threshold = 0;
+        self.checks.varies = true;
+        self.checks.queue.clear();
+        for (index, held) in std::mem::take(&mut self.checks.pending) {
+            self.leases.remove(&(index, CHECK));
+            self.accept_from(held.from, index, held.theirs);
+        }
     }
 
     /// One result fewer counted as `worker`'s.

@@ -614,3 +614,30 @@ fn a_worker_caught_with_a_wrong_result_is_refused_and_its_results_run_again() {
         "its results already passed on are counted"
     );
 }
+
+#[test]
+fn a_job_whose_results_vary_between_runs_stops_its_checks_and_judges_no_one() {
+    let mut b = book(&["ab", "cd"]).with_checks(1.0, 7, w("master"));
+    let now = Instant::now();
+    let batch = b.lease(w("remote"), 2, now);
+    let theirs: Vec<TaskOutcome> = batch.iter().map(|u| ok(u.index, "r-remote")).collect();
+    b.complete(w("remote"), theirs);
+    // The master's runs differ from the worker's, and from each other.
+    let mut run = 0;
+    while !b.is_finished() && run < 10 {
+        let checks = b.lease_local(w("master"), 1, now);
+        let ours: Vec<TaskOutcome> = checks
+            .iter()
+            .map(|u| ok(u.index, &format!("r-master-{run}")))
+            .collect();
+        b.complete(w("master"), ours);
+        run += 1;
+    }
+    assert!(b.is_finished());
+    let done = b.finish();
+    assert!(done.checks_stopped);
+    assert!(done.caught.is_empty(), "no one judged: {:?}", done.caught);
+    assert_eq!(done.results[&0], b"r-remote");
+    assert_eq!(done.results[&1], b"r-remote");
+    assert!(done.unleased.is_empty(), "{:?}", done.unleased);
+}
