@@ -265,3 +265,41 @@ fn finished_jobs_stay_on_the_page() {
     assert!(dom.contains(id) && dom.contains("asked to trap"), "{dom}");
     assert!(dom.contains("hello from the guest"), "{dom}");
 }
+
+/// A worker that asked for a running job's module and has taken no
+/// taskunit since (it is fetching or compiling it: here a Python job, whose
+/// runner takes a while to compile) is shown as getting the module.
+#[test]
+fn a_worker_getting_the_module_is_shown_so() {
+    let dir = scratch();
+    let m = PeerProc::loopback(dir.path(), "m", &["--ui", "127.0.0.1:0"]);
+    let ui = m.ui.clone().expect("the peer prints its UI address");
+    // A cache of its own: w has to fetch and compile the job's module.
+    let w_cache = dir.path().join("w-cache");
+    let w = PeerProc::loopback(
+        dir.path(),
+        "w",
+        &[
+            "--bootstrap",
+            m.addr(),
+            "--cache-dir",
+            w_cache.to_str().unwrap(),
+        ],
+    );
+    let job = dir.path().join("slow.py");
+    std::fs::write(
+        &job,
+        "import time\n\ndef processor(x):\n    time.sleep(0.2)\n    return x\n",
+    )
+    .unwrap();
+    let input = "x\n".repeat(300);
+    let _running = m.spawn_submit(&job, &["-q"], input.as_bytes());
+    eventually(
+        Duration::from_secs(300),
+        "w shown as getting the module",
+        || {
+            let status: serde_json::Value = serde_json::from_str(&get(&ui, "/api/status")).unwrap();
+            status["jobs"][0]["workers"][&w.peer_id]["state"] == "getting the module"
+        },
+    );
+}

@@ -142,10 +142,13 @@ impl Peer {
             };
             match event {
                 Event::InboundRequest {
+                    peer,
                     request: antnest_proto::Request::FetchModule { hash },
                     channel,
-                    ..
                 } => {
+                    // The web view shows it as getting the module until it
+                    // takes taskunits.
+                    self.fetching(net::id(&peer), hash);
                     // Reading a module from disk (a Python job's is 36 MB)
                     // is off this loop, and two at a time.
                     let this = self.clone();

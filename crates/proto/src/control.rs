@@ -258,6 +258,11 @@ pub struct WorkerInfo {
     pub held: u64,
     /// Its recent compute time per taskunit, in milliseconds.
     pub pace_ms: Option<f64>,
+    /// "working" (it holds taskunits), "idle", or "getting the module" (it
+    /// asked for the job's module and has taken no taskunit since:
+    /// fetching or compiling it).
+    #[serde(default)]
+    pub state: String,
 }
 
 /// Progress figures, for the submitter.

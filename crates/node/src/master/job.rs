@@ -80,6 +80,9 @@ pub(crate) struct Masters {
     /// Results of this peer's finished jobs by the peer that computed them
     /// (at most [`PER_PEER_KEPT`] peers), for metrics.
     pub(crate) per_peer: Mutex<BTreeMap<PeerId, u64>>,
+    /// Peers that asked for a module of this peer's, and when (at most
+    /// [`PER_PEER_KEPT`]): shown as getting it until they take taskunits.
+    pub(crate) fetching: Mutex<HashMap<PeerId, (ModuleHash, Instant)>>,
     /// Workers caught with a wrong result, refused until then.
     pub(crate) refused: Mutex<HashMap<PeerId, Instant>>,
     /// The last [`FINISHED_KEPT`] jobs that ended, newest last.

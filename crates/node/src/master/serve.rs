@@ -3,21 +3,26 @@
 //! jobs' listing and cancel; and asking slower workers to give back what
 //! they have not started (`Reclaim`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use antnest_proto::control::{JobInfo, WorkerInfo};
 
+/// How long a peer that asked for a module is shown as getting it (the
+/// longest a worker spends fetching and compiling one).
+const GETTING_SHOWN: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// How long a master refuses a worker caught with a wrong result.
 const REFUSED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 use antnest_proto::frame::Frames;
 use antnest_proto::{Announce, JobId, ModuleHash, Request, Response, TaskError};
+use antnest_sched::JobBook;
 use libp2p::PeerId;
 use tokio::sync::watch;
 use tracing::debug;
 
-use crate::master::job::{MasterJob, by_name};
+use crate::master::job::{MasterJob, PER_PEER_KEPT, by_name};
 use crate::net::{self, TaskStream};
 use crate::state::{Peer, stopped};
 
@@ -305,6 +310,19 @@ impl Peer {
         finished.iter().rev().cloned().collect()
     }
 
+    /// `peer` asked for `module`: until it takes taskunits it is getting
+    /// the module (fetching, then compiling it).
+    pub(crate) fn fetching(&self, peer: antnest_proto::PeerId, module: ModuleHash) {
+        let mut fetching = self.state.master.fetching.lock().unwrap();
+        if fetching.len() >= PER_PEER_KEPT {
+            let stale = Instant::now() - GETTING_SHOWN;
+            fetching.retain(|_, (_, at)| *at > stale);
+        }
+        if fetching.len() < PER_PEER_KEPT {
+            fetching.insert(peer, (module, Instant::now()));
+        }
+    }
+
     /// Refuse `workers` (caught with a wrong result) for [`REFUSED_FOR`].
     pub(crate) fn refuse(&self, workers: impl Iterator<Item = antnest_proto::PeerId>) {
         let until = Instant::now() + REFUSED_FOR;
@@ -333,19 +351,44 @@ impl Peer {
                     progress: j.input.fill(book.progress()),
                     running_ms: j.started.elapsed().as_millis() as u64,
                     per_peer: by_name(book.per_worker()),
-                    workers: book
-                        .workers()
-                        .into_iter()
-                        .map(|(w, (held, pace))| {
-                            let pace_ms = pace.map(|p| p.as_secs_f64() * 1000.0);
-                            (w.to_string(), WorkerInfo { held, pace_ms })
-                        })
-                        .collect(),
+                    workers: self.workers_of(j, &book),
                 }
             })
             .collect();
         jobs.sort_by_key(|j| std::cmp::Reverse(j.running_ms));
         jobs
+    }
+
+    /// The workers of job `j`: those holding taskunits or timed, and those
+    /// that asked for its module lately and have taken nothing since.
+    fn workers_of(&self, j: &MasterJob, book: &JobBook) -> BTreeMap<String, WorkerInfo> {
+        let mut workers: BTreeMap<String, WorkerInfo> = book
+            .workers()
+            .into_iter()
+            .map(|(w, (held, pace))| {
+                let info = WorkerInfo {
+                    held,
+                    pace_ms: pace.map(|p| p.as_secs_f64() * 1000.0),
+                    state: if held > 0 { "working" } else { "idle" }.into(),
+                };
+                (w.to_string(), info)
+            })
+            .collect();
+        let since = Instant::now() - GETTING_SHOWN;
+        let fetching = self.state.master.fetching.lock().unwrap();
+        for (peer, (module, at)) in fetching.iter() {
+            let name = peer.to_string();
+            let started = book.per_worker().contains_key(peer) || workers.contains_key(&name);
+            if *module == j.module && *at > since && !started {
+                let info = WorkerInfo {
+                    held: 0,
+                    pace_ms: None,
+                    state: "getting the module".into(),
+                };
+                workers.insert(name, info);
+            }
+        }
+        workers
     }
 
     /// Cancel a job this peer is master of; false if there is none.
