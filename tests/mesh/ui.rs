@@ -30,6 +30,38 @@ fn chromium() -> Option<&'static str> {
         })
 }
 
+/// A screenshot of the page at `url`, kept as `target/ui-screenshots/NAME`:
+/// checks that the page rendered, and gives how many pixels have the
+/// progress bar's colour.
+fn screenshot(browser: &str, profile: &Path, url: &str, name: &str) -> usize {
+    let shots = repo().join("target/ui-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let shot = shots.join(name);
+    let _ = std::fs::remove_file(&shot);
+    let out = headless(
+        browser,
+        profile,
+        &[&format!("--screenshot={}", shot.display())],
+        url,
+    );
+    assert!(shot.exists(), "no screenshot: {}", text(&out.stderr));
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!((info.width, info.height), (1000, 700));
+    let channels = info.line_size / info.width as usize;
+    let px: Vec<&[u8]> = pixels[..info.buffer_size()].chunks(channels).collect();
+    // The page background, and the progress bar's colour, are on screen.
+    let near = |p: &[u8], c: [u8; 3]| p.iter().zip(c).all(|(a, b)| a.abs_diff(b) <= 8);
+    let background = px.iter().filter(|p| near(p, [0xfa, 0xf7, 0xf2])).count();
+    assert!(
+        background > px.len() / 3,
+        "the page rendered ({background} background pixels)"
+    );
+    px.iter().filter(|p| near(p, [0xc0, 0x66, 0x2b])).count()
+}
+
 fn headless(browser: &str, profile: &Path, extra: &[&str], url: &str) -> std::process::Output {
     let mut cmd = Command::new(browser);
     cmd.args([
@@ -157,36 +189,8 @@ fn the_live_page_metrics_and_status_show_a_running_job() {
 
     // Two screenshots a few seconds apart: the page rendered, and its
     // progress bar grew between them. Kept under target/ as artifacts.
-    let shots = repo().join("target/ui-screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
-    let bar_pixels = |name: &str, profile: &str| {
-        let shot = shots.join(name);
-        let _ = std::fs::remove_file(&shot);
-        let out = headless(
-            browser,
-            &dir.path().join(profile),
-            &[&format!("--screenshot={}", shot.display())],
-            &ui,
-        );
-        assert!(shot.exists(), "no screenshot: {}", text(&out.stderr));
-        let decoder =
-            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
-        let mut reader = decoder.read_info().unwrap();
-        let mut pixels = vec![0; reader.output_buffer_size()];
-        let info = reader.next_frame(&mut pixels).unwrap();
-        assert_eq!((info.width, info.height), (1000, 700));
-        let channels = info.line_size / info.width as usize;
-        let px: Vec<&[u8]> = pixels[..info.buffer_size()].chunks(channels).collect();
-        // The page background, and the progress bar's colour, are on screen.
-        let near = |p: &[u8], c: [u8; 3]| p.iter().zip(c).all(|(a, b)| a.abs_diff(b) <= 8);
-        let background = px.iter().filter(|p| near(p, [0xfa, 0xf7, 0xf2])).count();
-        let bar = px.iter().filter(|p| near(p, [0xc0, 0x66, 0x2b])).count();
-        assert!(
-            background > px.len() / 3,
-            "the page rendered ({background} background pixels)"
-        );
-        bar
-    };
+    let bar_pixels =
+        |name: &str, profile: &str| screenshot(browser, &dir.path().join(profile), &ui, name);
     let first = bar_pixels("running-1.png", "profile2");
     assert!(first > 20, "a progress bar is drawn ({first} bar pixels)");
     std::thread::sleep(Duration::from_secs(2));
@@ -264,6 +268,9 @@ fn finished_jobs_stay_on_the_page() {
     let id = first["job_id"].as_str().unwrap();
     assert!(dom.contains(id) && dom.contains("asked to trap"), "{dom}");
     assert!(dom.contains("hello from the guest"), "{dom}");
+    // After the jobs: no running job, so no progress bar on screen.
+    let bar = screenshot(browser, &dir.path().join("profile2"), &ui, "finished.png");
+    assert_eq!(bar, 0, "no job runs, yet a progress bar is drawn");
 }
 
 /// A worker that asked for a running job's module and has taken no
