@@ -36,15 +36,12 @@ def _native_main():
         return data if len(data) == n else None
 
     def answer(tag, payload=b"", printed=""):
+        # `answers` is buffered: a small answer leaves in one write, at the
+        # flush.
         printed = printed.encode("utf-8", "replace")[:_CAPTURE_MAX] if printed else b""
-        answers.write(
-            _HEAD.pack(tag, len(payload), len(printed)) + payload + printed
-            if len(payload) < 4096
-            else _HEAD.pack(tag, len(payload), len(printed))
-        )
-        if len(payload) >= 4096:
-            answers.write(payload)
-            answers.write(printed)
+        answers.write(_HEAD.pack(tag, len(payload), len(printed)))
+        answers.write(payload)
+        answers.write(printed)
         answers.flush()
 
     # One capture for every call, emptied after each (a new one per

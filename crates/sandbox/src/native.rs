@@ -151,9 +151,13 @@ struct Process {
     child: Child,
     stdin: ChildStdin,
     stdout: ChildStdout,
-    /// Read from `stdout` and not taken yet (answers are read in chunks,
-    /// not piece by piece: one read for a small taskunit's answer).
-    read: Vec<u8>,
+    /// What was read from `stdout` and not taken yet is
+    /// `buf[start..end]`: answers are read in chunks, not piece by piece
+    /// (one read for a small taskunit's answer), into a buffer that only
+    /// grows.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
     /// The end of what the process wrote to its own stderr.
     stderr: Arc<Mutex<VecDeque<u8>>>,
 }
@@ -275,7 +279,9 @@ impl NativeRunner {
         let mut process = Process {
             stdin: child.stdin.take().expect("piped"),
             stdout: child.stdout.take().expect("piped"),
-            read: Vec::new(),
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
             child,
             stderr,
         };
@@ -315,14 +321,20 @@ impl Process {
             .to_owned()
     }
 
-    /// Read until `self.read` holds at least `n` bytes.
+    /// Read until at least `n` bytes wait in `buf[start..]`.
     fn fill(&mut self, n: usize, deadline: Instant) -> Result<(), Stop> {
-        while self.read.len() < n {
-            let have = self.read.len();
-            self.read.resize(n.max(have + READ_CHUNK), 0);
-            let got = read_some(&mut self.stdout, &mut self.read[have..], deadline);
-            self.read.truncate(have + got.as_ref().map_or(0, |n| *n));
-            got?;
+        while self.end - self.start < n {
+            if self.start + n > self.buf.len() {
+                // No room for them after `start`: what waits goes to the
+                // front, and the buffer grows if it is still too small.
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                if self.buf.len() < n.max(READ_CHUNK) {
+                    self.buf.resize(n.max(READ_CHUNK), 0);
+                }
+            }
+            self.end += read_some(&mut self.stdout, &mut self.buf[self.end..], deadline)?;
         }
         Ok(())
     }
@@ -344,7 +356,7 @@ impl Process {
             write_until(&mut self.stdin, frame, deadline)?;
         }
         self.fill(9, deadline)?;
-        let head: [u8; 9] = self.read[..9].try_into().expect("9 bytes");
+        let head: [u8; 9] = self.buf[self.start..][..9].try_into().expect("9 bytes");
         let size = u32::from_le_bytes(head[1..5].try_into().expect("4 bytes")) as usize;
         let printed = u32::from_le_bytes(head[5..9].try_into().expect("4 bytes")) as usize;
         if size > max_payload {
@@ -354,12 +366,15 @@ impl Process {
             return Err(Stop::Died(format!("{printed} bytes of output captured")));
         }
         self.fill(9 + size + printed, deadline)?;
-        let mut answer: Vec<u8> = self.read.drain(..9 + size + printed).collect();
+        let answer = &self.buf[self.start + 9..self.start + 9 + size + printed];
+        let payload = answer[..size].to_vec();
         let text =
-            String::from_utf8_lossy(&answer[9 + size..][..printed.min(CAPTURE_MAX)]).into_owned();
-        answer.truncate(9 + size);
-        answer.drain(..9);
-        Ok((head[0], answer, text))
+            String::from_utf8_lossy(&answer[size..][..printed.min(CAPTURE_MAX)]).into_owned();
+        self.start += 9 + size + printed;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+        Ok((head[0], payload, text))
     }
 }
 
@@ -413,7 +428,8 @@ fn write_until(pipe: &mut ChildStdin, mut bytes: &[u8], deadline: Instant) -> Re
     Ok(())
 }
 
-/// Fill `buf` from the (non-blocking) pipe by `deadline`.
+/// Read what the (non-blocking) pipe has into `buf`, waiting for some by
+/// `deadline`; how much was read.
 fn read_some(pipe: &mut ChildStdout, buf: &mut [u8], deadline: Instant) -> Result<usize, Stop> {
     loop {
         match pipe.read(buf) {
