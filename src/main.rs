@@ -487,11 +487,7 @@ fn progress_line(p: &Progress, secs: f64) -> String {
         (None, Some(t)) => format!("~{t}"),
         (None, None) => "?".into(),
     };
-    let eta = if f > 0.0 {
-        format!("{:.0}s", secs * (1.0 - f) / f)
-    } else {
-        "?".into()
-    };
+    let eta = p.eta_secs(secs).map_or("?".into(), |e| format!("{e:.0}s"));
     format!(
         "{bar} {:>3.0}% {}/{total} done, {} failed, {rate:.0}/s, ETA {eta}, {} peers working",
         f * 100.0,
@@ -543,13 +539,11 @@ impl ProgressPrinter {
         let secs = self.started.elapsed().as_secs_f64();
         if self.json {
             // The figures of the text line, as a JSON line.
-            let fraction = p.fraction();
-            let eta = fraction.filter(|f| *f > 0.0).map(|f| secs * (1.0 - f) / f);
             let mut event = serde_json::to_value(p).unwrap_or_default();
             event["event"] = "progress".into();
-            event["fraction"] = fraction.into();
+            event["fraction"] = p.fraction().into();
             event["total_estimate"] = p.total_estimate().into();
-            event["eta_s"] = eta.into();
+            event["eta_s"] = p.eta_secs(secs).into();
             event["elapsed_s"] = secs.into();
             eprintln!("{event}");
             return;

@@ -249,6 +249,12 @@ pub struct JobInfo {
     /// Each worker of the job by peer id: what it holds now and its pace.
     #[serde(default)]
     pub workers: std::collections::BTreeMap<String, WorkerInfo>,
+    /// `progress.fraction()` and `progress.total_estimate()`, for readers
+    /// of the JSON (the web page).
+    #[serde(default)]
+    pub fraction: Option<f64>,
+    #[serde(default)]
+    pub total_estimate: Option<u64>,
 }
 
 /// A worker of a running job, as its master sees it.
@@ -315,6 +321,13 @@ impl Progress {
         Some((ended * split / self.made as f64).min(0.99))
     }
 
+    /// Seconds left, from how far the job is after `elapsed` seconds.
+    pub fn eta_secs(&self, elapsed: f64) -> Option<f64> {
+        self.fraction()
+            .filter(|f| *f > 0.0)
+            .map(|f| elapsed * (1.0 - f) / f)
+    }
+
     /// The total number of taskunits: known once the split has ended, else
     /// estimated from the share of the input split so far.
     pub fn total_estimate(&self) -> Option<u64> {
@@ -353,6 +366,8 @@ mod tests {
         };
         assert_eq!(p.total_estimate(), Some(400));
         assert_eq!(p.fraction(), Some(0.125));
+        // An eighth in 10 s: 70 s to go.
+        assert_eq!(p.eta_secs(10.0), Some(70.0));
         // All of it split, all done: still under 1 until the split ends.
         p.done = 400;
         p.made = 400;
@@ -368,6 +383,7 @@ mod tests {
             ..Progress::default()
         };
         assert_eq!(stream.fraction(), None);
+        assert_eq!(stream.eta_secs(10.0), None);
         assert_eq!(stream.total_estimate(), None);
     }
 }

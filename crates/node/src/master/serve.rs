@@ -345,13 +345,16 @@ impl Peer {
             .iter()
             .map(|(id, j)| {
                 let book = j.book.lock().unwrap();
+                let progress = j.input.fill(book.progress());
                 JobInfo {
                     job_id: id.to_string(),
                     module: j.module.to_string(),
-                    progress: j.input.fill(book.progress()),
+                    progress,
                     running_ms: j.started.elapsed().as_millis() as u64,
                     per_peer: by_name(book.per_worker()),
                     workers: self.workers_of(j, &book),
+                    fraction: progress.fraction(),
+                    total_estimate: progress.total_estimate(),
                 }
             })
             .collect();
