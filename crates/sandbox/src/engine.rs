@@ -333,8 +333,8 @@ impl Sandbox {
         {
             return Some(m.len());
         }
-        let files = std::fs::metadata(self.files_path(hash)?).ok()?.len();
         let mut record = std::fs::File::open(self.files_path(hash)?).ok()?;
+        let files = record.metadata().ok()?.len();
         let mut code = [0u8; 32];
         std::io::Read::read_exact(&mut record, &mut code).ok()?;
         let code = self.stored_size(&ModuleHash(code))?;

@@ -320,7 +320,7 @@ impl JobBook {
             verified: self.checks.verified,
             caught: self.checks.caught.clone(),
             passed_on: self.checks.passed_on,
-            checks_stopped: self.checks.varies,
+            checks_stopped: self.checks_stopped(),
             results: std::mem::take(&mut self.record.results),
         }
     }
@@ -720,11 +720,9 @@ impl JobBook {
         };
         *self.record.per_worker.entry(worker).or_default() += 1;
         if self.votes.replicas == 1 {
-            let mut bytes = bytes;
-            if self.hold_for_check(worker, index, &mut bytes) {
-                return;
+            if let Some(bytes) = self.hold_for_check(worker, index, bytes) {
+                self.accept(index, bytes);
             }
-            self.accept(index, bytes);
             return;
         }
         self.vote(worker, index, bytes);

@@ -467,10 +467,7 @@ impl Peer {
         let output = match combiner.await.expect("combine task") {
             // A caught worker's results reached the job's own combine (or
             // the submitter) before it was caught: no output built on them.
-            Ok(_) if passed_on > 0 && master.streams => {
-                return Err(SubmitError::WrongResultsPassedOn(passed_on));
-            }
-            Ok(Some(_)) if passed_on > 0 => {
+            Ok(out) if passed_on > 0 && (out.is_some() || master.streams) => {
                 return Err(SubmitError::WrongResultsPassedOn(passed_on));
             }
             Ok(Some(out)) => out,

@@ -42,8 +42,6 @@ pub(super) struct Checks {
     pub(super) verified: u64,
     /// Results of caught workers that had been passed on before.
     pub(super) passed_on: u64,
-    /// The job's results vary between runs here, so checks stopped.
-    pub(super) varies: bool,
 }
 
 /// A worker's result held for a check.
@@ -90,35 +88,40 @@ impl JobBook {
         self.checks.active
     }
 
+    /// Whether checks stopped: the job's results vary between runs here.
+    pub(super) fn checks_stopped(&self) -> bool {
+        self.checks.active && self.checks.threshold == 0
+    }
+
     /// Whether `worker` is refused (caught with a wrong result).
     pub(super) fn refused(&self, worker: PeerId) -> bool {
         self.checks.caught.contains_key(&worker)
     }
 
     /// Hold `worker`'s result of `index` for a check, if it is one to
-    /// check; else note it as accepted from `worker` (to run again if it
-    /// is caught). Whether it was held.
+    /// check (`None`); else give it back to be accepted, noted as
+    /// `worker`'s (to run again if it is caught).
     pub(super) fn hold_for_check(
         &mut self,
         worker: PeerId,
         index: u64,
-        bytes: &mut Vec<u8>,
-    ) -> bool {
+        bytes: Vec<u8>,
+    ) -> Option<Vec<u8>> {
         if !self.checks_on() || self.checks.local.is_none_or(|l| l == worker) {
-            return false;
+            return Some(bytes);
         }
         if self.checks.threshold > 0 && mix(index ^ self.checks.key) <= self.checks.threshold {
             let held = Held {
                 from: worker,
-                theirs: std::mem::take(bytes),
+                theirs: bytes,
                 ours: None,
             };
             self.checks.pending.insert(index, held);
             self.checks.queue.push_back(index);
-            return true;
+            return None;
         }
         self.remember_accepted(worker, index);
-        false
+        Some(bytes)
     }
 
     /// Note that `worker`'s result of `index` is taken (before it is
@@ -247,7 +250,6 @@ impl JobBook {
     fn stop_checks(&mut self) {
         tracing::info!("this job's results vary between runs: spot checks stopped for it");
         self.checks.threshold = 0;
-        self.checks.varies = true;
         self.checks.queue.clear();
         for (index, held) in std::mem::take(&mut self.checks.pending) {
             self.leases.remove(&(index, CHECK));
