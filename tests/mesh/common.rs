@@ -367,6 +367,14 @@ pub(crate) fn eventually_or(
 
 /// The number of primes below each of `ns`, by a sieve (an independent
 /// method from the job's trial division, and fast in a debug build).
+/// `count` lines of numbers from `base` on (the `primes` job's input), and
+/// the sum of the primes' counts the job gives for them.
+pub(crate) fn primes_input(count: u64, base: u64) -> (String, u64) {
+    let ns: Vec<u64> = (0..count).map(|i| base + i).collect();
+    let input = ns.iter().map(|n| format!("{n}\n")).collect();
+    (input, count_primes_below(&ns).iter().sum())
+}
+
 pub(crate) fn count_primes_below(ns: &[u64]) -> Vec<u64> {
     let max = ns.iter().copied().max().unwrap_or(0) as usize;
     let mut composite = vec![false; max.max(2)];

@@ -817,6 +817,45 @@ async fn joined_worker(peer: &PeerProc) -> libp2p::Swarm<ModuleServer> {
     swarm
 }
 
+/// The job an outsider's event announces, and its master (the signer).
+fn announced(
+    event: &SwarmEvent<ModuleServerEvent>,
+) -> Option<(antnest_proto::JobId, libp2p::PeerId)> {
+    let SwarmEvent::Behaviour(ModuleServerEvent::Gossip(libp2p::gossipsub::Event::Message {
+        message,
+        ..
+    })) = event
+    else {
+        return None;
+    };
+    let a: antnest_proto::Announce = cbor4ii::serde::from_slice(&message.data).ok()?;
+    Some((a.job, libp2p::PeerId::from_bytes(&a.master).ok()?))
+}
+
+/// Taskunits an outsider's event brings (the answer to its pull): from
+/// whom, for which request.
+fn tasks_received(
+    event: SwarmEvent<ModuleServerEvent>,
+) -> Option<(
+    libp2p::PeerId,
+    request_response::OutboundRequestId,
+    Vec<antnest_proto::TaskUnit>,
+)> {
+    let SwarmEvent::Behaviour(ModuleServerEvent::Rr(request_response::Event::Message {
+        peer,
+        message:
+            request_response::Message::Response {
+                request_id,
+                response: antnest_proto::Response::Tasks { units, .. },
+            },
+        ..
+    })) = event
+    else {
+        return None;
+    };
+    Some((peer, request_id, units))
+}
+
 /// An outsider takes all the taskunits it can (a pull of 4096 at the
 /// first announcement) and never answers. The master's own slot runs
 /// backup copies of what it holds, so the job ends with the right output
@@ -824,8 +863,7 @@ async fn joined_worker(peer: &PeerProc) -> libp2p::Swarm<ModuleServer> {
 /// the backups and no result from the outsider.
 #[tokio::test]
 async fn a_worker_holding_leases_does_not_hold_the_job() {
-    use antnest_proto::{Announce, Request, Response};
-    use libp2p::gossipsub;
+    use antnest_proto::Request;
 
     let dir = scratch();
     let master = PeerProc::loopback(dir.path(), "m", &["--lease", "120s"]);
@@ -837,72 +875,59 @@ async fn a_worker_holding_leases_does_not_hold_the_job() {
         tokio::spawn(async move {
             let mut pulled = std::collections::HashSet::new();
             loop {
-                match holder.select_next_some().await {
-                    SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
-                        gossipsub::Event::Message { message, .. },
-                    )) => {
-                        let Ok(a) = cbor4ii::serde::from_slice::<Announce>(&message.data) else {
-                            continue;
-                        };
-                        if pulled.insert(a.job) {
-                            let master = libp2p::PeerId::from_bytes(&a.master).unwrap();
-                            let pull = Request::Pull {
-                                job: a.job,
-                                max: 4096,
-                            };
-                            holder.behaviour_mut().rr.send_request(&master, pull);
-                        }
+                let event = holder.select_next_some().await;
+                if let Some((job, master)) = announced(&event) {
+                    if pulled.insert(job) {
+                        let pull = Request::Pull { job, max: 4096 };
+                        holder.behaviour_mut().rr.send_request(&master, pull);
                     }
-                    SwarmEvent::Behaviour(ModuleServerEvent::Rr(
-                        request_response::Event::Message {
-                            message:
-                                request_response::Message::Response {
-                                    response: Response::Tasks { units, .. },
-                                    ..
-                                },
-                            ..
-                        },
-                    )) => {
-                        // Kept, never run, never answered.
-                        held.fetch_add(units.len(), std::sync::atomic::Ordering::Relaxed);
-                    }
-                    _ => {}
+                } else if let Some((_, _, units)) = tasks_received(event) {
+                    // Kept, never run, never answered.
+                    held.fetch_add(units.len(), std::sync::atomic::Ordering::Relaxed);
                 }
             }
         })
     };
-    // 400 taskunits of a few ms each: about two seconds on one slot.
-    let ns: Vec<u64> = (0..400).map(|i| 60_000 + i).collect();
-    let input: String = ns.iter().map(|n| format!("{n}\n")).collect();
-    let want: u64 = count_primes_below(&ns).iter().sum();
+    // 400 taskunits of a few ms each: about two seconds on one slot. On a
+    // loaded machine the announcement may reach the holder only once the
+    // master has run them all: up to three jobs, each with the right
+    // output, until the holder has held some of one.
+    let (input, want) = primes_input(400, 60_000);
     let stats = dir.path().join("s.json");
-    let job = master.spawn_submit(
-        &artifact("primes"),
-        &["--stats-json", stats.to_str().unwrap()],
-        input.as_bytes(),
-    );
-    let started = std::time::Instant::now();
-    let out = tokio::task::spawn_blocking(move || job.finish(Duration::from_secs(100)))
-        .await
-        .unwrap();
-    let took = started.elapsed();
-    holding.abort();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), want.to_string());
-    let held = held.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(held > 0, "the holder got no taskunits to hold");
-    let stats = stats_of(&stats);
-    assert!(
-        stats["per_peer"].get(&holder_id).is_none(),
-        "nothing counted from the holder: {stats}"
-    );
-    assert!(
-        stats["backups"].as_u64().unwrap() >= 1,
-        "the held taskunits were run as backups: {stats}"
-    );
-    // Ended well within its 100 s (else it was killed and failed above),
-    // with the holder's leases good for 120 s.
-    eprintln!("the holder held {held} taskunits; the job took {took:?}: {stats}");
+    for _ in 0..3 {
+        let before = held.load(std::sync::atomic::Ordering::Relaxed);
+        let job = master.spawn_submit(
+            &artifact("primes"),
+            &["--stats-json", stats.to_str().unwrap()],
+            input.as_bytes(),
+        );
+        let started = std::time::Instant::now();
+        let out = tokio::task::spawn_blocking(move || job.finish(Duration::from_secs(100)))
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), want.to_string());
+        let stats = stats_of(&stats);
+        assert!(
+            stats["per_peer"].get(&holder_id).is_none(),
+            "nothing counted from the holder: {stats}"
+        );
+        let this_job = held.load(std::sync::atomic::Ordering::Relaxed) - before;
+        if this_job == 0 {
+            continue;
+        }
+        assert!(
+            stats["backups"].as_u64().unwrap() >= 1,
+            "the held taskunits were run as backups: {stats}"
+        );
+        // Ended well within its 100 s (else it was killed and failed
+        // above), with the holder's leases good for 120 s.
+        eprintln!("the holder held {this_job} taskunits; the job took {took:?}: {stats}");
+        holding.abort();
+        return;
+    }
+    panic!("the holder got no taskunits to hold in three jobs");
 }
 
 /// A worker that lies: it takes taskunits the usual way (a pull at the
@@ -913,8 +938,7 @@ async fn a_worker_holding_leases_does_not_hold_the_job() {
 /// and the stats name it.
 #[tokio::test]
 async fn a_worker_handing_in_wrong_results_is_caught_by_spot_checks() {
-    use antnest_proto::{Announce, ByteBuf, Request, Response, TaskOutcome};
-    use libp2p::gossipsub;
+    use antnest_proto::{ByteBuf, Request, TaskOutcome};
 
     let dir = scratch();
     let master = PeerProc::loopback(dir.path(), "m", &[]);
@@ -924,71 +948,46 @@ async fn a_worker_handing_in_wrong_results_is_caught_by_spot_checks() {
     let lying = {
         let forged = forged.clone();
         tokio::spawn(async move {
+            // The request last sent for each job.
             let mut jobs = std::collections::HashMap::new();
             loop {
-                match liar.select_next_some().await {
-                    SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
-                        gossipsub::Event::Message { message, .. },
-                    )) => {
-                        let Ok(a) = cbor4ii::serde::from_slice::<Announce>(&message.data) else {
-                            continue;
-                        };
-                        if jobs.contains_key(&a.job) {
-                            continue;
-                        }
-                        let master = libp2p::PeerId::from_bytes(&a.master).unwrap();
-                        let id = liar
-                            .behaviour_mut()
-                            .rr
-                            .send_request(&master, Request::Pull { job: a.job, max: 8 });
-                        jobs.insert(a.job, (master, id));
+                let event = liar.select_next_some().await;
+                if let Some((job, master)) = announced(&event) {
+                    if let std::collections::hash_map::Entry::Vacant(first) = jobs.entry(job) {
+                        let pull = Request::Pull { job, max: 8 };
+                        first.insert(liar.behaviour_mut().rr.send_request(&master, pull));
                     }
-                    SwarmEvent::Behaviour(ModuleServerEvent::Rr(
-                        request_response::Event::Message {
-                            peer,
-                            message:
-                                request_response::Message::Response {
-                                    request_id,
-                                    response: Response::Tasks { units, .. },
-                                },
-                            ..
-                        },
-                    )) => {
-                        let Some(job) = jobs
-                            .iter()
-                            .find(|(_, (_, id))| *id == request_id)
-                            .map(|(job, _)| *job)
-                        else {
-                            continue;
-                        };
-                        forged.fetch_add(units.len(), std::sync::atomic::Ordering::Relaxed);
-                        let outcomes = units
-                            .iter()
-                            .map(|u| TaskOutcome {
-                                index: u.index,
-                                result: Ok(ByteBuf::from(b"1".to_vec())),
-                                stderr: None,
-                                native: false,
-                            })
-                            .collect();
-                        let results = Request::Results {
-                            job,
-                            outcomes,
-                            compute: Duration::from_millis(1),
-                            pull: 8,
-                        };
-                        let id = liar.behaviour_mut().rr.send_request(&peer, results);
-                        jobs.insert(job, (peer, id));
-                    }
-                    _ => {}
+                } else if let Some((peer, request_id, units)) = tasks_received(event) {
+                    let Some(job) = jobs
+                        .iter()
+                        .find(|(_, id)| **id == request_id)
+                        .map(|(job, _)| *job)
+                    else {
+                        continue;
+                    };
+                    forged.fetch_add(units.len(), std::sync::atomic::Ordering::Relaxed);
+                    let outcomes = units
+                        .iter()
+                        .map(|u| TaskOutcome {
+                            index: u.index,
+                            result: Ok(ByteBuf::from(b"1".to_vec())),
+                            stderr: None,
+                            native: false,
+                        })
+                        .collect();
+                    let results = Request::Results {
+                        job,
+                        outcomes,
+                        compute: Duration::from_millis(1),
+                        pull: 8,
+                    };
+                    jobs.insert(job, liar.behaviour_mut().rr.send_request(&peer, results));
                 }
             }
         })
     };
     // 200 taskunits of a few ms each.
-    let ns: Vec<u64> = (0..200).map(|i| 60_000 + i).collect();
-    let input: String = ns.iter().map(|n| format!("{n}\n")).collect();
-    let want: u64 = count_primes_below(&ns).iter().sum();
+    let (input, want) = primes_input(200, 60_000);
     let stats = dir.path().join("s.json");
     let job = master.spawn_submit(
         &artifact("primes"),

@@ -8,12 +8,6 @@ use crate::common::*;
 
 const T: Duration = Duration::from_secs(300);
 
-fn primes_input(count: u64, base: u64) -> (String, u64) {
-    let ns: Vec<u64> = (0..count).map(|i| base + i).collect();
-    let input = ns.iter().map(|n| format!("{n}\n")).collect();
-    (input, count_primes_below(&ns).iter().sum())
-}
-
 #[test]
 fn three_peers_share_a_job_submitted_from_a_non_bootstrap_peer() {
     let dir = scratch();
