@@ -62,6 +62,18 @@ fn screenshot(browser: &str, profile: &Path, url: &str, name: &str) -> usize {
     px.iter().filter(|p| near(p, [0xc0, 0x66, 0x2b])).count()
 }
 
+/// The browser for a test's browser part, or `None` (said on stderr) to
+/// skip that part.
+fn browser_or_skip() -> Option<&'static str> {
+    let browser = chromium();
+    if browser.is_none() {
+        eprintln!(
+            "SKIPPED: the browser part needs Chromium (`apt-get install chromium`); .ci/run installs it"
+        );
+    }
+    browser
+}
+
 fn headless(browser: &str, profile: &Path, extra: &[&str], url: &str) -> std::process::Output {
     let mut cmd = Command::new(browser);
     cmd.args([
@@ -164,10 +176,7 @@ fn the_live_page_metrics_and_status_show_a_running_job() {
         }
     }
 
-    let Some(browser) = chromium() else {
-        eprintln!(
-            "SKIPPED: the browser part needs Chromium (`apt-get install chromium`); .ci/run installs it"
-        );
+    let Some(browser) = browser_or_skip() else {
         return;
     };
     let dom = headless(browser, &dir.path().join("profile1"), &["--dump-dom"], &ui);
@@ -257,10 +266,7 @@ fn finished_jobs_stay_on_the_page() {
         )),
         "{metrics}"
     );
-    let Some(browser) = chromium() else {
-        eprintln!(
-            "SKIPPED: the browser part needs Chromium (`apt-get install chromium`); .ci/run installs it"
-        );
+    let Some(browser) = browser_or_skip() else {
         return;
     };
     let dom = headless(browser, &dir.path().join("profile"), &["--dump-dom"], &ui);
