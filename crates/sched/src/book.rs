@@ -669,13 +669,7 @@ impl JobBook {
             {
                 // A worker's report may be large; keep within the job's cap.
                 let room = MAX_LOG - self.feed.log_bytes;
-                if text.len() > room {
-                    let cut = (0..=room)
-                        .rev()
-                        .find(|i| text.is_char_boundary(*i))
-                        .unwrap_or(0);
-                    text.truncate(cut);
-                }
+                text.truncate(text.floor_char_boundary(room));
                 self.feed.log_bytes += text.len();
                 self.feed.logs.push((index, text));
             }

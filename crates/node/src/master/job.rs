@@ -119,11 +119,7 @@ impl Finishing<'_> {
             }
             let line = format!("taskunit {index}: {line}\n");
             let room = FINISHED_STDERR - kept.len();
-            let cut = (0..=room.min(line.len()))
-                .rev()
-                .find(|i| line.is_char_boundary(*i))
-                .unwrap_or(0);
-            kept.push_str(&line[..cut]);
+            kept.push_str(&line[..line.floor_char_boundary(room)]);
         }
     }
 
