@@ -185,6 +185,12 @@ pub(crate) struct SubmitArgs {
     /// on an open mesh (no --mesh-key, no --allow-master), else 0.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub(crate) verify: Option<f64>,
+    /// The job's share of every peer's slots against other jobs' (1 to
+    /// 1000): a peer running a job of weight 3 and one of weight 1 gives
+    /// them three quarters and one quarter of its slot time; equal jobs
+    /// share equally, the master's own slots included.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub(crate) weight: u32,
     /// Print each taskunit's result (a line each) as it arrives, instead of
     /// the combined output.
     #[arg(long)]

@@ -369,6 +369,7 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         resume: args.resume,
         replicate: args.replicate,
         verify: args.verify,
+        weight: args.weight,
         stream: args.stream,
         runtime: args.runtime,
     };

@@ -596,6 +596,8 @@ async fn an_announcement_in_another_masters_name_is_ignored() {
         module_size: module.len() as u64,
         limits: Limits::default(),
         runtime: antnest_proto::Runtime::Wasm,
+        weight: 1,
+        addrs: Vec::new(),
     };
     let forged = announce(named_id, b"forged module");
     let own = announce(liar_id, b"the liar's own module");
@@ -706,6 +708,8 @@ async fn many_modules_announced_leave_the_cache_within_its_bound() {
                 module_size: m.len() as u64,
                 limits: Limits::default(),
                 runtime: antnest_proto::Runtime::Wasm,
+                weight: 1,
+                addrs: Vec::new(),
             };
             cbor4ii::serde::to_vec(Vec::new(), &a).unwrap()
         })

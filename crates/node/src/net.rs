@@ -39,6 +39,10 @@ pub mod codec;
 /// How often Kademlia looks for peers again (a query to a few known peers).
 const KAD_REBOOTSTRAP: Duration = Duration::from_secs(5);
 
+/// Peers known at most before masters heard of only through gossip are
+/// no longer noted (each announcing master's key is one more entry).
+const MAX_KNOWN_FROM_GOSSIP: usize = 4096;
+
 /// How the swarm is set up.
 #[derive(Debug, Clone)]
 pub struct NetConfig {
@@ -132,7 +136,7 @@ enum Command {
         channel: ResponseChannel<Response>,
         response: Response,
     },
-    Publish(Vec<u8>),
+    Publish(Box<Announce>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
 }
 
@@ -212,10 +216,10 @@ impl Client {
         let _ = self.tx.send(Command::Respond { channel, response }).await;
     }
 
-    /// Gossip a job announcement (best effort).
-    pub async fn announce(&self, announce: &Announce) {
-        let bytes = cbor4ii::serde::to_vec(Vec::new(), announce).expect("announce encodes");
-        let _ = self.tx.send(Command::Publish(bytes)).await;
+    /// Gossip a job announcement (best effort), with this peer's
+    /// addresses in it.
+    pub async fn announce(&self, announce: Announce) {
+        let _ = self.tx.send(Command::Publish(Box::new(announce))).await;
     }
 
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetError> {
@@ -478,7 +482,14 @@ impl EventLoop {
                     debug!("response dropped: the requester went away");
                 }
             }
-            Command::Publish(bytes) => {
+            Command::Publish(mut announce) => {
+                announce.addrs = self
+                    .advertised()
+                    .take(antnest_proto::msg::MAX_ANNOUNCED_ADDRS)
+                    .map(|a| a.to_vec().into())
+                    .collect();
+                let bytes =
+                    cbor4ii::serde::to_vec(Vec::new(), &*announce).expect("announce encodes");
                 let topic = self.topic.clone();
                 if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
                     // InsufficientPeers just means nobody is around yet.
@@ -507,6 +518,15 @@ impl EventLoop {
                 let _ = reply.send(peers);
             }
         }
+    }
+
+    /// The listen addresses other hosts may reach: all but loopback ones,
+    /// unless this peer listens on nothing else.
+    fn advertised(&self) -> impl Iterator<Item = &Multiaddr> {
+        let routable = self.listen_addrs.iter().any(|a| !is_loopback(a));
+        self.listen_addrs
+            .iter()
+            .filter(move |a| !routable || !is_loopback(a))
     }
 
     fn learn(&mut self, peer: PeerId, addr: Multiaddr) {
@@ -634,6 +654,20 @@ impl EventLoop {
                         .is_some_and(|a| a.to_bytes() == announce.master) =>
                 {
                     let from = message.source.unwrap_or(propagation_source);
+                    // Reached through the gossip mesh: where the master
+                    // listens, so a pull can dial it.
+                    if !self.swarm.is_connected(&from)
+                        && !self.known.contains_key(&from)
+                        && self.known.len() < MAX_KNOWN_FROM_GOSSIP
+                    {
+                        let addrs = announce
+                            .addrs
+                            .iter()
+                            .take(antnest_proto::msg::MAX_ANNOUNCED_ADDRS);
+                        for addr in addrs.filter_map(|a| Multiaddr::try_from(a.to_vec()).ok()) {
+                            self.learn(from, addr);
+                        }
+                    }
                     self.emit(Event::Announced { from, announce });
                 }
                 Ok(_) => {

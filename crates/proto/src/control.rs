@@ -128,6 +128,14 @@ pub struct JobSpec {
     /// master's own slots (`--verify`); `None`: the master's default.
     #[serde(default)]
     pub verify: Option<f64>,
+    /// The job's share of each worker's slots against other jobs' (1 by
+    /// default): slot time goes to the jobs a worker knows in proportion.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Figures about a finished job (`--stats-json`).

@@ -18,6 +18,10 @@ pub const MAX_TASKUNIT: usize = 16 << 20;
 /// Largest module a peer will fetch or accept.
 pub const MAX_MODULE: usize = 100 << 20;
 
+/// Largest weight of a job (`antnest submit --weight`); a worker takes an
+/// announced weight only up to this.
+pub const MAX_WEIGHT: u32 = 1000;
+
 /// Limits applied to every guest call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {

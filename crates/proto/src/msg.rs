@@ -30,6 +30,23 @@ pub struct Announce {
     pub limits: Limits,
     #[serde(default)]
     pub runtime: Runtime,
+    /// The job's share of a worker's slots against other jobs'
+    /// (`antnest submit --weight`): slot time goes to jobs in proportion.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Where the master listens (multiaddrs as bytes, at most
+    /// [`MAX_ANNOUNCED_ADDRS`] taken): a worker the announcement reached
+    /// through the gossip mesh, with no connection to the master, dials it
+    /// there to pull.
+    #[serde(default)]
+    pub addrs: Vec<ByteBuf>,
+}
+
+/// A master's addresses a worker takes from an announcement at most.
+pub const MAX_ANNOUNCED_ADDRS: usize = 8;
+
+fn one() -> u32 {
+    1
 }
 
 /// Where a Python job's taskunits may run on a worker. Other jobs run in
@@ -305,6 +322,8 @@ mod tests {
             module_size: 1,
             limits: Limits::default(),
             runtime: Runtime::Native,
+            weight: 1,
+            addrs: Vec::new(),
         };
         roundtrip(announce.clone());
         roundtrip(Request::Wait {

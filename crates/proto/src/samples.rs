@@ -55,6 +55,8 @@ pub fn sample_responses() -> Vec<Response> {
                 module_size: 4,
                 limits: Limits::default(),
                 runtime: crate::Runtime::Auto,
+                weight: 1,
+                addrs: Vec::new(),
             },
             units,
             lease: Duration::from_secs(30),

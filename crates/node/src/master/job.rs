@@ -33,6 +33,8 @@ pub(crate) struct MasterJob {
     pub(crate) limits: Limits,
     /// Where its Python taskunits may run.
     pub(crate) runtime: Runtime,
+    /// Its share of the slots against other jobs' (see `worker::share`).
+    pub(crate) weight: u32,
     pub(crate) book: Mutex<JobBook>,
     /// Where accepted results go on disk (see [`MasterJob::record`]).
     pub(crate) journal: Mutex<Option<Journal>>,

@@ -203,6 +203,8 @@ impl Peer {
             module_size: master.module_size,
             limits: master.limits,
             runtime: master.runtime,
+            weight: master.weight,
+            addrs: Vec::new(),
         }
     }
 

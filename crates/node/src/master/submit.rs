@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use antnest_proto::control::{FinishedJob, InputSpec, JobEvent, JobReport, JobSpec, JobStats};
-use antnest_proto::limits::MAX_MODULE;
+use antnest_proto::limits::{MAX_MODULE, MAX_WEIGHT};
 use antnest_proto::{ByteBuf, JobId, ModuleHash, TaskError};
 use antnest_sandbox::mapped::Damage;
 use antnest_sched::{JobBook, Journal, JournalError, split_channel};
@@ -227,6 +227,7 @@ impl Peer {
             module_size,
             limits,
             runtime: spec.runtime,
+            weight: spec.weight.clamp(1, MAX_WEIGHT),
             book: Mutex::new(book),
             journal: Mutex::new(journal),
             progress: Notify::new(),
@@ -240,6 +241,8 @@ impl Peer {
             .lock()
             .unwrap()
             .insert(id, master.clone());
+        // A slot going on with another job leaves it for this one's share.
+        self.state.worker.shares.join(id, master.weight);
         info!(job = %id, module = %hash, "job submitted");
 
         // Combine on a blocking thread while the job runs: it reads each
@@ -354,7 +357,7 @@ impl Peer {
                 && master.units_made.load(std::sync::atomic::Ordering::Relaxed)
                 && last_announce.is_none_or(|t| t.elapsed() >= self.state.config.announce_every)
             {
-                self.state.client.announce(&announce).await;
+                self.state.client.announce(announce.clone()).await;
                 debug!(job = %id, "announced");
                 last_announce = Some(Instant::now());
             }

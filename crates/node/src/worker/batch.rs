@@ -18,9 +18,11 @@ pub(crate) fn units_for(unit_time: Duration, target: Duration) -> usize {
     (target.as_nanos() / unit_time.as_nanos().max(1)).clamp(1, 4096) as usize
 }
 
-/// Count and log a batch of `n` taskunits a slot ran in `took`.
+/// Count and log a batch of `n` taskunits a slot ran in `took`, and
+/// charge the time to its job's share.
 pub(crate) fn batch_ran(shared: &State, slot: usize, job: JobId, n: u32, took: Duration) {
     debug!(slot, %job, n, compute_ms = took.as_secs_f64() * 1e3, "batch computed");
+    shared.worker.shares.charge(job, took);
     shared
         .tasks_done
         .fetch_add(u64::from(n), std::sync::atomic::Ordering::Relaxed);

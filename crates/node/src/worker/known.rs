@@ -9,13 +9,17 @@ use antnest_proto::{JobId, Limits, ModuleHash, Runtime};
 use libp2p::PeerId;
 
 use crate::worker::remote_batch::RemoteBatch;
+use crate::worker::share::Shares;
 
 /// A job some other peer announced.
+#[derive(Clone)]
 pub(crate) struct RemoteJob {
     pub(crate) master: PeerId,
     pub(crate) module: ModuleHash,
     pub(crate) limits: Limits,
     pub(crate) runtime: Runtime,
+    /// Its share of the slots (see [`crate::worker::share`]).
+    pub(crate) weight: u32,
     pub(crate) seen: Instant,
     /// Don't ask before this (after an error or an empty answer).
     pub(crate) retry_at: Instant,
@@ -40,4 +44,6 @@ pub(crate) struct Known {
     pub(crate) module_done: tokio::sync::Notify,
     /// The remote batches this peer's slots are working through.
     pub(crate) batches: Mutex<Vec<Arc<RemoteBatch>>>,
+    /// How the slots share their time between the jobs known.
+    pub(crate) shares: Shares,
 }

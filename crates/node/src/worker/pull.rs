@@ -2,17 +2,18 @@
 //! stream to that master (request-response when no stream can be had),
 //! long polls, the jobs announced, and the job's module fetched once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use antnest_proto::frame::Frames;
-use antnest_proto::limits::MAX_MODULE;
+use antnest_proto::limits::{MAX_MODULE, MAX_WEIGHT};
 use antnest_proto::{Announce, JobId, Limits, ModuleHash, Request, Response, TaskOutcome};
 use libp2p::PeerId;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use crate::master::job::MasterJob;
 use crate::master::serve::WAIT_MAX;
 use crate::net::{self, TaskStream};
 use crate::state::Peer;
@@ -75,6 +76,7 @@ impl Peer {
                 module: a.module,
                 limits: a.limits,
                 runtime: a.runtime,
+                weight: a.weight.clamp(1, MAX_WEIGHT),
                 seen: now,
                 retry_at: now,
             }
@@ -82,6 +84,10 @@ impl Peer {
         job.seen = now;
         drop(remotes);
         if new {
+            self.state
+                .worker
+                .shares
+                .join(a.job, a.weight.clamp(1, MAX_WEIGHT));
             // Get the module now, before any slot is free to pull: it is
             // ready when one is, also while every slot is busy elsewhere.
             let _ = self.module_state(a.job, master, a.module);
@@ -111,7 +117,7 @@ impl Peer {
     }
 
     /// Results of a remote job of `module`, asking for the next batch: none
-    /// while this peer's own jobs have work (they come first), else about
+    /// when another job is behind its share (the slot goes to it), else about
     /// [`REMOTE_BATCH`] of work. With the number asked for.
     pub(crate) fn results_with_pull(
         &self,
@@ -121,7 +127,7 @@ impl Peer {
         outcomes: Vec<TaskOutcome>,
         compute: Duration,
     ) -> (Request, u32) {
-        let pull = if self.local_work_waiting() {
+        let pull = if self.state.worker.shares.should_yield(job) {
             0
         } else {
             Self::batch_size(per_unit, module, REMOTE_BATCH) as u32
@@ -144,61 +150,97 @@ impl Peer {
         per_unit.get(&module).map_or(1, |d| units_for(*d, target))
     }
 
+    /// The next batch for a slot: from the job furthest behind its share
+    /// (see [`crate::worker::share`]) that has work, this peer's own or
+    /// one announced by another.
     pub(crate) async fn find_work(
         &self,
         per_unit: &HashMap<ModuleHash, Duration>,
         streams: &mut HashMap<PeerId, TaskStream>,
     ) -> Option<Batch> {
-        for (job, master) in self.master_jobs() {
-            if !self.takes_runtime(master.runtime, true) {
-                continue;
-            }
-            let max = Self::batch_size(per_unit, master.module, LOCAL_BATCH);
-            let units =
-                master
-                    .book
-                    .lock()
-                    .unwrap()
-                    .lease_local(self.state.local, max, Instant::now());
-            if !units.is_empty() {
-                return Some(Batch {
-                    job,
-                    module: master.module,
-                    limits: master.limits,
-                    source: BatchFrom::Local(master),
-                    units,
-                });
-            }
-            // Nothing here for this slot: ask slower workers for what they
-            // have not started (the book holds back backups until asked).
-            self.reclaim(job, &master);
-        }
+        let locals: HashMap<JobId, Arc<MasterJob>> = self.master_jobs().into_iter().collect();
         let now = Instant::now();
-        let candidates: Vec<(JobId, PeerId, ModuleHash, Limits)> = {
+        let (remotes, known): (HashMap<JobId, RemoteJob>, HashSet<JobId>) = {
             let mut remotes = self.state.worker.remotes.lock().unwrap();
             // Forget jobs not announced for a while.
             remotes.retain(|_, j| now.duration_since(j.seen) < Duration::from_secs(10));
-            remotes
+            let known = remotes.keys().chain(locals.keys()).copied().collect();
+            let ready = remotes
                 .iter()
                 .filter(|(_, j)| j.retry_at <= now)
-                .map(|(id, j)| (*id, j.master, j.module, j.limits))
-                .collect()
+                .map(|(id, j)| (*id, j.clone()))
+                .collect();
+            (ready, known)
         };
-        for (job, master, module, limits) in candidates {
-            let limits = limits.min(self.state.config.limits);
-            if !self.module_ready(job, master, module) {
-                continue;
-            }
-            let max = Self::batch_size(per_unit, module, REMOTE_BATCH) as u32;
-            let pull = Request::Pull { job, max };
-            if let Some(batch) = self
-                .request_batch(job, master, module, limits, pull, streams)
-                .await
-            {
-                return Some(batch);
+        let weights: Vec<(JobId, u32)> = (locals.iter())
+            .filter(|(_, m)| self.takes_runtime(m.runtime, true))
+            .map(|(id, m)| (*id, m.weight))
+            .chain(remotes.iter().map(|(id, j)| (*id, j.weight)))
+            .collect();
+        let shares = &self.state.worker.shares;
+        for job in shares.order(&weights, |id| known.contains(id)) {
+            let batch = match (locals.get(&job), remotes.get(&job)) {
+                (Some(master), _) => self.local_batch(job, master, per_unit),
+                (None, Some(remote)) => self.remote_batch(job, remote, per_unit, streams).await,
+                (None, None) => None,
+            };
+            if batch.is_some() {
+                shares.chosen(job);
+                return batch;
             }
         }
         None
+    }
+
+    /// Taskunits of this peer's own `job` for a slot, if it has any left
+    /// to hand out.
+    fn local_batch(
+        &self,
+        job: JobId,
+        master: &Arc<MasterJob>,
+        per_unit: &HashMap<ModuleHash, Duration>,
+    ) -> Option<Batch> {
+        let max = Self::batch_size(per_unit, master.module, LOCAL_BATCH);
+        let units =
+            (master.book.lock().unwrap()).lease_local(self.state.local, max, Instant::now());
+        if units.is_empty() {
+            // Nothing here for this slot: ask slower workers for what they
+            // have not started (the book holds back backups until asked).
+            self.reclaim(job, master);
+            return None;
+        }
+        Some(Batch {
+            job,
+            module: master.module,
+            limits: master.limits,
+            source: BatchFrom::Local(master.clone()),
+            units,
+        })
+    }
+
+    /// A batch pulled from the master of `job`, another peer, if its module
+    /// is ready here and the master has taskunits to hand out.
+    async fn remote_batch(
+        &self,
+        job: JobId,
+        remote: &RemoteJob,
+        per_unit: &HashMap<ModuleHash, Duration>,
+        streams: &mut HashMap<PeerId, TaskStream>,
+    ) -> Option<Batch> {
+        let RemoteJob {
+            master,
+            module,
+            limits,
+            ..
+        } = *remote;
+        if !self.module_ready(job, master, module) {
+            return None;
+        }
+        let limits = limits.min(self.state.config.limits);
+        let max = Self::batch_size(per_unit, module, REMOTE_BATCH) as u32;
+        let pull = Request::Pull { job, max };
+        self.request_batch(job, master, module, limits, pull, streams)
+            .await
     }
 
     /// Whether every job this peer knows of is `master`'s (none its own).
@@ -319,17 +361,6 @@ impl Peer {
     pub(crate) fn knows_no_jobs(&self) -> bool {
         self.state.master.jobs.lock().unwrap().is_empty()
             && self.state.worker.remotes.lock().unwrap().is_empty()
-    }
-
-    /// Whether a job this peer is master of has taskunits to hand out.
-    pub(crate) fn local_work_waiting(&self) -> bool {
-        self.state
-            .master
-            .jobs
-            .lock()
-            .unwrap()
-            .values()
-            .any(|m| m.book.lock().unwrap().has_work())
     }
 
     /// Send `request` (a pull, or results with a pull) and take the batch

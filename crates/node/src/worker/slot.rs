@@ -1,5 +1,5 @@
-//! One worker slot's loop: find a batch (this peer's own jobs first, then
-//! jobs other peers announced, else a long poll at the last master), run
+//! One worker slot's loop: find a batch (from the job furthest behind its
+//! share, this peer's own or another's, else a long poll at the last master), run
 //! it on the slot's thread with a reused instance, hand the results in
 //! (with the pull for the next batch), repeat.
 
@@ -232,7 +232,8 @@ impl Peer {
                     let unit_time = total / n.max(1);
                     batch_ran(&state, slot, job, n, total);
                     let now = Instant::now();
-                    let stopped = *stop.borrow();
+                    // Another job behind its share takes the slot next.
+                    let stopped = *stop.borrow() || state.worker.shares.should_yield(job);
                     let feed;
                     (units, feed) = master.record(|book| {
                         book.complete(state.local, outcomes);
