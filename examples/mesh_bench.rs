@@ -164,6 +164,7 @@ async fn submit(
         resume: None,
         replicate: 1,
         verify: VERIFY.get().copied().flatten(),
+        weight: 1,
         stream: false,
         runtime,
     };
