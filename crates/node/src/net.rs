@@ -4,8 +4,8 @@
 //! when every `Client` is dropped or `shutdown` fires.
 //!
 //! Discovery: bootstrap addresses are dialed once the listeners are up;
-//! mDNS finds LAN peers (queried every few seconds, not the default five
-//! minutes); identify feeds listen addresses into Kademlia, which runs in
+//! mDNS finds LAN peers (fast at start, then every 20 s, not the default
+//! five minutes), dialed up to a bound; identify feeds listen addresses into Kademlia, which runs in
 //! server mode. Jobs are announced over gossipsub. Pulls and results travel
 //! on one long-lived stream per worker slot and master (`libp2p-stream`,
 //! messages framed by `antnest_proto::frame::Frames`); modules, and pulls when a stream
@@ -36,12 +36,31 @@ use antnest_proto::{Announce, Request, Response};
 pub mod accept;
 pub mod codec;
 
-/// How often Kademlia looks for peers again (a query to a few known peers).
-const KAD_REBOOTSTRAP: Duration = Duration::from_secs(5);
+/// How often Kademlia looks for peers again (a query to a few known
+/// peers) while it knows fewer than a bucket's worth of them (20), and
+/// once it knows more: each look asks up to 20 peers for 20 addresses
+/// each, which every 5 s cost each of 100 peers tens of KB/s.
+const KAD_REBOOTSTRAP_FEW: Duration = Duration::from_secs(5);
+const KAD_REBOOTSTRAP_MANY: Duration = Duration::from_secs(60);
 
 /// Peers known at most before masters heard of only through gossip are
 /// no longer noted (each announcing master's key is one more entry).
 const MAX_KNOWN_FROM_GOSSIP: usize = 4096;
+
+/// How often mDNS asks the LAN who is there, once started (a peer asks at
+/// 0.5 s, 1 s, 2 s, ... up to this after it starts, so a newcomer finds
+/// the others at once; they learn of it when it dials them). Every peer
+/// answers every query to the whole LAN: queries every 2 s cost each of
+/// 100 peers about 350 KB/s of answers.
+const MDNS_QUERY_EVERY: Duration = Duration::from_secs(20);
+/// How long an mDNS answer holds: a few queries' time.
+const MDNS_TTL: Duration = Duration::from_secs(65);
+/// A peer dials peers it finds by mDNS only while it has fewer connections
+/// than this: enough for the gossip mesh that carries announcements
+/// (gossipsub keeps 6 to 12 mesh peers), with the masters a worker pulls
+/// from dialed besides (their addresses come with their announcements).
+/// Others may still dial it, up to [`MAX_CONNECTIONS`].
+const DIAL_DISCOVERED_BELOW: usize = 24;
 
 /// How the swarm is set up.
 #[derive(Debug, Clone)]
@@ -300,8 +319,8 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
             let peer_id = key.public().to_peer_id();
             let mdns = if mdns_enabled {
                 let cfg = mdns::Config {
-                    query_interval: Duration::from_secs(2),
-                    ttl: Duration::from_secs(30),
+                    query_interval: MDNS_QUERY_EVERY,
+                    ttl: MDNS_TTL,
                     ..Default::default()
                 };
                 Some(mdns::tokio::Behaviour::new(cfg, peer_id)?)
@@ -310,10 +329,11 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
             };
             let mut kad_cfg = kad::Config::new(StreamProtocol::new("/antnest/kad/1"));
             // Bootstrapped by hand once a first peer is identified, and again
-            // every few seconds: peers that join through the same bootstrap
+            // every few seconds while few peers are known (see
+            // `EventLoop::run`): peers that join through the same bootstrap
             // peer at the same moment may each ask it before it knows the
             // other, and would never meet otherwise.
-            kad_cfg.set_periodic_bootstrap_interval(Some(KAD_REBOOTSTRAP));
+            kad_cfg.set_periodic_bootstrap_interval(None);
             let mut kad = kad::Behaviour::with_config(
                 peer_id,
                 kad::store::MemoryStore::new(peer_id),
@@ -440,6 +460,8 @@ impl EventLoop {
             }
         }
         tokio::pin!(shutdown);
+        let mut rebootstrap = tokio::time::interval(KAD_REBOOTSTRAP_FEW);
+        let mut last_bootstrap = tokio::time::Instant::now();
         // Waits for room for a held-back departure without borrowing `self`.
         let events = self.events.clone();
         loop {
@@ -451,6 +473,15 @@ impl EventLoop {
                     Some(cmd) => self.handle_command(cmd),
                     None => break,
                 },
+                _ = rebootstrap.tick() => {
+                    let kad = &mut self.swarm.behaviour_mut().kad;
+                    let known: usize = kad.kbuckets().map(|b| b.num_entries()).sum();
+                    let every = if known < 20 { KAD_REBOOTSTRAP_FEW } else { KAD_REBOOTSTRAP_MANY };
+                    if known > 0 && last_bootstrap.elapsed() >= every {
+                        let _ = kad.bootstrap();
+                        last_bootstrap = tokio::time::Instant::now();
+                    }
+                }
                 room = events.reserve(), if !self.departed.is_empty() => {
                     if let (Ok(room), Some(peer)) = (room, self.departed.pop_front()) {
                         room.send(Event::PeerGone(peer));
@@ -611,6 +642,14 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
+                    // Past the bound, a peer found is only noted: in
+                    // Kademlia's table, its lookups would dial it.
+                    let info = self.swarm.network_info();
+                    let dialing = info.connection_counters().num_pending_outgoing() as usize;
+                    if info.num_peers() + dialing >= DIAL_DISCOVERED_BELOW {
+                        self.known.entry(peer).or_default().insert(addr);
+                        continue;
+                    }
                     self.learn(peer, addr.clone());
                     if peer != *self.swarm.local_peer_id() {
                         let opts = DialOpts::peer_id(peer)
