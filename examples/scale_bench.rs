@@ -149,14 +149,13 @@ fn proc_field(pid: u32, field: &str) -> u64 {
 /// User and system CPU time of `pid`.
 fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command's closing parenthesis; utime and stime are
-    // the 14th and 15th of the line (in clock ticks, 100 a second).
+    // Fields after the command's closing parenthesis (the state first);
+    // utime and stime are the 14th and 15th of the line (in clock ticks,
+    // 100 a second).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = field(11) + field(12);
     Duration::from_millis(ticks * 10)
 }
 
@@ -199,7 +198,10 @@ fn measure(
             .arg(&control)
             .arg("--cache-dir")
             .arg(dir.path().join("cache"))
-            .env("RUST_LOG", std::env::var("SCALE_LOG").unwrap_or_else(|_| "error".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("SCALE_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.path().join(format!("p{i}.log")))?)
             .spawn()?;
@@ -254,6 +256,10 @@ fn measure(
 
     let master = &peers[n - 1];
     let pid = master.child.id();
+    let master_id = match ask(&master.control, ControlRequest::Peers)? {
+        ControlReply::Peers { local, .. } => local,
+        other => bail!("unexpected answer {other:?}"),
+    };
     let (rss0, cpu0) = (proc_field(pid, "VmRSS:"), cpu_time(pid));
     let units = units_per_peer * n as u64;
     let stats = dir.path().join("stats.json");
@@ -307,10 +313,17 @@ fn measure(
         ideal,
         wall.as_secs_f64() / ideal,
     );
+    // What the master spent beyond running its own slot's taskunits.
+    let own = per_peer
+        .get(&master_id)
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    let serving = cpu.as_secs_f64() - own as f64 * unit_time.as_secs_f64();
     println!(
-        "       master: CPU {:.2}s ({:.1} ms per worker), RSS {} -> {} KiB (+{:.0} KiB per worker)",
+        "       master: CPU {:.2}s, {:.2}s of it beyond its own {own} taskunits ({:.1} ms per worker), RSS {} -> {} KiB (+{:.0} KiB per worker)",
         cpu.as_secs_f64(),
-        cpu.as_secs_f64() * 1e3 / workers,
+        serving,
+        serving.max(0.0) * 1e3 / workers,
         rss0,
         rss_peak,
         rss_peak.saturating_sub(rss0) as f64 / workers,

@@ -55,7 +55,12 @@ impl Bridge {
         let need = (n * n + 1024) as u64;
         let was: Vec<String> = NEIGH
             .iter()
-            .map(|p| std::fs::read_to_string(p).unwrap_or_default().trim().to_string())
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            })
             .collect();
         if was[2].parse::<u64>().is_ok_and(|t| t < need) {
             for (path, size) in NEIGH.iter().zip([need / 4, need / 2, need]) {

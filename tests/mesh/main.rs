@@ -9,6 +9,7 @@ mod jobs;
 mod mesh;
 mod native;
 mod sandbox;
+mod scale;
 mod share;
 mod trust;
 mod ui;

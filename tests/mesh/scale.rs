@@ -1,0 +1,90 @@
+//! Many peers: a hundred peer processes, each in a network namespace of
+//! its own on one bridge, finding each other by mDNS alone.
+
+use std::time::Duration;
+
+use crate::common::*;
+
+#[path = "../../examples/common/bridge.rs"]
+mod bridge;
+
+const T: Duration = Duration::from_secs(600);
+
+#[test]
+fn a_hundred_peers_found_by_mdns_alone_all_work_on_a_job_from_any_of_them() {
+    alone(|| {
+        const N: usize = 100;
+        let net = match bridge::Bridge::create(N) {
+            None => {
+                eprintln!(
+                    "SKIPPED: `ip netns add` is not permitted here (needs root); 100-peer test not run"
+                );
+                return;
+            }
+            Some(net) => net.expect("namespaces made but not linked"),
+        };
+        let dir = scratch();
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_antnest"));
+        let peers: Vec<PeerProc> = (0..N)
+            .map(|i| {
+                let mut cmd = net.cmd(i, bin);
+                cmd.env("ANTNEST_CACHE", cache_dir())
+                    .env("RUST_LOG", "error");
+                let args = ["--listen", "/ip4/0.0.0.0/tcp/0", "--slots", "1"];
+                PeerProc::start_with(cmd, dir.path(), &format!("p{i}"), &args)
+            })
+            .collect();
+        // A peer in the middle submits, once it has found some others.
+        let master = &peers[N / 2 + 7];
+        eventually(Duration::from_secs(60), "the master found a peer", || {
+            let out = run(
+                &["peers", "--control", master.control.to_str().unwrap()],
+                b"",
+                T,
+            );
+            text(&out.stdout).contains(" connected")
+        });
+        // Enough taskunits (tens of ms each) that every peer may take some.
+        let (input, want) = primes_input(15 * N as u64, 200_000);
+        let stats = dir.path().join("s.json");
+        let out = run_cmd(
+            net.cmd(N / 2 + 7, bin).args([
+                "submit",
+                "--control",
+                master.control.to_str().unwrap(),
+                artifact("primes").to_str().unwrap(),
+                "-q",
+                "--stats-json",
+                stats.to_str().unwrap(),
+            ]),
+            input.as_bytes(),
+            T,
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stdout),
+            want.to_string(),
+            "the result of a local run"
+        );
+        let s = stats_of(&stats);
+        let per_peer = s["per_peer"].as_object().unwrap();
+        let idle: Vec<usize> = (0..N)
+            .filter(|i| {
+                per_peer
+                    .get(&peers[*i].peer_id)
+                    .and_then(|n| n.as_u64())
+                    .unwrap_or(0)
+                    == 0
+            })
+            .collect();
+        assert!(
+            idle.is_empty(),
+            "peers that did none of the job: {idle:?} (of {N}); per peer: {per_peer:?}"
+        );
+        assert_eq!(
+            per_peer.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+            15 * N as u64,
+            "each taskunit's result counted once"
+        );
+    });
+}
