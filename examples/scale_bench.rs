@@ -38,6 +38,14 @@ struct Args {
     /// Taskunits of the job per peer.
     #[arg(long, default_value_t = 20)]
     units_per_peer: u64,
+    /// Instead: two peers on the bridge, plain and then across a slow link
+    /// (tc netem: 50 ms round trip, 100 Mbit/s each way): a W2-style job's
+    /// parallel efficiency and a W3-style job's throughput on each.
+    #[arg(long)]
+    link: bool,
+    /// The W3-style job's input (default: 100 MB of generated words).
+    #[arg(long)]
+    words: Option<PathBuf>,
     /// The antnest binary (default: beside this example's directory).
     #[arg(long)]
     antnest: Option<PathBuf>,
@@ -55,7 +63,7 @@ impl Drop for Peer {
     }
 }
 
-fn primes_module() -> Result<PathBuf> {
+fn job_module(name: &str) -> Result<PathBuf> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let target = repo.join("target/jobs");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -65,30 +73,51 @@ fn primes_module() -> Result<PathBuf> {
             "--target",
             "wasm32-wasip2",
             "-p",
-            "primes",
+            name,
         ])
         .env("CARGO_TARGET_DIR", &target)
         .current_dir(repo)
         .status()?;
     if !status.success() {
-        bail!("building jobs/primes failed");
+        bail!("building jobs/{name} failed");
     }
-    Ok(target.join("wasm32-wasip2/release/primes.wasm"))
+    Ok(target.join(format!("wasm32-wasip2/release/{name}.wasm")))
 }
 
-fn input(units: u64) -> Vec<u8> {
+fn primes_input(units: u64) -> Vec<u8> {
     (0..units)
         .flat_map(|i| format!("{}\n", 200_000 + i).into_bytes())
         .collect()
 }
 
-/// Run `antnest submit` on `control` (or standalone with one slot); its
-/// wall time and stats.
+/// Run `antnest submit` on `control` (or standalone with one slot) with
+/// `units` primes taskunits; its wall time and stats.
 fn submit(
     bin: &Path,
     control: Option<&Path>,
     module: &Path,
     units: u64,
+    stats: &Path,
+) -> Result<(Duration, serde_json::Value)> {
+    submit_input(
+        bin,
+        control,
+        module,
+        Input::Bytes(primes_input(units)),
+        stats,
+    )
+}
+
+enum Input {
+    Bytes(Vec<u8>),
+    File(PathBuf),
+}
+
+fn submit_input(
+    bin: &Path,
+    control: Option<&Path>,
+    module: &Path,
+    input: Input,
     stats: &Path,
 ) -> Result<(Duration, serde_json::Value)> {
     let mut cmd = Command::new(bin);
@@ -107,15 +136,19 @@ fn submit(
             "1",
         ]),
     };
+    if let Input::File(path) = &input {
+        cmd.arg("--input").arg(path);
+    }
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()?;
     let started = Instant::now();
-    let data = input(units);
     let mut stdin = child.stdin.take().unwrap();
-    std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
+    if let Input::Bytes(data) = input {
+        std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
+    }
     let status = child.wait()?;
     let took = started.elapsed();
     if !status.success() {
@@ -166,6 +199,137 @@ fn per_peer_rate(before: &[u64], after: &[u64], over: Duration) -> f64 {
         .map(|(a, b)| a.saturating_sub(*b))
         .sum();
     total as f64 / after.len().max(1) as f64 / over.as_secs_f64()
+}
+
+/// Start `n` one-slot peers, one per namespace of `net`, and wait until
+/// each has a connection.
+fn start_peers(net: &bridge::Bridge, n: usize, bin: &Path, dir: &Path) -> Result<Vec<Peer>> {
+    let mut peers = Vec::new();
+    for i in 0..n {
+        let control = dir.join(format!("p{i}.sock"));
+        let mut child = net
+            .cmd(i, bin)
+            .args([
+                "peer",
+                "--listen",
+                "/ip4/0.0.0.0/tcp/0",
+                "--slots",
+                "1",
+                "--control",
+            ])
+            .arg(&control)
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().unwrap();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("control socket:") {
+                break;
+            }
+        }
+        peers.push(Peer { child, control });
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for p in &peers {
+        loop {
+            if let Ok(ControlReply::Peers { peers, .. }) = ask(&p.control, ControlRequest::Peers)
+                && peers.iter().filter(|p| p.connected).count() >= n - 1
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the peers did not connect");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(peers)
+}
+
+/// 100 MB of words from a 5,000-word vocabulary, in 1 MB lines' worth of
+/// chunks (as the harness's W3 input).
+fn generate_words(path: &Path) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x: u64 = 20240607;
+    let mut written = 0;
+    while written < 100_000_000 {
+        let mut line = String::new();
+        while line.len() < 100 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            line.push_str(&format!("w{} ", x % 5000));
+        }
+        line.push('\n');
+        written += line.len();
+        out.write_all(line.as_bytes())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn slow_link(bin: &Path, primes: &Path, unit_time: Duration, words: Option<PathBuf>) -> Result<()> {
+    let wordcount = job_module("wordcount")?;
+    let dir = tempfile::Builder::new().prefix("link").tempdir()?;
+    let words = match words {
+        Some(w) => w,
+        None => {
+            let w = dir.path().join("words.txt");
+            generate_words(&w)?;
+            w
+        }
+    };
+    let size = std::fs::metadata(&words)?.len() as f64;
+    let units = 400;
+    let ideal = unit_time.as_secs_f64() * units as f64 / 2.0;
+    let mut figures = Vec::new();
+    // Each packet crosses two shaped veth ends (the sender's and the
+    // bridge's towards the receiver): 12.5 ms each, 50 ms a round trip.
+    for shape in [None, Some("delay 12500us rate 100mbit limit 10000")] {
+        let net = match bridge::Bridge::create(2) {
+            Some(net) => net.map_err(anyhow::Error::msg)?,
+            None => bail!("network namespaces cannot be made here (needs root)"),
+        };
+        if let Some(q) = shape {
+            net.shape(q).map_err(anyhow::Error::msg)?;
+        }
+        let run_dir = tempfile::tempdir()?;
+        let peers = start_peers(&net, 2, bin, run_dir.path())?;
+        let stats = run_dir.path().join("s.json");
+        let (w2, s2) = submit(bin, Some(&peers[0].control), primes, units, &stats)?;
+        let (w3, s3) = submit_input(
+            bin,
+            Some(&peers[0].control),
+            &wordcount,
+            Input::File(words.clone()),
+            &stats,
+        )?;
+        let label = if shape.is_some() {
+            "50 ms RTT, 100 Mbit/s"
+        } else {
+            "plain bridge"
+        };
+        println!(
+            "{label:<22} W2-style: {:.2}s, efficiency {:.3} (per peer {}); W3-style: {:.2}s, {:.1} MB/s (per peer {})",
+            w2.as_secs_f64(),
+            ideal / w2.as_secs_f64(),
+            s2["per_peer"],
+            w3.as_secs_f64(),
+            size / 1e6 / w3.as_secs_f64(),
+            s3["per_peer"],
+        );
+        figures.push((ideal / w2.as_secs_f64(), size / 1e6 / w3.as_secs_f64()));
+    }
+    println!(
+        "slow link against the plain bridge: W2-style efficiency {:.2}x, W3-style throughput {:.2}x",
+        figures[1].0 / figures[0].0,
+        figures[1].1 / figures[0].1
+    );
+    Ok(())
 }
 
 fn measure(
@@ -334,7 +498,7 @@ fn measure(
 fn main() -> Result<()> {
     let args = Args::parse();
     let bin = peers::antnest_bin(args.antnest.as_deref())?;
-    let module = primes_module()?;
+    let module = job_module("primes")?;
     // The single-thread time of one taskunit: a standalone one-slot peer
     // over two job sizes (the difference leaves out start and end).
     let dir = tempfile::tempdir()?;
@@ -345,6 +509,9 @@ fn main() -> Result<()> {
         "one taskunit on one thread: {:.2} ms",
         unit_time.as_secs_f64() * 1e3
     );
+    if args.link {
+        return slow_link(&bin, &module, unit_time, args.words);
+    }
     for n in args.peers {
         measure(&bin, &module, n, args.units_per_peer, unit_time)?;
     }

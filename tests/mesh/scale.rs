@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::common::*;
 
 #[path = "../../examples/common/bridge.rs"]
+#[allow(dead_code)] // the benchmark's traffic counters
 mod bridge;
 
 const T: Duration = Duration::from_secs(600);
