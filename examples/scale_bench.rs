@@ -38,9 +38,10 @@ struct Args {
     /// Taskunits of the job per peer.
     #[arg(long, default_value_t = 20)]
     units_per_peer: u64,
-    /// Instead: two peers on the bridge, plain and then across a slow link
-    /// (tc netem: 50 ms round trip, 100 Mbit/s each way): a W2-style job's
-    /// parallel efficiency and a W3-style job's throughput on each.
+    /// Instead: two peers of this host, connected directly and then across
+    /// a slow link (50 ms round trip, 100 Mbit/s each way, made by a
+    /// delaying proxy): a W2-style job's parallel efficiency and a
+    /// W3-style job's throughput on each.
     #[arg(long)]
     link: bool,
     /// The W3-style job's input (default: 100 MB of generated words).
@@ -201,54 +202,6 @@ fn per_peer_rate(before: &[u64], after: &[u64], over: Duration) -> f64 {
     total as f64 / after.len().max(1) as f64 / over.as_secs_f64()
 }
 
-/// Start `n` one-slot peers, one per namespace of `net`, and wait until
-/// each has a connection.
-fn start_peers(net: &bridge::Bridge, n: usize, bin: &Path, dir: &Path) -> Result<Vec<Peer>> {
-    let mut peers = Vec::new();
-    for i in 0..n {
-        let control = dir.join(format!("p{i}.sock"));
-        let mut child = net
-            .cmd(i, bin)
-            .args([
-                "peer",
-                "--listen",
-                "/ip4/0.0.0.0/tcp/0",
-                "--slots",
-                "1",
-                "--control",
-            ])
-            .arg(&control)
-            .arg("--cache-dir")
-            .arg(dir.join("cache"))
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let stdout = child.stdout.take().unwrap();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.starts_with("control socket:") {
-                break;
-            }
-        }
-        peers.push(Peer { child, control });
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for p in &peers {
-        loop {
-            if let Ok(ControlReply::Peers { peers, .. }) = ask(&p.control, ControlRequest::Peers)
-                && peers.iter().filter(|p| p.connected).count() >= n - 1
-            {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("the peers did not connect");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    Ok(peers)
-}
-
 /// 100 MB of words from a 5,000-word vocabulary, in 1 MB lines' worth of
 /// chunks (as the harness's W3 input).
 fn generate_words(path: &Path) -> Result<()> {
@@ -272,6 +225,92 @@ fn generate_words(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A TCP proxy on loopback that delays what it carries by `one_way` in
+/// each direction and paces it to `bits_per_s`: a slow link between two
+/// peers of this host. (This kernel has no `tc netem`.) Its address, and
+/// the bytes it has carried.
+fn slow_proxy(
+    target: std::net::SocketAddr,
+    one_way: Duration,
+    bits_per_s: f64,
+) -> Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let carried = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = carried.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                let link = (one_way, bits_per_s, counted.clone());
+                tokio::spawn(slow_pipe(ri, wo, link.clone()));
+                tokio::spawn(slow_pipe(ro, wi, link));
+            }
+        });
+    });
+    Ok((addr, carried))
+}
+
+/// One direction of [`slow_proxy`]: each chunk read leaves when the link
+/// is free, takes its size over the rate to send, and arrives `one_way`
+/// later; at most 16 MB are in flight (the link's queue).
+async fn slow_pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    (one_way, bits_per_s, carried): (Duration, f64, std::sync::Arc<std::sync::atomic::AtomicU64>),
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(256);
+    let reader = async move {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut free_at = Instant::now();
+        while let Ok(n) = from.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let sending = Duration::from_secs_f64(n as f64 * 8.0 / bits_per_s);
+            free_at = free_at.max(Instant::now()) + sending;
+            if tx
+                .send((free_at + one_way, buf[..n].to_vec()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&bytes).await.is_err() {
+                break;
+            }
+            carried.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
+}
+
+/// A W2-style job's parallel efficiency and a W3-style job's throughput on
+/// two one-slot peers of this host, connected directly and then through
+/// [`slow_proxy`] at 50 ms round trip and 100 Mbit/s.
 fn slow_link(bin: &Path, primes: &Path, unit_time: Duration, words: Option<PathBuf>) -> Result<()> {
     let wordcount = job_module("wordcount")?;
     let dir = tempfile::Builder::new().prefix("link").tempdir()?;
@@ -287,34 +326,51 @@ fn slow_link(bin: &Path, primes: &Path, unit_time: Duration, words: Option<PathB
     let units = 400;
     let ideal = unit_time.as_secs_f64() * units as f64 / 2.0;
     let mut figures = Vec::new();
-    // Each packet crosses two shaped veth ends (the sender's and the
-    // bridge's towards the receiver): 12.5 ms each, 50 ms a round trip.
-    for shape in [None, Some("delay 12500us rate 100mbit limit 10000")] {
-        let net = match bridge::Bridge::create(2) {
-            Some(net) => net.map_err(anyhow::Error::msg)?,
-            None => bail!("network namespaces cannot be made here (needs root)"),
-        };
-        if let Some(q) = shape {
-            net.shape(q).map_err(anyhow::Error::msg)?;
-        }
+    for slow in [false, true] {
         let run_dir = tempfile::tempdir()?;
-        let peers = start_peers(&net, 2, bin, run_dir.path())?;
+        let master = peers::start_peer(bin, run_dir.path(), 0, 1, None, &[], None)?;
+        let carried;
+        let bootstrap = if slow {
+            // The worker reaches the master only through the proxy.
+            let (ip_port, id) = master
+                .addr
+                .strip_prefix("/ip4/")
+                .and_then(|a| a.split_once("/p2p/"))
+                .context("master address")?;
+            let target: std::net::SocketAddr = ip_port.replacen("/tcp/", ":", 1).parse()?;
+            let (proxy, count) = slow_proxy(target, Duration::from_millis(25), 100e6)?;
+            carried = Some(count);
+            format!("/ip4/127.0.0.1/tcp/{}/p2p/{id}", proxy.port())
+        } else {
+            carried = None;
+            master.addr.clone()
+        };
+        let _worker = peers::start_peer(bin, run_dir.path(), 1, 1, Some(&bootstrap), &[], None)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(ask(&master.control, ControlRequest::Peers)?,
+            ControlReply::Peers { peers, .. } if peers.iter().any(|p| p.connected))
+        {
+            if Instant::now() > deadline {
+                bail!("the worker did not connect");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let stats = run_dir.path().join("s.json");
-        let (w2, s2) = submit(bin, Some(&peers[0].control), primes, units, &stats)?;
+        let (w2, s2) = submit(bin, Some(&master.control), primes, units, &stats)?;
         let (w3, s3) = submit_input(
             bin,
-            Some(&peers[0].control),
+            Some(&master.control),
             &wordcount,
             Input::File(words.clone()),
             &stats,
         )?;
-        let label = if shape.is_some() {
+        let label = if slow {
             "50 ms RTT, 100 Mbit/s"
         } else {
-            "plain bridge"
+            "direct (loopback)"
         };
         println!(
-            "{label:<22} W2-style: {:.2}s, efficiency {:.3} (per peer {}); W3-style: {:.2}s, {:.1} MB/s (per peer {})",
+            "{label:<22} W2-style: {:.2}s, efficiency {:.3} (taskunits per peer {}); W3-style: {:.2}s, {:.1} MB/s (per peer {})",
             w2.as_secs_f64(),
             ideal / w2.as_secs_f64(),
             s2["per_peer"],
@@ -322,10 +378,17 @@ fn slow_link(bin: &Path, primes: &Path, unit_time: Duration, words: Option<PathB
             size / 1e6 / w3.as_secs_f64(),
             s3["per_peer"],
         );
+        if let Some(c) = carried {
+            println!(
+                "{:<22} the proxy carried {:.1} MB",
+                "",
+                c.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+            );
+        }
         figures.push((ideal / w2.as_secs_f64(), size / 1e6 / w3.as_secs_f64()));
     }
     println!(
-        "slow link against the plain bridge: W2-style efficiency {:.2}x, W3-style throughput {:.2}x",
+        "slow link against direct: W2-style efficiency {:.2}x, W3-style throughput {:.2}x",
         figures[1].0 / figures[0].0,
         figures[1].1 / figures[0].1
     );

@@ -93,23 +93,6 @@ impl Bridge {
         Some(Ok(bridge))
     }
 
-    /// Put the `tc` qdisc `netem` (e.g. "delay 10ms rate 100mbit") on both
-    /// ends of every host's link.
-    pub(crate) fn shape(&self, netem: &str) -> Result<(), String> {
-        let hub = format!("anh{}", self.tag);
-        for (i, host) in self.hosts.iter().enumerate() {
-            let ok = sh(&format!(
-                "ip netns exec {host} tc qdisc add dev eth0 root netem {netem} \
-                 && ip netns exec {hub} tc qdisc add dev v{}x{i} root netem {netem}",
-                self.tag
-            ));
-            if !ok {
-                return Err(format!("tc netem {netem} failed on host {i}"));
-            }
-        }
-        Ok(())
-    }
-
     /// Host `i`'s address on the bridge.
     pub(crate) fn ip(&self, i: usize) -> String {
         format!("10.78.{}.{}", i / 250, i % 250 + 1)
