@@ -73,8 +73,22 @@ pub(crate) struct NetArgs {
     #[arg(long)]
     pub(crate) no_mdns: bool,
     /// Private mesh: only peers holding this pre-shared key can connect.
+    /// QUIC is off with a mesh key: the pre-shared key covers TCP only.
     #[arg(long, value_name = "FILE")]
     pub(crate) mesh_key: Option<PathBuf>,
+    /// TCP only: no QUIC listener or dials (QUIC listens on UDP at the
+    /// TCP port's number).
+    #[arg(long)]
+    pub(crate) no_quic: bool,
+    /// Serve as a relay for peers that cannot be reached directly (behind
+    /// NAT): run it on a peer with a public address.
+    #[arg(long)]
+    pub(crate) relay: bool,
+    /// Hold a reservation on this relay (repeatable), e.g.
+    /// /ip4/203.0.113.5/tcp/4001/p2p/12D3..: peers reach this one through
+    /// it, then directly once hole punching succeeds.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub(crate) relay_via: Vec<Multiaddr>,
     /// Where modules and compiled artifacts are cached. Default: ~/.cache/antnest.
     #[arg(long, value_name = "DIR", env = "ANTNEST_CACHE")]
     pub(crate) cache_dir: Option<PathBuf>,

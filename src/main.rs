@@ -126,6 +126,9 @@ fn peer_config(net: &NetArgs, submitter: bool) -> Result<PeerConfig> {
             bootstrap,
             mdns: !net.no_mdns,
             psk,
+            quic: !net.no_quic,
+            relay_server: net.relay,
+            relays: net.relay_via.clone(),
             keypair: net.identity.as_deref().map(load_identity).transpose()?,
             ..NetConfig::default()
         },
@@ -209,7 +212,10 @@ async fn run_peer(args: cli::PeerArgs) -> Result<ExitCode> {
     let running = peer::start(cfg).await?;
     let id = running.peer.peer_id().to_string();
     println!("peer id: {id}");
-    for addr in &running.listen_addrs {
+    // TCP first: tests and scripts take the first address to bootstrap.
+    let mut addrs = running.listen_addrs.clone();
+    addrs.sort_by_key(|a| a.to_string().contains("/quic"));
+    for addr in &addrs {
         println!("listening on: {addr}/p2p/{id}");
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -320,6 +326,10 @@ async fn list_peers(args: cli::ControlArgs) -> Result<ExitCode> {
             println!("local {local}");
             for p in peers {
                 let state = if p.connected { "connected" } else { "known" };
+                let state = match &p.via {
+                    Some(via) if p.connected => format!("{state} ({via})"),
+                    _ => state.to_string(),
+                };
                 println!("{} {state} {}", p.peer_id, p.addresses.join(" "));
             }
             Ok(ExitCode::SUCCESS)

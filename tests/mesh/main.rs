@@ -7,6 +7,7 @@ mod common;
 mod hostile;
 mod jobs;
 mod mesh;
+mod nat;
 mod native;
 mod sandbox;
 mod scale;

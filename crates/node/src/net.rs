@@ -75,6 +75,15 @@ pub struct NetConfig {
     pub request_timeout: Duration,
     /// This peer's identity; `None`: a fresh one each start.
     pub keypair: Option<identity::Keypair>,
+    /// QUIC beside TCP (on the same port numbers, UDP). Never with a
+    /// mesh key: the pre-shared key covers TCP connections only.
+    pub quic: bool,
+    /// Serve as a relay (circuit relay v2) for peers that cannot be
+    /// reached directly.
+    pub relay_server: bool,
+    /// Relays to hold a reservation on: this peer can be reached through
+    /// them (and then directly, after hole punching).
+    pub relays: Vec<Multiaddr>,
 }
 
 impl Default for NetConfig {
@@ -86,6 +95,9 @@ impl Default for NetConfig {
             psk: None,
             request_timeout: Duration::from_secs(120),
             keypair: None,
+            quic: true,
+            relay_server: false,
+            relays: Vec::new(),
         }
     }
 }
@@ -121,6 +133,16 @@ struct Behaviour {
     /// taskunits are re-issued without waiting for TCP to notice.
     ping: libp2p::ping::Behaviour,
     identify: identify::Behaviour,
+    /// Reservations on relays, and connections through them.
+    relay_client: libp2p::relay::client::Behaviour,
+    /// Serving as a relay (`--relay`).
+    relay: Toggle<libp2p::relay::Behaviour>,
+    /// Hole punching: a connection through a relay is upgraded to a direct
+    /// one when both sides can dial each other at once.
+    dcutr: libp2p::dcutr::Behaviour,
+    /// Whether this peer's addresses are reachable from outside (other
+    /// peers dial them back), so that only those are advertised.
+    autonat: libp2p::autonat::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
@@ -266,6 +288,16 @@ pub struct EventLoop {
     agents: HashMap<PeerId, String>,
     /// Dialed once the listeners are up (see [`EventLoop::run`]).
     bootstrap: Vec<Multiaddr>,
+    /// Relays to hold a reservation on (see [`EventLoop::reserve`]), and
+    /// the reservations held, by their listener.
+    relays: Vec<Multiaddr>,
+    reservations: HashMap<libp2p::core::transport::ListenerId, PeerId>,
+    /// Serving as a relay: its listen addresses (but loopback ones) are
+    /// taken as its public ones, which reservations carry.
+    relay_server: bool,
+    /// How each peer was reached: through a relay first, and whether it is
+    /// connected directly now (after hole punching, or from the start).
+    reached: HashMap<PeerId, Reach>,
     /// Departures not yet told to the peer: the event channel was full
     /// (see [`EventLoop::emit`]).
     departed: std::collections::VecDeque<PeerId>,
@@ -278,6 +310,23 @@ fn setup_err(e: impl std::fmt::Display) -> NetError {
 }
 
 fn build_transport(
+    key: &identity::Keypair,
+    psk: Option<pnet::PreSharedKey>,
+    quic: bool,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetError> {
+    let tcp = build_tcp(key, psk)?;
+    if !quic || psk.is_some() {
+        return Ok(tcp);
+    }
+    let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key))
+        .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
+    Ok(tcp
+        .or_transport(quic)
+        .map(|either, _| either.into_inner())
+        .boxed())
+}
+
+fn build_tcp(
     key: &identity::Keypair,
     psk: Option<pnet::PreSharedKey>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetError> {
@@ -308,14 +357,18 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
         .clone()
         .unwrap_or_else(identity::Keypair::generate_ed25519);
     let local = key.public().to_peer_id();
-    let transport = build_transport(&key, config.psk)?;
+    let quic = config.quic && config.psk.is_none();
+    let transport = build_transport(&key, config.psk, quic)?;
     let mdns_enabled = config.mdns;
+    let relay_server = config.relay_server;
     let request_timeout = config.request_timeout;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_other_transport(|_| transport)
         .map_err(setup_err)?
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(setup_err)?
+        .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let mdns = if mdns_enabled {
                 let cfg = mdns::Config {
@@ -373,6 +426,12 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
                         .with_agent_version(format!("antnest/{}", env!("CARGO_PKG_VERSION")))
                         .with_push_listen_addr_updates(true),
                 ),
+                relay_client,
+                relay: relay_server
+                    .then(|| libp2p::relay::Behaviour::new(peer_id, Default::default()))
+                    .into(),
+                dcutr: libp2p::dcutr::Behaviour::new(peer_id),
+                autonat: libp2p::autonat::Behaviour::new(peer_id, Default::default()),
                 mdns: mdns.into(),
                 kad,
                 gossipsub,
@@ -398,8 +457,8 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
         .gossipsub
         .subscribe(&topic)
         .map_err(setup_err)?;
-    for addr in &config.listen {
-        swarm.listen_on(addr.clone()).map_err(setup_err)?;
+    for addr in listen_addrs(&config.listen, quic) {
+        swarm.listen_on(addr).map_err(setup_err)?;
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (ev_tx, ev_rx) = mpsc::channel(256);
@@ -424,6 +483,10 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
             on_this_host: HashSet::new(),
             agents: HashMap::new(),
             bootstrap: config.bootstrap,
+            relays: config.relays,
+            reservations: HashMap::new(),
+            relay_server: config.relay_server,
+            reached: HashMap::new(),
             departed: Default::default(),
             metrics,
         },
@@ -459,6 +522,11 @@ impl EventLoop {
                 warn!(%addr, "cannot dial bootstrap peer: {e}");
             }
         }
+        for relay in self.relays.clone() {
+            if let Err(e) = self.swarm.dial(relay.clone()) {
+                warn!(%relay, "cannot dial relay: {e}");
+            }
+        }
         tokio::pin!(shutdown);
         let mut rebootstrap = tokio::time::interval(KAD_REBOOTSTRAP_FEW);
         let mut last_bootstrap = tokio::time::Instant::now();
@@ -474,6 +542,7 @@ impl EventLoop {
                     None => break,
                 },
                 _ = rebootstrap.tick() => {
+                    self.reserve(true);
                     let kad = &mut self.swarm.behaviour_mut().kad;
                     let known: usize = kad.kbuckets().map(|b| b.num_entries()).sum();
                     let every = if known < 20 { KAD_REBOOTSTRAP_FEW } else { KAD_REBOOTSTRAP_MANY };
@@ -544,9 +613,44 @@ impl EventLoop {
                             .unwrap_or_default(),
                         connected: connected.contains(&p),
                         agent: self.agents.get(&p).cloned(),
+                        via: self.reached.get(&p).map(|r| r.to_string()),
                     })
                     .collect();
                 let _ = reply.send(peers);
+            }
+        }
+    }
+
+    /// Hold a reservation on each relay this peer is connected to and has
+    /// none on: it makes this peer reachable at the relay's address
+    /// (`.../p2p/RELAY/p2p-circuit/p2p/US`), announced like any other.
+    /// Only over an established connection: a reservation asked for while
+    /// the first dial is under way may ride a connection that is then
+    /// closed as a duplicate, and end at once. With `redial`, relays not
+    /// connected are dialed (a relay that went away, or restarted).
+    fn reserve(&mut self, redial: bool) {
+        use libp2p::multiaddr::Protocol;
+        for relay in self.relays.clone() {
+            let Some(Protocol::P2p(id)) = relay.iter().last() else {
+                continue;
+            };
+            if self.reservations.values().any(|r| *r == id) {
+                continue;
+            }
+            if !self.swarm.is_connected(&id) {
+                if redial {
+                    let _ = self.swarm.dial(relay.clone());
+                }
+                continue;
+            }
+            match self
+                .swarm
+                .listen_on(relay.clone().with(Protocol::P2pCircuit))
+            {
+                Ok(listener) => {
+                    self.reservations.insert(listener, id);
+                }
+                Err(e) => warn!(%relay, "cannot reserve on relay: {e}"),
             }
         }
     }
@@ -615,18 +719,33 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
+                if self.relay_server && !is_loopback(&address) && !is_relayed(&address) {
+                    self.swarm.add_external_address(address.clone());
+                }
                 self.listen_addrs.push(address);
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
             } => {
                 debug!(%peer_id, "connected");
+                let relayed = is_relayed(endpoint.get_remote_address());
+                let reach = self.reached.entry(peer_id).or_insert(Reach {
+                    relayed_first: relayed,
+                    direct: false,
+                });
+                reach.direct |= !relayed;
+                if relayed {
+                    info!(%peer_id, "connected through a relay");
+                } else if reach.relayed_first {
+                    info!(%peer_id, "connected directly after a relayed connection");
+                }
                 if is_loopback(endpoint.get_remote_address()) {
                     self.on_this_host.insert(peer_id);
                 }
                 if endpoint.is_dialer() {
                     self.learn(peer_id, endpoint.get_remote_address().clone());
                 }
+                self.reserve(false);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -635,8 +754,25 @@ impl EventLoop {
             } => {
                 debug!(%peer_id, "disconnected");
                 self.on_this_host.remove(&peer_id);
+                self.reached.remove(&peer_id);
                 self.emit(Event::PeerGone(peer_id));
             }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                // A relay's reservation ended: asked for again (see
+                // `reserve`), and its address no longer announced.
+                if let Some(relay) = self.reservations.remove(&listener_id) {
+                    info!(%relay, ?reason, "relay reservation ended");
+                }
+                self.listen_addrs.retain(|a| !addresses.contains(a));
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| *a != address);
+            }
+            SwarmEvent::ListenerError { error, .. } => warn!("listener failed: {error}"),
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(?peer_id, "dial failed: {error}");
             }
@@ -715,6 +851,12 @@ impl EventLoop {
                 Err(e) => debug!(%propagation_source, "malformed announcement ignored: {e}"),
             },
             SwarmEvent::Behaviour(BehaviourEvent::Rr(event)) => self.handle_rr(event).await,
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => {
+                info!(?event, "relay client");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(event)) => {
+                info!(?event, "hole punching");
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
                 peer,
                 connection,
@@ -791,6 +933,47 @@ pub fn id(peer: &PeerId) -> antnest_proto::PeerId {
 /// The libp2p peer id of `peer`, if it is one.
 pub fn libp2p_id(peer: antnest_proto::PeerId) -> Option<PeerId> {
     PeerId::from_bytes(peer.as_bytes()).ok()
+}
+
+/// The addresses to listen on: `listen`, and with `quic` a QUIC address
+/// beside each TCP one (the same port number, UDP).
+pub fn listen_addrs(listen: &[Multiaddr], quic: bool) -> Vec<Multiaddr> {
+    use libp2p::multiaddr::Protocol;
+    let mut all = listen.to_vec();
+    if quic {
+        for addr in listen {
+            let mut parts: Vec<Protocol> = addr.iter().collect();
+            if let [_, Protocol::Tcp(port)] = parts.as_slice() {
+                parts[1] = Protocol::Udp(*port);
+                parts.push(Protocol::QuicV1);
+                all.push(parts.into_iter().collect());
+            }
+        }
+    }
+    all
+}
+
+/// How a connected peer was reached.
+#[derive(Debug, Clone, Copy)]
+struct Reach {
+    relayed_first: bool,
+    direct: bool,
+}
+
+impl std::fmt::Display for Reach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match (self.relayed_first, self.direct) {
+            (false, _) => "direct",
+            (true, false) => "relay",
+            (true, true) => "relay, then direct",
+        })
+    }
+}
+
+/// Whether `addr` goes through a relay.
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit))
 }
 
 /// Whether `addr` is on the loopback interface (127.0.0.0/8 or ::1).

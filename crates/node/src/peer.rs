@@ -86,7 +86,11 @@ pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
     if let Some(compiler) = &config.compiler {
         env.compile_in_child(compiler.clone());
     }
-    let expected_listeners = config.net.listen.len();
+    let expected_listeners = net::listen_addrs(
+        &config.net.listen,
+        config.net.quic && config.net.psk.is_none(),
+    )
+    .len();
     let (client, events, mut event_loop) = net::new(config.net.clone())?;
     let incoming = client.accept_streams()?;
     event_loop

@@ -187,6 +187,10 @@ pub struct JobStats {
     /// had them already and the hash was enough).
     #[serde(default)]
     pub module_sent: bool,
+    /// How each worker still connected at the end was reached: "direct",
+    /// "relay", or "relay, then direct" (after hole punching).
+    #[serde(default)]
+    pub reached: std::collections::BTreeMap<String, String>,
 }
 
 /// What a finished job gives back.
@@ -355,6 +359,10 @@ pub struct PeerInfo {
     pub addresses: Vec<String>,
     pub connected: bool,
     pub agent: Option<String>,
+    /// How it was reached, while connected: "direct", "relay", or "relay,
+    /// then direct" (after hole punching).
+    #[serde(default)]
+    pub via: Option<String>,
 }
 
 #[cfg(test)]

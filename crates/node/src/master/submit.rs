@@ -420,6 +420,14 @@ impl Peer {
         }
         let prog = done.progress;
         let failures = done.failures;
+        // How each worker still connected was reached (direct, or through
+        // a relay and then directly after hole punching).
+        let reached = (self.state.client.peers().await)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.connected && done.per_worker.keys().any(|w| w.to_string() == p.peer_id))
+            .filter_map(|p| Some((p.peer_id, p.via?)))
+            .collect();
         let stats = JobStats {
             job_id: id.to_string(),
             module: hash.to_string(),
@@ -441,6 +449,7 @@ impl Peer {
                 .first_result
                 .map(|t| t.saturating_duration_since(started).as_secs_f64() * 1000.0),
             module_sent,
+            reached,
         };
         let mut report = JobReport {
             output: ByteBuf::new(),

@@ -1,0 +1,191 @@
+//! Peers behind NAT: two peers each behind its own router (iptables
+//! MASQUERADE in a namespace), a relay peer on the "public" side between
+//! the routers. A job submitted behind one NAT runs on the peer behind the
+//! other: first through the relay, then directly after hole punching.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(300);
+
+fn sh(cmd: &str) -> Result<(), String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd}: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// The namespaces: `wan` holds the public bridge; `relay` on it at
+/// 10.79.0.1; routers `nat1` and `nat2` on it at 10.79.0.11 and .12, each
+/// masquerading its LAN (192.168.1.0/24, 192.168.2.0/24) where peers `a`
+/// and `b` sit at .2. As home routers do, a router drops what comes to it
+/// from outside unasked (a Linux router would otherwise answer a SYN with
+/// a reset, and no hole could be punched through it).
+struct Nat {
+    names: Vec<String>,
+}
+
+impl Nat {
+    fn create() -> Option<Result<Nat, String>> {
+        let tag = std::process::id() % 100_000;
+        let name = |n: &str| format!("nt{tag}{n}");
+        if sh(&format!("ip netns add {}", name("wan"))).is_err() {
+            return None;
+        }
+        let mut nat = Nat {
+            names: vec![name("wan")],
+        };
+        let made = (|| {
+            for n in ["relay", "nat1", "nat2", "a", "b"] {
+                sh(&format!("ip netns add {}", name(n)))?;
+                nat.names.push(name(n));
+            }
+            let wan = name("wan");
+            sh(&format!(
+                "ip -n {wan} link add br0 type bridge && ip -n {wan} link set br0 up"
+            ))?;
+            for (n, ip) in [
+                ("relay", "10.79.0.1"),
+                ("nat1", "10.79.0.11"),
+                ("nat2", "10.79.0.12"),
+            ] {
+                let ns = name(n);
+                sh(&format!(
+                    "ip link add w{tag}{n} netns {wan} type veth peer name wan netns {ns} \
+                     && ip -n {wan} link set w{tag}{n} master br0 up \
+                     && ip -n {ns} addr add {ip}/24 dev wan && ip -n {ns} link set wan up \
+                     && ip -n {ns} link set lo up"
+                ))?;
+            }
+            for (i, host) in [(1, "a"), (2, "b")] {
+                let (router, ns) = (name(&format!("nat{i}")), name(host));
+                sh(&format!(
+                    "ip link add lan netns {router} type veth peer name eth0 netns {ns} \
+                     && ip -n {router} addr add 192.168.{i}.1/24 dev lan && ip -n {router} link set lan up \
+                     && ip -n {ns} addr add 192.168.{i}.2/24 dev eth0 && ip -n {ns} link set eth0 up \
+                     && ip -n {ns} link set lo up && ip -n {ns} route add default via 192.168.{i}.1 \
+                     && ip netns exec {router} sysctl -qw net.ipv4.ip_forward=1 \
+                     && ip netns exec {router} iptables -t nat -A POSTROUTING -o wan -j MASQUERADE \
+                     && ip netns exec {router} iptables -A INPUT -i wan -m conntrack --ctstate NEW,INVALID -j DROP"
+                ))?;
+            }
+            Ok::<(), String>(())
+        })();
+        Some(made.map(|()| nat))
+    }
+
+    fn cmd(&self, host: &str) -> Command {
+        let ns = self.names.iter().find(|n| n.ends_with(host)).unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_antnest")]);
+        cmd.env("ANTNEST_CACHE", cache_dir())
+            .env("RUST_LOG", "warn,antnest_node::net=info,libp2p_dcutr=debug");
+        cmd
+    }
+}
+
+impl Drop for Nat {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+#[test]
+fn a_job_crosses_two_nats_through_a_relay_then_directly_after_hole_punching() {
+    if Command::new("iptables").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: iptables is not installed; NAT test not run");
+        return;
+    }
+    let nat = match Nat::create() {
+        None => {
+            eprintln!(
+                "SKIPPED: `ip netns add` is not permitted here (needs root); NAT test not run"
+            );
+            return;
+        }
+        Some(nat) => nat.expect("namespaces made but not set up"),
+    };
+    let dir = scratch();
+    let common = [
+        "--no-mdns",
+        "--listen",
+        "/ip4/0.0.0.0/tcp/0",
+        "--slots",
+        "1",
+    ];
+    let relay_args: Vec<&str> = common.iter().copied().chain(["--relay"]).collect();
+    let relay = PeerProc::start_with(nat.cmd("relay"), dir.path(), "relay", &relay_args);
+    let relay_addr = relay
+        .addrs
+        .iter()
+        .find(|a| a.starts_with("/ip4/10.79.0.1/tcp/"))
+        .expect("the relay's public address")
+        .clone();
+    let behind: Vec<&str> = common
+        .iter()
+        .copied()
+        .chain(["--bootstrap", &relay_addr, "--relay-via", &relay_addr])
+        .collect();
+    let a = PeerProc::start_with(nat.cmd("a"), dir.path(), "a", &behind);
+    let b = PeerProc::start_with(nat.cmd("b"), dir.path(), "b", &behind);
+    // A job from a, long enough for b to join through the relay and then
+    // to punch a hole.
+    let (input, want) = primes_input(600, 200_000);
+    let stats = dir.path().join("s.json");
+    let out = run_cmd(
+        nat.cmd("a").args([
+            "submit",
+            "--control",
+            a.control.to_str().unwrap(),
+            artifact("primes").to_str().unwrap(),
+            "-q",
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ]),
+        input.as_bytes(),
+        T,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        want.to_string(),
+        "the result of a local run"
+    );
+    let s = stats_of(&stats);
+    let did = |p: &PeerProc| {
+        s["per_peer"]
+            .get(&p.peer_id)
+            .and_then(|n| n.as_u64())
+            .unwrap_or(0)
+    };
+    assert!(
+        did(&b) > 0,
+        "the peer behind the other NAT did none of it: {s}"
+    );
+    assert_eq!(
+        s["reached"].get(&b.peer_id).and_then(|v| v.as_str()),
+        Some("relay, then direct"),
+        "how the master reached b: {}",
+        s["reached"]
+    );
+    // And the direct connection is the NATs' own: b is seen at nat2's
+    // public address, not at its private one.
+    let out = run(&["peers", "--control", a.control.to_str().unwrap()], b"", T);
+    let listed = text(&out.stdout);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(&b.peer_id))
+        .unwrap_or_default();
+    assert!(line.contains("(relay, then direct)"), "{listed}");
+    drop(relay);
+}
