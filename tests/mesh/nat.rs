@@ -187,5 +187,46 @@ fn a_job_crosses_two_nats_through_a_relay_then_directly_after_hole_punching() {
         .find(|l| l.starts_with(&b.peer_id))
         .unwrap_or_default();
     assert!(line.contains("(relay, then direct)"), "{listed}");
+
+    // Then the relay vanishes mid-job, and nat2 drops the hole-punched
+    // connection: the job ends with the same result, nothing lost.
+    let (input, want) = primes_input(1500, 200_400);
+    let stats = dir.path().join("s2.json");
+    let mut job = a.spawn_submit(
+        &artifact("primes"),
+        &["-q", "--stats-json", stats.to_str().unwrap()],
+        input.as_bytes(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
     drop(relay);
+    std::thread::sleep(Duration::from_secs(1));
+    sh(&format!(
+        "ip netns exec {} iptables -I FORWARD 1 -j DROP",
+        nat.names.iter().find(|n| n.ends_with("nat2")).unwrap()
+    ))
+    .unwrap();
+    assert!(
+        job.running(),
+        "the job ended before the relay went away; make it longer"
+    );
+    let out = job.finish(T);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        want.to_string(),
+        "the result of a local run"
+    );
+    let s = stats_of(&stats);
+    assert_eq!(s["tasks"], 1500);
+    assert_eq!(s["failed"], 0);
+    assert_eq!(
+        s["per_peer"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| n.as_u64().unwrap())
+            .sum::<u64>(),
+        1500,
+        "each result counted once: {s}"
+    );
 }

@@ -15,6 +15,10 @@ const T: Duration = Duration::from_secs(600);
 fn a_hundred_peers_found_by_mdns_alone_all_work_on_a_job_from_any_of_them() {
     alone(|| {
         const N: usize = 100;
+        // Taskunits per peer (about 20 ms each): enough that every peer
+        // takes some even when slow to start (a debug build, other tests
+        // running beside).
+        const PER_PEER: u64 = 40;
         let net = match bridge::Bridge::create(N) {
             None => {
                 eprintln!(
@@ -46,7 +50,7 @@ fn a_hundred_peers_found_by_mdns_alone_all_work_on_a_job_from_any_of_them() {
             text(&out.stdout).contains(" connected")
         });
         // Enough taskunits (tens of ms each) that every peer may take some.
-        let (input, want) = primes_input(15 * N as u64, 200_000);
+        let (input, want) = primes_input(PER_PEER * N as u64, 200_000);
         let stats = dir.path().join("s.json");
         let out = run_cmd(
             net.cmd(N / 2 + 7, bin).args([
@@ -78,13 +82,24 @@ fn a_hundred_peers_found_by_mdns_alone_all_work_on_a_job_from_any_of_them() {
                     == 0
             })
             .collect();
+        let connections = |i: usize| {
+            let out = run(
+                &["peers", "--control", peers[i].control.to_str().unwrap()],
+                b"",
+                T,
+            );
+            text(&out.stdout).matches(" connected").count()
+        };
         assert!(
             idle.is_empty(),
-            "peers that did none of the job: {idle:?} (of {N}); per peer: {per_peer:?}"
+            "peers that did none of the job: {:?} (of {N}, with their connections); per peer: {per_peer:?}",
+            idle.iter()
+                .map(|i| (*i, connections(*i)))
+                .collect::<Vec<_>>()
         );
         assert_eq!(
             per_peer.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
-            15 * N as u64,
+            PER_PEER * N as u64,
             "each taskunit's result counted once"
         );
     });

@@ -728,7 +728,7 @@ impl EventLoop {
                 peer_id, endpoint, ..
             } => {
                 debug!(%peer_id, "connected");
-                let relayed = is_relayed(endpoint.get_remote_address());
+                let relayed = endpoint.is_relayed();
                 let reach = self.reached.entry(peer_id).or_insert(Reach {
                     relayed_first: relayed,
                     direct: false,
@@ -754,7 +754,13 @@ impl EventLoop {
             } => {
                 debug!(%peer_id, "disconnected");
                 self.on_this_host.remove(&peer_id);
-                self.reached.remove(&peer_id);
+                // How it was reached is kept past the connection: a peer
+                // reached through a relay and then directly may lose the
+                // direct connection and dial the punched hole again.
+                if self.reached.len() > MAX_KNOWN_FROM_GOSSIP {
+                    let swarm = &self.swarm;
+                    self.reached.retain(|p, _| swarm.is_connected(p));
+                }
                 self.emit(Event::PeerGone(peer_id));
             }
             SwarmEvent::ListenerClosed {
