@@ -137,49 +137,42 @@ fn a_job_crosses_two_nats_through_a_relay_then_directly_after_hole_punching() {
         .chain(["--bootstrap", &relay_addr, "--relay-via", &relay_addr])
         .collect();
     let a = PeerProc::start_with(nat.cmd("a"), dir.path(), "a", &behind);
-    let b = PeerProc::start_with(nat.cmd("b"), dir.path(), "b", &behind);
     // A job from a, long enough for b to join through the relay and then
-    // to punch a hole.
-    let (input, want) = primes_input(600, 200_000);
-    let stats = dir.path().join("s.json");
-    let out = run_cmd(
-        nat.cmd("a").args([
-            "submit",
-            "--control",
-            a.control.to_str().unwrap(),
-            artifact("primes").to_str().unwrap(),
-            "-q",
-            "--stats-json",
-            stats.to_str().unwrap(),
-        ]),
-        input.as_bytes(),
-        T,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(
-        text(&out.stdout),
-        want.to_string(),
-        "the result of a local run"
-    );
-    let s = stats_of(&stats);
-    let did = |p: &PeerProc| {
-        s["per_peer"]
-            .get(&p.peer_id)
+    // to punch a hole. A punch can fail (three tries at once, all lost to
+    // timing on a busy machine): then b starts afresh, up to three times;
+    // every job must give the right result either way.
+    let mut tries = Vec::new();
+    let b = loop {
+        let name = format!("b{}", tries.len());
+        let b = PeerProc::start_with(nat.cmd("b"), dir.path(), &name, &behind);
+        let (input, want) = primes_input(600, 200_000);
+        let stats = dir.path().join(format!("{name}.json"));
+        let args = ["-q", "--stats-json", stats.to_str().unwrap()];
+        let out = a.submit(&artifact("primes"), &args, input.as_bytes());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stdout),
+            want.to_string(),
+            "the result of a local run"
+        );
+        let s = stats_of(&stats);
+        let did = s["per_peer"]
+            .get(&b.peer_id)
             .and_then(|n| n.as_u64())
-            .unwrap_or(0)
+            .unwrap_or(0);
+        let via = s["reached"]
+            .get(&b.peer_id)
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        if did > 0 && via.as_deref() == Some("relay, then direct") {
+            break b;
+        }
+        tries.push((did, via, s["reached"].clone()));
+        assert!(
+            tries.len() < 3,
+            "b never worked reached through the relay and then directly; (taskunits, how reached, all reached) per try: {tries:?}"
+        );
     };
-    assert!(
-        did(&b) > 0,
-        "the peer behind the other NAT did none of it: {s}"
-    );
-    assert_eq!(
-        s["reached"].get(&b.peer_id).and_then(|v| v.as_str()),
-        Some("relay, then direct"),
-        "how the master reached b: {}",
-        s["reached"]
-    );
-    // And the direct connection is the NATs' own: b is seen at nat2's
-    // public address, not at its private one.
     let out = run(&["peers", "--control", a.control.to_str().unwrap()], b"", T);
     let listed = text(&out.stdout);
     let line = listed
