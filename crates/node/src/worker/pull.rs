@@ -66,6 +66,8 @@ impl Peer {
             debug!(%master, job = %a.job, "job for native Python only ignored");
             return false;
         }
+        // A master may ask for at most MAX_WEIGHT times an equal share.
+        let weight = a.weight.clamp(1, MAX_WEIGHT);
         let now = Instant::now();
         let mut remotes = self.state.worker.remotes.lock().unwrap();
         let new = !remotes.contains_key(&a.job);
@@ -76,7 +78,7 @@ impl Peer {
                 module: a.module,
                 limits: a.limits,
                 runtime: a.runtime,
-                weight: a.weight.clamp(1, MAX_WEIGHT),
+                weight,
                 seen: now,
                 retry_at: now,
             }
@@ -84,10 +86,7 @@ impl Peer {
         job.seen = now;
         drop(remotes);
         if new {
-            self.state
-                .worker
-                .shares
-                .join(a.job, a.weight.clamp(1, MAX_WEIGHT));
+            self.state.worker.shares.join(a.job, weight);
             // Get the module now, before any slot is free to pull: it is
             // ready when one is, also while every slot is busy elsewhere.
             let _ = self.module_state(a.job, master, a.module);
