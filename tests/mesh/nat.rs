@@ -131,12 +131,19 @@ fn a_job_crosses_two_nats_through_a_relay_then_directly_after_hole_punching() {
         .find(|a| a.starts_with("/ip4/10.79.0.1/tcp/"))
         .expect("the relay's public address")
         .clone();
-    let behind: Vec<&str> = common
+    // a is told of the relay; b only meets it (its bootstrap peer), sees
+    // that it listens on no global address, and reserves on it too.
+    let told: Vec<&str> = common
         .iter()
         .copied()
         .chain(["--bootstrap", &relay_addr, "--relay-via", &relay_addr])
         .collect();
-    let a = PeerProc::start_with(nat.cmd("a"), dir.path(), "a", &behind);
+    let behind: Vec<&str> = common
+        .iter()
+        .copied()
+        .chain(["--bootstrap", &relay_addr])
+        .collect();
+    let a = PeerProc::start_with(nat.cmd("a"), dir.path(), "a", &told);
     // A job from a, long enough for b to join through the relay and then
     // to punch a hole. A punch can fail (three tries at once, all lost to
     // timing on a busy machine): then b starts afresh, up to three times;

@@ -288,9 +288,16 @@ pub struct EventLoop {
     agents: HashMap<PeerId, String>,
     /// Dialed once the listeners are up (see [`EventLoop::run`]).
     bootstrap: Vec<Multiaddr>,
-    /// Relays to hold a reservation on (see [`EventLoop::reserve`]), and
-    /// the reservations held, by their listener.
+    /// Relays to hold a reservation on (see [`EventLoop::reserve`]): those
+    /// told (`--relay-via`), and those found while behind a NAT (see
+    /// [`EventLoop::relay_found`]); and the reservations held, by their
+    /// listener.
     relays: Vec<Multiaddr>,
+    /// Relays met (their identify lists the relay protocol), at an address
+    /// of theirs, to reserve on if this peer turns out to be behind a NAT.
+    relays_met: Vec<Multiaddr>,
+    /// AutoNAT found this peer's addresses unreachable from outside.
+    nat_private: bool,
     reservations: HashMap<libp2p::core::transport::ListenerId, PeerId>,
     /// Serving as a relay: its listen addresses (but loopback ones) are
     /// taken as its public ones, which reservations carry.
@@ -485,6 +492,8 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
             bootstrap: config.bootstrap,
             relays: config.relays,
             reservations: HashMap::new(),
+            relays_met: Vec::new(),
+            nat_private: false,
             relay_server: config.relay_server,
             reached: HashMap::new(),
             departed: Default::default(),
@@ -655,6 +664,40 @@ impl EventLoop {
         }
     }
 
+    /// Whether this peer is, as far as it can tell, behind a NAT: AutoNAT
+    /// found it unreachable, or it listens on no global address at all.
+    fn behind_nat(&self) -> bool {
+        self.nat_private || !self.listen_addrs.iter().any(is_global)
+    }
+
+    /// Relay `peer` was met at `addrs`: noted, and reserved on while this
+    /// peer is behind a NAT (at most [`MAX_RELAYS_FOUND`] found ones).
+    fn relay_found(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
+        use libp2p::multiaddr::Protocol;
+        let Some(addr) = addrs.iter().find(|a| !is_loopback(a) && !is_relayed(a)) else {
+            return;
+        };
+        let addr = addr.clone().with(Protocol::P2p(peer));
+        if self.relays_met.len() < MAX_RELAYS_FOUND && !self.relays_met.contains(&addr) {
+            self.relays_met.push(addr);
+        }
+        self.use_relays_met();
+    }
+
+    /// Behind a NAT: reserve on the relays met, too.
+    fn use_relays_met(&mut self) {
+        if !self.behind_nat() {
+            return;
+        }
+        for addr in self.relays_met.clone() {
+            if !self.relays.contains(&addr) {
+                info!(relay = %addr, "behind a NAT: reserving on a relay found");
+                self.relays.push(addr);
+            }
+        }
+        self.reserve(false);
+    }
+
     /// The listen addresses other hosts may reach: all but loopback ones,
     /// unless this peer listens on nothing else.
     fn advertised(&self) -> impl Iterator<Item = &Multiaddr> {
@@ -809,6 +852,9 @@ impl EventLoop {
             })) => {
                 debug!(%peer_id, addrs = info.listen_addrs.len(), "identified");
                 self.agents.insert(peer_id, info.agent_version.clone());
+                if info.protocols.iter().any(|p| p.as_ref() == RELAY_HOP) {
+                    self.relay_found(peer_id, &info.listen_addrs);
+                }
                 // Only addresses another host can reach: a peer's loopback
                 // addresses are of no use off its host.
                 let here = self.on_this_host.contains(&peer_id);
@@ -862,6 +908,13 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(event)) => {
                 info!(?event, "hole punching");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(
+                libp2p::autonat::Event::StatusChanged { new, .. },
+            )) => {
+                info!(?new, "reachability from outside");
+                self.nat_private = new == libp2p::autonat::NatStatus::Private;
+                self.use_relays_met();
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
                 peer,
@@ -976,6 +1029,35 @@ impl std::fmt::Display for Reach {
     }
 }
 
+/// The protocol a relay serves reservations and circuits on.
+const RELAY_HOP: &str = "/libp2p/circuit/relay/0.2.0/hop";
+/// Relays found (not told) that a peer behind a NAT reserves on at most.
+const MAX_RELAYS_FOUND: usize = 2;
+
+/// Whether `addr` is on a global IP address (not loopback, private,
+/// link-local, shared or unspecified): reachable from the internet if no
+/// firewall is in the way.
+fn is_global(addr: &Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => {
+            let shared = ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64;
+            !(ip.is_private()
+                || ip.is_loopback()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_documentation()
+                || shared)
+        }
+        Some(Protocol::Ip6(ip)) => {
+            let unique_local = (ip.segments()[0] & 0xfe00) == 0xfc00;
+            let link_local = (ip.segments()[0] & 0xffc0) == 0xfe80;
+            !(ip.is_loopback() || ip.is_unspecified() || unique_local || link_local)
+        }
+        _ => false,
+    }
+}
+
 /// Whether `addr` goes through a relay.
 fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter()
@@ -989,5 +1071,46 @@ fn is_loopback(addr: &Multiaddr) -> bool {
         Some(Protocol::Ip4(ip)) => ip.is_loopback(),
         Some(Protocol::Ip6(ip)) => ip.is_loopback(),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_internet_addresses_are_global() {
+        let global = |a: &str| is_global(&a.parse().unwrap());
+        assert!(global("/ip4/203.0.114.7/tcp/4001"));
+        assert!(global("/ip6/2a01:4f8::1/tcp/4001"));
+        for local in [
+            "/ip4/127.0.0.1/tcp/1",
+            "/ip4/10.1.2.3/tcp/1",
+            "/ip4/172.16.0.1/tcp/1",
+            "/ip4/192.168.1.2/tcp/1",
+            "/ip4/169.254.0.1/tcp/1",
+            "/ip4/100.64.0.1/tcp/1",
+            "/ip4/0.0.0.0/tcp/1",
+            "/ip4/203.0.113.7/tcp/1",
+            "/ip6/::1/tcp/1",
+            "/ip6/fd00::1/tcp/1",
+            "/ip6/fe80::1/tcp/1",
+        ] {
+            assert!(!global(local), "{local}");
+        }
+    }
+
+    #[test]
+    fn quic_listens_beside_each_tcp_address() {
+        let tcp: Multiaddr = "/ip4/0.0.0.0/tcp/4001".parse().unwrap();
+        let all = listen_addrs(std::slice::from_ref(&tcp), true);
+        assert_eq!(
+            all,
+            vec![
+                tcp.clone(),
+                "/ip4/0.0.0.0/udp/4001/quic-v1".parse().unwrap()
+            ]
+        );
+        assert_eq!(listen_addrs(std::slice::from_ref(&tcp), false), vec![tcp]);
     }
 }
