@@ -55,6 +55,23 @@ struct Args {
 struct Peer {
     child: Child,
     control: PathBuf,
+    /// Its web view's base URL, inside its namespace.
+    ui: String,
+}
+
+/// Bytes of job announcements host `i` has received, duplicates included
+/// (gossipsub's own count, from the peer's /metrics).
+fn announce_bytes(net: &bridge::Bridge, i: usize, ui: &str) -> u64 {
+    let out = net
+        .cmd(i, Path::new("curl"))
+        .args(["-s", &format!("{ui}metrics")])
+        .output();
+    let text = out.map(|o| o.stdout).unwrap_or_default();
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter(|l| l.starts_with("gossipsub_topic_msg_recv_bytes_unfiltered_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 impl Drop for Peer {
@@ -420,6 +437,8 @@ fn measure(
                 "/ip4/0.0.0.0/tcp/0",
                 "--slots",
                 "1",
+                "--ui",
+                "127.0.0.1:0",
                 "--control",
             ])
             .arg(&control)
@@ -435,17 +454,26 @@ fn measure(
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut ui = String::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("ui: ") {
+                    ui = url.to_string();
+                }
                 if line.starts_with("control socket:") {
-                    let _ = tx.send(());
+                    let _ = tx.send(std::mem::take(&mut ui));
                 }
             }
         });
         ready.push(rx);
-        peers.push(Peer { child, control });
+        peers.push(Peer {
+            child,
+            control,
+            ui: String::new(),
+        });
     }
-    for rx in &ready {
-        rx.recv_timeout(Duration::from_secs(60))
+    for (peer, rx) in peers.iter_mut().zip(&ready) {
+        peer.ui = rx
+            .recv_timeout(Duration::from_secs(60))
             .context("a peer did not start")?;
     }
     let all_started = started.elapsed();
@@ -493,6 +521,7 @@ fn measure(
     let control = master.control.clone();
     let (bin2, module2, stats2) = (bin.to_owned(), module.to_owned(), stats.clone());
     let job = std::thread::spawn(move || submit(&bin2, Some(&control), &module2, units, &stats2));
+    let announced0: u64 = (0..n).map(|i| announce_bytes(&net, i, &peers[i].ui)).sum();
     let submitted = Instant::now();
     let bytes0 = net.bytes_to_hosts();
     let mut reached_all = None;
@@ -508,6 +537,10 @@ fn measure(
         std::thread::sleep(Duration::from_millis(50));
     }
     let job_rate = per_peer_rate(&bytes0, &net.bytes_to_hosts(), submitted.elapsed());
+    let job_time = submitted.elapsed();
+    let announced: u64 = (0..n).map(|i| announce_bytes(&net, i, &peers[i].ui)).sum();
+    let announce_rate =
+        announced.saturating_sub(announced0) as f64 / n as f64 / job_time.as_secs_f64();
     let (wall, s) = job.join().expect("submit thread")?;
     let cpu = cpu_time(pid).saturating_sub(cpu0);
     let per_peer = s["per_peer"].as_object().context("no per_peer")?;
@@ -527,8 +560,8 @@ fn measure(
         conns.last().unwrap_or(&0),
     );
     println!(
-        "       idle traffic {:.0} B/s per peer; during the job {:.0} B/s per peer",
-        idle_rate, job_rate
+        "       idle traffic {:.0} B/s per peer; during the job {:.0} B/s per peer, of which announcements {:.0} B/s (duplicates included)",
+        idle_rate, job_rate, announce_rate
     );
     println!(
         "       job of {units} taskunits: reached every peer {}, {worked}/{n} peers worked, wall {:.2}s vs ideal {:.2}s ({:.2}x)",

@@ -369,6 +369,9 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
     let mdns_enabled = config.mdns;
     let relay_server = config.relay_server;
     let request_timeout = config.request_timeout;
+    // libp2p's metrics; gossipsub records its own in it (bytes per topic:
+    // what announcements cost).
+    let mut registry = libp2p::metrics::Registry::default();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_other_transport(|_| transport)
@@ -409,7 +412,11 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
             let gossipsub = gossipsub::Behaviour::new(
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
                 gossip_cfg,
-            )?;
+            )?
+            .with_metrics(
+                registry.sub_registry_with_prefix("gossipsub"),
+                Default::default(),
+            );
             let rr = request_response::Behaviour::with_codec(
                 codec::Codec::default(),
                 [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
@@ -469,7 +476,6 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (ev_tx, ev_rx) = mpsc::channel(256);
-    let mut registry = libp2p::metrics::Registry::default();
     let metrics = libp2p::metrics::Metrics::new(&mut registry);
     Ok((
         Client {
