@@ -47,6 +47,9 @@ struct Args {
     /// The W3-style job's input (default: 100 MB of generated words).
     #[arg(long)]
     words: Option<PathBuf>,
+    /// More arguments for every `antnest peer`, e.g. "--no-quic".
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    peer_args: String,
     /// The antnest binary (default: beside this example's directory).
     #[arg(long)]
     antnest: Option<PathBuf>,
@@ -418,6 +421,7 @@ fn measure(
     n: usize,
     units_per_peer: u64,
     unit_time: Duration,
+    peer_args: &[&str],
 ) -> Result<()> {
     let Some(net) = bridge::Bridge::create(n) else {
         bail!("network namespaces cannot be made here (needs root)");
@@ -439,8 +443,9 @@ fn measure(
                 "1",
                 "--ui",
                 "127.0.0.1:0",
-                "--control",
             ])
+            .args(peer_args)
+            .arg("--control")
             .arg(&control)
             .arg("--cache-dir")
             .arg(dir.path().join("cache"))
@@ -609,7 +614,8 @@ fn main() -> Result<()> {
         return slow_link(&bin, &module, unit_time, args.words);
     }
     for n in args.peers {
-        measure(&bin, &module, n, args.units_per_peer, unit_time)?;
+        let peer_args: Vec<&str> = args.peer_args.split_whitespace().collect();
+        measure(&bin, &module, n, args.units_per_peer, unit_time, &peer_args)?;
     }
     Ok(())
 }
