@@ -422,10 +422,11 @@ impl Peer {
         let failures = done.failures;
         // How each worker still connected was reached (direct, or through
         // a relay and then directly after hole punching).
+        let per_peer = by_name(&done.per_worker);
         let reached = (self.state.client.peers().await)
             .unwrap_or_default()
             .into_iter()
-            .filter(|p| p.connected && done.per_worker.keys().any(|w| w.to_string() == p.peer_id))
+            .filter(|p| p.connected && per_peer.contains_key(&p.peer_id))
             .filter_map(|p| Some((p.peer_id, p.via?)))
             .collect();
         let stats = JobStats {
@@ -434,7 +435,7 @@ impl Peer {
             tasks: prog.total.unwrap_or(prog.done + prog.failed),
             failed: prog.failed,
             wall_ms: 0,
-            per_peer: by_name(&done.per_worker),
+            per_peer,
             unleased: by_name(&done.unleased),
             compiled,
             resumed: done.resumed,
