@@ -273,7 +273,7 @@ fn python_runner(
         let out = Command::new("componentize-py")
             // Its own Rust backtrace would bury the reason.
             .env("RUST_BACKTRACE", "0")
-            .args(["-d", "wit", "-w", "job", "componentize", "-p", "."])
+            .args(["-d", "wit", "-w", "python-job", "componentize", "-p", "."])
             .args(["antnest_runner", "-o", "runner.wasm"])
             .current_dir(&work)
             .stdin(Stdio::null())

@@ -251,6 +251,50 @@ def combine(results):
     );
 }
 
+/// `--stream` prints each result of a Python job with a combine as the
+/// value's text, though results travel pickled for the combine; the
+/// combine's output is still made (here into `--output`). Original-style
+/// jobs (a `combine(self)`) print each taskunit's result too.
+#[test]
+fn a_streamed_python_job_prints_values_as_text() {
+    let dir = scratch();
+    let job = dir.path().join("tally.py");
+    std::fs::write(
+        &job,
+        "def processor(line):\n    return {'line': line, 'words': len(line.split())}\n\n\
+         def combine(results):\n    return sum(r['words'] for r in results)\n",
+    )
+    .unwrap();
+    let combined = dir.path().join("combined.txt");
+    let out = submit_local(
+        &job,
+        &["--stream", "--output", combined.to_str().unwrap()],
+        b"a b\nc d e\nf\n",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut lines: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "{'line': 'a b', 'words': 2}",
+            "{'line': 'c d e', 'words': 3}",
+            "{'line': 'f', 'words': 1}",
+        ]
+    );
+    assert_eq!(std::fs::read_to_string(&combined).unwrap(), "6");
+
+    let out = submit_local(
+        std::path::Path::new("jobs/original/reverse_strings.py"),
+        &["--stream"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut lines: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+    lines.sort();
+    assert_eq!(lines, ["dlrow", "olleh"]);
+}
+
 /// A job that cannot be loaded says why, naming its file and line; a
 /// result that cannot be pickled fails its taskunit, with the reason.
 #[test]

@@ -7,10 +7,12 @@
 //! - [`serve`]: answering workers (task streams, requests, long polls).
 //! - [`split`]: the split feeding the book, the results feeding the combine.
 //! - [`job`]: the record of a job being mastered.
+//! - [`stream`]: results as text for a submitter watching them come.
 
 pub mod job;
 pub mod serve;
 pub mod split;
+pub(crate) mod stream;
 pub mod submit;
 
 pub use submit::SubmitError;

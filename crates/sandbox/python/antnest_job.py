@@ -327,6 +327,16 @@ def process(loaded, unit):
         _fail("processor: its result cannot be pickled", e)
 
 
+def render(loaded, r):
+    """One result as it travels, as the text `--stream` prints: the value's
+    `str`, as a job without a combine would have sent it."""
+    try:
+        value = pickle.loads(r)[1] if loaded.pairs else _decode(r)
+        return _output(value)
+    except Exception as e:
+        _fail("render", e)
+
+
 def combine(loaded, next_result, write_output):
     """Run the job's combine over every result; `False` if it has none
     (the host joins the results)."""

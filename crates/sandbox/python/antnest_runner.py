@@ -88,3 +88,6 @@ class WitWorld(wit_world.WitWorld):
         return _guarded(
             lambda: antnest_job.combine(_job(), host.next_result, host.write_output)
         )
+
+    def render(self, result: bytes) -> bytes:
+        return _guarded(lambda: antnest_job.render(_job(), result))

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use antnest_proto::{Limits, ModuleHash, TaskError};
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{Component, Instance, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
@@ -655,6 +655,20 @@ impl Sandbox {
         limits: Limits,
         io: HostIo,
     ) -> Result<(Store<GuestState>, Job), TaskError> {
+        let (mut store, instance) = self.instance(module, limits, io)?;
+        let job = Job::new(&mut store, &instance)
+            .map_err(|e| TaskError::Load(format!("instantiate: {e:#}")))?;
+        Ok((store, job))
+    }
+
+    /// An instance of `module`, for calls beyond the job's own world (a
+    /// Python runner's `render`).
+    pub(crate) fn instance(
+        &self,
+        module: &Module,
+        limits: Limits,
+        io: HostIo,
+    ) -> Result<(Store<GuestState>, Instance), TaskError> {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
         let wasi = WasiCtx::builder()
             .stdout(SinkOutputStream)
@@ -688,10 +702,10 @@ impl Sandbox {
             }
         });
         let pre = self.ready(&module.component)?;
-        let job = {
+        let instance = {
             let _running = self.running(limits.time);
-            match pre.instantiate(&mut store) {
-                Ok(job) => job,
+            match pre.instance_pre().instantiate(&mut store) {
+                Ok(instance) => instance,
                 // Its first memories may not fit the limits.
                 Err(e) if store.data().limiter.exceeded.is_some() => {
                     return Err(classify(e, &store, limits));
@@ -699,7 +713,7 @@ impl Sandbox {
                 Err(e) => return Err(TaskError::Load(format!("instantiate: {e:#}"))),
             }
         };
-        Ok((store, job))
+        Ok((store, instance))
     }
 
     /// `component` linked, ready to instantiate.

@@ -7,7 +7,8 @@
 //!   cache, instantiation and the epoch ticker behind deadlines.
 //! - [`compile`]: compiling in a child process, bounded in time and memory.
 //! - [`guest`] (private): the host interface a guest calls, WASI, limits.
-//! - [`run`]: [`TaskRunner`] for taskunits; [`run_split`], [`run_combine`].
+//! - [`run`]: [`TaskRunner`] for taskunits; [`run_split`], [`run_combine`];
+//!   [`Renderer`] for streamed results.
 //! - [`job_files`]: a job's files carried beside an interpreter (antnest's
 //!   Python runner), compiled once for every job that shares it.
 //! - [`python`]: antnest's Python, shared by the wasm runner and
@@ -31,4 +32,4 @@ pub use compile::Compiler;
 pub use engine::{CacheStats, LoadError, Module, Sandbox, TICK_MAX, TICK_MIN};
 pub use input::SplitInput;
 pub use native::{NativeError, NativePython, NativeRunner};
-pub use run::{SplitOutcome, TaskRunner, default_combine, run_combine, run_split};
+pub use run::{Renderer, SplitOutcome, TaskRunner, default_combine, run_combine, run_split};

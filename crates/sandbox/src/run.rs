@@ -2,7 +2,8 @@
 //! module, keeping one instance alive across taskunits (re-instantiating
 //! per call is far slower) and throwing it away after a trap, since a
 //! trapped instance may not be entered again; [`run_split`] and
-//! [`run_combine`] run the other two once per job.
+//! [`run_combine`] run the other two once per job; [`Renderer`] turns
+//! results into text for a submitter watching them come.
 //!
 //! Calls are synchronous and block their thread; callers run them on
 //! `spawn_blocking` or a dedicated thread.
@@ -14,6 +15,7 @@ use crate::guest::{GuestState, HostIo, Job, STDERR_CAPTURE, classify};
 use crate::input::SplitInput;
 use antnest_proto::{Limits, SharedBytes, TaskError};
 use wasmtime::Store;
+use wasmtime::component::Instance;
 
 /// Runs `process` for one module, reusing one instance across taskunits.
 pub struct TaskRunner {
@@ -94,6 +96,61 @@ impl TaskRunner {
         }
     }
 }
+
+/// Turns results, as they travel, into the text `--stream` prints: what a
+/// module's optional `render` export makes of them (antnest's Python
+/// runner has one, since a Python job's results travel pickled for its
+/// combine). One instance serves all the results of a job.
+pub struct Renderer {
+    env: Sandbox,
+    module: Module,
+    limits: Limits,
+    /// Gone after a trap (a trapped instance may not be entered again).
+    instance: Option<(Store<GuestState>, Instance)>,
+}
+
+impl Renderer {
+    /// `None` if the module has no `render` export: its results are
+    /// already what is printed.
+    pub fn new(env: Sandbox, module: Module, limits: Limits) -> Result<Option<Self>, TaskError> {
+        let (mut store, instance) = env.instance(&module, limits, HostIo::None)?;
+        if instance.get_func(&mut store, RENDER).is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Renderer {
+            env,
+            module,
+            limits,
+            instance: Some((store, instance)),
+        }))
+    }
+
+    /// One result as text.
+    pub fn render(&mut self, result: &[u8]) -> Result<Vec<u8>, TaskError> {
+        let (mut store, instance) = match self.instance.take() {
+            Some(inst) => inst,
+            None => self.env.instance(&self.module, self.limits, HostIo::None)?,
+        };
+        let func = instance
+            .get_typed_func::<(&[u8],), (Result<Vec<u8>, String>,)>(&mut store, RENDER)
+            .map_err(|e| TaskError::Load(format!("render: {e:#}")))?;
+        store.data_mut().deadline = Instant::now() + self.limits.time;
+        let called = {
+            let _running = self.env.running(self.limits.time);
+            func.call(&mut store, (result,)).map(|(out,)| out)
+        };
+        match called {
+            Ok(out) => {
+                self.instance = Some((store, instance));
+                out.map_err(TaskError::Guest)
+            }
+            Err(e) => Err(classify(e, &store, self.limits)),
+        }
+    }
+}
+
+/// The name of the optional export [`Renderer`] calls.
+const RENDER: &str = "render";
 
 /// What `split` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,6 +18,7 @@ use crate::master::job::{
     Finishing, MasterJob, PER_PEER_KEPT, REMEMBERED_MODULES, by_name, enough_to_feed,
 };
 use crate::master::split::{InOrder, InputSplit, split_job};
+use crate::master::stream::Streamer;
 use crate::state::Peer;
 
 /// How far (in bytes of taskunits) a job's split may run ahead of its workers.
@@ -265,6 +266,12 @@ impl Peer {
         };
         let mut feed_rx = Some(feed_rx);
         let mut combiner = None;
+        let streamer = match events.clone().filter(|_| master.streams) {
+            Some(events) => {
+                Some(Streamer::start(env.clone(), component.clone(), limits, events).await)
+            }
+            None => None,
+        };
 
         // Split on a blocking thread; `tx` blocks when 4096 taskunits wait.
         let split = {
@@ -330,11 +337,8 @@ impl Peer {
                     let _ = events.send(JobEvent::Log { index, text }).await;
                 }
             }
-            if let Some(events) = events.as_ref().filter(|_| master.streams) {
-                for (index, bytes) in &accepted {
-                    let (index, bytes) = (*index, bytes.clone());
-                    let _ = events.send(JobEvent::Result { index, bytes }).await;
-                }
+            if let Some(streamer) = &streamer {
+                streamer.send(&accepted).await;
             }
             // In pieces of some size: each send may wake the combine's
             // thread, which takes a core from a slot. Small results wait
@@ -469,6 +473,9 @@ impl Peer {
                 error,
                 report: Box::new(report),
             });
+        }
+        if let Some(streamer) = streamer {
+            streamer.finish().await;
         }
         let results = done.results;
         let passed_on = done.passed_on;
