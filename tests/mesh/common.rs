@@ -494,3 +494,27 @@ impl Drop for Background {
         }
     }
 }
+
+/// `GET path` from a peer's web server at `base`; the body.
+pub(crate) fn http_get(base: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let addr = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The value of one Prometheus sample (`name{labels}`) in `metrics`.
+pub(crate) fn metric_value(metrics: &str, sample: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}

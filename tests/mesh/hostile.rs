@@ -598,6 +598,7 @@ async fn an_announcement_in_another_masters_name_is_ignored() {
         runtime: antnest_proto::Runtime::Wasm,
         weight: 1,
         addrs: Vec::new(),
+        code: None,
     };
     let forged = announce(named_id, b"forged module");
     let own = announce(liar_id, b"the liar's own module");
@@ -710,6 +711,7 @@ async fn many_modules_announced_leave_the_cache_within_its_bound() {
                 runtime: antnest_proto::Runtime::Wasm,
                 weight: 1,
                 addrs: Vec::new(),
+                code: None,
             };
             cbor4ii::serde::to_vec(Vec::new(), &a).unwrap()
         })

@@ -362,3 +362,105 @@ fn an_edited_python_job_compiles_nothing() {
         }
     }
 }
+
+/// A worker that has antnest's Python runner gets a new Python job's files
+/// alone (a few KB), not the whole 36 MB module again, and works on it;
+/// a worker without the runner gets the whole module.
+#[test]
+fn a_worker_with_the_runner_fetches_only_a_new_jobs_files() {
+    let dir = scratch();
+    let m = PeerProc::loopback(dir.path(), "m", &["--ui", "127.0.0.1:0"]);
+    let ui = m.ui.clone().expect("the peer prints its UI address");
+    // A cache of its own: w fetches what it runs from m.
+    let w_cache = dir.path().join("w-cache");
+    let w = PeerProc::loopback(
+        dir.path(),
+        "w",
+        &[
+            "--bootstrap",
+            m.addr(),
+            "--cache-dir",
+            w_cache.to_str().unwrap(),
+        ],
+    );
+    let job = dir.path().join("edited.py");
+    let served = || {
+        let metrics = http_get(&ui, "/metrics");
+        let sample = |what| {
+            let name = format!("antnest_module_bytes_served_total{{what=\"{what}\"}}");
+            metric_value(&metrics, &name).unwrap_or_else(|| panic!("{name} in {metrics}"))
+        };
+        (sample("module"), sample("files"))
+    };
+    // Long enough on m alone for w to fetch and compile the runner.
+    for (round, units) in [(0, 300), (1, 60)] {
+        std::fs::write(
+            &job,
+            format!(
+                "import time\n\ndef processor(x):\n    time.sleep(0.05)\n    return x + '{round}'\n"
+            ),
+        )
+        .unwrap();
+        let stats = dir.path().join("s.json");
+        let input = "x\n".repeat(units);
+        let out = m.submit(
+            &job,
+            &["-q", "--stats-json", stats.to_str().unwrap()],
+            input.as_bytes(),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).lines().count(), units);
+        assert!(text(&out.stdout).lines().all(|l| l == format!("x{round}")));
+        assert!(
+            stats_of(&stats)["per_peer"].get(&w.peer_id).is_some(),
+            "w worked on job {round}: {}",
+            std::fs::read_to_string(&stats).unwrap()
+        );
+        let (module, files) = served();
+        if round == 0 {
+            assert!(module > 30e6, "the whole module went to w: {module} bytes");
+            assert_eq!(files, 0.0);
+        } else {
+            assert!(module < 40e6, "no second module: {module} bytes");
+            assert!(
+                files > 0.0 && files < 64e3,
+                "only the job's files: {files} bytes"
+            );
+        }
+    }
+
+    // The same job again, submitted by hash (m reads its files from its
+    // cache), to a new worker that has the runner but no job of it.
+    drop(w);
+    let w2_cache = dir.path().join("w2-cache");
+    std::fs::create_dir_all(&w2_cache).unwrap();
+    for entry in std::fs::read_dir(&w_cache).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() && path.extension().is_some_and(|e| e != "files") {
+            std::fs::copy(&path, w2_cache.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let w2 = PeerProc::loopback(
+        dir.path(),
+        "w2",
+        &[
+            "--bootstrap",
+            m.addr(),
+            "--cache-dir",
+            w2_cache.to_str().unwrap(),
+        ],
+    );
+    let (module_before, files_before) = served();
+    let stats = dir.path().join("s2.json");
+    let out = m.submit(
+        &job,
+        &["-q", "--stats-json", stats.to_str().unwrap()],
+        "x\n".repeat(60).as_bytes(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).lines().all(|l| l == "x1"));
+    assert!(stats_of(&stats)["per_peer"].get(&w2.peer_id).is_some());
+    let (module, files) = served();
+    assert_eq!(module, module_before, "no module sent to w2");
+    assert!(files > files_before, "w2 got the job's files");
+}

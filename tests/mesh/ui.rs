@@ -1,23 +1,11 @@
 //! The live web page (checked in headless Chromium, screenshot included),
 //! the JSON status and the Prometheus metrics of a running peer.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
-
-fn get(base: &str, path: &str) -> String {
-    let addr = base.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out.split_once("\r\n\r\n").unwrap().1.to_string()
-}
 
 fn chromium() -> Option<&'static str> {
     ["chromium", "chromium-browser", "google-chrome"]
@@ -118,7 +106,8 @@ fn the_live_page_metrics_and_status_show_a_running_job() {
         Duration::from_secs(30),
         "the job shows in /api/status",
         || {
-            let status: serde_json::Value = serde_json::from_str(&get(&ui, "/api/status")).unwrap();
+            let status: serde_json::Value =
+                serde_json::from_str(&http_get(&ui, "/api/status")).unwrap();
             assert_eq!(status["peer_id"], peer.peer_id.as_str());
             match status["jobs"][0]["job_id"].as_str() {
                 Some(id) if status["jobs"][0]["progress"]["done"].as_u64() > Some(0) => {
@@ -129,7 +118,7 @@ fn the_live_page_metrics_and_status_show_a_running_job() {
             }
         },
     );
-    let metrics = get(&ui, "/metrics");
+    let metrics = http_get(&ui, "/metrics");
     assert!(
         metrics.contains("# TYPE antnest_tasks_completed_total counter"),
         "{metrics}"
@@ -231,7 +220,7 @@ fn finished_jobs_stay_on_the_page() {
     assert!(done.status.success(), "{}", text(&done.stderr));
     let failed = submit("faulty", b"say\ntrap\n");
     assert_eq!(failed.status.code(), Some(1), "{}", text(&failed.stderr));
-    let status: serde_json::Value = serde_json::from_str(&get(&ui, "/api/status")).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&http_get(&ui, "/api/status")).unwrap();
     let finished = status["finished"].as_array().expect("finished jobs listed");
     assert_eq!(finished.len(), 2, "{status}");
     let (last, first) = (&finished[0], &finished[1]);
@@ -258,7 +247,7 @@ fn finished_jobs_stay_on_the_page() {
     );
     // Each peer's results over the finished jobs, as a Prometheus counter
     // (three of the first job, one of the second).
-    let metrics = get(&ui, "/metrics");
+    let metrics = http_get(&ui, "/metrics");
     assert!(
         metrics.contains(&format!(
             "antnest_peer_results_total{{peer=\"{}\"}} 4",
@@ -311,7 +300,8 @@ fn a_worker_getting_the_module_is_shown_so() {
         Duration::from_secs(300),
         "w shown as getting the module",
         || {
-            let status: serde_json::Value = serde_json::from_str(&get(&ui, "/api/status")).unwrap();
+            let status: serde_json::Value =
+                serde_json::from_str(&http_get(&ui, "/api/status")).unwrap();
             status["jobs"][0]["workers"][&w.peer_id]["state"] == "getting the module"
         },
     );

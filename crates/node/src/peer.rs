@@ -10,6 +10,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
+use antnest_proto::{Request, Response};
 use antnest_sandbox::{LoadError, Sandbox};
 
 use crate::config::PeerConfig;
@@ -107,6 +108,7 @@ pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
         tasks_done: std::sync::atomic::AtomicU64::new(0),
         module_reads: tokio::sync::Semaphore::new(2),
         unleased: std::sync::atomic::AtomicU64::new(0),
+        served: Default::default(),
         master: Default::default(),
         worker: Default::default(),
     });
@@ -147,9 +149,11 @@ impl Peer {
             match event {
                 Event::InboundRequest {
                     peer,
-                    request: antnest_proto::Request::FetchModule { hash },
+                    request:
+                        request @ (Request::FetchModule { hash } | Request::FetchJobFiles { hash }),
                     channel,
                 } => {
+                    let files_only = matches!(request, Request::FetchJobFiles { .. });
                     // The web view shows it as getting the module until it
                     // takes taskunits.
                     self.fetching(net::id(&peer), hash);
@@ -159,14 +163,21 @@ impl Peer {
                     tokio::spawn(async move {
                         let _permit = this.state.module_reads.acquire().await;
                         let read = this.clone();
-                        let response =
-                            tokio::task::spawn_blocking(move || read.module_response(hash))
-                                .await
-                                .unwrap_or_else(|e| {
-                                    antnest_proto::Response::Refused(format!(
-                                        "reading module {hash}: {e}"
-                                    ))
-                                });
+                        let response = tokio::task::spawn_blocking(move || {
+                            if files_only {
+                                read.job_files_response(hash)
+                            } else {
+                                read.module_response(hash)
+                            }
+                        })
+                        .await
+                        .unwrap_or_else(|e| {
+                            Response::Refused(format!("reading module {hash}: {e}"))
+                        });
+                        if let Response::Module(b) | Response::JobFiles(b) = &response {
+                            this.state.served[usize::from(files_only)]
+                                .fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        }
                         this.state.client.respond(channel, response).await;
                     });
                 }

@@ -29,6 +29,9 @@ pub(crate) struct State {
     /// Results and errors this peer's jobs dropped because the peer that
     /// handed them in had not been given those taskunits (for metrics).
     pub(crate) unleased: std::sync::atomic::AtomicU64,
+    /// Bytes of modules (`[0]`) and of job files alone (`[1]`) this peer
+    /// sent to others (for metrics).
+    pub(crate) served: [std::sync::atomic::AtomicU64; 2],
     /// Modules being read from disk for other peers at once.
     pub(crate) module_reads: tokio::sync::Semaphore,
     pub(crate) master: Masters,
@@ -59,6 +62,14 @@ impl Peer {
         self.state
             .unleased
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes of whole modules and of job files alone sent to other peers,
+    /// for metrics.
+    pub fn served(&self) -> [u64; 2] {
+        let [m, f] = &self.state.served;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        [load(m), load(f)]
     }
 
     /// Taskunits this peer's slots have completed, for metrics.

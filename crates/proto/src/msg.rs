@@ -40,6 +40,12 @@ pub struct Announce {
     /// there to pull.
     #[serde(default)]
     pub addrs: Vec<ByteBuf>,
+    /// For a module that is code with job files appended (a Python job:
+    /// antnest's runner and the job's files), the hash of the code: a
+    /// worker that has that code asks only for the files
+    /// (`FetchJobFiles`), not for the whole module again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<ModuleHash>,
 }
 
 /// A master's addresses a worker takes from an announcement at most.
@@ -221,9 +227,14 @@ pub enum Request {
     },
     /// Send me the module with this hash.
     FetchModule { hash: ModuleHash },
+    /// Send me the job files of the module with this hash (the bytes after
+    /// its code, see [`Announce::code`]): I have the code. Answered
+    /// `JobFiles`.
+    FetchJobFiles { hash: ModuleHash },
     /// Lease me a batch of any of your jobs as soon as one has taskunits
     /// (a long poll, on a task stream only): up to `sizes`' count for a
-    /// module listed there, one of any other. Answered `Assigned`, or
+    /// module listed there (none for a count of 0: a module the asker
+    /// cannot get now), one of any other. Answered `Assigned`, or
     /// `NoWork` after a while or as soon as anything else comes on the
     /// stream (see `EndWait`).
     Wait { sizes: Vec<(ModuleHash, u32)> },
@@ -257,6 +268,9 @@ pub enum Response {
     /// Results taken.
     Ack,
     Module(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The answer to a `FetchJobFiles`: the bytes that follow the module's
+    /// code.
+    JobFiles(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The request was understood but refused.
     Refused(String),
     /// The answer to a `Reclaim`: these taskunits (by index) will not be
@@ -324,6 +338,7 @@ mod tests {
             runtime: Runtime::Native,
             weight: 1,
             addrs: Vec::new(),
+            code: Some(ModuleHash::of(b"c")),
         };
         roundtrip(announce.clone());
         roundtrip(Request::Wait {

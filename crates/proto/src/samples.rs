@@ -16,6 +16,9 @@ pub fn sample_requests() -> Vec<Request> {
         Request::FetchModule {
             hash: ModuleHash::of(b"m"),
         },
+        Request::FetchJobFiles {
+            hash: ModuleHash::of(b"m"),
+        },
         Request::Wait {
             sizes: vec![(ModuleHash::of(b"m"), 3)],
         },
@@ -57,6 +60,7 @@ pub fn sample_responses() -> Vec<Response> {
                 runtime: crate::Runtime::Auto,
                 weight: 1,
                 addrs: Vec::new(),
+                code: Some(ModuleHash::of(b"c")),
             },
             units,
             lease: Duration::from_secs(30),
@@ -64,6 +68,7 @@ pub fn sample_responses() -> Vec<Response> {
         Response::NoWork { finished: true },
         Response::Ack,
         Response::Module(vec![0, 97, 115, 109]),
+        Response::JobFiles(vec![0, 1, 2]),
         Response::Refused("no".into()),
     ]
 }

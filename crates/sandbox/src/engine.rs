@@ -78,6 +78,16 @@ pub struct CacheStats {
 pub struct Module {
     pub(crate) component: Component,
     pub(crate) files: Arc<[u8]>,
+    /// For a module with job files, the hash of its code.
+    pub(crate) code: Option<ModuleHash>,
+}
+
+impl Module {
+    /// For a module that is code with job files appended, the hash of the
+    /// code (compiled once for all the jobs that carry files on it).
+    pub fn code(&self) -> Option<ModuleHash> {
+        self.code
+    }
 }
 
 /// The engine configuration of every sandbox (and of a compile in a
@@ -324,6 +334,17 @@ impl Sandbox {
         None
     }
 
+    /// For a module with job files kept on disk: the hash of its code and
+    /// the bytes that follow the code (not checked: a worker checks the
+    /// module it puts together against the module's hash).
+    pub fn stored_files(&self, hash: &ModuleHash) -> Option<(ModuleHash, Vec<u8>)> {
+        let mut record = std::fs::read(self.files_path(hash)?).ok()?;
+        let code = ModuleHash(record.get(..32)?.try_into().ok()?);
+        record.drain(..32);
+        self.touch(hash);
+        Some((code, record))
+    }
+
     /// The size of the module's bytes kept on disk, if they are (not
     /// read, not checked).
     pub fn stored_size(&self, hash: &ModuleHash) -> Option<u64> {
@@ -513,7 +534,7 @@ impl Sandbox {
             if let Ok(c) = unsafe { Component::deserialize_file(&self.inner.engine, path) } {
                 self.inner.disk_hits.fetch_add(1, Ordering::Relaxed);
                 self.touch(hash);
-                return Ok(self.remember(hash, c, Arc::from([])));
+                return Ok(self.remember(hash, c, Arc::from([]), None));
             }
         }
         // Bytes from the disk are checked against their hash as they are read.
@@ -531,7 +552,7 @@ impl Sandbox {
             let compiled = self.component_of(&code_hash, Box::new(|| Some(code.to_vec())))?;
             self.store_with_files(hash, &code_hash, &bytes, code.len())?;
             self.evict(&[*hash, code_hash]);
-            return Ok(self.remember(hash, compiled.component, Arc::from(files)));
+            return Ok(self.remember(hash, compiled.component, Arc::from(files), Some(code_hash)));
         }
         let compiler = self.inner.compiler.lock().unwrap().clone();
         let serialized = match compiler {
@@ -563,7 +584,7 @@ impl Sandbox {
         }
         self.store_module(hash, &bytes)?;
         self.evict(&[*hash]);
-        Ok(self.remember(hash, component, Arc::from([])))
+        Ok(self.remember(hash, component, Arc::from([]), None))
     }
 
     /// Mark a module's files in the disk cache as just used (the cache
@@ -629,8 +650,18 @@ impl Sandbox {
         }
     }
 
-    fn remember(&self, hash: &ModuleHash, component: Component, files: Arc<[u8]>) -> Module {
-        let module = Module { component, files };
+    fn remember(
+        &self,
+        hash: &ModuleHash,
+        component: Component,
+        files: Arc<[u8]>,
+        code: Option<ModuleHash>,
+    ) -> Module {
+        let module = Module {
+            component,
+            files,
+            code,
+        };
         let mut loaded = self.inner.loaded.lock().unwrap();
         if loaded.insert(*hash, module.clone()) {
             // Linked components of modules no longer in memory go too (a

@@ -159,6 +159,16 @@ pub async fn metrics(peer: &Peer) -> String {
         "Results and errors dropped because the peer that handed them in had not been given those taskunits.",
         &[(String::new(), peer.unleased())],
     );
+    let [module_bytes, file_bytes] = peer.served();
+    metric(
+        "antnest_module_bytes_served_total",
+        "counter",
+        "Bytes of job modules sent to other peers: whole, or only a Python job's files (the worker had the runner).",
+        &[
+            ("{what=\"module\"}".into(), module_bytes),
+            ("{what=\"files\"}".into(), file_bytes),
+        ],
+    );
     metric(
         "antnest_instance_memory_bytes",
         "gauge",

@@ -30,6 +30,9 @@ pub(crate) struct MasterJob {
     /// from the disk cache when a worker asks).
     pub(crate) bytes: Option<Arc<Vec<u8>>>,
     pub(crate) module_size: u64,
+    /// The hash of its code, for a module with job files (see
+    /// `Announce::code`).
+    pub(crate) code: Option<ModuleHash>,
     pub(crate) limits: Limits,
     /// Where its Python taskunits may run.
     pub(crate) runtime: Runtime,

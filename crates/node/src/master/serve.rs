@@ -17,6 +17,7 @@ const GETTING_SHOWN: std::time::Duration = std::time::Duration::from_secs(300);
 const REFUSED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 use antnest_proto::frame::Frames;
 use antnest_proto::{Announce, JobId, ModuleHash, Request, Response, TaskError};
+use antnest_sandbox::job_files;
 use antnest_sched::JobBook;
 use libp2p::PeerId;
 use tokio::sync::watch;
@@ -205,6 +206,7 @@ impl Peer {
             runtime: master.runtime,
             weight: master.weight,
             addrs: Vec::new(),
+            code: master.code,
         }
     }
 
@@ -256,6 +258,22 @@ impl Peer {
                 }
             }
             Request::FetchModule { hash } => self.module_response(hash),
+            Request::FetchJobFiles { hash } => self.job_files_response(hash),
+        }
+    }
+
+    /// The answer to a `FetchJobFiles`: what follows the module's code (its
+    /// job-files section), from
+    /// a running job's bytes, else from the disk cache (blocking: file I/O).
+    pub(crate) fn job_files_response(&self, hash: ModuleHash) -> Response {
+        let files = match self.running_module(hash) {
+            // The whole section, as it is appended to the code.
+            Some(bytes) => job_files::split(&bytes).map(|(code, _)| bytes[code.len()..].to_vec()),
+            None => self.state.env.stored_files(&hash).map(|(_, files)| files),
+        };
+        match files {
+            Some(files) => Response::JobFiles(files),
+            None => Response::Refused(format!("no job files of module {hash} here")),
         }
     }
 

@@ -226,6 +226,7 @@ impl Peer {
             module: hash,
             bytes,
             module_size,
+            code: component.code(),
             limits,
             runtime: spec.runtime,
             weight: spec.weight.clamp(1, MAX_WEIGHT),

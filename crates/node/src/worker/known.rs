@@ -16,6 +16,8 @@ use crate::worker::share::Shares;
 pub(crate) struct RemoteJob {
     pub(crate) master: PeerId,
     pub(crate) module: ModuleHash,
+    /// The hash of the module's code, for one with job files.
+    pub(crate) code: Option<ModuleHash>,
     pub(crate) limits: Limits,
     pub(crate) runtime: Runtime,
     /// Its share of the slots (see [`crate::worker::share`]).

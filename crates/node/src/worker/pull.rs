@@ -76,6 +76,7 @@ impl Peer {
             RemoteJob {
                 master,
                 module: a.module,
+                code: a.code,
                 limits: a.limits,
                 runtime: a.runtime,
                 weight,
@@ -270,10 +271,20 @@ impl Peer {
     ) -> Option<Batch> {
         use futures::AsyncBufReadExt as _;
         let stream = streams.get_mut(&master)?;
-        let sizes = per_unit
+        // None of a module this peer failed to get lately (first: a master
+        // reads only so many): else the master would assign its taskunits
+        // again and again, each batch refused at once.
+        let now = Instant::now();
+        let mut sizes: Vec<(ModuleHash, u32)> = (self.state.worker.modules.lock().unwrap())
             .iter()
-            .map(|(m, d)| (*m, units_for(*d, REMOTE_BATCH) as u32))
+            .filter(|(_, g)| matches!(g, Getting::Failed { until, .. } if *until > now))
+            .map(|(m, _)| (*m, 0))
             .collect();
+        sizes.extend(
+            per_unit
+                .iter()
+                .map(|(m, d)| (*m, units_for(*d, REMOTE_BATCH) as u32)),
+        );
         let waited = async {
             Frames::write_request(stream.get_mut(), &Request::Wait { sizes }).await?;
             loop {
@@ -458,7 +469,10 @@ impl Peer {
     /// module cannot be had (logged, and the job set aside for a while).
     fn module_state(&self, job: JobId, master: PeerId, module: ModuleHash) -> Option<bool> {
         let native = self.native_for(job).is_some();
-        self.ensure_module(master, module, native)
+        let code = (self.state.worker.remotes.lock().unwrap())
+            .get(&job)
+            .and_then(|j| j.code);
+        self.ensure_module(master, module, code, native)
             .inspect_err(|e| {
                 warn!(%job, %master, "cannot get the job's module: {e}");
                 self.back_off(job, MODULE_RETRY);
@@ -493,7 +507,13 @@ impl Peer {
     /// `Ok(true)` if the module is compiled here (or, for a job run by
     /// native Python, its files are at hand); else start getting it
     /// (unless under way) and `Ok(false)`; `Err` if it failed lately.
-    fn ensure_module(&self, from: PeerId, hash: ModuleHash, native: bool) -> Result<bool, String> {
+    fn ensure_module(
+        &self,
+        from: PeerId,
+        hash: ModuleHash,
+        code: Option<ModuleHash>,
+        native: bool,
+    ) -> Result<bool, String> {
         let env = &self.state.env;
         if env.is_compiled(&hash) || native && env.files_in_memory(&hash).is_some() {
             return Ok(true);
@@ -518,7 +538,7 @@ impl Peer {
         }
         let peer = self.clone();
         tokio::spawn(async move {
-            let got = tokio::time::timeout(COMPILE_MAX, peer.get_module(from, hash, native))
+            let got = tokio::time::timeout(COMPILE_MAX, peer.get_module(from, hash, code, native))
                 .await
                 .unwrap_or_else(|_| {
                     Err(format!("not fetched and compiled within {COMPILE_MAX:?}"))
@@ -543,18 +563,42 @@ impl Peer {
         Ok(false)
     }
 
-    /// Fetch the module from `from` (unless it is on disk here) and compile
-    /// it; for `native` Python, a module with job files is only kept.
-    async fn get_module(&self, from: PeerId, hash: ModuleHash, native: bool) -> Result<(), String> {
+    /// Fetch the module from `from` (unless it is on disk here; only its
+    /// job files if its `code` is) and compile it; for `native` Python, a
+    /// module with job files is only kept.
+    async fn get_module(
+        &self,
+        from: PeerId,
+        hash: ModuleHash,
+        code: Option<ModuleHash>,
+        native: bool,
+    ) -> Result<(), String> {
         // Reading and hashing a module (tens of MB for a Python job) is
         // blocking work; `component` checks fetched bytes against the hash.
         let env = self.state.env.clone();
-        let stored = tokio::task::spawn_blocking(move || env.stored_module(&hash))
-            .await
-            .map_err(|e| e.to_string())?;
-        let bytes = match stored {
-            Some(b) => b,
-            None => match self
+        let (stored, code) = tokio::task::spawn_blocking(move || {
+            let stored = env.stored_module(&hash);
+            let code = code
+                .filter(|_| stored.is_none())
+                .and_then(|c| env.stored_module(&c));
+            (stored, code)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let files = match code {
+            Some(_) => self.fetch_job_files(from, hash).await,
+            None => None,
+        };
+        let bytes = match (stored, code, files) {
+            (Some(b), _, _) => b,
+            // The code this peer has and the files: the module, checked
+            // against its hash by `component` (a master's wrong code hash
+            // or files only fail its own job).
+            (None, Some(mut code), Some(files)) => {
+                code.extend_from_slice(&files);
+                code
+            }
+            _ => match self
                 .state
                 .client
                 .request(from, Request::FetchModule { hash })
@@ -578,5 +622,23 @@ impl Peer {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
+    }
+
+    /// A module's job files from `from`; `None` if it would not give them
+    /// (the whole module is asked for then).
+    async fn fetch_job_files(&self, from: PeerId, hash: ModuleHash) -> Option<Vec<u8>> {
+        let request = Request::FetchJobFiles { hash };
+        match self.state.client.request(from, request).await {
+            Ok(Response::JobFiles(files)) if files.len() <= MAX_MODULE => Some(files),
+            other => {
+                let why = match other {
+                    Ok(Response::Refused(why)) => why,
+                    Ok(_) => "an unexpected answer".into(),
+                    Err(e) => e.to_string(),
+                };
+                debug!(%hash, "job files not had, the whole module is asked for: {why}");
+                None
+            }
+        }
     }
 }
