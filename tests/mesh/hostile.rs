@@ -652,8 +652,9 @@ async fn an_announcement_in_another_masters_name_is_ignored() {
 }
 
 /// An outsider announces many jobs, each of a module of its own (one
-/// compiled job with a different custom section each), and serves their
-/// bytes to a live peer whose disk cache is bounded at 4 MiB: the peer
+/// compiled job or an empty component, with a different custom section
+/// each), and serves their bytes to a live peer whose disk cache is
+/// bounded at 4 MiB: the peer
 /// fetches and compiles them, its cache stays within its bound (the least
 /// recently used removed, as its log says) and its memory within reason,
 /// and it still runs jobs.
@@ -661,7 +662,11 @@ async fn an_announcement_in_another_masters_name_is_ignored() {
 async fn many_modules_announced_leave_the_cache_within_its_bound() {
     use antnest_proto::{Announce, JobId, Limits, ModuleHash};
 
-    const MODULES: usize = 40;
+    // The first COMPILED are a real job each (a compile of ~0.5 s in a
+    // debug build); the others are empty components, quick to compile,
+    // so that the test takes about a minute.
+    const MODULES: usize = 500;
+    const COMPILED: usize = 40;
     const CAP: u64 = 4 << 20;
     let dir = scratch();
     let cache = dir.path().join("wcache");
@@ -676,11 +681,14 @@ async fn many_modules_announced_leave_the_cache_within_its_bound() {
         ],
     );
     let code = std::fs::read(artifact("primes")).unwrap();
+    // A component's preamble: magic, version 0x0d, layer 1.
+    let empty = b"\0asm\x0d\0\x01\0".to_vec();
     let modules: Vec<Vec<u8>> = (0..MODULES)
         .map(|i| {
             // A custom section: id 0, size, name, contents.
             let name = b"antnest-test-pad";
             let body = [&[name.len() as u8][..], name, &i.to_le_bytes()].concat();
+            let code = if i < COMPILED { &code } else { &empty };
             [&code[..], &[0, body.len() as u8], &body].concat()
         })
         .collect();
@@ -716,6 +724,8 @@ async fn many_modules_announced_leave_the_cache_within_its_bound() {
             cbor4ii::serde::to_vec(Vec::new(), &a).unwrap()
         })
         .collect();
+    let pid = peer.child.id();
+    let mut most_compiling = 0;
     let served = async {
         let mut served = std::collections::HashSet::new();
         let mut published = false;
@@ -723,6 +733,7 @@ async fn many_modules_announced_leave_the_cache_within_its_bound() {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    most_compiling = most_compiling.max(children_of(pid));
                     // Announced again and again, as a master does.
                     if published {
                         for a in &announcements {
@@ -783,12 +794,37 @@ async fn many_modules_announced_leave_the_cache_within_its_bound() {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
-    eprintln!("peer RSS after {MODULES} modules: {rss_kib} KiB, cache {last} bytes");
+    eprintln!(
+        "peer RSS after {MODULES} modules: {rss_kib} KiB, cache {last} bytes, \
+         at most {most_compiling} compiles at once"
+    );
+    // Each compile is a child process; a peer runs a few at once.
+    assert!(
+        (1..=4).contains(&most_compiling),
+        "{most_compiling} compiles at once"
+    );
     assert!(
         rss_kib < 400 << 10,
         "peer RSS {rss_kib} KiB after {MODULES} modules"
     );
     still_runs_jobs(&peer);
+}
+
+/// How many child processes `pid` has now.
+fn children_of(pid: u32) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            // After the command's name (in parentheses): state, then ppid.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            ppid == Some(pid.to_string().as_str())
+        })
+        .count()
 }
 
 /// An outsider speaking antnest's messages, connected to `peer` and
@@ -1018,4 +1054,235 @@ async fn a_worker_handing_in_wrong_results_is_caught_by_spot_checks() {
         "no result counts as the liar's: {stats}"
     );
     eprintln!("the liar forged {forged} results: {stats}");
+}
+
+/// A component whose one function (run at instantiation, so it is
+/// compiled) is `ops` chained multiply-adds over 64 live locals: its
+/// compile takes seconds for 100k ops and minutes for 600k (Cranelift's
+/// register allocation), though it is a few MB of valid wasm.
+fn compile_bomb(ops: usize) -> Vec<u8> {
+    fn leb(mut n: u64, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    fn sleb(mut n: i64, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if (n == 0 && byte & 0x40 == 0) || (n == -1 && byte & 0x40 != 0) {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    fn section(id: u8, body: &[u8], out: &mut Vec<u8>) {
+        out.push(id);
+        leb(body.len() as u64, out);
+        out.extend_from_slice(body);
+    }
+    const LOCALS: usize = 64;
+    let (get, set, global_get, global_set, konst) = (0x20, 0x21, 0x23, 0x24, 0x42);
+    let (mul, add, end) = (0x7e, 0x7c, 0x0b);
+    let mut body = vec![1, LOCALS as u8, 0x7e]; // 64 locals of i64
+    // Every local from a mutable global, so nothing folds to a constant.
+    for j in 0..LOCALS {
+        body.extend([global_get, 0, konst]);
+        sleb(j as i64 * 2_654_435_761 + 1, &mut body);
+        body.extend([mul, set, j as u8]);
+    }
+    for k in 0..ops {
+        let (a, mut b, c) = (
+            (k * 31 + 1) % LOCALS,
+            (k * 7 + 3) % LOCALS,
+            (k * 13 + 5) % LOCALS,
+        );
+        if a == b {
+            b = (b + 1) % LOCALS;
+        }
+        body.extend([get, a as u8, konst]);
+        sleb(2 * k as i64 + 3, &mut body);
+        body.extend([mul, get, b as u8, add, set, c as u8]);
+    }
+    body.extend([global_get, 0]);
+    for j in 0..LOCALS {
+        body.extend([get, j as u8, add]);
+    }
+    body.extend([global_set, 0, end]);
+    let mut code = vec![1];
+    leb(body.len() as u64, &mut code);
+    code.extend_from_slice(&body);
+    let mut core = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut core); // one type: [] -> []
+    section(3, &[1, 0], &mut core); // one function of it
+    section(6, &[1, 0x7e, 1, konst, 7, end], &mut core); // a mutable i64
+    section(8, &[0], &mut core); // the function starts the instance
+    section(10, &code, &mut core);
+    let mut component = b"\0asm\x0d\0\x01\0".to_vec();
+    section(1, &core, &mut component); // the core module
+    section(2, &[1, 0, 0, 0], &mut component); // one instance of it
+    component
+}
+
+/// A compile bomb (a few MB of valid wasm that takes minutes to compile)
+/// announced by an outsider to a worker while another master's job
+/// needs it: the worker's compile of the bomb is cut at
+/// `--compile-timeout`, nothing of it is cached, the failure is counted
+/// on /metrics, and the honest job runs on the worker meanwhile, with the
+/// right output.
+#[tokio::test]
+async fn a_compile_bomb_is_cut_and_holds_back_no_other_masters_job() {
+    use antnest_proto::{Announce, JobId, Limits, ModuleHash};
+
+    let dir = scratch();
+    let m = PeerProc::loopback(dir.path(), "m", &[]);
+    // A cache of its own: w compiles the honest job's module too.
+    let w_cache = dir.path().join("w-cache");
+    let w = PeerProc::loopback(
+        dir.path(),
+        "w",
+        &[
+            "--bootstrap",
+            m.addr(),
+            "--cache-dir",
+            w_cache.to_str().unwrap(),
+            "--compile-timeout",
+            "10s",
+            "--ui",
+            "127.0.0.1:0",
+        ],
+    );
+    let ui = w.ui.clone().expect("the peer prints its UI address");
+    let bomb = compile_bomb(600_000);
+    let bomb_hash = ModuleHash::of(&bomb);
+    let (mut liar, topic) = gossip_swarm(|gossip| ModuleServer {
+        gossip,
+        rr: request_response::cbor::Behaviour::new(
+            [(
+                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
+                ProtocolSupport::Full,
+            )],
+            request_response::Config::default(),
+        ),
+    });
+    let announce = cbor4ii::serde::to_vec(
+        Vec::new(),
+        &Announce {
+            job: JobId::random(),
+            master: liar.local_peer_id().to_bytes(),
+            module: bomb_hash,
+            module_size: bomb.len() as u64,
+            limits: Limits::default(),
+            runtime: antnest_proto::Runtime::Wasm,
+            weight: 1,
+            addrs: Vec::new(),
+            code: None,
+        },
+    )
+    .unwrap();
+    liar.dial(w.addr().parse::<Multiaddr>().unwrap()).unwrap();
+    let (fetched_tx, fetched) = tokio::sync::oneshot::channel();
+    let liar_task = tokio::spawn(async move {
+        let mut fetched_tx = Some(fetched_tx);
+        let mut published = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => if published {
+                    let _ = liar.behaviour_mut().gossip.publish(topic.clone(), announce.clone());
+                },
+                e = liar.select_next_some() => match e {
+                    SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
+                        libp2p::gossipsub::Event::Subscribed { .. },
+                    )) => published = true,
+                    SwarmEvent::Behaviour(ModuleServerEvent::Rr(request_response::Event::Message {
+                        message: request_response::Message::Request { request, channel, .. },
+                        ..
+                    })) => {
+                        let response = match request {
+                            antnest_proto::Request::FetchModule { hash } if hash == bomb_hash => {
+                                if let Some(tx) = fetched_tx.take() {
+                                    let _ = tx.send(());
+                                }
+                                antnest_proto::Response::Module(bomb.clone())
+                            }
+                            _ => antnest_proto::Response::NoWork { finished: false },
+                        };
+                        let _ = liar.behaviour_mut().rr.send_response(channel, response);
+                    }
+                    _ => {}
+                },
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(60), fetched)
+        .await
+        .expect("the worker fetched the bomb")
+        .unwrap();
+    let started = std::time::Instant::now();
+    // The honest job, while the bomb compiles on w.
+    let numbers: Vec<u64> = (0..40).map(|i| 1_000_000 + i).collect();
+    let input: String = numbers.iter().map(|n| format!("{n}\n")).collect();
+    let stats = dir.path().join("s.json");
+    let out = {
+        let (job, stats) = (artifact("primes"), stats.clone());
+        let control = m.control.clone();
+        tokio::task::spawn_blocking(move || {
+            run(
+                &[
+                    "submit",
+                    "-q",
+                    "--control",
+                    control.to_str().unwrap(),
+                    job.to_str().unwrap(),
+                    "--stats-json",
+                    stats.to_str().unwrap(),
+                ],
+                input.as_bytes(),
+                Duration::from_secs(300),
+            )
+        })
+        .await
+        .unwrap()
+    };
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected: u64 = count_primes_below(&numbers).iter().sum();
+    assert_eq!(text(&out.stdout), expected.to_string());
+    let stats = stats_of(&stats);
+    assert!(
+        stats["per_peer"].get(&w.peer_id).is_some(),
+        "w worked on the honest job while the bomb compiled: {stats}"
+    );
+    eprintln!(
+        "honest job done {:?} after the bomb was fetched",
+        started.elapsed()
+    );
+    // The bomb's compile is cut, counted, and leaves nothing behind.
+    let failures =
+        || metric_value(&http_get(&ui, "/metrics"), "antnest_module_failures_total").unwrap_or(0.0);
+    let cut = tokio::time::timeout(Duration::from_secs(60), async {
+        while failures() < 1.0 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "the bomb's compile was not cut");
+    assert!(
+        std::fs::read_dir(&w_cache).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&bomb_hash.to_string())),
+        "nothing of the bomb is cached"
+    );
+    assert_eq!(children_of(w.child.id()), 0, "no compile left running");
+    liar_task.abort();
+    still_runs_jobs(&w);
 }

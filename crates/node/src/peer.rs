@@ -109,6 +109,7 @@ pub async fn start(config: PeerConfig) -> Result<RunningPeer, PeerError> {
         module_reads: tokio::sync::Semaphore::new(2),
         unleased: std::sync::atomic::AtomicU64::new(0),
         served: Default::default(),
+        module_failures: std::sync::atomic::AtomicU64::new(0),
         master: Default::default(),
         worker: Default::default(),
     });

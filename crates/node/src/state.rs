@@ -29,6 +29,8 @@ pub(crate) struct State {
     /// Results and errors this peer's jobs dropped because the peer that
     /// handed them in had not been given those taskunits (for metrics).
     pub(crate) unleased: std::sync::atomic::AtomicU64,
+    /// Modules this peer failed to fetch or compile (for metrics).
+    pub(crate) module_failures: std::sync::atomic::AtomicU64,
     /// Bytes of modules (`[0]`) and of job files alone (`[1]`) this peer
     /// sent to others (for metrics).
     pub(crate) served: [std::sync::atomic::AtomicU64; 2],
@@ -70,6 +72,13 @@ impl Peer {
         let [m, f] = &self.state.served;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         [load(m), load(f)]
+    }
+
+    /// Modules this peer failed to fetch or compile, for metrics.
+    pub fn module_failures(&self) -> u64 {
+        self.state
+            .module_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Taskunits this peer's slots have completed, for metrics.

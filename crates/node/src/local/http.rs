@@ -159,6 +159,12 @@ pub async fn metrics(peer: &Peer) -> String {
         "Results and errors dropped because the peer that handed them in had not been given those taskunits.",
         &[(String::new(), peer.unleased())],
     );
+    metric(
+        "antnest_module_failures_total",
+        "counter",
+        "Job modules this peer could not fetch or compile (e.g. a compile past --compile-timeout).",
+        &[(String::new(), peer.module_failures())],
+    );
     let [module_bytes, file_bytes] = peer.served();
     metric(
         "antnest_module_bytes_served_total",

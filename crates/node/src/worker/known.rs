@@ -30,8 +30,15 @@ pub(crate) struct RemoteJob {
 /// Where getting a module stands.
 #[derive(Debug, Clone)]
 pub(crate) enum Getting {
-    UnderWay,
-    Failed { until: Instant, why: String },
+    /// Being fetched from (and compiled for) that master's job, after
+    /// `failures` failed tries.
+    UnderWay { from: PeerId, failures: u32 },
+    /// Failed `failures` times in a row: not tried again before `until`.
+    Failed {
+        until: Instant,
+        why: String,
+        failures: u32,
+    },
 }
 
 /// A worker's records, shared by its slots.

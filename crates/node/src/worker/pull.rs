@@ -11,7 +11,7 @@ use antnest_proto::limits::{MAX_MODULE, MAX_WEIGHT};
 use antnest_proto::{Announce, JobId, Limits, ModuleHash, Request, Response, TaskOutcome};
 use libp2p::PeerId;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::master::job::MasterJob;
 use crate::master::serve::WAIT_MAX;
@@ -25,10 +25,20 @@ use crate::worker::slot::{LOCAL_BATCH, REMOTE_BATCH};
 /// How long a module's fetch and compile may take before it counts as
 /// failed (a Python component takes tens of seconds to compile).
 const COMPILE_MAX: Duration = Duration::from_secs(300);
-/// How long a module that could not be had is not asked for again.
+/// How long a module that could not be had is not asked for again (the
+/// first time; twice as long after each failure, up to
+/// [`MODULE_RETRY_MAX`]).
 const MODULE_RETRY: Duration = Duration::from_secs(5);
+const MODULE_RETRY_MAX: Duration = Duration::from_secs(600);
 /// Modules whose state is kept at most (past it, settled ones are dropped).
 const MAX_MODULE_STATES: usize = 256;
+/// Modules fetched and compiled at once: each compile is a child process
+/// of up to `--compile-memory-mb`, so hundreds of jobs announced at once
+/// must not start hundreds of them.
+const GETS_AT_ONCE: usize = 4;
+/// Of those, for one master's jobs: a master announcing many modules (or
+/// one that compiles slowly) does not hold back other masters' modules.
+const GETS_AT_ONCE_PER_MASTER: usize = 1;
 
 impl Peer {
     /// A master's `Reclaim`: give back the taskunits of `job` that this
@@ -521,8 +531,8 @@ impl Peer {
         {
             let mut modules = self.state.worker.modules.lock().unwrap();
             match modules.get(&hash) {
-                Some(Getting::UnderWay) => return Ok(false),
-                Some(Getting::Failed { until, why }) if Instant::now() < *until => {
+                Some(Getting::UnderWay { .. }) => return Ok(false),
+                Some(Getting::Failed { until, why, .. }) if Instant::now() < *until => {
                     return Err(why.clone());
                 }
                 _ => {}
@@ -531,10 +541,24 @@ impl Peer {
                 let now = Instant::now();
                 modules.retain(|_, g| {
                     matches!(g, Getting::Failed { until, .. } if *until > now)
-                        || matches!(g, Getting::UnderWay)
+                        || matches!(g, Getting::UnderWay { .. })
                 });
             }
-            modules.insert(hash, Getting::UnderWay);
+            // Not started now if too many are under way: a slot looking
+            // for work (woken when one ends) or the next announcement
+            // starts it.
+            let (all, theirs) = modules.values().fold((0, 0), |(all, theirs), g| match g {
+                Getting::UnderWay { from: m, .. } => (all + 1, theirs + usize::from(*m == from)),
+                Getting::Failed { .. } => (all, theirs),
+            });
+            if all >= GETS_AT_ONCE || theirs >= GETS_AT_ONCE_PER_MASTER {
+                return Ok(false);
+            }
+            let failures = match modules.get(&hash) {
+                Some(Getting::Failed { failures, .. }) => *failures,
+                _ => 0,
+            };
+            modules.insert(hash, Getting::UnderWay { from, failures });
         }
         let peer = self.clone();
         tokio::spawn(async move {
@@ -551,9 +575,29 @@ impl Peer {
                         modules.remove(&hash);
                     }
                     Err(why) => {
-                        debug!(%hash, "module not had: {why}");
-                        let until = Instant::now() + MODULE_RETRY;
-                        modules.insert(hash, Getting::Failed { until, why });
+                        // Longer each time: a module that cannot be
+                        // compiled in time would otherwise take a compile
+                        // slot again and again.
+                        let failures = match modules.get(&hash) {
+                            Some(Getting::UnderWay { failures, .. }) => failures + 1,
+                            _ => 1,
+                        };
+                        let wait = MODULE_RETRY
+                            .saturating_mul(1 << (failures - 1).min(16))
+                            .min(MODULE_RETRY_MAX);
+                        info!(%hash, failures, retry_in = ?wait, "module not had: {why}");
+                        peer.state
+                            .module_failures
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let until = Instant::now() + wait;
+                        modules.insert(
+                            hash,
+                            Getting::Failed {
+                                until,
+                                why,
+                                failures,
+                            },
+                        );
                     }
                 }
             }
