@@ -401,6 +401,119 @@ async fn a_result_from_a_peer_not_given_the_taskunit_is_dropped_and_counted() {
     driver.abort();
 }
 
+/// An outsider connecting to `addr` (dialing again while it is refused)
+/// and sending `n` pulls at once (for jobs nobody has): how many were
+/// answered, and the failures.
+async fn pulls(addr: Multiaddr, n: u64) -> (usize, Vec<String>) {
+    let mut swarm = outsider(Rr::new(
+        [(
+            StreamProtocol::new(antnest_proto::msg::PROTOCOL),
+            ProtocolSupport::Outbound,
+        )],
+        request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
+    ));
+    let Some(libp2p::multiaddr::Protocol::P2p(id)) = addr.iter().last() else {
+        panic!("address without /p2p/");
+    };
+    swarm.dial(addr.clone()).unwrap();
+    let (mut sent, mut answered, mut failed) = (0, 0, Vec::new());
+    let mut dials = 1;
+    loop {
+        match swarm.select_next_some().await {
+            // A peer takes only so many handshakes at once and refuses the
+            // rest: dial again a little later, as a libp2p peer would.
+            SwarmEvent::OutgoingConnectionError { .. } if dials < 100 => {
+                dials += 1;
+                let pause = 50 + (u64::from(swarm.local_peer_id().to_bytes()[10]) + dials) % 200;
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                swarm.dial(addr.clone()).unwrap();
+            }
+            SwarmEvent::ConnectionEstablished { .. } if sent == 0 => {
+                for job in 0..n {
+                    let pull = json!({"Pull": {"job": job, "max": 1}});
+                    swarm.behaviour_mut().send_request(&id, pull);
+                    sent += 1;
+                }
+            }
+            SwarmEvent::Behaviour(request_response::Event::Message {
+                message: request_response::Message::Response { .. },
+                ..
+            }) => answered += 1,
+            SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                error, ..
+            }) => failed.push(error.to_string()),
+            SwarmEvent::OutgoingConnectionError { error, .. } => {
+                return (0, vec![format!("cannot reach the peer: {error}")]);
+            }
+            _ => {}
+        }
+        if sent > 0 && answered + failed.len() == sent {
+            return (answered, failed);
+        }
+    }
+}
+
+/// 10,000 requests over 500 connections (500 outsiders with 20 pulls
+/// each, all at once) while a job runs on the peer: the job ends with the
+/// right output, every request is answered (the peer takes 64 handshakes
+/// at once and refuses the rest, which dial again), the peer's memory
+/// stays bounded, and it goes on running jobs.
+#[tokio::test]
+async fn ten_thousand_requests_over_500_connections_leave_a_job_running() {
+    const CONNECTIONS: usize = 500;
+    const EACH: u64 = 20;
+    let dir = scratch();
+    let peer = PeerProc::loopback(dir.path(), "p", &[]);
+    let addr: Multiaddr = peer.addr().parse().unwrap();
+    let rss_before = rss_kib(peer.child.id());
+    let numbers: Vec<u64> = (0..40).map(|i| 1_000_000 + i).collect();
+    let input: String = numbers.iter().map(|n| format!("{n}\n")).collect();
+    let job = peer.spawn_submit(&artifact("primes"), &["-q"], input.as_bytes());
+    let bursts: Vec<_> = (0..CONNECTIONS)
+        .map(|_| tokio::spawn(pulls(addr.clone(), EACH)))
+        .collect();
+    let (mut answered, mut failed) = (0, Vec::new());
+    let mut rss_most = rss_before;
+    for burst in bursts {
+        let (a, f) = tokio::time::timeout(Duration::from_secs(300), burst)
+            .await
+            .expect("every request answered or failed in time")
+            .unwrap();
+        answered += a;
+        failed.extend(f);
+        rss_most = rss_most.max(rss_kib(peer.child.id()));
+    }
+    let out = tokio::task::spawn_blocking(move || job.finish(Duration::from_secs(300)))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected: u64 = count_primes_below(&numbers).iter().sum();
+    assert_eq!(text(&out.stdout), expected.to_string());
+    eprintln!(
+        "{answered} of {} requests answered, {} failed ({:?}); peer RSS {rss_before} KiB before, at most {rss_most} KiB during",
+        CONNECTIONS as u64 * EACH,
+        failed.len(),
+        failed.first()
+    );
+    assert!(
+        answered as u64 == CONNECTIONS as u64 * EACH,
+        "{answered} answered, failed: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    assert!(rss_most < 512 << 10, "peer RSS {rss_most} KiB");
+    still_runs_jobs(&peer);
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
 /// Many outsiders at once, each with a hundred requests in flight (more
 /// than the peer's event and command channels hold together): every
 /// request gets an answer (taken, or refused as busy), and the peer goes
@@ -410,46 +523,7 @@ async fn a_burst_of_requests_from_many_peers_is_answered_and_the_peer_serves_on(
     let dir = scratch();
     let peer = PeerProc::loopback(dir.path(), "p", &[]);
     let addr: Multiaddr = peer.addr().parse().unwrap();
-    let one = |addr: Multiaddr| async move {
-        let mut swarm = outsider(Rr::new(
-            [(
-                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
-                ProtocolSupport::Outbound,
-            )],
-            request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
-        ));
-        let Some(libp2p::multiaddr::Protocol::P2p(id)) = addr.iter().last() else {
-            panic!("address without /p2p/");
-        };
-        swarm.dial(addr).unwrap();
-        let (mut sent, mut answered, mut failed) = (0, 0, Vec::new());
-        loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::ConnectionEstablished { .. } if sent == 0 => {
-                    for job in 0..100u64 {
-                        let pull = json!({"Pull": {"job": job, "max": 1}});
-                        swarm.behaviour_mut().send_request(&id, pull);
-                        sent += 1;
-                    }
-                }
-                SwarmEvent::Behaviour(request_response::Event::Message {
-                    message: request_response::Message::Response { .. },
-                    ..
-                }) => answered += 1,
-                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
-                    error, ..
-                }) => failed.push(error.to_string()),
-                SwarmEvent::OutgoingConnectionError { error, .. } => {
-                    panic!("cannot reach the peer: {error}")
-                }
-                _ => {}
-            }
-            if sent > 0 && answered + failed.len() == sent {
-                return (answered, failed);
-            }
-        }
-    };
-    let bursts: Vec<_> = (0..6).map(|_| tokio::spawn(one(addr.clone()))).collect();
+    let bursts: Vec<_> = (0..6).map(|_| tokio::spawn(pulls(addr.clone(), 100))).collect();
     for burst in bursts {
         let (answered, failed) = tokio::time::timeout(Duration::from_secs(120), burst)
             .await
@@ -788,12 +862,7 @@ async fn many_modules_announced_leave_the_cache_within_its_bound() {
         );
     }
     assert!(last > 0, "the cache holds the modules fetched last");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", peer.child.id())).unwrap();
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let rss_kib = rss_kib(peer.child.id());
     eprintln!(
         "peer RSS after {MODULES} modules: {rss_kib} KiB, cache {last} bytes, \
          at most {most_compiling} compiles at once"
