@@ -518,3 +518,15 @@ pub(crate) fn metric_value(metrics: &str, sample: &str) -> Option<f64> {
             .ok()
     })
 }
+
+/// Whether `observer` lists `other` as connected (`antnest peers`).
+pub(crate) fn connected(observer: &PeerProc, other: &PeerProc) -> bool {
+    let out = run(
+        &["peers", "--control", observer.control.to_str().unwrap()],
+        b"",
+        Duration::from_secs(60),
+    );
+    text(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with(&other.peer_id) && l.contains(" connected"))
+}

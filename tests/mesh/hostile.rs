@@ -439,9 +439,9 @@ async fn pulls(addr: Multiaddr, n: u64) -> (usize, Vec<String>) {
                 message: request_response::Message::Response { .. },
                 ..
             }) => answered += 1,
-            SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
-                error, ..
-            }) => failed.push(error.to_string()),
+            SwarmEvent::Behaviour(request_response::Event::OutboundFailure { error, .. }) => {
+                failed.push(error.to_string())
+            }
             SwarmEvent::OutgoingConnectionError { error, .. } => {
                 return (0, vec![format!("cannot reach the peer: {error}")]);
             }
@@ -514,6 +514,99 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// Sybil replica votes: four outsiders (four fresh peer ids, none given a
+/// taskunit) each hand in the same forged result for every taskunit of a
+/// job replicated on two honest peers, as soon as the job exists. Their
+/// votes do not count: each forged outcome is dropped and counted against
+/// its sender, no replica mismatch is seen, and the output is a clean
+/// run's.
+#[tokio::test]
+async fn sybil_replica_votes_do_not_count() {
+    use antnest_proto::frame::Frames;
+    use antnest_proto::{ByteBuf, JobId, Request, Response, TaskOutcome};
+
+    const SYBILS: usize = 4;
+    let dir = scratch();
+    let a = PeerProc::loopback(dir.path(), "a", &[]);
+    let b = PeerProc::loopback(dir.path(), "b", &["--bootstrap", a.addr()]);
+    // Nothing else runs on this test's thread yet: waiting here blocks nothing.
+    eventually(Duration::from_secs(30), "b connected to a", || {
+        connected(&a, &b)
+    });
+    let t = Duration::from_secs(60);
+    let protocol = StreamProtocol::new(antnest_proto::msg::STREAM_PROTOCOL);
+    let mut sybils = Vec::new();
+    for _ in 0..SYBILS {
+        let (id, mut control, driver) = stream_outsider(&a);
+        let s = tokio::time::timeout(t, control.open_stream(id, protocol.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        sybils.push((s, driver));
+    }
+    let numbers: Vec<u64> = (0..30).map(|i| 300_000 + i).collect();
+    let input: String = numbers.iter().map(|n| format!("{n}\n")).collect();
+    let stats = dir.path().join("s.json");
+    let mut job = a.spawn_submit(
+        &artifact("primes"),
+        &["--replicate", "2", "--stats-json", stats.to_str().unwrap()],
+        input.as_bytes(),
+    );
+    let job_id: JobId = job.job_id(t).parse().unwrap();
+    let forged = Request::Results {
+        job: job_id,
+        outcomes: (0..numbers.len() as u64)
+            .map(|index| TaskOutcome {
+                index,
+                result: Ok(ByteBuf::from(b"1".to_vec())),
+                stderr: None,
+                native: false,
+            })
+            .collect(),
+        compute: Duration::from_millis(50),
+        pull: 0,
+    };
+    for (s, _) in &mut sybils {
+        // The job is registered a moment after its id is printed.
+        let mut answered = None;
+        for _ in 0..100 {
+            Frames::write_request(s, &forged).await.unwrap();
+            match tokio::time::timeout(t, Frames::read_response(s)).await {
+                Ok(Ok(Response::Refused(_))) => tokio::time::sleep(Duration::from_millis(20)).await,
+                other => {
+                    answered = Some(other);
+                    break;
+                }
+            }
+        }
+        assert!(
+            matches!(answered, Some(Ok(Ok(Response::Ack)))),
+            "{answered:?}"
+        );
+    }
+    let out = tokio::task::spawn_blocking(move || job.finish(Duration::from_secs(300)))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected: u64 = count_primes_below(&numbers).iter().sum();
+    assert_eq!(text(&out.stdout), expected.to_string());
+    let stats = stats_of(&stats);
+    assert_eq!(stats["mismatches"], 0, "{stats}");
+    let dropped = stats["unleased"].as_object().unwrap();
+    assert_eq!(
+        dropped.len(),
+        SYBILS,
+        "every Sybil's votes dropped: {stats}"
+    );
+    assert!(!dropped.contains_key(&a.peer_id) && !dropped.contains_key(&b.peer_id));
+    assert!(dropped.values().all(|n| n.as_u64() > Some(0)), "{stats}");
+    let per_peer = stats["per_peer"].as_object().unwrap();
+    assert_eq!(per_peer.len(), 2, "only the honest peers' results: {stats}");
+    for (_, driver) in sybils {
+        driver.abort();
+    }
+}
+
 /// Many outsiders at once, each with a hundred requests in flight (more
 /// than the peer's event and command channels hold together): every
 /// request gets an answer (taken, or refused as busy), and the peer goes
@@ -523,7 +616,9 @@ async fn a_burst_of_requests_from_many_peers_is_answered_and_the_peer_serves_on(
     let dir = scratch();
     let peer = PeerProc::loopback(dir.path(), "p", &[]);
     let addr: Multiaddr = peer.addr().parse().unwrap();
-    let bursts: Vec<_> = (0..6).map(|_| tokio::spawn(pulls(addr.clone(), 100))).collect();
+    let bursts: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(pulls(addr.clone(), 100)))
+        .collect();
     for burst in bursts {
         let (answered, failed) = tokio::time::timeout(Duration::from_secs(120), burst)
             .await

@@ -4,19 +4,6 @@ use std::time::Duration;
 
 use crate::common::*;
 
-const T: Duration = Duration::from_secs(300);
-
-fn connected(observer: &PeerProc, other: &PeerProc) -> bool {
-    let out = run(
-        &["peers", "--control", observer.control.to_str().unwrap()],
-        b"",
-        T,
-    );
-    text(&out.stdout)
-        .lines()
-        .any(|l| l.starts_with(&other.peer_id) && l.contains(" connected"))
-}
-
 #[test]
 fn a_mesh_key_keeps_outsiders_out() {
     let dir = scratch();
