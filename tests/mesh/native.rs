@@ -193,6 +193,16 @@ def processor(what):
     assert!(err.contains("taskunit 0 failed: timed out"), "{err}");
     assert!(err.contains("taskunit 2 failed: out of memory"), "{err}");
     assert!(err.contains("taskunit 4 failed: output too large"), "{err}");
+
+    // Quick taskunits sent ahead of and after a sleeping one (several are
+    // in the process at once, their answers written out together): only
+    // the sleeping one fails.
+    let out = submit_with(&job, &with(&NATIVE, &limits), b"a\nb\nc\nsleep\nd\ne\n");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(text(&out.stdout), "a fine\nb fine\nc fine\nd fine\ne fine");
+    assert!(err.contains("taskunit 3 failed: timed out"), "{err}");
+    assert_eq!(err.matches("failed:").count(), 1, "{err}");
 }
 
 /// On a mesh, a job for native Python runs only on the peer that allows it,

@@ -14,35 +14,57 @@
 
 import os as _os
 import struct as _struct
+import time as _time
 
 _OK, _ERROR, _NO_MEMORY = 0, 1, 2
 # An answer's head: its tag, the payload's length, the captured output's.
 _HEAD = _struct.Struct("<BII")
+# Answers wait to be written out together until no taskunit is left to
+# work on, or one took this long (seconds).
+_FLUSH_AFTER = 0.001
 # The most a taskunit's captured output may be; the host caps it too.
 _CAPTURE_MAX = 64 << 10
 
 
 def _native_main():
-    stdin = sys.stdin.buffer
     answers = _os.fdopen(_os.dup(1), "wb")
     _os.dup2(2, 1)
 
+    # What was read of stdin and not taken yet is `pending[taken:]`.
+    pending = bytearray()
+    taken = 0
+
     def read_frame():
-        head = stdin.read(4)
-        if len(head) < 4:
-            return None
-        n = int.from_bytes(head, "little")
-        data = stdin.read(n)
-        return data if len(data) == n else None
+        # The host sends several taskunits ahead: the answers are written
+        # out (flushed) only when no whole frame is left to work on, just
+        # before waiting for more, so a run of small taskunits costs one
+        # write and one read for many.
+        nonlocal pending, taken
+        while True:
+            have = len(pending) - taken
+            if have >= 4:
+                n = int.from_bytes(pending[taken : taken + 4], "little")
+                if have >= 4 + n:
+                    data = bytes(pending[taken + 4 : taken + 4 + n])
+                    taken += 4 + n
+                    return data
+                want = 4 + n - have
+            else:
+                want = 4 - have
+            answers.flush()
+            del pending[:taken]
+            taken = 0
+            chunk = _os.read(0, max(want, 1 << 16))
+            if not chunk:
+                return None
+            pending += chunk
 
     def answer(tag, payload=b"", printed=""):
-        # `answers` is buffered: a small answer leaves in one write, at the
-        # flush.
+        # `answers` is buffered: it leaves when `read_frame` waits.
         printed = printed.encode("utf-8", "replace")[:_CAPTURE_MAX] if printed else b""
         answers.write(_HEAD.pack(tag, len(payload), len(printed)))
         answers.write(payload)
         answers.write(printed)
-        answers.flush()
 
     # One capture for every call, emptied after each (a new one per
     # taskunit costs more than a small taskunit's work).
@@ -73,13 +95,20 @@ def _native_main():
     (tag, loaded), printed = captured(lambda: load(bundle))
     answer(tag, b"" if tag == _OK else loaded, printed)
     if tag != _OK:
+        answers.flush()
         return  # the host gives every taskunit the import's error
+    clock = _time.perf_counter
     while True:
         unit = read_frame()
         if unit is None:
             return
+        started = clock()
         (t, payload), printed = captured(lambda: process(loaded, unit))
         answer(t, payload, printed)
+        # A taskunit that took a while is not worth holding answers for:
+        # they go now, and the host's wait for each stays short.
+        if clock() - started >= _FLUSH_AFTER:
+            answers.flush()
 
 
 _native_main()

@@ -686,10 +686,9 @@ impl Sandbox {
         limits: Limits,
         io: HostIo,
     ) -> Result<(Store<GuestState>, Job), TaskError> {
-        let (mut store, instance) = self.instance(module, limits, io)?;
-        let job = Job::new(&mut store, &instance)
-            .map_err(|e| TaskError::Load(format!("instantiate: {e:#}")))?;
-        Ok((store, job))
+        // The job's exports found once per module (`JobPre`), not by name
+        // at every instantiation.
+        self.instantiate_with(module, limits, io, |pre, store| pre.instantiate(store))
     }
 
     /// An instance of `module`, for calls beyond the job's own world (a
@@ -700,6 +699,20 @@ impl Sandbox {
         limits: Limits,
         io: HostIo,
     ) -> Result<(Store<GuestState>, Instance), TaskError> {
+        self.instantiate_with(module, limits, io, |pre, store| {
+            pre.instance_pre().instantiate(store)
+        })
+    }
+
+    /// A store for `module` under `limits`, and what `make` instantiates
+    /// in it.
+    fn instantiate_with<T>(
+        &self,
+        module: &Module,
+        limits: Limits,
+        io: HostIo,
+        make: impl FnOnce(&JobPre<GuestState>, &mut Store<GuestState>) -> wasmtime::Result<T>,
+    ) -> Result<(Store<GuestState>, T), TaskError> {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
         let wasi = WasiCtx::builder()
             .stdout(SinkOutputStream)
@@ -733,10 +746,10 @@ impl Sandbox {
             }
         });
         let pre = self.ready(&module.component)?;
-        let instance = {
+        let made = {
             let _running = self.running(limits.time);
-            match pre.instance_pre().instantiate(&mut store) {
-                Ok(instance) => instance,
+            match make(&pre, &mut store) {
+                Ok(made) => made,
                 // Its first memories may not fit the limits.
                 Err(e) if store.data().limiter.exceeded.is_some() => {
                     return Err(classify(e, &store, limits));
@@ -744,7 +757,7 @@ impl Sandbox {
                 Err(e) => return Err(TaskError::Load(format!("instantiate: {e:#}"))),
             }
         };
-        Ok((store, instance))
+        Ok((store, made))
     }
 
     /// `component` linked, ready to instantiate.

@@ -396,3 +396,59 @@ pub(crate) fn classify(
     }
     TaskError::Trap(msg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A core module of `memories` memories of `pages` wasm pages (64 KiB)
+    /// each, all taken at instantiation.
+    fn many_memories(memories: u8, pages: u8) -> Vec<u8> {
+        assert!(memories < 0x40 && pages < 0x80);
+        let mut section = vec![memories];
+        for _ in 0..memories {
+            section.extend([0, pages]); // no maximum, `pages` at least
+        }
+        let mut module = b"\0asm\x01\0\0\0".to_vec();
+        module.extend([5, section.len() as u8]);
+        module.extend(section);
+        module
+    }
+
+    /// A memory bomb spread thin: instances of a module of 8 memories of
+    /// 1 MiB, in one store, count together against its limit (64 MiB:
+    /// the ninth instance is refused), and stores count together against
+    /// the peer's budget; all of it is given back when a store goes.
+    #[test]
+    fn many_memories_in_many_instances_count_together() {
+        let engine = wasmtime::Engine::new(&crate::engine::engine_config()).unwrap();
+        let module = wasmtime::Module::new(&engine, many_memories(8, 16)).unwrap();
+        let budget = Arc::new(MemoryBudget::new());
+        budget.set_max(96 << 20);
+        let store = |budget: &Arc<MemoryBudget>| {
+            let mut store =
+                wasmtime::Store::new(&engine, MemoryLimiter::new(64 << 20, budget.clone()));
+            store.limiter(|l| l);
+            store
+        };
+        let mut first = store(&budget);
+        for _ in 0..8 {
+            wasmtime::Instance::new(&mut first, &module, &[]).unwrap();
+        }
+        assert_eq!(budget.used(), 64 << 20);
+        assert!(wasmtime::Instance::new(&mut first, &module, &[]).is_err());
+        assert_eq!(first.data().exceeded, Some(Exceeded::Instance));
+        // A second store gets what is left of the peer's budget.
+        let mut second = store(&budget);
+        for _ in 0..4 {
+            wasmtime::Instance::new(&mut second, &module, &[]).unwrap();
+        }
+        assert!(wasmtime::Instance::new(&mut second, &module, &[]).is_err());
+        assert_eq!(second.data().exceeded, Some(Exceeded::Peer));
+        assert_eq!(budget.used(), 96 << 20);
+        drop(first);
+        assert_eq!(budget.used(), 32 << 20);
+        drop(second);
+        assert_eq!(budget.used(), 0);
+    }
+}

@@ -37,6 +37,13 @@ const START_MAX: Duration = Duration::from_secs(60);
 const CAPTURE_MAX: usize = 64 << 10;
 /// A taskunit frame this small is written with its length in one write.
 const SMALL_FRAME: usize = 16 << 10;
+/// Taskunits in a process at once, at most (see
+/// [`NativeRunner::process_each`])...
+const IN_FLIGHT: usize = 64;
+/// ... and their bytes, past which no more are sent before an answer: well
+/// under a pipe's 64 KiB, so a write never waits on a process that waits
+/// for its answers to be read.
+const IN_FLIGHT_BYTES: usize = 16 << 10;
 /// What one read from a process's answers asks for at least.
 const READ_CHUNK: usize = 64 << 10;
 /// The end of a process's own stderr kept, for when it dies.
@@ -199,51 +206,154 @@ impl NativeRunner {
 
     /// Process one taskunit.
     pub fn process(&mut self, unit: &[u8]) -> Result<Vec<u8>, TaskError> {
-        self.last_stderr.clear();
-        if self.process.is_none() && self.load_error.is_none() {
-            self.process = self.start()?;
-        }
-        let Some(process) = self.process.as_mut() else {
-            let why = self
-                .load_error
-                .clone()
-                .expect("no process: the import failed");
-            return Err(TaskError::Guest(why));
-        };
-        let deadline = Instant::now() + self.limits.time;
-        match process.call(unit, deadline, self.limits.output) {
-            Ok((tag, payload, printed)) => {
-                self.last_stderr = printed;
-                match tag {
-                    0 => Ok(payload),
-                    1 => Err(TaskError::Guest(String::from_utf8_lossy(&payload).into())),
-                    _ => {
-                        // A MemoryError may leave the interpreter short of
-                        // memory for good: start afresh next time.
-                        self.process = None;
-                        Err(TaskError::OutOfMemory(self.limits.memory))
+        let mut one = Some((0, unit));
+        let mut answer = None;
+        self.process_each(&mut || one.take(), &mut |_, r, printed| {
+            answer = Some((r, printed))
+        });
+        let (result, printed) = answer.expect("one taskunit, one answer");
+        self.last_stderr = printed;
+        result
+    }
+
+    /// Process the taskunits `next` hands out (each with a tag of the
+    /// caller's), in order, calling `done` with each one's tag, result and
+    /// what it printed. Several are in the
+    /// process at once (each sent before the answers to those ahead of it
+    /// are read), so the process goes from one to the next without
+    /// waiting for this thread, and writes its answers out a few at a
+    /// time: for small taskunits the round trip, not the work, is most of
+    /// the time. Each still has its own deadline, from when the answer
+    /// before it came. A process that ends or passes a deadline with
+    /// several taskunits in it is replaced, and those run again one at a
+    /// time, so that only the one at fault fails.
+    pub fn process_each<'u>(
+        &mut self,
+        next: &mut dyn FnMut() -> Option<(u64, &'u [u8])>,
+        done: &mut dyn FnMut(u64, Result<Vec<u8>, TaskError>, String),
+    ) {
+        // Sent, not answered yet, in order; and sent to a process that
+        // ended before answering them, to send again.
+        let mut in_flight: VecDeque<(u64, &'u [u8])> = VecDeque::new();
+        let mut again: VecDeque<(u64, &'u [u8])> = VecDeque::new();
+        // Taskunits to run one at a time, after a process ended with
+        // several in it: which one it ended on is not known (the process
+        // writes its answers out a few at a time), so each runs again
+        // alone, and only the one at fault fails.
+        let mut alone = 0;
+        let mut busy_since = Instant::now();
+        loop {
+            if self.process.is_none() && self.load_error.is_none() {
+                match self.start() {
+                    Ok(p) => self.process = p,
+                    Err(e) => {
+                        // Nothing can run here: every taskunit gets why.
+                        while let Some((tag, _)) = again.pop_front().or_else(&mut *next) {
+                            done(tag, Err(e.clone()), String::new());
+                        }
+                        return;
                     }
                 }
             }
-            Err(stop) => {
-                let tail = process.stderr_tail();
-                self.process = None;
-                Err(match stop {
-                    Stop::Deadline => TaskError::Timeout(self.limits.time),
-                    Stop::TooLarge(size) => TaskError::OutputTooLarge {
-                        size,
-                        limit: self.limits.output,
-                    },
-                    Stop::Died(why) => TaskError::Trap(format!(
-                        "the native Python process ended: {why}{}",
-                        if tail.is_empty() {
-                            String::new()
-                        } else {
-                            format!("\n{tail}")
-                        }
-                    )),
-                })
+            let Some(process) = self.process.as_mut() else {
+                let why = self
+                    .load_error
+                    .clone()
+                    .expect("no process: the import failed");
+                while let Some((tag, _)) = again.pop_front().or_else(&mut *next) {
+                    done(tag, Err(TaskError::Guest(why.clone())), String::new());
+                }
+                return;
+            };
+            // Top up what is in the process, within a window small enough
+            // that writing never waits on a process blocked writing its
+            // answers (a pipe holds 64 KiB).
+            let mut sent_bytes: usize = in_flight.iter().map(|(_, u)| u.len() + 4).sum();
+            let window = if alone > 0 { 1 } else { IN_FLIGHT };
+            while in_flight.len() < window {
+                let Some((tag, unit)) = again.pop_front().or_else(&mut *next) else {
+                    break;
+                };
+                if !in_flight.is_empty() && sent_bytes + unit.len() + 4 > IN_FLIGHT_BYTES {
+                    // It goes once those ahead of it are answered.
+                    again.push_front((tag, unit));
+                    break;
+                }
+                if in_flight.is_empty() {
+                    busy_since = Instant::now();
+                }
+                let sent = process.send(unit, Instant::now() + self.limits.time);
+                in_flight.push_back((tag, unit));
+                sent_bytes += unit.len() + 4;
+                if sent.is_err() {
+                    // It ended: its answers so far are read below, and the
+                    // one it ended on says why.
+                    break;
+                }
             }
+            if in_flight.is_empty() {
+                return;
+            }
+            let answer = process.answer(busy_since + self.limits.time, self.limits.output);
+            busy_since = Instant::now();
+            if matches!(answer, Err(Stop::Deadline | Stop::Died(_))) && in_flight.len() > 1 {
+                self.process = None;
+                while let Some(unit) = in_flight.pop_back() {
+                    again.push_front(unit);
+                }
+                alone = again.len();
+                continue;
+            }
+            alone = alone.saturating_sub(1);
+            let (tag, _) = in_flight.pop_front().expect("one in flight at least");
+            match answer {
+                Ok((0, payload, printed)) => done(tag, Ok(payload), printed),
+                Ok((1, payload, printed)) => done(
+                    tag,
+                    Err(TaskError::Guest(String::from_utf8_lossy(&payload).into())),
+                    printed,
+                ),
+                Ok((_, _, printed)) => {
+                    // A MemoryError may leave the interpreter short of
+                    // memory for good: start afresh.
+                    self.process = None;
+                    done(
+                        tag,
+                        Err(TaskError::OutOfMemory(self.limits.memory)),
+                        printed,
+                    );
+                }
+                Err(stop) => {
+                    let tail = process.stderr_tail();
+                    self.process = None;
+                    done(tag, Err(self.stopped(stop, &tail)), String::new());
+                }
+            }
+            if self.process.is_none() {
+                // Those after it were never answered: again, in order.
+                while let Some(unit) = in_flight.pop_back() {
+                    again.push_front(unit);
+                }
+            }
+        }
+    }
+
+    /// The error for a taskunit whose process stopped so.
+    fn stopped(&self, stop: Stop, tail: &str) -> TaskError {
+        match stop {
+            Stop::Deadline => TaskError::Timeout(self.limits.time),
+            Stop::TooLarge(size) => TaskError::OutputTooLarge {
+                size,
+                limit: self.limits.output,
+            },
+            Stop::Died(why) => TaskError::Trap(format!(
+                "the native Python process ended: {why}{}",
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!("\n{tail}")
+                }
+            )),
         }
     }
 
@@ -346,15 +456,29 @@ impl Process {
         deadline: Instant,
         max_payload: usize,
     ) -> Result<(u8, Vec<u8>, String), Stop> {
+        self.send(frame, deadline)?;
+        self.answer(deadline, max_payload)
+    }
+
+    /// Send one frame.
+    fn send(&mut self, frame: &[u8], deadline: Instant) -> Result<(), Stop> {
         let len = u32::try_from(frame.len()).map_err(|_| Stop::Died("frame too large".into()))?;
         if frame.len() <= SMALL_FRAME {
             // One write for a small taskunit.
             let whole = [&len.to_le_bytes()[..], frame].concat();
-            write_until(&mut self.stdin, &whole, deadline)?;
+            write_until(&mut self.stdin, &whole, deadline)
         } else {
             write_until(&mut self.stdin, &len.to_le_bytes(), deadline)?;
-            write_until(&mut self.stdin, frame, deadline)?;
+            write_until(&mut self.stdin, frame, deadline)
         }
+    }
+
+    /// Read the next answer: (tag, payload, printed).
+    fn answer(
+        &mut self,
+        deadline: Instant,
+        max_payload: usize,
+    ) -> Result<(u8, Vec<u8>, String), Stop> {
         self.fill(9, deadline)?;
         let head: [u8; 9] = self.buf[self.start..][..9].try_into().expect("9 bytes");
         let size = u32::from_le_bytes(head[1..5].try_into().expect("4 bytes")) as usize;

@@ -30,7 +30,10 @@ pub(crate) fn batch_ran(shared: &State, slot: usize, job: JobId, n: u32, took: D
 
 /// Run a batch's taskunits in order on `runner`.
 pub(crate) fn run_batch(runner: &mut Runner, units: Vec<TaskUnit>) -> Vec<TaskOutcome> {
-    units.iter().map(|u| run_unit(runner, u)).collect()
+    let mut outcomes = Vec::with_capacity(units.len());
+    let mut each = units.iter();
+    runner.run_each(|| each.next(), |o| outcomes.push(o));
+    outcomes
 }
 
 pub(crate) fn run_unit(runner: &mut Runner, unit: &TaskUnit) -> TaskOutcome {

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use antnest_proto::{JobId, TaskOutcome, TaskUnit};
 use libp2p::PeerId;
 
-use crate::worker::batch::run_unit;
 use crate::worker::runner::Runner;
 
 /// Run a remote batch's taskunits on `runner` as `claims` hands them out,
@@ -18,10 +17,13 @@ pub(crate) fn run_claimed(
     claims: &RemoteBatch,
     limit: usize,
 ) -> Vec<TaskOutcome> {
+    // A native runner claims a few ahead (they are in its process at
+    // once): those are started, and not given back.
     let mut outcomes = Vec::new();
-    while let Some(i) = claims.next(limit) {
-        outcomes.push(run_unit(runner, &units[i]));
-    }
+    runner.run_each(
+        || claims.next(limit).map(|i| &units[i]),
+        |o| outcomes.push(o),
+    );
     outcomes
 }
 

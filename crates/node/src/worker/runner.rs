@@ -2,11 +2,14 @@
 //! wasm component, or, for a Python job on a peer that allows it, a
 //! native CPython process (see `antnest_sandbox::native`).
 
-use antnest_proto::{JobId, Limits, ModuleHash, Runtime, TaskError};
+use antnest_proto::{
+    ByteBuf, JobId, Limits, ModuleHash, Runtime, TaskError, TaskOutcome, TaskUnit,
+};
 use antnest_sandbox::{NativePython, NativeRunner, TaskRunner};
 
 use crate::config::NativeConfig;
 use crate::state::Peer;
+use crate::worker::batch::run_unit;
 
 pub(crate) enum Runner {
     Wasm(TaskRunner),
@@ -26,6 +29,36 @@ impl Runner {
         match self {
             Runner::Wasm(r) => r.take_stderr(),
             Runner::Native(r) => r.take_stderr(),
+        }
+    }
+
+    /// Run the taskunits `next` hands out, in order, giving each outcome
+    /// to `done`. A native process gets several at once (see
+    /// `NativeRunner::process_each`); a wasm instance one after another.
+    pub(crate) fn run_each<'u>(
+        &mut self,
+        mut next: impl FnMut() -> Option<&'u TaskUnit>,
+        mut done: impl FnMut(TaskOutcome),
+    ) {
+        match self {
+            Runner::Wasm(_) => {
+                while let Some(unit) = next() {
+                    done(run_unit(self, unit));
+                }
+            }
+            Runner::Native(r) => {
+                r.process_each(
+                    &mut || next().map(|u| (u.index, &u.data[..])),
+                    &mut |index, result, printed| {
+                        done(TaskOutcome {
+                            index,
+                            result: result.map(ByteBuf::from),
+                            stderr: Some(printed).filter(|s| !s.is_empty()),
+                            native: true,
+                        });
+                    },
+                );
+            }
         }
     }
 
