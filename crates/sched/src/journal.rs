@@ -5,7 +5,9 @@
 //! Layout: `<dir>/<job_id>/meta.json` (`{"module": "<sha256>", "input":
 //! "<identity>", "version": 2}`, written atomically) and
 //! `<dir>/<job_id>/results`: records of index u64 LE, length u32 LE,
-//! CRC-32 u32 LE of the index, length and bytes, then the bytes. A record
+//! CRC-32 u32 LE of the index, length and bytes, then the bytes; a later
+//! record of the same index replaces it, and one of length `u32::MAX`
+//! (no bytes) takes it back (a result of a worker caught lying). A record
 //! cut short or damaged is dropped with all after it, and overwritten on
 //! resume. A journal of version 1 (records without a checksum, no input
 //! recorded) is read and rewritten as version 2.
@@ -248,6 +250,22 @@ pub fn encode(records: &mut Vec<u8>, index: u64, result: &[u8]) {
     records.extend_from_slice(result);
 }
 
+/// Append a record that takes back taskunit `index`'s result (one from a
+/// worker caught with a wrong result): on resume it is not done.
+pub fn retract(records: &mut Vec<u8>, index: u64) {
+    records.extend_from_slice(&index.to_le_bytes());
+    records.extend_from_slice(&RETRACTED.to_le_bytes());
+}
+
+/// The length of a record that takes back its taskunit's result (it has
+/// no bytes; no result is this long: results are far under 4 GiB).
+const RETRACTED: u32 = u32::MAX;
+
+/// The bytes that follow a record's head of length field `len`.
+fn body_len(len: u32) -> usize {
+    if len == RETRACTED { 0 } else { len as usize }
+}
+
 /// The checksum of a record: CRC-32 of its index, length and bytes.
 fn crc(head: &[u8], body: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
@@ -262,7 +280,7 @@ fn checked(records: &[u8]) -> Vec<u8> {
     let mut at = 0;
     while records.len() - at >= 12 {
         let head = &records[at..at + 12];
-        let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize;
+        let len = body_len(u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")));
         let Some(body) = records.get(at + 12..at + 12 + len) else {
             break;
         };
@@ -283,7 +301,8 @@ fn parse(bytes: &[u8], checksums: bool) -> (BTreeMap<u64, Vec<u8>>, usize) {
     let mut at = 0;
     while bytes.len() - at >= head_len {
         let index = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
+        let field = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes"));
+        let len = body_len(field);
         let Some(body) = bytes.get(at + head_len..at + head_len + len) else {
             break;
         };
@@ -293,7 +312,11 @@ fn parse(bytes: &[u8], checksums: bool) -> (BTreeMap<u64, Vec<u8>>, usize) {
                 break;
             }
         }
-        results.insert(index, body.to_vec());
+        if field == RETRACTED {
+            results.remove(&index);
+        } else {
+            results.insert(index, body.to_vec());
+        }
         at += head_len + len;
     }
     (results, at)
@@ -342,6 +365,31 @@ mod tests {
             Journal::resume(dir.path(), JobId(1), &module, "input-1"),
             Err(JournalError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_retracted_result_is_not_done_on_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let (job, module) = (JobId(45), ModuleHash::of(b"m"));
+        let mut j = Journal::create(dir.path(), job, &module, "in");
+        let mut records = Vec::new();
+        encode(&mut records, 1, b"forged");
+        encode(&mut records, 2, b"two");
+        retract(&mut records, 1);
+        encode(&mut records, 3, b"three");
+        std::thread::sleep(JOURNAL_AFTER);
+        j.append(&records).unwrap();
+        j.flush().unwrap();
+        drop(j);
+        let (mut j, got) = Journal::resume(dir.path(), job, &module, "in").unwrap();
+        assert_eq!(got.keys().copied().collect::<Vec<_>>(), [2, 3]);
+        let mut records = Vec::new();
+        encode(&mut records, 1, b"one");
+        j.append(&records).unwrap();
+        j.flush().unwrap();
+        drop(j);
+        let (_, got) = Journal::resume(dir.path(), job, &module, "in").unwrap();
+        assert_eq!(got[&1], b"one", "run again, it is done");
     }
 
     #[test]

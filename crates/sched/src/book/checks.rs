@@ -282,6 +282,10 @@ impl JobBook {
             if self.record.results.remove(&i).is_none() {
                 continue;
             }
+            // Not done, should the master stop and the job be resumed.
+            if let Some(records) = &mut self.record.journal {
+                crate::journal::retract(records, i);
+            }
             match self.feed.accepted.iter().position(|(j, _)| *j == i) {
                 Some(at) => {
                     let (_, bytes) = self.feed.accepted.remove(at);

@@ -578,6 +578,7 @@ fn a_worker_caught_with_a_wrong_result_is_refused_and_its_results_run_again() {
     }
     drop(tx);
     let mut b = JobBook::new(rx, Duration::from_secs(10), 2).with_checks(0.25, 99, w("master"));
+    b.set_journal(Default::default());
     let now = Instant::now();
     // The liar's first batch is right, and passed on to the combine.
     let first = b.lease(w("liar"), 20, now);
@@ -597,6 +598,27 @@ fn a_worker_caught_with_a_wrong_result_is_refused_and_its_results_run_again() {
     assert!(b.is_finished(), "the job ends on the master's own slots");
     // A caught worker gets nothing more.
     assert!(b.lease(w("liar"), 10, now).is_empty());
+    // Its results are taken back in the journal too, then journaled anew:
+    // read in order, the journal holds only right results.
+    let mut journal = std::collections::BTreeMap::new();
+    let records = b.take_journal();
+    let mut at = 0;
+    while at < records.len() {
+        let index = u64::from_le_bytes(records[at..at + 8].try_into().unwrap());
+        let len = u32::from_le_bytes(records[at + 8..at + 12].try_into().unwrap());
+        at += 12;
+        if len == u32::MAX {
+            assert!(journal.remove(&index).is_some(), "a retraction of a result");
+        } else {
+            journal.insert(index, records[at..at + len as usize].to_vec());
+            at += len as usize;
+        }
+    }
+    assert_eq!(journal.len(), 40);
+    for (i, r) in &journal {
+        let want: String = format!("u{i:02}").chars().rev().collect();
+        assert_eq!(r, want.as_bytes(), "journaled taskunit {i} is right");
+    }
     let done = b.finish();
     assert!(done.caught[&w("liar")] >= 1, "caught");
     assert_eq!(done.results.len(), 40);
