@@ -26,14 +26,31 @@ const NEIGH: [&str; 3] = [
     "/proc/sys/net/ipv4/neigh/default/gc_thresh3",
 ];
 
-fn sh(cmd: &str) -> bool {
-    Command::new("sh")
+/// Run `cmd` with `sh -c`; what it wrote to stderr if it failed.
+pub(crate) fn sh(cmd: &str) -> Result<(), String> {
+    let out = Command::new("sh")
         .arg("-c")
         .arg(cmd)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A tag for names that is this bridge's alone: the process's and a count
+/// of the bridges it made (two at once in one test process must not share
+/// names).
+fn new_tag() -> u32 {
+    static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (std::process::id() % 10_000) * 10 + n % 10
 }
 
 impl Bridge {
@@ -41,9 +58,9 @@ impl Bridge {
     /// (not root), `Err` if made but not linked.
     pub(crate) fn create(n: usize) -> Option<Result<Bridge, String>> {
         assert!(n <= 4000, "10.78.0.0/16 numbering");
-        let tag = std::process::id() % 100_000;
+        let tag = new_tag();
         let hub = format!("anh{tag}");
-        if !sh(&format!("ip netns add {hub}")) {
+        if sh(&format!("ip netns add {hub} 2>/dev/null")).is_err() {
             return None;
         }
         let mut bridge = Bridge {
@@ -51,8 +68,11 @@ impl Bridge {
             hosts: Vec::new(),
             neigh_was: None,
         };
-        // Room for every host to know every other, when the table is smaller.
-        let need = (n * n + 1024) as u64;
+        // Room for every host to know every other, when the table is
+        // smaller (never for a few hosts: the default is 1024, and a
+        // bridge that changed nothing restores nothing, so a small bridge
+        // beside a big one in the same process leaves the big one's be).
+        let need = (n * n) as u64;
         let was: Vec<String> = NEIGH
             .iter()
             .map(|p| {
@@ -68,26 +88,28 @@ impl Bridge {
             }
             bridge.neigh_was = Some(was);
         }
-        if !sh(&format!(
+        if sh(&format!(
             "ip -n {hub} link add br0 type bridge && ip -n {hub} link set br0 up"
-        )) {
+        ))
+        .is_err()
+        {
             return Some(Err("cannot make the bridge".into()));
         }
         for i in 0..n {
             let host = format!("an{tag}h{i}");
-            if !sh(&format!("ip netns add {host}")) {
+            if sh(&format!("ip netns add {host}")).is_err() {
                 return Some(Err(format!("cannot make namespace {host}")));
             }
             bridge.hosts.push(host.clone());
             let ip = bridge.ip(i);
-            let ok = sh(&format!(
+            let linked = sh(&format!(
                 "ip link add v{tag}x{i} netns {hub} type veth peer name eth0 netns {host} \
                  && ip -n {hub} link set v{tag}x{i} master br0 up \
                  && ip -n {host} addr add {ip}/16 dev eth0 \
                  && ip -n {host} link set eth0 up && ip -n {host} link set lo up"
             ));
-            if !ok {
-                return Some(Err(format!("cannot link namespace {host}")));
+            if let Err(e) = linked {
+                return Some(Err(format!("cannot link namespace {host}: {e}")));
             }
         }
         Some(Ok(bridge))

@@ -497,7 +497,6 @@ impl Drop for Background {
 
 /// `GET path` from a peer's web server at `base`; the body.
 pub(crate) fn http_get(base: &str, path: &str) -> String {
-    use std::io::{Read as _, Write as _};
     let addr = base.trim_start_matches("http://").trim_end_matches('/');
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -529,4 +528,29 @@ pub(crate) fn connected(observer: &PeerProc, other: &PeerProc) -> bool {
     text(&out.stdout)
         .lines()
         .any(|l| l.starts_with(&other.peer_id) && l.contains(" connected"))
+}
+
+/// Say that a test was not run here, and why.
+pub(crate) fn skipped(what: &str, why: &str) {
+    eprintln!("SKIPPED: {why}; {what} not run");
+}
+
+/// `n` hosts on one bridge (network namespaces) for a test; `None`, said,
+/// where namespaces may not be made.
+pub(crate) fn lan(n: usize, what: &str) -> Option<crate::bridge::Bridge> {
+    match crate::bridge::Bridge::create(n) {
+        None => {
+            skipped(what, "`ip netns add` is not permitted here (needs root)");
+            None
+        }
+        Some(net) => Some(net.expect("namespaces made but not linked")),
+    }
+}
+
+/// `antnest` in host `i` of `net`, with the tests' cache and logging.
+pub(crate) fn antnest_in(net: &crate::bridge::Bridge, i: usize) -> Command {
+    let mut cmd = net.cmd(i, Path::new(env!("CARGO_BIN_EXE_antnest")));
+    cmd.env("ANTNEST_CACHE", cache_dir())
+        .env("RUST_LOG", "warn,libp2p_kad=error");
+    cmd
 }

@@ -2,6 +2,9 @@
 //! over loopback (and veth namespaces for mDNS). One binary, as in
 //! wasmtime's `tests/all`.
 
+#[path = "../../examples/common/bridge.rs"]
+#[allow(dead_code)] // the benchmark's traffic counters
+mod bridge;
 mod chaos;
 mod common;
 mod hostile;

@@ -1,7 +1,6 @@
 //! Several real peer processes: loopback with explicit bootstrap, mDNS
 //! across network namespaces, and a peer killed mid-job.
 
-use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
@@ -106,81 +105,20 @@ fn a_peer_killed_mid_job_loses_no_work() {
     );
 }
 
-/// Two namespaces joined by a veth pair; removed on drop.
-struct Netns {
-    names: [String; 2],
-}
-
-impl Netns {
-    fn create() -> Option<Netns> {
-        let tag = std::process::id() % 100_000;
-        let names = [format!("antA{tag}"), format!("antB{tag}")];
-        let sh = |cmd: &str| {
-            Command::new("sh")
-                .arg("-c")
-                .arg(cmd)
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        };
-        if !sh(&format!("ip netns add {} 2>/dev/null", names[0])) {
-            return None;
-        }
-        let ns = Netns {
-            names: names.clone(),
-        };
-        let [a, b] = &names;
-        let ok = sh(&format!("ip netns add {b}"))
-            && sh(&format!(
-                "ip link add va{tag} netns {a} type veth peer name vb{tag} netns {b}"
-            ))
-            && sh(&format!(
-                "ip -n {a} addr add 10.77.0.1/24 dev va{tag} && ip -n {a} link set va{tag} up && ip -n {a} link set lo up"
-            ))
-            && sh(&format!(
-                "ip -n {b} addr add 10.77.0.2/24 dev vb{tag} && ip -n {b} link set vb{tag} up && ip -n {b} link set lo up"
-            ));
-        assert!(ok, "could create a namespace but not the veth link");
-        Some(ns)
-    }
-
-    fn cmd(&self, i: usize) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.names[i],
-            env!("CARGO_BIN_EXE_antnest"),
-        ]);
-        cmd.env("ANTNEST_CACHE", cache_dir())
-            .env("RUST_LOG", "warn,libp2p_kad=error");
-        cmd
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
 #[test]
 fn mdns_finds_peers_with_no_config_across_namespaces() {
-    let Some(ns) = Netns::create() else {
-        eprintln!("SKIPPED: `ip netns add` is not permitted here (needs root); mDNS test not run");
+    let Some(net) = lan(2, "mDNS test") else {
         return;
     };
     let dir = scratch();
     let a = PeerProc::start_with(
-        ns.cmd(0),
+        antnest_in(&net, 0),
         dir.path(),
         "a",
         &["--listen", "/ip4/0.0.0.0/tcp/0", "--slots", "1"],
     );
     let b = PeerProc::start_with(
-        ns.cmd(1),
+        antnest_in(&net, 1),
         dir.path(),
         "b",
         &["--listen", "/ip4/0.0.0.0/tcp/0", "--slots", "1"],
@@ -204,12 +142,12 @@ fn mdns_finds_peers_with_no_config_across_namespaces() {
             !line.contains("/ip4/127."),
             "a loopback address of another host: {line}"
         );
-        line.contains("/ip4/10.77.0.1/")
+        line.contains(&format!("/ip4/{}/", net.ip(0)))
     });
     let (input, want) = primes_input(120, 30_000);
     let stats = dir.path().join("s.json");
     let out = run_cmd(
-        ns.cmd(1).args([
+        antnest_in(&net, 1).args([
             "submit",
             "--control",
             b.control.to_str().unwrap(),

@@ -6,22 +6,10 @@
 use std::process::Command;
 use std::time::Duration;
 
+use crate::bridge::sh;
 use crate::common::*;
 
 const T: Duration = Duration::from_secs(300);
-
-fn sh(cmd: &str) -> Result<(), String> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{cmd}: {}", String::from_utf8_lossy(&out.stderr)))
-    }
-}
 
 /// The namespaces: `wan` holds the public bridge; `relay` on it at
 /// 10.79.0.1; routers `nat1` and `nat2` on it at 10.79.0.11 and .12, each
@@ -103,13 +91,14 @@ impl Drop for Nat {
 #[test]
 fn a_job_crosses_two_nats_through_a_relay_then_directly_after_hole_punching() {
     if Command::new("iptables").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: iptables is not installed; NAT test not run");
+        skipped("NAT test", "iptables is not installed");
         return;
     }
     let nat = match Nat::create() {
         None => {
-            eprintln!(
-                "SKIPPED: `ip netns add` is not permitted here (needs root); NAT test not run"
+            skipped(
+                "NAT test",
+                "`ip netns add` is not permitted here (needs root)",
             );
             return;
         }

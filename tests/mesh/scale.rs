@@ -5,10 +5,6 @@ use std::time::Duration;
 
 use crate::common::*;
 
-#[path = "../../examples/common/bridge.rs"]
-#[allow(dead_code)] // the benchmark's traffic counters
-mod bridge;
-
 const T: Duration = Duration::from_secs(600);
 
 #[test]
@@ -19,22 +15,14 @@ fn a_hundred_peers_found_by_mdns_alone_all_work_on_a_job_from_any_of_them() {
         // takes some even when slow to start (a debug build, other tests
         // running beside).
         const PER_PEER: u64 = 40;
-        let net = match bridge::Bridge::create(N) {
-            None => {
-                eprintln!(
-                    "SKIPPED: `ip netns add` is not permitted here (needs root); 100-peer test not run"
-                );
-                return;
-            }
-            Some(net) => net.expect("namespaces made but not linked"),
+        let Some(net) = lan(N, "100-peer test") else {
+            return;
         };
         let dir = scratch();
-        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_antnest"));
         let peers: Vec<PeerProc> = (0..N)
             .map(|i| {
-                let mut cmd = net.cmd(i, bin);
-                cmd.env("ANTNEST_CACHE", cache_dir())
-                    .env("RUST_LOG", "error");
+                let mut cmd = antnest_in(&net, i);
+                cmd.env("RUST_LOG", "error");
                 let args = ["--listen", "/ip4/0.0.0.0/tcp/0", "--slots", "1"];
                 PeerProc::start_with(cmd, dir.path(), &format!("p{i}"), &args)
             })
@@ -53,7 +41,7 @@ fn a_hundred_peers_found_by_mdns_alone_all_work_on_a_job_from_any_of_them() {
         let (input, want) = primes_input(PER_PEER * N as u64, 200_000);
         let stats = dir.path().join("s.json");
         let out = run_cmd(
-            net.cmd(N / 2 + 7, bin).args([
+            antnest_in(&net, N / 2 + 7).args([
                 "submit",
                 "--control",
                 master.control.to_str().unwrap(),

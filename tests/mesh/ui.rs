@@ -55,8 +55,9 @@ fn screenshot(browser: &str, profile: &Path, url: &str, name: &str) -> usize {
 fn browser_or_skip() -> Option<&'static str> {
     let browser = chromium();
     if browser.is_none() {
-        eprintln!(
-            "SKIPPED: the browser part needs Chromium (`apt-get install chromium`); .ci/run installs it"
+        skipped(
+            "the browser part",
+            "it needs Chromium (`apt-get install chromium`; .ci/run installs it)",
         );
     }
     browser
