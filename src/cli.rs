@@ -179,6 +179,15 @@ pub(crate) struct SubmitArgs {
     /// Largest result of one taskunit, in MiB.
     #[arg(long, default_value_t = 8)]
     pub(crate) max_output_mb: usize,
+    /// Same bytes from a taskunit on every peer, every time: each taskunit
+    /// runs in a fresh instance whose WASI random numbers are seeded from
+    /// the taskunit (its index and bytes; Python's `random` too) and whose
+    /// clocks read the same on every peer (the wall clock at 2026-01-01,
+    /// a monotonic clock that ticks 1 µs per reading). For jobs that draw
+    /// random numbers or read the time, with --replicate or --verify.
+    /// Slower: an instance per taskunit.
+    #[arg(long)]
+    pub(crate) deterministic: bool,
     /// Attempts per taskunit before it counts as failed.
     #[arg(long, default_value_t = 3)]
     pub(crate) attempts: u32,

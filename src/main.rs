@@ -373,6 +373,7 @@ async fn submit(args: SubmitArgs) -> Result<ExitCode> {
             time: args.task_timeout,
             memory: args.memory_mb << 20,
             output: args.max_output_mb << 20,
+            deterministic: args.deterministic,
         }),
         max_attempts: args.attempts,
         keep_going: args.keep_going,

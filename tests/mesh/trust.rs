@@ -169,3 +169,68 @@ fn spot_checks_stop_for_a_job_whose_results_vary() {
     }
     panic!("b never took part: {tried:?}");
 }
+
+/// `--deterministic`: a taskunit gives the same bytes on every peer and in
+/// every run, though it draws random numbers (a Rust job's `RandomState`,
+/// Python's `random`) and reads the clock; taskunits differ from each
+/// other. Two replicas on two peers agree on every one.
+#[test]
+fn a_deterministic_job_gives_the_same_bytes_everywhere() {
+    let dir = scratch();
+    let a = PeerProc::loopback(dir.path(), "a", &[]);
+    let b = PeerProc::loopback(dir.path(), "b", &["--bootstrap", a.addr()]);
+    eventually(Duration::from_secs(20), "mesh formed", || connected(&a, &b));
+    let input = "random\n".repeat(200);
+    let stats = dir.path().join("s.json");
+    let run_once = || {
+        let out = a.submit(
+            &artifact("faulty"),
+            &[
+                "--deterministic",
+                "--replicate",
+                "2",
+                "--stats-json",
+                stats.to_str().unwrap(),
+            ],
+            input.as_bytes(),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let s = stats_of(&stats);
+        assert_eq!(s["mismatches"], 0, "the replicas agree: {s}");
+        assert_eq!(s["per_peer"][&b.peer_id], 200, "b ran every replica: {s}");
+        text(&out.stdout)
+    };
+    let first = run_once();
+    let distinct: std::collections::HashSet<&str> = first.lines().collect();
+    assert!(
+        distinct.len() > 190,
+        "taskunits draw their own numbers: {first}"
+    );
+    assert_eq!(run_once(), first, "the same bytes in every run");
+
+    let job = dir.path().join("draw.py");
+    std::fs::write(
+        &job,
+        "import random, time\n\ndef processor(x):\n    return f'{random.random()} {time.time()}'\n",
+    )
+    .unwrap();
+    let python = || {
+        let out = submit_local(&job, &["--deterministic"], "x\n".repeat(20).as_bytes());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let drawn = python();
+    assert_eq!(
+        drawn
+            .lines()
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        20,
+        "{drawn}"
+    );
+    assert!(
+        drawn.lines().all(|l| l.ends_with(" 1767225600.0")),
+        "{drawn}"
+    );
+    assert_eq!(python(), drawn);
+}

@@ -31,6 +31,13 @@ pub struct Limits {
     pub memory: usize,
     /// Largest result of one taskunit, in bytes (and of the combined output, times 64).
     pub output: usize,
+    /// Each taskunit in a fresh instance whose WASI random numbers are
+    /// seeded from the taskunit and whose clocks are the same on every
+    /// peer (`antnest submit --deterministic`): a taskunit gives the same
+    /// bytes wherever and however often it runs, so replicas and spot
+    /// checks can compare jobs that draw random numbers or read the time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deterministic: bool,
 }
 
 impl Default for Limits {
@@ -39,6 +46,7 @@ impl Default for Limits {
             time: Duration::from_secs(60),
             memory: 512 << 20,
             output: 8 << 20,
+            deterministic: false,
         }
     }
 }
@@ -50,6 +58,8 @@ impl Limits {
             time: self.time.min(other.time),
             memory: self.memory.min(other.memory),
             output: self.output.min(other.output),
+            // The job's wish: no peer's own limits turn it off.
+            deterministic: self.deterministic || other.deterministic,
         }
     }
 

@@ -63,6 +63,13 @@ def _job():
     """The job, imported on first use."""
     global _loaded
     if _loaded is None:
+        # The interpreter is a snapshot taken when the runner was built,
+        # `random`'s state included: seed it afresh from WASI's random
+        # numbers (the taskunit's own, for a deterministic job), or every
+        # instance would draw the same numbers.
+        import random
+
+        random.seed()
         _loaded = antnest_job.load(host.job_files())
     return _loaded
 

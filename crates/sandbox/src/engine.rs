@@ -686,9 +686,23 @@ impl Sandbox {
         limits: Limits,
         io: HostIo,
     ) -> Result<(Store<GuestState>, Job), TaskError> {
+        self.instantiate_seeded(module, limits, io, [0; 32])
+    }
+
+    /// [`Self::instantiate`], with `seed` for the WASI random numbers of a
+    /// deterministic job ([`Limits::deterministic`]; unused otherwise).
+    pub(crate) fn instantiate_seeded(
+        &self,
+        module: &Module,
+        limits: Limits,
+        io: HostIo,
+        seed: [u8; 32],
+    ) -> Result<(Store<GuestState>, Job), TaskError> {
         // The job's exports found once per module (`JobPre`), not by name
         // at every instantiation.
-        self.instantiate_with(module, limits, io, |pre, store| pre.instantiate(store))
+        self.instantiate_with(module, limits, io, seed, |pre, store| {
+            pre.instantiate(store)
+        })
     }
 
     /// An instance of `module`, for calls beyond the job's own world (a
@@ -699,7 +713,7 @@ impl Sandbox {
         limits: Limits,
         io: HostIo,
     ) -> Result<(Store<GuestState>, Instance), TaskError> {
-        self.instantiate_with(module, limits, io, |pre, store| {
+        self.instantiate_with(module, limits, io, [0; 32], |pre, store| {
             pre.instance_pre().instantiate(store)
         })
     }
@@ -711,13 +725,16 @@ impl Sandbox {
         module: &Module,
         limits: Limits,
         io: HostIo,
+        seed: [u8; 32],
         make: impl FnOnce(&JobPre<GuestState>, &mut Store<GuestState>) -> wasmtime::Result<T>,
     ) -> Result<(Store<GuestState>, T), TaskError> {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
-        let wasi = WasiCtx::builder()
-            .stdout(SinkOutputStream)
-            .stderr(stderr.clone())
-            .build();
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(SinkOutputStream).stderr(stderr.clone());
+        if limits.deterministic {
+            crate::guest::deterministic(&mut wasi, seed);
+        }
+        let wasi = wasi.build();
         let state = GuestState {
             wasi,
             table: ResourceTable::new(),

@@ -194,6 +194,45 @@ impl WasiView for GuestState {
     }
 }
 
+/// Make `wasi` the same on every peer for a deterministic taskunit
+/// ([`antnest_proto::Limits::deterministic`]): its random numbers, secure
+/// and insecure, from generators seeded with `seed` (from the taskunit),
+/// the wall clock stopped at 2026-01-01, and a monotonic clock that moves
+/// 1 µs each time it is read (a guest waiting on it still waits in real
+/// time, cut at its deadline as any other).
+pub(crate) fn deterministic(wasi: &mut wasmtime_wasi::WasiCtxBuilder, seed: [u8; 32]) {
+    use rand::SeedableRng as _;
+    use wasmtime_wasi::{HostMonotonicClock, HostWallClock};
+
+    struct Stopped;
+    impl HostWallClock for Stopped {
+        fn resolution(&self) -> std::time::Duration {
+            std::time::Duration::from_micros(1)
+        }
+        fn now(&self) -> std::time::Duration {
+            // 2026-01-01T00:00:00Z.
+            std::time::Duration::from_secs(1_767_225_600)
+        }
+    }
+    struct Ticking(std::sync::atomic::AtomicU64);
+    impl HostMonotonicClock for Ticking {
+        fn resolution(&self) -> u64 {
+            1_000
+        }
+        fn now(&self) -> u64 {
+            self.0.fetch_add(1_000, Ordering::Relaxed)
+        }
+    }
+    let mut insecure = seed;
+    insecure[0] ^= 0xff;
+    let insecure_seed = u128::from_le_bytes(seed[16..].try_into().expect("16 bytes"));
+    wasi.secure_random(rand::rngs::StdRng::from_seed(seed))
+        .insecure_random(rand::rngs::StdRng::from_seed(insecure))
+        .insecure_random_seed(insecure_seed)
+        .wall_clock(Stopped)
+        .monotonic_clock(Ticking(std::sync::atomic::AtomicU64::new(0)));
+}
+
 /// `wasi:clocks/monotonic-clock` as WASI has it, but for a sleep: a guest
 /// waiting on a clock (Python's `time.sleep`, `poll` with a timeout) is in
 /// a host call, where epoch interruption cannot reach it, so no wait may

@@ -13,7 +13,7 @@ use std::time::Instant;
 use crate::engine::{Module, Sandbox};
 use crate::guest::{GuestState, HostIo, Job, STDERR_CAPTURE, classify};
 use crate::input::SplitInput;
-use antnest_proto::{Limits, SharedBytes, TaskError};
+use antnest_proto::{Limits, ModuleHash, SharedBytes, TaskError};
 use wasmtime::Store;
 use wasmtime::component::Instance;
 
@@ -55,17 +55,31 @@ impl TaskRunner {
         self.last_stderr =
             String::from_utf8_lossy(&all[self.stderr_seen.min(all.len())..]).into_owned();
         self.stderr_seen = all.len();
-        if self.stderr_seen < STDERR_CAPTURE * 3 / 4 {
+        // A deterministic job's instance is never used again: the next
+        // taskunit must not see what this one left.
+        if self.stderr_seen < STDERR_CAPTURE * 3 / 4 && !self.limits.deterministic {
             self.instance = Some((store, job));
         } else {
             self.stderr_seen = 0;
         }
     }
 
-    /// Process one taskunit.
+    /// Process one taskunit (as taskunit 0, for a deterministic job).
     pub fn process(&mut self, unit: &[u8]) -> Result<Vec<u8>, TaskError> {
+        self.process_at(0, unit)
+    }
+
+    /// Process taskunit `index`. For a deterministic job
+    /// ([`Limits::deterministic`]) it gets a fresh instance, its random
+    /// numbers seeded from its index and bytes: the same on every peer.
+    pub fn process_at(&mut self, index: u64, unit: &[u8]) -> Result<Vec<u8>, TaskError> {
         let (mut store, job) = match self.instance.take() {
             Some(inst) => inst,
+            None if self.limits.deterministic => {
+                let seed = ModuleHash::of(&[&index.to_le_bytes()[..], unit].concat()).0;
+                self.env
+                    .instantiate_seeded(&self.module, self.limits, HostIo::None, seed)?
+            }
             None => self
                 .env
                 .instantiate(&self.module, self.limits, HostIo::None)?,

@@ -228,7 +228,13 @@ impl Peer {
             module_size,
             code: component.code(),
             limits,
-            runtime: spec.runtime,
+            // Native CPython's random numbers and clocks are its own: a
+            // deterministic job runs in wasm everywhere.
+            runtime: if limits.deterministic {
+                antnest_proto::Runtime::Wasm
+            } else {
+                spec.runtime
+            },
             weight: spec.weight.clamp(1, MAX_WEIGHT),
             book: Mutex::new(book),
             journal: Mutex::new(journal),

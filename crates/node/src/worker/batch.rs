@@ -37,7 +37,7 @@ pub(crate) fn run_batch(runner: &mut Runner, units: Vec<TaskUnit>) -> Vec<TaskOu
 }
 
 pub(crate) fn run_unit(runner: &mut Runner, unit: &TaskUnit) -> TaskOutcome {
-    let result = runner.process(&unit.data).map(ByteBuf::from);
+    let result = runner.process(unit.index, &unit.data).map(ByteBuf::from);
     let stderr = Some(runner.take_stderr()).filter(|s| !s.is_empty());
     TaskOutcome {
         index: unit.index,

@@ -17,9 +17,11 @@ pub(crate) enum Runner {
 }
 
 impl Runner {
-    pub(crate) fn process(&mut self, unit: &[u8]) -> Result<Vec<u8>, TaskError> {
+    /// Process taskunit `index` (its index seeds a deterministic job's
+    /// random numbers).
+    pub(crate) fn process(&mut self, index: u64, unit: &[u8]) -> Result<Vec<u8>, TaskError> {
         match self {
-            Runner::Wasm(r) => r.process(unit),
+            Runner::Wasm(r) => r.process_at(index, unit),
             Runner::Native(r) => r.process(unit),
         }
     }
