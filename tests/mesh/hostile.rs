@@ -1450,3 +1450,143 @@ async fn a_compile_bomb_is_cut_and_holds_back_no_other_masters_job() {
     liar_task.abort();
     still_runs_jobs(&w);
 }
+
+/// `component` (a job built by cargo) with `extra` more memories of
+/// `pages` wasm pages (64 KiB) each in its main core module: memory asked
+/// for at instantiation, spread thin over many memories.
+fn with_extra_memories(component: &[u8], extra: u32, pages: u32) -> Vec<u8> {
+    fn leb_read(b: &[u8], at: &mut usize) -> usize {
+        let (mut n, mut shift) = (0usize, 0);
+        loop {
+            let byte = b[*at];
+            *at += 1;
+            n |= usize::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                return n;
+            }
+        }
+    }
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    /// `(id, body)` of each section after the 8-byte preamble.
+    fn sections(b: &[u8]) -> Vec<(u8, &[u8])> {
+        let mut at = 8;
+        let mut out = Vec::new();
+        while at < b.len() {
+            let id = b[at];
+            at += 1;
+            let len = leb_read(b, &mut at);
+            out.push((id, &b[at..at + len]));
+            at += len;
+        }
+        out
+    }
+    fn assemble(preamble: &[u8], sections: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut out = preamble.to_vec();
+        for (id, body) in sections {
+            out.push(*id);
+            leb(body.len(), &mut out);
+            out.extend_from_slice(body);
+        }
+        out
+    }
+    let mut done = false;
+    let outer: Vec<(u8, Vec<u8>)> = sections(component)
+        .into_iter()
+        .map(|(id, body)| {
+            // The first core module that defines a memory: the job's own.
+            let defines_memory = id == 1 && sections(body).iter().any(|(i, _)| *i == 5);
+            if done || !defines_memory {
+                return (id, body.to_vec());
+            }
+            done = true;
+            let inner: Vec<(u8, Vec<u8>)> = sections(body)
+                .into_iter()
+                .map(|(i, b)| {
+                    if i != 5 {
+                        return (i, b.to_vec());
+                    }
+                    let mut at = 0;
+                    let count = leb_read(b, &mut at);
+                    let mut memories = Vec::new();
+                    leb(count + extra as usize, &mut memories);
+                    memories.extend_from_slice(&b[at..]);
+                    for _ in 0..extra {
+                        memories.push(0); // a minimum, no maximum
+                        leb(pages as usize, &mut memories);
+                    }
+                    (i, memories)
+                })
+                .collect();
+            (id, assemble(&body[..8], &inner))
+        })
+        .collect();
+    assert!(done, "a core module with a memory");
+    assemble(&component[..8], &outer)
+}
+
+/// A memory bomb spread over many memories and instances: a real job
+/// with 99 more memories of 1 MiB (each small; 99 MiB together). Under
+/// a 64 MiB taskunit limit every taskunit fails as out of memory, with a
+/// clear error, and the peer goes on. Under its own limit (512 MiB) the
+/// job runs, and on a peer whose instances may hold 150 MiB together, its
+/// two slots' instances (about 100 MiB each) never hold more than that:
+/// the job still ends right, and the peer still runs jobs.
+#[test]
+fn a_memory_bomb_over_many_memories_and_instances_stays_within_bounds() {
+    let dir = scratch();
+    let bomb = dir.path().join("bomb.wasm");
+    let faulty = std::fs::read(artifact("faulty")).unwrap();
+    // 99 more: a module may have 100 memories at most.
+    std::fs::write(&bomb, with_extra_memories(&faulty, 99, 16)).unwrap();
+    let peer = PeerProc::start(
+        dir.path(),
+        "p",
+        &[
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--slots",
+            "2",
+            "--max-memory",
+            "150",
+            "--ui",
+            "127.0.0.1:0",
+        ],
+    );
+    let ui = peer.ui.clone().expect("the peer prints its UI address");
+    let out = peer.submit(&bomb, &["--memory-mb", "64", "--attempts", "1"], b"a\nb\n");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("out of memory"),
+        "{}",
+        text(&out.stderr)
+    );
+    let input = "abc\n".repeat(40);
+    let mut job = peer.spawn_submit(&bomb, &["-q"], input.as_bytes());
+    let mut most: f64 = 0.0;
+    while job.running() {
+        let metrics = http_get(&ui, "/metrics");
+        most = most.max(metric_value(&metrics, "antnest_instance_memory_bytes").unwrap_or(0.0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = job.finish(Duration::from_secs(120));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "ABC\n".repeat(40).trim_end());
+    eprintln!("instances held at most {:.0} MiB", most / (1 << 20) as f64);
+    assert!(
+        most > 99.0 * (1 << 20) as f64 && most <= 150.0 * (1 << 20) as f64,
+        "instances held {most} bytes"
+    );
+    still_runs_jobs(&peer);
+}

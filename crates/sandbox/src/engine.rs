@@ -30,7 +30,7 @@ use wasmtime_wasi::p2::pipe::{MemoryOutputPipe, SinkOutputStream};
 
 use crate::compile::Compiler;
 use crate::guest::{
-    ClocksUntil, DeadlineClocks, GuestState, HasSelf, HostIo, Job, JobPre, MemoryBudget,
+    ClocksUntil, DeadlineClocks, Exceeded, GuestState, HasSelf, HostIo, Job, JobPre, MemoryBudget,
     MemoryLimiter, STDERR_CAPTURE, classify,
 };
 use crate::job_files;
@@ -89,6 +89,12 @@ impl Module {
         self.code
     }
 }
+
+/// How long an instantiation waits at most for the peer's memory budget
+/// (held by other instances) before it fails as busy, trying again every
+/// [`BUDGET_PAUSE`].
+const BUDGET_WAIT: Duration = Duration::from_secs(10);
+const BUDGET_PAUSE: Duration = Duration::from_millis(25);
 
 /// The engine configuration of every sandbox (and of a compile in a
 /// child process, whose output the parent loads).
@@ -242,6 +248,12 @@ impl Sandbox {
 
     /// Whether instances hold over three quarters of the peer's memory
     /// budget: time to drop cached instances rather than keep them.
+    /// How many times an instance's growth was refused for want of the
+    /// peer's budget: when it moves, instances kept idle should go.
+    pub fn memory_refusals(&self) -> u64 {
+        self.inner.budget.refused()
+    }
+
     pub fn memory_tight(&self) -> bool {
         let b = &self.inner.budget;
         b.used() > b.max() / 4 * 3
@@ -724,10 +736,46 @@ impl Sandbox {
         &self,
         module: &Module,
         limits: Limits,
+        mut io: HostIo,
+        seed: [u8; 32],
+        make: impl Fn(&JobPre<GuestState>, &mut Store<GuestState>) -> wasmtime::Result<T>,
+    ) -> Result<(Store<GuestState>, T), TaskError> {
+        let pre = self.ready(&module.component)?;
+        let waiting_since = Instant::now();
+        loop {
+            let mut store = self.store(module, limits, io, seed);
+            let made = {
+                let _running = self.running(limits.time);
+                make(&pre, &mut store)
+            };
+            let e = match made {
+                Ok(made) => return Ok((store, made)),
+                Err(e) => e,
+            };
+            match store.data().limiter.exceeded {
+                // The peer's budget is held by other instances, running or
+                // kept idle (those go when their slots see the refusal):
+                // wait a little for it, the split's input or the
+                // combine's results kept for the next try.
+                Some(Exceeded::Peer) if waiting_since.elapsed() < BUDGET_WAIT => {
+                    io = store.into_data().io;
+                    std::thread::sleep(BUDGET_PAUSE);
+                }
+                // Its first memories may not fit the limits.
+                Some(_) => return Err(classify(e, &store, limits)),
+                None => return Err(TaskError::Load(format!("instantiate: {e:#}"))),
+            }
+        }
+    }
+
+    /// A store for an instance of `module` under `limits`.
+    fn store(
+        &self,
+        module: &Module,
+        limits: Limits,
         io: HostIo,
         seed: [u8; 32],
-        make: impl FnOnce(&JobPre<GuestState>, &mut Store<GuestState>) -> wasmtime::Result<T>,
-    ) -> Result<(Store<GuestState>, T), TaskError> {
+    ) -> Store<GuestState> {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
         let mut wasi = WasiCtx::builder();
         wasi.stdout(SinkOutputStream).stderr(stderr.clone());
@@ -762,19 +810,7 @@ impl Sandbox {
                 ))
             }
         });
-        let pre = self.ready(&module.component)?;
-        let made = {
-            let _running = self.running(limits.time);
-            match make(&pre, &mut store) {
-                Ok(made) => made,
-                // Its first memories may not fit the limits.
-                Err(e) if store.data().limiter.exceeded.is_some() => {
-                    return Err(classify(e, &store, limits));
-                }
-                Err(e) => return Err(TaskError::Load(format!("instantiate: {e:#}"))),
-            }
-        };
-        Ok((store, made))
+        store
     }
 
     /// `component` linked, ready to instantiate.

@@ -41,6 +41,9 @@ const TABLE_ELEMENT: usize = 8;
 pub(crate) struct MemoryBudget {
     max: AtomicUsize,
     used: AtomicUsize,
+    /// Growths refused for want of budget so far: a sign for instances
+    /// kept idle to go.
+    refused: std::sync::atomic::AtomicU64,
 }
 
 impl MemoryBudget {
@@ -48,6 +51,7 @@ impl MemoryBudget {
         MemoryBudget {
             max: AtomicUsize::new(usize::MAX),
             used: AtomicUsize::new(0),
+            refused: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -63,14 +67,23 @@ impl MemoryBudget {
         self.used.load(Ordering::Relaxed)
     }
 
+    pub(crate) fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
     /// Take `bytes` if they fit under the maximum.
     fn take(&self, bytes: usize) -> bool {
         let max = self.max();
-        self.used
+        let taken = self
+            .used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
                 used.checked_add(bytes).filter(|&u| u <= max)
             })
-            .is_ok()
+            .is_ok();
+        if !taken {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
     }
 
     fn give_back(&self, bytes: usize) {

@@ -5,13 +5,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use antnest_proto::{ByteBuf, JobId, Limits, ModuleHash, Request, TaskOutcome, TaskUnit};
+use antnest_proto::{
+    ByteBuf, JobId, Limits, ModuleHash, Request, TaskError, TaskOutcome, TaskUnit,
+};
 use libp2p::PeerId;
 use tracing::debug;
 
 use crate::master::job::MasterJob;
 use crate::state::State;
 use crate::worker::runner::Runner;
+
+/// How long a taskunit refused memory by the peer's budget waits for it
+/// at most, trying again every [`BUSY_PAUSE`].
+const BUSY_WAIT: Duration = Duration::from_secs(2);
+const BUSY_PAUSE: Duration = Duration::from_millis(25);
 
 /// About `target` of work at `unit_time` per taskunit, 1..=4096 taskunits.
 pub(crate) fn units_for(unit_time: Duration, target: Duration) -> usize {
@@ -37,7 +44,17 @@ pub(crate) fn run_batch(runner: &mut Runner, units: Vec<TaskUnit>) -> Vec<TaskOu
 }
 
 pub(crate) fn run_unit(runner: &mut Runner, unit: &TaskUnit) -> TaskOutcome {
-    let result = runner.process(unit.index, &unit.data).map(ByteBuf::from);
+    let mut result = runner.process(unit.index, &unit.data);
+    // The peer's memory budget is held by other slots' instances, running
+    // or kept idle (those go when a slot sees a refusal): wait a little
+    // for it before the taskunit fails here as busy (an attempt).
+    let mut waited = Duration::ZERO;
+    while matches!(result, Err(TaskError::Busy(_))) && waited < BUSY_WAIT {
+        std::thread::sleep(BUSY_PAUSE);
+        waited += BUSY_PAUSE;
+        result = runner.process(unit.index, &unit.data);
+    }
+    let result = result.map(ByteBuf::from);
     let stderr = Some(runner.take_stderr()).filter(|s| !s.is_empty());
     TaskOutcome {
         index: unit.index,

@@ -62,6 +62,7 @@ impl Peer {
         // the measured time per taskunit of each module, to size batches (a
         // new job of a module starts from its last job's figure).
         let mut runners: HashMap<ModuleHash, Runner> = HashMap::new();
+        let mut seen_refusals = self.state.env.memory_refusals();
         let mut per_unit: HashMap<ModuleHash, Duration> = HashMap::new();
         let mut idle = Duration::from_millis(1);
         let mut idle_since = Instant::now();
@@ -119,8 +120,13 @@ impl Peer {
                     continue;
                 }
                 idle = (idle * 2).min(Duration::from_millis(50));
-                // An idle peer gives its instances' memory back.
-                if idle_since.elapsed() > IDLE_RELEASE && !runners.is_empty() {
+                // An idle peer gives its instances' memory back: after a
+                // while, or at once when an instance was refused memory.
+                let refusals = self.state.env.memory_refusals();
+                if (idle_since.elapsed() > IDLE_RELEASE || refusals != seen_refusals)
+                    && !runners.is_empty()
+                {
+                    seen_refusals = refusals;
                     runners.clear();
                     per_unit.clear();
                     streams.retain(|m, _| Some(*m) == last_master);
@@ -298,9 +304,12 @@ impl Peer {
             if !unit_time.is_zero() {
                 per_unit.insert(module, unit_time);
             }
-            // Cached instances hold memory other slots may need.
-            if runners.len() >= 4 || self.state.env.memory_tight() {
+            // Cached instances hold memory other slots may need: they go
+            // when the budget is tight, or a taskunit was refused memory.
+            let refusals = self.state.env.memory_refusals();
+            if runners.len() >= 4 || self.state.env.memory_tight() || refusals != seen_refusals {
                 runners.clear();
+                seen_refusals = refusals;
             }
             runners.insert(module, runner);
             // Results of a remote job's batch go back to its master.
