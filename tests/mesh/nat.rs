@@ -23,7 +23,16 @@ struct Nat {
 
 impl Nat {
     fn create() -> Option<Result<Nat, String>> {
-        let tag = std::process::id() % 100_000;
+        Self::create_at("10.79.0", "192.168")
+    }
+
+    /// The same, with the public side at `wan`.0/24 and the LANs at
+    /// `lan`.1.0/24 and `lan`.2.0/24 (prefixes of dotted quads).
+    fn create_at(wan_net: &str, lan_net: &str) -> Option<Result<Nat, String>> {
+        // Two of these may exist at once in one test process.
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = (std::process::id() % 10_000) * 10 + made % 10;
         let name = |n: &str| format!("nt{tag}{n}");
         if sh(&format!("ip netns add {}", name("wan"))).is_err() {
             return None;
@@ -40,11 +49,8 @@ impl Nat {
             sh(&format!(
                 "ip -n {wan} link add br0 type bridge && ip -n {wan} link set br0 up"
             ))?;
-            for (n, ip) in [
-                ("relay", "10.79.0.1"),
-                ("nat1", "10.79.0.11"),
-                ("nat2", "10.79.0.12"),
-            ] {
+            for (n, host) in [("relay", 1), ("nat1", 11), ("nat2", 12)] {
+                let ip = format!("{wan_net}.{host}");
                 let ns = name(n);
                 sh(&format!(
                     "ip link add w{tag}{n} netns {wan} type veth peer name wan netns {ns} \
@@ -57,9 +63,9 @@ impl Nat {
                 let (router, ns) = (name(&format!("nat{i}")), name(host));
                 sh(&format!(
                     "ip link add lan netns {router} type veth peer name eth0 netns {ns} \
-                     && ip -n {router} addr add 192.168.{i}.1/24 dev lan && ip -n {router} link set lan up \
-                     && ip -n {ns} addr add 192.168.{i}.2/24 dev eth0 && ip -n {ns} link set eth0 up \
-                     && ip -n {ns} link set lo up && ip -n {ns} route add default via 192.168.{i}.1 \
+                     && ip -n {router} addr add {lan_net}.{i}.1/24 dev lan && ip -n {router} link set lan up \
+                     && ip -n {ns} addr add {lan_net}.{i}.2/24 dev eth0 && ip -n {ns} link set eth0 up \
+                     && ip -n {ns} link set lo up && ip -n {ns} route add default via {lan_net}.{i}.1 \
                      && ip netns exec {router} sysctl -qw net.ipv4.ip_forward=1 \
                      && ip netns exec {router} iptables -t nat -A POSTROUTING -o wan -j MASQUERADE \
                      && ip netns exec {router} iptables -A INPUT -i wan -m conntrack --ctstate NEW,INVALID -j DROP"
@@ -217,5 +223,66 @@ fn a_job_crosses_two_nats_through_a_relay_then_directly_after_hole_punching() {
             .sum::<u64>(),
         1500,
         "each result counted once: {s}"
+    );
+}
+
+/// Behind NATs whose LANs have global-looking addresses (as a peer with a
+/// public address behind a firewall sees itself), only AutoNAT can tell a
+/// peer that others cannot reach it: b, which only bootstraps off the
+/// relay, reserves on it once AutoNAT finds it private, and the relay
+/// then lists b at its circuit address. (The namespaces have no route
+/// off this machine: no packet leaves them.)
+#[test]
+fn a_peer_autonat_finds_private_reserves_on_a_relay_it_met() {
+    if Command::new("iptables").arg("--version").output().is_err() {
+        skipped("AutoNAT test", "iptables is not installed");
+        return;
+    }
+    let nat = match Nat::create_at("11.79.0", "11.1") {
+        None => {
+            skipped(
+                "AutoNAT test",
+                "`ip netns add` is not permitted here (needs root)",
+            );
+            return;
+        }
+        Some(nat) => nat.expect("namespaces made but not set up"),
+    };
+    let dir = scratch();
+    let common = ["--no-mdns", "--listen", "/ip4/0.0.0.0/tcp/0", "--no-quic"];
+    let relay_args: Vec<&str> = common.iter().copied().chain(["--relay"]).collect();
+    let relay = PeerProc::start_with(nat.cmd("relay"), dir.path(), "relay", &relay_args);
+    let relay_addr = relay
+        .addrs
+        .iter()
+        .find(|a| a.starts_with("/ip4/11.79.0.1/tcp/"))
+        .unwrap_or_else(|| panic!("the relay's public address in {:?}", relay.addrs))
+        .clone();
+    let behind: Vec<&str> = common
+        .iter()
+        .copied()
+        .chain(["--bootstrap", &relay_addr])
+        .collect();
+    let b = PeerProc::start_with(nat.cmd("b"), dir.path(), "b", &behind);
+    assert!(
+        b.addrs.iter().any(|a| a.starts_with("/ip4/11.1.2.2/")),
+        "b listens on a global-looking address: {:?}",
+        b.addrs
+    );
+    let listed_with_circuit = || {
+        let out = run(
+            &["peers", "--control", relay.control.to_str().unwrap()],
+            b"",
+            T,
+        );
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with(&b.peer_id) && l.contains("p2p-circuit"))
+    };
+    // AutoNAT probes after 15 s, then the relay's dial-back to b fails.
+    eventually(
+        Duration::from_secs(120),
+        "b reserved on the relay",
+        listed_with_circuit,
     );
 }

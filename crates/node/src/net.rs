@@ -519,6 +519,20 @@ impl EventLoop {
                 _ = tokio::time::sleep_until(deadline) => return,
             }
         }
+        // A listener on every interface (0.0.0.0) reports an address per
+        // interface, one by one: the others come right after the first.
+        let settled = Duration::from_millis(100);
+        let mut quiet = tokio::time::Instant::now() + settled;
+        loop {
+            let had = self.listen_addrs.len();
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.handle_swarm_event(ev).await,
+                _ = tokio::time::sleep_until(quiet.min(deadline)) => return,
+            }
+            if self.listen_addrs.len() > had {
+                quiet = tokio::time::Instant::now() + settled;
+            }
+        }
     }
 
     pub fn listen_addrs(&self) -> &[Multiaddr] {
@@ -683,7 +697,11 @@ impl EventLoop {
         let Some(addr) = addrs.iter().find(|a| !is_loopback(a) && !is_relayed(a)) else {
             return;
         };
-        let addr = addr.clone().with(Protocol::P2p(peer));
+        // With the relay's id once (a bootstrap address carries it already).
+        let mut addr = addr.clone();
+        if !matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+            addr.push(Protocol::P2p(peer));
+        }
         if self.relays_met.len() < MAX_RELAYS_FOUND && !self.relays_met.contains(&addr) {
             self.relays_met.push(addr);
         }
