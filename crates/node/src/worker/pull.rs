@@ -32,6 +32,14 @@ const MODULE_RETRY: Duration = Duration::from_secs(5);
 const MODULE_RETRY_MAX: Duration = Duration::from_secs(600);
 /// Modules whose state is kept at most (past it, settled ones are dropped).
 const MAX_MODULE_STATES: usize = 256;
+/// Why a module could not be had.
+enum NotHad {
+    /// Fetching it failed (no connection yet, the master busy or gone).
+    Fetch(String),
+    /// The module itself: invalid, too big, past its compile bounds.
+    Module(String),
+}
+
 /// Modules fetched and compiled at once: each compile is a child process
 /// of up to `--compile-memory-mb`, so hundreds of jobs announced at once
 /// must not start hundreds of them.
@@ -565,7 +573,9 @@ impl Peer {
             let got = tokio::time::timeout(COMPILE_MAX, peer.get_module(from, hash, code, native))
                 .await
                 .unwrap_or_else(|_| {
-                    Err(format!("not fetched and compiled within {COMPILE_MAX:?}"))
+                    Err(NotHad::Module(format!(
+                        "not fetched and compiled within {COMPILE_MAX:?}"
+                    )))
                 });
             let worker = &peer.state.worker;
             {
@@ -574,17 +584,26 @@ impl Peer {
                     Ok(()) => {
                         modules.remove(&hash);
                     }
-                    Err(why) => {
-                        // Longer each time: a module that cannot be
-                        // compiled in time would otherwise take a compile
-                        // slot again and again.
-                        let failures = match modules.get(&hash) {
-                            Some(Getting::UnderWay { failures, .. }) => failures + 1,
-                            _ => 1,
+                    Err(not_had) => {
+                        let before = match modules.get(&hash) {
+                            Some(Getting::UnderWay { failures, .. }) => *failures,
+                            _ => 0,
                         };
-                        let wait = MODULE_RETRY
-                            .saturating_mul(1 << (failures - 1).min(16))
-                            .min(MODULE_RETRY_MAX);
+                        // A module at fault waits longer each time (one
+                        // that cannot be compiled in time would otherwise
+                        // take a compile slot again and again); a fetch
+                        // that failed (no connection yet, a busy master)
+                        // is tried again soon.
+                        let (why, failures, wait) = match not_had {
+                            NotHad::Module(why) => (
+                                why,
+                                before + 1,
+                                MODULE_RETRY
+                                    .saturating_mul(1 << before.min(16))
+                                    .min(MODULE_RETRY_MAX),
+                            ),
+                            NotHad::Fetch(why) => (why, before, MODULE_RETRY),
+                        };
                         info!(%hash, failures, retry_in = ?wait, "module not had: {why}");
                         peer.state
                             .module_failures
@@ -616,7 +635,7 @@ impl Peer {
         hash: ModuleHash,
         code: Option<ModuleHash>,
         native: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), NotHad> {
         // Reading and hashing a module (tens of MB for a Python job) is
         // blocking work; `component` checks fetched bytes against the hash.
         let env = self.state.env.clone();
@@ -628,7 +647,7 @@ impl Peer {
             (stored, code)
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| NotHad::Module(e.to_string()))?;
         let files = match code {
             Some(_) => self.fetch_job_files(from, hash).await,
             None => None,
@@ -647,13 +666,18 @@ impl Peer {
                 .client
                 .request(from, Request::FetchModule { hash })
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| NotHad::Fetch(e.to_string()))?
             {
                 Response::Module(b) if b.len() <= MAX_MODULE => b,
                 Response::Module(_) => {
-                    return Err("the master sent a module over the size limit".into());
+                    return Err(NotHad::Module(
+                        "the master sent a module over the size limit".into(),
+                    ));
                 }
-                other => return Err(format!("module fetch refused: {other:?}")),
+                Response::Refused(why) => {
+                    return Err(NotHad::Fetch(format!("module fetch refused: {why}")));
+                }
+                _ => return Err(NotHad::Fetch("module fetch: an unexpected answer".into())),
             },
         };
         let env = self.state.env.clone();
@@ -664,8 +688,8 @@ impl Peer {
             env.component(&hash, || Some(bytes)).map(drop)
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+        .map_err(|e| NotHad::Module(e.to_string()))?
+        .map_err(|e| NotHad::Module(e.to_string()))
     }
 
     /// A module's job files from `from`; `None` if it would not give them
