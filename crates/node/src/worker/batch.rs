@@ -44,14 +44,14 @@ pub(crate) fn run_batch(runner: &mut Runner, units: Vec<TaskUnit>) -> Vec<TaskOu
 }
 
 pub(crate) fn run_unit(runner: &mut Runner, unit: &TaskUnit) -> TaskOutcome {
-    let mut result = runner.process(unit.index, &unit.data);
     // The peer's memory budget is held by other slots' instances, running
     // or kept idle (those go when a slot sees a refusal): wait a little
-    // for it before the taskunit fails here as busy (an attempt).
-    let mut waited = Duration::ZERO;
-    while matches!(result, Err(TaskError::Busy(_))) && waited < BUSY_WAIT {
+    // for it before the taskunit fails here as busy (an attempt). The wait
+    // is in wall time, since each try may itself wait at instantiation.
+    let started = std::time::Instant::now();
+    let mut result = runner.process(unit.index, &unit.data);
+    while matches!(result, Err(TaskError::Busy(_))) && started.elapsed() < BUSY_WAIT {
         std::thread::sleep(BUSY_PAUSE);
-        waited += BUSY_PAUSE;
         result = runner.process(unit.index, &unit.data);
     }
     let result = result.map(ByteBuf::from);

@@ -122,11 +122,9 @@ impl Peer {
                 idle = (idle * 2).min(Duration::from_millis(50));
                 // An idle peer gives its instances' memory back: after a
                 // while, or at once when an instance was refused memory.
-                let refusals = self.state.env.memory_refusals();
-                if (idle_since.elapsed() > IDLE_RELEASE || refusals != seen_refusals)
+                if (idle_since.elapsed() > IDLE_RELEASE || self.refused_since(&mut seen_refusals))
                     && !runners.is_empty()
                 {
-                    seen_refusals = refusals;
                     runners.clear();
                     per_unit.clear();
                     streams.retain(|m, _| Some(*m) == last_master);
@@ -306,10 +304,11 @@ impl Peer {
             }
             // Cached instances hold memory other slots may need: they go
             // when the budget is tight, or a taskunit was refused memory.
-            let refusals = self.state.env.memory_refusals();
-            if runners.len() >= 4 || self.state.env.memory_tight() || refusals != seen_refusals {
+            if runners.len() >= 4
+                || self.state.env.memory_tight()
+                || self.refused_since(&mut seen_refusals)
+            {
                 runners.clear();
-                seen_refusals = refusals;
             }
             runners.insert(module, runner);
             // Results of a remote job's batch go back to its master.
@@ -346,5 +345,13 @@ impl Peer {
         if let Some(last) = delivering {
             let _ = last.await;
         }
+    }
+
+    /// Whether an instance of this peer was refused memory for want of its
+    /// budget since `seen` (the refusal count last seen, moved on here):
+    /// then the instances a slot keeps idle should go.
+    fn refused_since(&self, seen: &mut u64) -> bool {
+        let now = self.state.env.memory_refusals();
+        std::mem::replace(seen, now) != now
     }
 }
