@@ -286,6 +286,26 @@ impl PeerProc {
         Self::start(dir, name, &args)
     }
 
+    /// A one-slot loopback worker of `master` with a module cache of its
+    /// own (`DIR/NAME-cache`, which may hold files already), plus `extra`
+    /// flags: it fetches and compiles what it runs itself. The cache's path.
+    pub(crate) fn own_cache_worker(
+        dir: &Path,
+        name: &str,
+        master: &PeerProc,
+        extra: &[&str],
+    ) -> (PeerProc, PathBuf) {
+        let cache = dir.join(format!("{name}-cache"));
+        let mut args = vec![
+            "--bootstrap",
+            master.addr(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        (Self::loopback(dir, name, &args), cache)
+    }
+
     /// `antnest submit --control <this peer> JOB EXTRA..` with `stdin`.
     pub(crate) fn submit(&self, job: &Path, extra: &[&str], stdin: &[u8]) -> Output {
         run(

@@ -331,13 +331,37 @@ async fn a_wait_is_answered_with_taskunits_when_a_job_has_some() {
     driver.abort();
 }
 
+/// Hand `request` (results) in on task stream `s` until the master takes
+/// it: its job is registered a moment after the job's id is printed, and
+/// refused before. It must be taken (`Ack`).
+async fn hand_in(s: &mut libp2p::Stream, request: &antnest_proto::Request) {
+    use antnest_proto::frame::Frames;
+    let mut answered = None;
+    for _ in 0..100 {
+        Frames::write_request(s, request).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(60), Frames::read_response(s)).await;
+        match read {
+            Ok(Ok(antnest_proto::Response::Refused(_))) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => {
+                answered = Some(other);
+                break;
+            }
+        }
+    }
+    assert!(
+        matches!(answered, Some(Ok(Ok(antnest_proto::Response::Ack)))),
+        "{answered:?}"
+    );
+}
+
 /// A peer that was given no taskunit of a job hands in a forged result for
 /// one: the master drops it and counts it against that peer, and the job's
 /// output is the honest one.
 #[tokio::test]
 async fn a_result_from_a_peer_not_given_the_taskunit_is_dropped_and_counted() {
-    use antnest_proto::frame::Frames;
-    use antnest_proto::{ByteBuf, JobId, Request, Response, TaskOutcome};
+    use antnest_proto::{ByteBuf, JobId, Request, TaskOutcome};
 
     let dir = scratch();
     let peer = PeerProc::loopback(dir.path(), "p", &[]);
@@ -370,22 +394,7 @@ async fn a_result_from_a_peer_not_given_the_taskunit_is_dropped_and_counted() {
         compute: Duration::from_millis(50),
         pull: 0,
     };
-    // The job is registered a moment after its id is printed.
-    let mut answered = None;
-    for _ in 0..100 {
-        Frames::write_request(&mut s, &forged).await.unwrap();
-        match tokio::time::timeout(t, Frames::read_response(&mut s)).await {
-            Ok(Ok(Response::Refused(_))) => tokio::time::sleep(Duration::from_millis(20)).await,
-            other => {
-                answered = Some(other);
-                break;
-            }
-        }
-    }
-    assert!(
-        matches!(answered, Some(Ok(Ok(Response::Ack)))),
-        "{answered:?}"
-    );
+    hand_in(&mut s, &forged).await;
     let out = job.finish(Duration::from_secs(300));
     assert!(out.status.success(), "{}", text(&out.stderr));
     // The same job with nobody forging gives the same output.
@@ -466,8 +475,7 @@ async fn ten_thousand_requests_over_500_connections_leave_a_job_running() {
     let peer = PeerProc::loopback(dir.path(), "p", &[]);
     let addr: Multiaddr = peer.addr().parse().unwrap();
     let rss_before = rss_kib(peer.child.id());
-    let numbers: Vec<u64> = (0..40).map(|i| 1_000_000 + i).collect();
-    let input: String = numbers.iter().map(|n| format!("{n}\n")).collect();
+    let (input, want) = primes_input(40, 1_000_000);
     let job = peer.spawn_submit(&artifact("primes"), &["-q"], input.as_bytes());
     let bursts: Vec<_> = (0..CONNECTIONS)
         .map(|_| tokio::spawn(pulls(addr.clone(), EACH)))
@@ -487,8 +495,7 @@ async fn ten_thousand_requests_over_500_connections_leave_a_job_running() {
         .await
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let expected: u64 = count_primes_below(&numbers).iter().sum();
-    assert_eq!(text(&out.stdout), expected.to_string());
+    assert_eq!(text(&out.stdout), want.to_string());
     eprintln!(
         "{answered} of {} requests answered, {} failed ({:?}); peer RSS {rss_before} KiB before, at most {rss_most} KiB during",
         CONNECTIONS as u64 * EACH,
@@ -522,8 +529,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// run's.
 #[tokio::test]
 async fn sybil_replica_votes_do_not_count() {
-    use antnest_proto::frame::Frames;
-    use antnest_proto::{ByteBuf, JobId, Request, Response, TaskOutcome};
+    use antnest_proto::{ByteBuf, JobId, Request, TaskOutcome};
 
     const SYBILS: usize = 4;
     let dir = scratch();
@@ -544,8 +550,8 @@ async fn sybil_replica_votes_do_not_count() {
             .unwrap();
         sybils.push((s, driver));
     }
-    let numbers: Vec<u64> = (0..30).map(|i| 300_000 + i).collect();
-    let input: String = numbers.iter().map(|n| format!("{n}\n")).collect();
+    const UNITS: u64 = 30;
+    let (input, want) = primes_input(UNITS, 300_000);
     let stats = dir.path().join("s.json");
     let mut job = a.spawn_submit(
         &artifact("primes"),
@@ -555,7 +561,7 @@ async fn sybil_replica_votes_do_not_count() {
     let job_id: JobId = job.job_id(t).parse().unwrap();
     let forged = Request::Results {
         job: job_id,
-        outcomes: (0..numbers.len() as u64)
+        outcomes: (0..UNITS)
             .map(|index| TaskOutcome {
                 index,
                 result: Ok(ByteBuf::from(b"1".to_vec())),
@@ -567,29 +573,13 @@ async fn sybil_replica_votes_do_not_count() {
         pull: 0,
     };
     for (s, _) in &mut sybils {
-        // The job is registered a moment after its id is printed.
-        let mut answered = None;
-        for _ in 0..100 {
-            Frames::write_request(s, &forged).await.unwrap();
-            match tokio::time::timeout(t, Frames::read_response(s)).await {
-                Ok(Ok(Response::Refused(_))) => tokio::time::sleep(Duration::from_millis(20)).await,
-                other => {
-                    answered = Some(other);
-                    break;
-                }
-            }
-        }
-        assert!(
-            matches!(answered, Some(Ok(Ok(Response::Ack)))),
-            "{answered:?}"
-        );
+        hand_in(s, &forged).await;
     }
     let out = tokio::task::spawn_blocking(move || job.finish(Duration::from_secs(300)))
         .await
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let expected: u64 = count_primes_below(&numbers).iter().sum();
-    assert_eq!(text(&out.stdout), expected.to_string());
+    assert_eq!(text(&out.stdout), want.to_string());
     let stats = stats_of(&stats);
     assert_eq!(stats["mismatches"], 0, "{stats}");
     let dropped = stats["unleased"].as_object().unwrap();
@@ -730,13 +720,95 @@ struct ModuleServer {
     rr: request_response::cbor::Behaviour<antnest_proto::Request, antnest_proto::Response>,
 }
 
+/// A [`ModuleServer`] of a fresh identity, its requests sent under
+/// `config`, and the jobs topic it is subscribed to.
+fn module_server(
+    config: request_response::Config,
+) -> (libp2p::Swarm<ModuleServer>, libp2p::gossipsub::IdentTopic) {
+    gossip_swarm(|gossip| ModuleServer {
+        gossip,
+        rr: request_response::cbor::Behaviour::new(
+            [(
+                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
+                ProtocolSupport::Full,
+            )],
+            config,
+        ),
+    })
+}
+
+/// A job of `module` announced in `master`'s name, with default limits.
+fn announcement(master: libp2p::PeerId, module: &[u8]) -> antnest_proto::Announce {
+    antnest_proto::Announce {
+        job: antnest_proto::JobId::random(),
+        master: master.to_bytes(),
+        module: antnest_proto::ModuleHash::of(module),
+        module_size: module.len() as u64,
+        limits: antnest_proto::Limits::default(),
+        runtime: antnest_proto::Runtime::Wasm,
+        weight: 1,
+        addrs: Vec::new(),
+        code: None,
+    }
+}
+
+/// Drive `liar` as a master does: gossip `announcements` every 500 ms once
+/// the peer has subscribed (calling `tick` each time), and answer a
+/// `FetchModule` of one of `modules` with its bytes (anything else with
+/// `NoWork`), telling `served`; until `served` says it is enough.
+async fn serve_modules(
+    liar: &mut libp2p::Swarm<ModuleServer>,
+    topic: &libp2p::gossipsub::IdentTopic,
+    announcements: &[Vec<u8>],
+    modules: &std::collections::HashMap<antnest_proto::ModuleHash, Vec<u8>>,
+    mut tick: impl FnMut(),
+    mut served: impl FnMut(antnest_proto::ModuleHash) -> bool,
+) {
+    let mut published = false;
+    let mut ticks = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                tick();
+                // Announced again and again, as a master does.
+                if published {
+                    for a in announcements {
+                        let _ = liar.behaviour_mut().gossip.publish(topic.clone(), a.clone());
+                    }
+                }
+            }
+            e = liar.select_next_some() => match e {
+                SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
+                    libp2p::gossipsub::Event::Subscribed { .. },
+                )) => published = true,
+                SwarmEvent::Behaviour(ModuleServerEvent::Rr(request_response::Event::Message {
+                    message: request_response::Message::Request { request, channel, .. },
+                    ..
+                })) => {
+                    let (response, hash) = match request {
+                        antnest_proto::Request::FetchModule { hash } if modules.contains_key(&hash) => {
+                            (antnest_proto::Response::Module(modules[&hash].clone()), Some(hash))
+                        }
+                        _ => (antnest_proto::Response::NoWork { finished: false }, None),
+                    };
+                    let _ = liar.behaviour_mut().rr.send_response(channel, response);
+                    if hash.is_some_and(&mut served) {
+                        return;
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
 /// An outsider that gossips announcements to a live peer: one of a job
 /// in another peer's name, one of its own. The peer takes up its own (it
 /// asks it for the module at once) and never the one in another's name
 /// (it never asks that peer for anything).
 #[tokio::test]
 async fn an_announcement_in_another_masters_name_is_ignored() {
-    use antnest_proto::{Announce, JobId, Limits, ModuleHash};
+    use antnest_proto::Announce;
     use libp2p::gossipsub;
 
     let dir = scratch();
@@ -758,19 +830,8 @@ async fn an_announcement_in_another_masters_name_is_ignored() {
     let (mut liar, topic) = gossiper(rr());
     let liar_id = *liar.local_peer_id();
     liar.dial(addr).unwrap();
-    let announce = |master: libp2p::PeerId, module: &[u8]| Announce {
-        job: JobId::random(),
-        master: master.to_bytes(),
-        module: ModuleHash::of(module),
-        module_size: module.len() as u64,
-        limits: Limits::default(),
-        runtime: antnest_proto::Runtime::Wasm,
-        weight: 1,
-        addrs: Vec::new(),
-        code: None,
-    };
-    let forged = announce(named_id, b"forged module");
-    let own = announce(liar_id, b"the liar's own module");
+    let forged = announcement(named_id, b"forged module");
+    let own = announcement(liar_id, b"the liar's own module");
     let encode = |a: &Announce| cbor4ii::serde::to_vec(Vec::new(), a).unwrap();
     let asked = async {
         let mut published = false;
@@ -829,7 +890,7 @@ async fn an_announcement_in_another_masters_name_is_ignored() {
 /// and it still runs jobs.
 #[tokio::test]
 async fn many_modules_announced_leave_the_cache_within_its_bound() {
-    use antnest_proto::{Announce, JobId, Limits, ModuleHash};
+    use antnest_proto::ModuleHash;
 
     // The first COMPILED are a real job each (a compile of ~0.5 s in a
     // debug build); the others are empty components, quick to compile,
@@ -861,80 +922,32 @@ async fn many_modules_announced_leave_the_cache_within_its_bound() {
             [&code[..], &[0, body.len() as u8], &body].concat()
         })
         .collect();
-    let by_hash: std::collections::HashMap<ModuleHash, &Vec<u8>> =
-        modules.iter().map(|m| (ModuleHash::of(m), m)).collect();
-    let (mut liar, topic) = gossip_swarm(|gossip| ModuleServer {
-        gossip,
-        rr: request_response::cbor::Behaviour::new(
-            [(
-                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
-                ProtocolSupport::Full,
-            )],
-            request_response::Config::default(),
-        ),
-    });
+    let (mut liar, topic) = module_server(request_response::Config::default());
     let liar_id = *liar.local_peer_id();
     liar.dial(peer.addr().parse::<Multiaddr>().unwrap())
         .unwrap();
     let announcements: Vec<Vec<u8>> = modules
         .iter()
-        .map(|m| {
-            let a = Announce {
-                job: JobId::random(),
-                master: liar_id.to_bytes(),
-                module: ModuleHash::of(m),
-                module_size: m.len() as u64,
-                limits: Limits::default(),
-                runtime: antnest_proto::Runtime::Wasm,
-                weight: 1,
-                addrs: Vec::new(),
-                code: None,
-            };
-            cbor4ii::serde::to_vec(Vec::new(), &a).unwrap()
-        })
+        .map(|m| cbor4ii::serde::to_vec(Vec::new(), &announcement(liar_id, m)).unwrap())
+        .collect();
+    let by_hash: std::collections::HashMap<ModuleHash, Vec<u8>> = modules
+        .into_iter()
+        .map(|m| (ModuleHash::of(&m), m))
         .collect();
     let pid = peer.child.id();
     let mut most_compiling = 0;
-    let served = async {
-        let mut served = std::collections::HashSet::new();
-        let mut published = false;
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    most_compiling = most_compiling.max(children_of(pid));
-                    // Announced again and again, as a master does.
-                    if published {
-                        for a in &announcements {
-                            let _ = liar.behaviour_mut().gossip.publish(topic.clone(), a.clone());
-                        }
-                    }
-                }
-                e = liar.select_next_some() => match e {
-                    SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
-                        libp2p::gossipsub::Event::Subscribed { .. },
-                    )) => published = true,
-                    SwarmEvent::Behaviour(ModuleServerEvent::Rr(request_response::Event::Message {
-                        message: request_response::Message::Request { request, channel, .. },
-                        ..
-                    })) => {
-                        let response = match request {
-                            antnest_proto::Request::FetchModule { hash } if by_hash.contains_key(&hash) => {
-                                served.insert(hash);
-                                antnest_proto::Response::Module(by_hash[&hash].clone())
-                            }
-                            _ => antnest_proto::Response::NoWork { finished: false },
-                        };
-                        let _ = liar.behaviour_mut().rr.send_response(channel, response);
-                        if served.len() == MODULES {
-                            return;
-                        }
-                    }
-                    _ => {}
-                },
-            }
-        }
-    };
+    let mut served = std::collections::HashSet::new();
+    let served = serve_modules(
+        &mut liar,
+        &topic,
+        &announcements,
+        &by_hash,
+        || most_compiling = most_compiling.max(children_of(pid)),
+        |hash| {
+            served.insert(hash);
+            served.len() == MODULES
+        },
+    );
     tokio::time::timeout(Duration::from_secs(400), served)
         .await
         .expect("the peer did not fetch every module announced");
@@ -994,16 +1007,9 @@ fn children_of(pid: u32) -> usize {
 /// An outsider speaking antnest's messages, connected to `peer` and
 /// hearing its gossip (requests time out after 120 s).
 async fn joined_worker(peer: &PeerProc) -> libp2p::Swarm<ModuleServer> {
-    let (mut swarm, _topic) = gossip_swarm(|gossip| ModuleServer {
-        gossip,
-        rr: request_response::cbor::Behaviour::new(
-            [(
-                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
-                ProtocolSupport::Full,
-            )],
-            request_response::Config::default().with_request_timeout(Duration::from_secs(120)),
-        ),
-    });
+    let (mut swarm, _topic) = module_server(
+        request_response::Config::default().with_request_timeout(Duration::from_secs(120)),
+    );
     swarm
         .dial(peer.addr().parse::<Multiaddr>().unwrap())
         .unwrap();
@@ -1220,22 +1226,31 @@ async fn a_worker_handing_in_wrong_results_is_caught_by_spot_checks() {
     eprintln!("the liar forged {forged} results: {stats}");
 }
 
+/// `n` as wasm writes sizes and counts (unsigned LEB128), onto `out`.
+fn wasm_leb(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// A wasm section (of a module or a component) onto `out`.
+fn wasm_section(out: &mut Vec<u8>, id: u8, body: &[u8]) {
+    out.push(id);
+    wasm_leb(out, body.len());
+    out.extend_from_slice(body);
+}
+
 /// A component whose one function (run at instantiation, so it is
 /// compiled) is `ops` chained multiply-adds over 64 live locals: its
 /// compile takes seconds for 100k ops and minutes for 600k (Cranelift's
 /// register allocation), though it is a few MB of valid wasm.
 fn compile_bomb(ops: usize) -> Vec<u8> {
-    fn leb(mut n: u64, out: &mut Vec<u8>) {
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
     fn sleb(mut n: i64, out: &mut Vec<u8>) {
         loop {
             let byte = (n & 0x7f) as u8;
@@ -1246,11 +1261,6 @@ fn compile_bomb(ops: usize) -> Vec<u8> {
             }
             out.push(byte | 0x80);
         }
-    }
-    fn section(id: u8, body: &[u8], out: &mut Vec<u8>) {
-        out.push(id);
-        leb(body.len() as u64, out);
-        out.extend_from_slice(body);
     }
     const LOCALS: usize = 64;
     let (get, set, global_get, global_set, konst) = (0x20, 0x21, 0x23, 0x24, 0x42);
@@ -1281,17 +1291,17 @@ fn compile_bomb(ops: usize) -> Vec<u8> {
     }
     body.extend([global_set, 0, end]);
     let mut code = vec![1];
-    leb(body.len() as u64, &mut code);
+    wasm_leb(&mut code, body.len());
     code.extend_from_slice(&body);
     let mut core = b"\0asm\x01\0\0\0".to_vec();
-    section(1, &[1, 0x60, 0, 0], &mut core); // one type: [] -> []
-    section(3, &[1, 0], &mut core); // one function of it
-    section(6, &[1, 0x7e, 1, konst, 7, end], &mut core); // a mutable i64
-    section(8, &[0], &mut core); // the function starts the instance
-    section(10, &code, &mut core);
+    wasm_section(&mut core, 1, &[1, 0x60, 0, 0]); // one type: [] -> []
+    wasm_section(&mut core, 3, &[1, 0]); // one function of it
+    wasm_section(&mut core, 6, &[1, 0x7e, 1, konst, 7, end]); // a mutable i64
+    wasm_section(&mut core, 8, &[0]); // the function starts the instance
+    wasm_section(&mut core, 10, &code);
     let mut component = b"\0asm\x0d\0\x01\0".to_vec();
-    section(1, &core, &mut component); // the core module
-    section(2, &[1, 0, 0, 0], &mut component); // one instance of it
+    wasm_section(&mut component, 1, &core); // the core module
+    wasm_section(&mut component, 2, &[1, 0, 0, 0]); // one instance of it
     component
 }
 
@@ -1303,88 +1313,43 @@ fn compile_bomb(ops: usize) -> Vec<u8> {
 /// right output.
 #[tokio::test]
 async fn a_compile_bomb_is_cut_and_holds_back_no_other_masters_job() {
-    use antnest_proto::{Announce, JobId, Limits, ModuleHash};
+    use antnest_proto::ModuleHash;
 
     let dir = scratch();
     let m = PeerProc::loopback(dir.path(), "m", &[]);
     // A cache of its own: w compiles the honest job's module too.
-    let w_cache = dir.path().join("w-cache");
-    let w = PeerProc::loopback(
+    let (w, w_cache) = PeerProc::own_cache_worker(
         dir.path(),
         "w",
-        &[
-            "--bootstrap",
-            m.addr(),
-            "--cache-dir",
-            w_cache.to_str().unwrap(),
-            "--compile-timeout",
-            "10s",
-            "--ui",
-            "127.0.0.1:0",
-        ],
+        &m,
+        &["--compile-timeout", "10s", "--ui", "127.0.0.1:0"],
     );
     let ui = w.ui.clone().expect("the peer prints its UI address");
     let bomb = compile_bomb(600_000);
     let bomb_hash = ModuleHash::of(&bomb);
-    let (mut liar, topic) = gossip_swarm(|gossip| ModuleServer {
-        gossip,
-        rr: request_response::cbor::Behaviour::new(
-            [(
-                StreamProtocol::new(antnest_proto::msg::PROTOCOL),
-                ProtocolSupport::Full,
-            )],
-            request_response::Config::default(),
-        ),
-    });
-    let announce = cbor4ii::serde::to_vec(
-        Vec::new(),
-        &Announce {
-            job: JobId::random(),
-            master: liar.local_peer_id().to_bytes(),
-            module: bomb_hash,
-            module_size: bomb.len() as u64,
-            limits: Limits::default(),
-            runtime: antnest_proto::Runtime::Wasm,
-            weight: 1,
-            addrs: Vec::new(),
-            code: None,
-        },
-    )
-    .unwrap();
+    let (mut liar, topic) = module_server(request_response::Config::default());
+    let announce =
+        cbor4ii::serde::to_vec(Vec::new(), &announcement(*liar.local_peer_id(), &bomb)).unwrap();
     liar.dial(w.addr().parse::<Multiaddr>().unwrap()).unwrap();
     let (fetched_tx, fetched) = tokio::sync::oneshot::channel();
     let liar_task = tokio::spawn(async move {
         let mut fetched_tx = Some(fetched_tx);
-        let mut published = false;
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => if published {
-                    let _ = liar.behaviour_mut().gossip.publish(topic.clone(), announce.clone());
-                },
-                e = liar.select_next_some() => match e {
-                    SwarmEvent::Behaviour(ModuleServerEvent::Gossip(
-                        libp2p::gossipsub::Event::Subscribed { .. },
-                    )) => published = true,
-                    SwarmEvent::Behaviour(ModuleServerEvent::Rr(request_response::Event::Message {
-                        message: request_response::Message::Request { request, channel, .. },
-                        ..
-                    })) => {
-                        let response = match request {
-                            antnest_proto::Request::FetchModule { hash } if hash == bomb_hash => {
-                                if let Some(tx) = fetched_tx.take() {
-                                    let _ = tx.send(());
-                                }
-                                antnest_proto::Response::Module(bomb.clone())
-                            }
-                            _ => antnest_proto::Response::NoWork { finished: false },
-                        };
-                        let _ = liar.behaviour_mut().rr.send_response(channel, response);
-                    }
-                    _ => {}
-                },
-            }
-        }
+        let modules = std::collections::HashMap::from([(bomb_hash, bomb)]);
+        let announcements = [announce];
+        serve_modules(
+            &mut liar,
+            &topic,
+            &announcements,
+            &modules,
+            || {},
+            |_| {
+                if let Some(tx) = fetched_tx.take() {
+                    let _ = tx.send(());
+                }
+                false
+            },
+        )
+        .await;
     });
     tokio::time::timeout(Duration::from_secs(60), fetched)
         .await
@@ -1392,8 +1357,7 @@ async fn a_compile_bomb_is_cut_and_holds_back_no_other_masters_job() {
         .unwrap();
     let started = std::time::Instant::now();
     // The honest job, while the bomb compiles on w.
-    let numbers: Vec<u64> = (0..40).map(|i| 1_000_000 + i).collect();
-    let input: String = numbers.iter().map(|n| format!("{n}\n")).collect();
+    let (input, want) = primes_input(40, 1_000_000);
     let stats = dir.path().join("s.json");
     let out = {
         let (job, stats) = (artifact("primes"), stats.clone());
@@ -1417,8 +1381,7 @@ async fn a_compile_bomb_is_cut_and_holds_back_no_other_masters_job() {
         .unwrap()
     };
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let expected: u64 = count_primes_below(&numbers).iter().sum();
-    assert_eq!(text(&out.stdout), expected.to_string());
+    assert_eq!(text(&out.stdout), want.to_string());
     let stats = stats_of(&stats);
     assert!(
         stats["per_peer"].get(&w.peer_id).is_some(),
@@ -1467,17 +1430,6 @@ fn with_extra_memories(component: &[u8], extra: u32, pages: u32) -> Vec<u8> {
             }
         }
     }
-    fn leb(mut n: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
     /// `(id, body)` of each section after the 8-byte preamble.
     fn sections(b: &[u8]) -> Vec<(u8, &[u8])> {
         let mut at = 8;
@@ -1494,9 +1446,7 @@ fn with_extra_memories(component: &[u8], extra: u32, pages: u32) -> Vec<u8> {
     fn assemble(preamble: &[u8], sections: &[(u8, Vec<u8>)]) -> Vec<u8> {
         let mut out = preamble.to_vec();
         for (id, body) in sections {
-            out.push(*id);
-            leb(body.len(), &mut out);
-            out.extend_from_slice(body);
+            wasm_section(&mut out, *id, body);
         }
         out
     }
@@ -1519,11 +1469,11 @@ fn with_extra_memories(component: &[u8], extra: u32, pages: u32) -> Vec<u8> {
                     let mut at = 0;
                     let count = leb_read(b, &mut at);
                     let mut memories = Vec::new();
-                    leb(count + extra as usize, &mut memories);
+                    wasm_leb(&mut memories, count + extra as usize);
                     memories.extend_from_slice(&b[at..]);
                     for _ in 0..extra {
                         memories.push(0); // a minimum, no maximum
-                        leb(pages as usize, &mut memories);
+                        wasm_leb(&mut memories, pages as usize);
                     }
                     (i, memories)
                 })

@@ -372,17 +372,7 @@ fn a_worker_with_the_runner_fetches_only_a_new_jobs_files() {
     let m = PeerProc::loopback(dir.path(), "m", &["--ui", "127.0.0.1:0"]);
     let ui = m.ui.clone().expect("the peer prints its UI address");
     // A cache of its own: w fetches what it runs from m.
-    let w_cache = dir.path().join("w-cache");
-    let w = PeerProc::loopback(
-        dir.path(),
-        "w",
-        &[
-            "--bootstrap",
-            m.addr(),
-            "--cache-dir",
-            w_cache.to_str().unwrap(),
-        ],
-    );
+    let (w, w_cache) = PeerProc::own_cache_worker(dir.path(), "w", &m, &[]);
     let job = dir.path().join("edited.py");
     let served = || {
         let metrics = http_get(&ui, "/metrics");
@@ -451,16 +441,7 @@ fn a_worker_with_the_runner_fetches_only_a_new_jobs_files() {
             std::fs::copy(&path, w2_cache.join(path.file_name().unwrap())).unwrap();
         }
     }
-    let w2 = PeerProc::loopback(
-        dir.path(),
-        "w2",
-        &[
-            "--bootstrap",
-            m.addr(),
-            "--cache-dir",
-            w2_cache.to_str().unwrap(),
-        ],
-    );
+    let (w2, _) = PeerProc::own_cache_worker(dir.path(), "w2", &m, &[]);
     eventually(
         std::time::Duration::from_secs(60),
         "w2 connected to m",

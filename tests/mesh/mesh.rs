@@ -124,10 +124,7 @@ fn mdns_finds_peers_with_no_config_across_namespaces() {
         &["--listen", "/ip4/0.0.0.0/tcp/0", "--slots", "1"],
     );
     eventually(Duration::from_secs(30), "mDNS discovery", || {
-        let out = run(&["peers", "--control", b.control.to_str().unwrap()], b"", T);
-        text(&out.stdout)
-            .lines()
-            .any(|l| l.starts_with(&a.peer_id) && l.contains(" connected"))
+        connected(&b, &a)
     });
     // Once identified, a is listed at its address on the link, and not at
     // its loopback address, which is of no use from b's host.
@@ -307,14 +304,7 @@ fn slows_down_mid_job() {
     let a = PeerProc::loopback(dir.path(), "a", &[]);
     let b = PeerProc::loopback(dir.path(), "b", &["--bootstrap", a.addr()]);
     eventually(Duration::from_secs(30), "b connected to a", || {
-        let out = run(
-            &["peers", "--control", b.control.to_str().unwrap()],
-            b"",
-            Duration::from_secs(30),
-        );
-        text(&out.stdout)
-            .lines()
-            .any(|l| l.starts_with(&a.peer_id) && l.contains(" connected"))
+        connected(&b, &a)
     });
     // W2's shape: 64 taskunits of a few ms. The first job times both
     // peers at full speed; the master shares the second by those times.
@@ -383,25 +373,9 @@ fn a_module_being_compiled_does_not_hold_up_other_masters_jobs() {
     let a = PeerProc::loopback(dir.path(), "a", &[]);
     let b = PeerProc::loopback(dir.path(), "b", &["--bootstrap", a.addr()]);
     // A cache of its own: w has to compile a's Python job itself.
-    let w_cache = dir.path().join("w-cache");
-    let w = PeerProc::loopback(
-        dir.path(),
-        "w",
-        &[
-            "--bootstrap",
-            a.addr(),
-            "--cache-dir",
-            w_cache.to_str().unwrap(),
-        ],
-    );
+    let (w, _) = PeerProc::own_cache_worker(dir.path(), "w", &a, &[]);
     eventually(Duration::from_secs(30), "w connected to a and b", || {
-        let out = run(&["peers", "--control", w.control.to_str().unwrap()], b"", T);
-        let listed = text(&out.stdout);
-        [&a.peer_id, &b.peer_id].iter().all(|id| {
-            listed
-                .lines()
-                .any(|l| l.starts_with(id.as_str()) && l.contains(" connected"))
-        })
+        connected(&w, &a) && connected(&w, &b)
     });
     let python = a.spawn_submit(
         std::path::Path::new("jobs/reverse_strings.py"),

@@ -11,24 +11,38 @@ use crate::common::*;
 
 const T: Duration = Duration::from_secs(300);
 
-/// The namespaces: `wan` holds the public bridge; `relay` on it at
-/// 10.79.0.1; routers `nat1` and `nat2` on it at 10.79.0.11 and .12, each
-/// masquerading its LAN (192.168.1.0/24, 192.168.2.0/24) where peers `a`
-/// and `b` sit at .2. As home routers do, a router drops what comes to it
+/// The namespaces: `wan` holds the public bridge; `relay` on it at .1
+/// (10.79.0.1 in the first test); routers `nat1` and `nat2` on it at .11
+/// and .12, each masquerading its LAN (192.168.1.0/24, 192.168.2.0/24 in
+/// the first test) where peers `a` and `b` sit at .2. As home routers do, a router drops what comes to it
 /// from outside unasked (a Linux router would otherwise answer a SYN with
 /// a reset, and no hole could be punched through it).
 struct Nat {
     names: Vec<String>,
+    /// The public side's prefix (e.g. `10.79.0`).
+    wan_net: String,
 }
 
 impl Nat {
-    fn create() -> Option<Result<Nat, String>> {
-        Self::create_at("10.79.0", "192.168")
+    /// The namespaces for test `what`, with the public side at
+    /// `wan_net`.0/24 and the LANs at `lan_net`.1.0/24 and `lan_net`.2.0/24
+    /// (prefixes of dotted quads); `None`, said, where they cannot be made
+    /// here (no iptables, not root).
+    fn for_test(what: &str, wan_net: &str, lan_net: &str) -> Option<Nat> {
+        if Command::new("iptables").arg("--version").output().is_err() {
+            skipped(what, "iptables is not installed");
+            return None;
+        }
+        match Self::create(wan_net, lan_net) {
+            None => {
+                skipped(what, "`ip netns add` is not permitted here (needs root)");
+                None
+            }
+            Some(nat) => Some(nat.expect("namespaces made but not set up")),
+        }
     }
 
-    /// The same, with the public side at `wan`.0/24 and the LANs at
-    /// `lan`.1.0/24 and `lan`.2.0/24 (prefixes of dotted quads).
-    fn create_at(wan_net: &str, lan_net: &str) -> Option<Result<Nat, String>> {
+    fn create(wan_net: &str, lan_net: &str) -> Option<Result<Nat, String>> {
         // Two of these may exist at once in one test process.
         static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -39,6 +53,7 @@ impl Nat {
         }
         let mut nat = Nat {
             names: vec![name("wan")],
+            wan_net: wan_net.to_string(),
         };
         let made = (|| {
             for n in ["relay", "nat1", "nat2", "a", "b"] {
@@ -76,6 +91,21 @@ impl Nat {
         Some(made.map(|()| nat))
     }
 
+    /// A relay peer (`common` flags and `--relay`) on the public side,
+    /// and its public TCP address.
+    fn relay(&self, dir: &std::path::Path, common: &[&str]) -> (PeerProc, String) {
+        let args: Vec<&str> = common.iter().copied().chain(["--relay"]).collect();
+        let relay = PeerProc::start_with(self.cmd("relay"), dir, "relay", &args);
+        let public = format!("/ip4/{}.1/tcp/", self.wan_net);
+        let addr = relay
+            .addrs
+            .iter()
+            .find(|a| a.starts_with(&public))
+            .unwrap_or_else(|| panic!("the relay's public address in {:?}", relay.addrs))
+            .clone();
+        (relay, addr)
+    }
+
     fn cmd(&self, host: &str) -> Command {
         let ns = self.names.iter().find(|n| n.ends_with(host)).unwrap();
         let mut cmd = Command::new("ip");
@@ -96,19 +126,8 @@ impl Drop for Nat {
 
 #[test]
 fn a_job_crosses_two_nats_through_a_relay_then_directly_after_hole_punching() {
-    if Command::new("iptables").arg("--version").output().is_err() {
-        skipped("NAT test", "iptables is not installed");
+    let Some(nat) = Nat::for_test("NAT test", "10.79.0", "192.168") else {
         return;
-    }
-    let nat = match Nat::create() {
-        None => {
-            skipped(
-                "NAT test",
-                "`ip netns add` is not permitted here (needs root)",
-            );
-            return;
-        }
-        Some(nat) => nat.expect("namespaces made but not set up"),
     };
     let dir = scratch();
     let common = [
@@ -118,14 +137,7 @@ fn a_job_crosses_two_nats_through_a_relay_then_directly_after_hole_punching() {
         "--slots",
         "1",
     ];
-    let relay_args: Vec<&str> = common.iter().copied().chain(["--relay"]).collect();
-    let relay = PeerProc::start_with(nat.cmd("relay"), dir.path(), "relay", &relay_args);
-    let relay_addr = relay
-        .addrs
-        .iter()
-        .find(|a| a.starts_with("/ip4/10.79.0.1/tcp/"))
-        .expect("the relay's public address")
-        .clone();
+    let (relay, relay_addr) = nat.relay(dir.path(), &common);
     // a is told of the relay; b only meets it (its bootstrap peer), sees
     // that it listens on no global address, and reserves on it too.
     let told: Vec<&str> = common
@@ -234,30 +246,12 @@ fn a_job_crosses_two_nats_through_a_relay_then_directly_after_hole_punching() {
 /// off this machine: no packet leaves them.)
 #[test]
 fn a_peer_autonat_finds_private_reserves_on_a_relay_it_met() {
-    if Command::new("iptables").arg("--version").output().is_err() {
-        skipped("AutoNAT test", "iptables is not installed");
+    let Some(nat) = Nat::for_test("AutoNAT test", "11.79.0", "11.1") else {
         return;
-    }
-    let nat = match Nat::create_at("11.79.0", "11.1") {
-        None => {
-            skipped(
-                "AutoNAT test",
-                "`ip netns add` is not permitted here (needs root)",
-            );
-            return;
-        }
-        Some(nat) => nat.expect("namespaces made but not set up"),
     };
     let dir = scratch();
     let common = ["--no-mdns", "--listen", "/ip4/0.0.0.0/tcp/0", "--no-quic"];
-    let relay_args: Vec<&str> = common.iter().copied().chain(["--relay"]).collect();
-    let relay = PeerProc::start_with(nat.cmd("relay"), dir.path(), "relay", &relay_args);
-    let relay_addr = relay
-        .addrs
-        .iter()
-        .find(|a| a.starts_with("/ip4/11.79.0.1/tcp/"))
-        .unwrap_or_else(|| panic!("the relay's public address in {:?}", relay.addrs))
-        .clone();
+    let (relay, relay_addr) = nat.relay(dir.path(), &common);
     let behind: Vec<&str> = common
         .iter()
         .copied()

@@ -278,17 +278,7 @@ fn a_worker_getting_the_module_is_shown_so() {
     let m = PeerProc::loopback(dir.path(), "m", &["--ui", "127.0.0.1:0"]);
     let ui = m.ui.clone().expect("the peer prints its UI address");
     // A cache of its own: w has to fetch and compile the job's module.
-    let w_cache = dir.path().join("w-cache");
-    let w = PeerProc::loopback(
-        dir.path(),
-        "w",
-        &[
-            "--bootstrap",
-            m.addr(),
-            "--cache-dir",
-            w_cache.to_str().unwrap(),
-        ],
-    );
+    let (w, _) = PeerProc::own_cache_worker(dir.path(), "w", &m, &[]);
     let job = dir.path().join("slow.py");
     std::fs::write(
         &job,
