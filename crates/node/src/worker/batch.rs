@@ -47,12 +47,15 @@ pub(crate) fn run_unit(runner: &mut Runner, unit: &TaskUnit) -> TaskOutcome {
     // The peer's memory budget is held by other slots' instances, running
     // or kept idle (those go when a slot sees a refusal): wait a little
     // for it before the taskunit fails here as busy (an attempt). The wait
-    // is in wall time, since each try may itself wait at instantiation.
-    let started = std::time::Instant::now();
+    // is in wall time, since each try may itself wait at instantiation
+    // (the clock starts at the first refusal: none is read otherwise).
     let mut result = runner.process(unit.index, &unit.data);
-    while matches!(result, Err(TaskError::Busy(_))) && started.elapsed() < BUSY_WAIT {
-        std::thread::sleep(BUSY_PAUSE);
-        result = runner.process(unit.index, &unit.data);
+    if matches!(result, Err(TaskError::Busy(_))) {
+        let refused = std::time::Instant::now();
+        while matches!(result, Err(TaskError::Busy(_))) && refused.elapsed() < BUSY_WAIT {
+            std::thread::sleep(BUSY_PAUSE);
+            result = runner.process(unit.index, &unit.data);
+        }
     }
     let result = result.map(ByteBuf::from);
     let stderr = Some(runner.take_stderr()).filter(|s| !s.is_empty());
