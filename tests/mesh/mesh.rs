@@ -166,6 +166,9 @@ fn mdns_finds_peers_with_no_config_across_namespaces() {
     assert!(per_peer.contains_key(&b.peer_id), "{per_peer:?}");
 }
 
+/// A master killed mid-job resumes it (`--resume`) without computing again
+/// what its journal holds, and a journal damaged meanwhile costs only the
+/// damaged records and those after them, never a wrong result.
 #[test]
 fn a_crashed_master_resumes_without_recomputing() {
     let dir = scratch();
@@ -208,6 +211,27 @@ fn a_crashed_master_resumes_without_recomputing() {
         "the submitter notices the master died"
     );
 
+    // The journal is damaged while the master is down: a byte flipped in
+    // a record three quarters in, and 12 zero bytes appended (which a
+    // journal without checksums would read as an empty result for
+    // taskunit 0). The records before the flipped one are resumed; it
+    // and all after it are computed again.
+    let results = cache.join("journal").join(&job_id).join("results");
+    let mut journal = std::fs::read(&results).expect("the crashed job's journal");
+    let (mut at, mut intact) = (0, 0);
+    let flipped = journal.len() * 3 / 4;
+    while at + 16 <= journal.len() {
+        let len = u32::from_le_bytes(journal[at + 8..at + 12].try_into().unwrap()) as usize;
+        if at + 16 + len > flipped {
+            break;
+        }
+        at += 16 + len;
+        intact += 1;
+    }
+    journal[flipped] ^= 0xff;
+    journal.extend([0; 12]);
+    std::fs::write(&results, &journal).unwrap();
+
     let _m = start();
     let stats = dir.path().join("s.json");
     let out = run(
@@ -223,6 +247,7 @@ fn a_crashed_master_resumes_without_recomputing() {
     let s = stats_of(&stats);
     let resumed = s["resumed"].as_u64().unwrap();
     assert!(resumed > 0 && resumed < 100, "resumed {resumed} of 100");
+    assert_eq!(resumed, intact, "the records before the damage, no more");
     let computed: u64 = s["per_peer"]
         .as_object()
         .unwrap()
