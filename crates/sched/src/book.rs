@@ -654,8 +654,10 @@ impl JobBook {
                 continue; // retired already: a duplicate
             }
             let result = result.map(|b| b.into_vec());
-            if self.checks_on() && self.settle_check(worker, index, &result) {
-                continue;
+            if self.checks_on()
+                && (self.settle_check(worker, index, &result) || self.held_for_check(index))
+            {
+                continue; // a check settled, or a duplicate of a result held for one
             }
             // Only the worker a replica of it was given to may hand it in:
             // others' results and errors (a taskunit not handed out yet

@@ -118,10 +118,20 @@ impl JobBook {
             };
             self.checks.pending.insert(index, held);
             self.checks.queue.push_back(index);
+            // Whoever else holds a copy (a backup, or the original of a
+            // backup) need not run it: its result would be a second one.
+            self.leases.remove(&(index, 0));
+            self.backups.remove(&(index, 0));
             return None;
         }
         self.remember_accepted(worker, index);
         Some(bytes)
+    }
+
+    /// Whether a result of `index` is held for its check: any other
+    /// result of it is a duplicate.
+    pub(super) fn held_for_check(&self, index: u64) -> bool {
+        self.checks.pending.contains_key(&index)
     }
 
     /// Note that `worker`'s result of `index` is taken (before it is

@@ -663,3 +663,37 @@ fn a_job_whose_results_vary_between_runs_stops_its_checks_and_judges_no_one() {
     assert_eq!(done.results[&1], b"r-remote");
     assert!(done.unleased.is_empty(), "{:?}", done.unleased);
 }
+
+#[test]
+fn a_result_held_for_a_check_is_counted_once_though_a_backup_copy_comes_in_too() {
+    // Both orders: the backup's result first, or the original's.
+    for backup_first in [true, false] {
+        let mut b = book(&["ab"]).with_checks(1.0, 7, w("master"));
+        let t0 = Instant::now();
+        assert_eq!(b.lease(w("slow"), 1, t0).len(), 1);
+        // Nothing fresh is left, and the slow worker is overdue: a copy.
+        let copy = b.lease(w("fast"), 1, t0 + Duration::from_secs(5));
+        assert_eq!(copy.len(), 1, "a backup copy");
+        let (first, second) = if backup_first {
+            ("fast", "slow")
+        } else {
+            ("slow", "fast")
+        };
+        b.complete(w(first), vec![ok(0, "ba")]);
+        // The result is held for its check; the other copy's result is a
+        // duplicate, and its lease gone (no third run when it expires).
+        b.complete(w(second), vec![ok(0, "ba")]);
+        let later = t0 + Duration::from_secs(60);
+        assert!(b.lease(w("third"), 1, later).is_empty(), "nothing to rerun");
+        let checks = b.lease_local(w("master"), 10, later);
+        assert_eq!(checks.len(), 1, "one check");
+        b.complete(w("master"), right(&checks));
+        assert!(b.is_finished());
+        let done = b.finish();
+        let counted: u64 = done.per_worker.values().sum();
+        assert_eq!(counted, 1, "one result counted: {:?}", done.per_worker);
+        assert_eq!(done.per_worker[&w(first)], 1);
+        assert_eq!(done.verified, 1);
+        assert!(done.unleased.is_empty(), "{:?}", done.unleased);
+    }
+}
