@@ -69,6 +69,7 @@ def combine(results):
     let wasm = submit_with(&job, &with(&stats_arg, &["--runtime", "wasm"]), input);
     assert!(wasm.status.success(), "{}", text(&wasm.stderr));
     assert_eq!(stats_of(&stats)["native_tasks"], 0);
+    assert_eq!(stats_of(&stats)["combined_natively"], false);
     let native = submit_with(&job, &with(&stats_arg, &NATIVE), input);
     assert!(native.status.success(), "{}", text(&native.stderr));
     assert_eq!(text(&native.stdout), text(&wasm.stdout));
@@ -77,6 +78,39 @@ def combine(results):
         "[('a', 2), ('bb', 2), ('ccc', 1), ('z', 1)] 6 b'\\x80!'"
     );
     assert_eq!(stats_of(&stats)["native_tasks"], 3);
+    assert_eq!(stats_of(&stats)["combined_natively"], true);
+
+    // Where the combine ran shows in what it sees. The job's name is a
+    // module the wasm runner has imported already: the job's own wins.
+    let platform = dir.path().join("platform.py");
+    std::fs::write(
+        &platform,
+        "import sys\n\ndef processor(x):\n    return x\n\n\
+         def combine(results):\n    return f\"{len(results)} on {sys.platform}\"\n",
+    )
+    .unwrap();
+    for (runtime, want) in [("wasm", "2 on wasi"), ("native", "2 on linux")] {
+        let args = ["--allow-native-python", "--runtime", runtime];
+        let out = submit_with(&platform, &with(&args, &[]), b"a\nb\n");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), want, "{runtime}");
+    }
+    // A native combine that fails says where, as in wasm.
+    let broken = dir.path().join("broken.py");
+    std::fs::write(
+        &broken,
+        "def processor(x):\n    return x\n\ndef combine(results):\n    raise ValueError(\"no sum\")\n",
+    )
+    .unwrap();
+    let out = submit_with(&broken, &with(&NATIVE, &[]), b"a\n");
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("combine failed")
+            && err.contains("ValueError: no sum")
+            && err.contains("broken.py"),
+        "{err}"
+    );
 
     let original = Path::new("jobs/original/reverse_strings.py");
     let out = submit_with(original, &with(&stats_arg, &NATIVE), b"");
@@ -313,6 +347,30 @@ fn the_numpy_sample_runs_natively() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "3 vectors, total norm 20.000000");
+
+    // A split of its own that needs numpy runs natively too (wasm cannot
+    // import the job), and reads the input through the host.
+    let dir = scratch();
+    let job = dir.path().join("pairs.py");
+    std::fs::write(
+        &job,
+        "import numpy as np\n\ndef split(data):\n    \
+         for row in np.arange(int(data)).reshape(-1, 2):\n        yield row.tolist()\n\n\
+         def processor(pair):\n    return int(np.prod(pair))\n\n\
+         def combine(products):\n    return str(sum(products))\n",
+    )
+    .unwrap();
+    let out = submit_local(&job, &NATIVE, b"6");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "26", "0*1 + 2*3 + 4*5");
+    // In wasm it cannot be imported, and says why.
+    let out = submit_local(&job, &["--runtime", "wasm"], b"6");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("split failed") && err.contains("numpy"),
+        "{err}"
+    );
 }
 
 fn which(name: &str) -> Option<std::path::PathBuf> {

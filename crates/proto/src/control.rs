@@ -181,6 +181,10 @@ pub struct JobStats {
     /// in wasm (or came from the journal).
     #[serde(default)]
     pub native_tasks: u64,
+    /// The job's combine ran in the master's own CPython (a Python job
+    /// whose taskunits may run natively there), not in wasm.
+    #[serde(default)]
+    pub combined_natively: bool,
     /// From submission to the first taskunit result, in milliseconds.
     pub first_result_ms: Option<f64>,
     /// Whether the submitter sent the module's bytes (not when the peer

@@ -154,6 +154,13 @@ def load(bundle):
         main, files = _unpack(bundle)
         _labels.update(label for label, _ in files.values())
         sys.meta_path.insert(0, _Files(files))
+        # A module of the same name imported already (the standard
+        # library's `platform`, say, in the wasm runner's snapshot) would
+        # stand in for the job's own: the job's win, as a script's
+        # folder does.
+        for rel in files:
+            name = rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+            sys.modules.pop(name, None)
         job = importlib.import_module(main)
     except BaseException as e:
         raise Failed("cannot load the job:\n" + _traceback(e))
@@ -339,15 +346,12 @@ def render(loaded, r):
 
 def combine(loaded, next_result, write_output):
     """Run the job's combine over every result; `False` if it has none
-    (the host joins the results)."""
+    (the host joins the results). Each result is decoded as it comes in,
+    while the job's taskunits still run, so that little is left to decode
+    once the last one is in."""
     if loaded.combine is None:
         return False
-    results = []
-    while True:
-        r = next_result()
-        if r is None:
-            break
-        results.append(r)
+    results = iter(next_result, None)
     printed = io.StringIO()
     stdout, sys.stdout = sys.stdout, printed
     try:

@@ -6,7 +6,13 @@
 #
 # On stdin, frames of a u32 LE length and that many bytes: the job's
 # files first (answered once the job is imported; the process ends if
-# it cannot be), then one taskunit per frame. Each answer on the original stdout: a tag byte (0 result, 1 job
+# it cannot be), then one taskunit per frame. Run with the argument
+# `combine`, the frames after the files are the job's results in order,
+# up to a length of 0xFFFFFFFF (the end), and the one answer is the
+# combine's output (tag 3: the job has no combine). Run with `split`, the
+# process asks for the input (tag 4, the most bytes it wants, answered by
+# a frame: empty at the input's end), sends each taskunit as it is made
+# (tag 5), and ends with tag 0 (tag 3: the host splits the input). Each answer on the original stdout: a tag byte (0 result, 1 job
 # error, 2 out of memory), the payload's length and the captured output's
 # length (u32 LE each), the payload, then what the call printed. What the
 # job prints goes to that capture, and anything written to the process's
@@ -16,7 +22,9 @@ import os as _os
 import struct as _struct
 import time as _time
 
-_OK, _ERROR, _NO_MEMORY = 0, 1, 2
+_OK, _ERROR, _NO_MEMORY, _NOT_HERE, _READ, _EMIT = 0, 1, 2, 3, 4, 5
+# A frame length that ends the results, in `combine` mode.
+_END = 0xFFFFFFFF
 # An answer's head: its tag, the payload's length, the captured output's.
 _HEAD = _struct.Struct("<BII")
 # Answers wait to be written out together until no taskunit is left to
@@ -44,6 +52,9 @@ def _native_main():
             have = len(pending) - taken
             if have >= 4:
                 n = int.from_bytes(pending[taken : taken + 4], "little")
+                if n == _END:
+                    taken += 4
+                    return None
                 if have >= 4 + n:
                     data = bytes(pending[taken + 4 : taken + 4 + n])
                     taken += 4 + n
@@ -97,6 +108,37 @@ def _native_main():
     if tag != _OK:
         answers.flush()
         return  # the host gives every taskunit the import's error
+    if sys.argv[1:] == ["combine"]:
+        output = []
+
+        def combined():
+            if not combine(loaded, read_frame, output.append):
+                return None
+            return b"".join(output)
+
+        (tag, payload), printed = captured(combined)
+        if tag == _OK and payload is None:
+            answer(_NOT_HERE)
+        else:
+            answer(tag, payload, printed)
+        answers.flush()
+        return
+    if sys.argv[1:] == ["split"]:
+
+        def read_input(n):
+            answer(_READ, n.to_bytes(4, "little"))
+            return read_frame() or b""
+
+        def emit(unit):
+            answer(_EMIT, unit)
+
+        (tag, emitted), printed = captured(lambda: split(loaded, read_input, emit))
+        if tag == _OK:
+            answer(_OK if emitted else _NOT_HERE, b"", printed)
+        else:
+            answer(tag, emitted, printed)
+        answers.flush()
+        return
     clock = _time.perf_counter
     while True:
         unit = read_frame()

@@ -50,6 +50,14 @@ impl Bundle {
     }
 }
 
+/// Whether a job's `files` may define a combine: they name it somewhere.
+/// A job whose files never say `combine` has none. Only where a combine
+/// runs depends on this, never what it gives: a job that has none answers
+/// so from either runtime.
+pub fn may_combine(files: &[u8]) -> bool {
+    files.windows(b"combine".len()).any(|w| w == b"combine")
+}
+
 /// `component` with `bundle` appended as its [`SECTION`].
 pub fn append(component: &[u8], bundle: &Bundle) -> Vec<u8> {
     let mut payload = Vec::with_capacity(bundle.bytes.len() + 32);

@@ -23,9 +23,10 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use antnest_proto::{Limits, TaskError};
+use antnest_proto::limits::MAX_TASKUNIT;
+use antnest_proto::{Limits, SharedBytes, TaskError};
 
-use crate::python;
+use crate::{SplitOutcome, python};
 
 /// Address space a native process gets beyond the job's memory limit: the
 /// interpreter and the libraries a job imports (CPython with numpy maps
@@ -48,6 +49,13 @@ const IN_FLIGHT_BYTES: usize = 16 << 10;
 const READ_CHUNK: usize = 64 << 10;
 /// The end of a process's own stderr kept, for when it dies.
 const STDERR_TAIL: usize = 4 << 10;
+/// The frame length that ends a combine's results.
+const END: u32 = u32::MAX;
+/// A split's or combine's answer: the job has none.
+const NOT_HERE: u8 = 3;
+/// A split's asks: input (the most bytes wanted), and a taskunit made.
+const READ: u8 = 4;
+const EMIT: u8 = 5;
 
 /// Why the native runtime cannot be used on this peer.
 #[derive(Debug, thiserror::Error)]
@@ -357,15 +365,125 @@ impl NativeRunner {
         }
     }
 
+    /// Run the job's combine over `results` (in taskunit order, as they
+    /// come: the process takes each as it comes and decodes it while the
+    /// job runs on). `None` means the job has no combine (the caller
+    /// joins the results). The time limit counts from the last result;
+    /// the output is held to [`Limits::combined_output`].
+    pub fn combine(
+        mut self,
+        results: impl Iterator<Item = Vec<u8>>,
+    ) -> Result<Option<Vec<u8>>, TaskError> {
+        let Some(mut process) = self.start_as(&["combine"])? else {
+            let why = self
+                .load_error
+                .take()
+                .expect("no process: the import failed");
+            return Err(TaskError::Guest(why));
+        };
+        let limit = self.limits.combined_output();
+        let mut sent = Ok(());
+        for result in results {
+            // The process only stores what it reads: a write that waits a
+            // whole time limit means it is stuck.
+            sent = process.send(&result, Instant::now() + self.limits.time);
+            if sent.is_err() {
+                break; // it ended: its answer (or its end) says why
+            }
+        }
+        if sent.is_ok() {
+            let end = Instant::now() + self.limits.time;
+            // Results end with a length no frame has.
+            let _ = write_until(&mut process.stdin, &END.to_le_bytes(), end);
+        }
+        match process.answer(Instant::now() + self.limits.time, limit) {
+            Ok((0, output, _)) => Ok(Some(output)),
+            Ok((NOT_HERE, _, _)) => Ok(None),
+            Ok((1, why, _)) => Err(TaskError::Guest(String::from_utf8_lossy(&why).into())),
+            Ok(_) => Err(TaskError::OutOfMemory(self.limits.memory)),
+            Err(Stop::TooLarge(size)) => Err(TaskError::OutputTooLarge { size, limit }),
+            Err(stop) => Err(self.stopped(stop, &process.stderr_tail())),
+        }
+    }
+
+    /// Run the job's split over `input`, handing each taskunit to `emit`,
+    /// as [`crate::run_split`] does in wasm. The time limit counts the
+    /// process's time only: not the waits for input or for `emit` (which
+    /// waits while workers are behind).
+    pub fn split(
+        mut self,
+        mut input: impl Read,
+        emit: &mut dyn FnMut(SharedBytes) -> Result<(), String>,
+    ) -> Result<SplitOutcome, TaskError> {
+        let Some(mut process) = self.start_as(&["split"])? else {
+            let why = self
+                .load_error
+                .take()
+                .expect("no process: the import failed");
+            return Err(TaskError::Guest(why));
+        };
+        let stopped = |runner: &Self, process: &Process, stop| match stop {
+            Stop::TooLarge(size) => TaskError::Guest(format!(
+                "split made a taskunit of {size} bytes, over the {MAX_TASKUNIT}-byte limit"
+            )),
+            stop => runner.stopped(stop, &process.stderr_tail()),
+        };
+        let mut emitted = 0;
+        let mut deadline = Instant::now() + self.limits.time;
+        loop {
+            let (tag, payload, _) = process
+                .answer(deadline, MAX_TASKUNIT)
+                .map_err(|stop| stopped(&self, &process, stop))?;
+            let waited = Instant::now();
+            match tag {
+                READ => {
+                    let want = u32::from_le_bytes(payload.try_into().unwrap_or_default());
+                    let mut block = vec![0; (want as usize).clamp(1, 4 << 20)];
+                    let n = loop {
+                        match input.read(&mut block) {
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            read => break read,
+                        }
+                    }
+                    .map_err(|e| TaskError::Guest(format!("reading job input: {e}")))?;
+                    block.truncate(n);
+                    process
+                        .send(&block, Instant::now() + self.limits.time)
+                        .map_err(|stop| stopped(&self, &process, stop))?;
+                }
+                EMIT => {
+                    emit(SharedBytes::from(payload)).map_err(TaskError::Guest)?;
+                    emitted += 1;
+                }
+                0 => return Ok(SplitOutcome::Emitted(emitted)),
+                NOT_HERE if emitted == 0 => return Ok(SplitOutcome::Default),
+                1 => return Err(TaskError::Guest(String::from_utf8_lossy(&payload).into())),
+                2 => return Err(TaskError::OutOfMemory(self.limits.memory)),
+                _ => return Err(TaskError::Trap(format!("the split answered {tag}"))),
+            }
+            // Waiting on the input or on workers is not the split's time.
+            deadline += waited.elapsed();
+        }
+    }
+
     /// A new process with the job imported; `None` if the import failed
     /// (the error is noted as every taskunit's, and the process has ended).
     fn start(&mut self) -> Result<Option<Process>, TaskError> {
+        self.start_as(&[])
+    }
+
+    /// [`Self::start`], with `args` for the Python loop.
+    fn start_as(&mut self, args: &[&str]) -> Result<Option<Process>, TaskError> {
         let source = [python::JOB, python::NATIVE].concat();
         let memory = (self.limits.memory as u64).saturating_add(BASE_MEMORY);
+        let args: Vec<&str> = ["-c", &source]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
         let mut child = self
             .python
             .inner
-            .command(&["-c", &source], memory)
+            .command(&args, memory)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -462,7 +580,10 @@ impl Process {
 
     /// Send one frame.
     fn send(&mut self, frame: &[u8], deadline: Instant) -> Result<(), Stop> {
-        let len = u32::try_from(frame.len()).map_err(|_| Stop::Died("frame too large".into()))?;
+        let len = u32::try_from(frame.len())
+            .ok()
+            .filter(|&n| n != END)
+            .ok_or_else(|| Stop::Died("frame too large".into()))?;
         if frame.len() <= SMALL_FRAME {
             // One write for a small taskunit.
             let whole = [&len.to_le_bytes()[..], frame].concat();

@@ -9,7 +9,9 @@ use antnest_proto::control::InputSpec;
 use antnest_proto::limits::MAX_TASKUNIT;
 use antnest_proto::{Limits, SharedBytes};
 use antnest_sandbox::mapped::Damage;
-use antnest_sandbox::{Module, Sandbox, SplitOutcome, input, lines, run_split};
+use antnest_sandbox::{
+    Module, NativePython, NativeRunner, Sandbox, SplitOutcome, input, lines, run_split,
+};
 use antnest_sched::SplitSender;
 
 /// How far a job's split has gone through its input.
@@ -116,7 +118,11 @@ impl<W: Fn()> UnitSender<W> {
 }
 
 /// Run the job's split (or the default line split) into `tx`; returns how
-/// many taskunits it made.
+/// many taskunits it made. A Python job whose split fails in wasm before
+/// it made a taskunit (a package only native CPython has, imported at the
+/// job's top) splits again in `native`, this peer's own CPython, if its
+/// taskunits may run natively here.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn split_job(
     env: &Sandbox,
     module: &Module,
@@ -125,6 +131,7 @@ pub(crate) fn split_job(
     made: &Arc<InputSplit>,
     tx: SplitSender,
     wake: impl Fn() + Send + Sync + 'static,
+    native: Option<(NativePython, Arc<[u8]>)>,
 ) -> Result<u64, String> {
     let mut sender = UnitSender {
         tx,
@@ -147,7 +154,15 @@ pub(crate) fn split_job(
             mapped => mapped,
         })
     };
-    match run_split(env, module, limits, open()?, emit) {
+    let mut outcome = run_split(env, module, limits, open()?, emit);
+    if let (Err(_), Some((python, files))) = (&outcome, native)
+        && made.units.load(Ordering::Relaxed) == 0
+    {
+        let mut sender = sender.fork();
+        let native = NativeRunner::new(python, files, limits);
+        outcome = native.split(open()?, &mut |unit| sender.send(unit));
+    }
+    match outcome {
         Ok(SplitOutcome::Emitted(_)) => {}
         Ok(SplitOutcome::Default) => lines::each_line(open()?, &mut |unit| sender.send(unit))?,
         Err(e) => return Err(e.to_string()),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use antnest_proto::control::{FinishedJob, InputSpec, JobEvent, JobReport, JobSpec, JobStats};
 use antnest_proto::limits::{MAX_MODULE, MAX_WEIGHT};
 use antnest_proto::{ByteBuf, JobId, ModuleHash, TaskError};
+use antnest_sandbox::NativeRunner;
 use antnest_sandbox::mapped::Damage;
 use antnest_sched::{JobBook, Journal, JournalError, split_channel};
 use tokio::sync::{Notify, mpsc};
@@ -260,15 +261,27 @@ impl Peer {
         // Started when there are results to pass it, or nothing is left to
         // hand out (a slot of this peer is about to be free), not with the
         // split: at a job's start the cores are busy enough.
+        // A Python job whose taskunits may run natively here: its combine
+        // runs in this peer's own CPython (if it has one at all), and so
+        // does its split if wasm cannot import the job.
+        let native = self.native_for(id).zip(env.job_files(&hash));
+        let native_combine = native
+            .clone()
+            .filter(|(_, files)| antnest_sandbox::job_files::may_combine(files));
+        let combined_natively = native_combine.is_some();
         let start_combine = |feed_rx| {
             let (env, component) = (env.clone(), component.clone());
+            let native = native_combine.clone();
             tokio::task::spawn_blocking(move || {
-                antnest_sandbox::run_combine(
-                    &env,
-                    &component,
-                    limits,
-                    Box::new(InOrder::new(feed_rx)),
-                )
+                let results = InOrder::new(feed_rx);
+                match native {
+                    Some((python, files)) => {
+                        NativeRunner::new(python, files, limits).combine(results)
+                    }
+                    None => {
+                        antnest_sandbox::run_combine(&env, &component, limits, Box::new(results))
+                    }
+                }
             })
         };
         let mut feed_rx = Some(feed_rx);
@@ -301,7 +314,8 @@ impl Peer {
                 }
             };
             tokio::task::spawn_blocking(move || {
-                let result = split_job(&env, &component, limits, &input, &master.input, tx, work);
+                let made = &master.input;
+                let result = split_job(&env, &component, limits, &input, made, tx, work, native);
                 debug!(job = %id, ms = master.started.elapsed().as_millis() as u64, ok = result.is_ok(), "split ended");
                 let mut book = master.book.lock().unwrap();
                 match result {
@@ -451,6 +465,7 @@ impl Peer {
             compiled,
             resumed: done.resumed,
             native_tasks: done.native,
+            combined_natively,
             backups: done.backups,
             verified: done.verified,
             caught: by_name(&done.caught),
