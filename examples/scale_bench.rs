@@ -63,18 +63,27 @@ struct Peer {
 }
 
 /// Bytes of job announcements host `i` has received, duplicates included
-/// (gossipsub's own count, from the peer's /metrics).
-fn announce_bytes(net: &bridge::Bridge, i: usize, ui: &str) -> u64 {
+/// (gossipsub's own count), and each once (antnest's count of what
+/// gossipsub delivered), from the peer's /metrics; `None` if it could not
+/// be read (a peer left out of the sums, rather than counted from zero).
+fn announce_bytes(net: &bridge::Bridge, i: usize, ui: &str) -> Option<(u64, u64)> {
     let out = net
         .cmd(i, Path::new("curl"))
-        .args(["-s", &format!("{ui}metrics")])
-        .output();
-    let text = out.map(|o| o.stdout).unwrap_or_default();
-    String::from_utf8_lossy(&text)
-        .lines()
-        .filter(|l| l.starts_with("gossipsub_topic_msg_recv_bytes_unfiltered_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+        .args(["-sf", "--max-time", "10", &format!("{ui}metrics")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sum = |prefix: &str| -> Option<u64> {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    Some((
+        sum("gossipsub_topic_msg_recv_bytes_unfiltered_total{")?,
+        sum("antnest_announcement_bytes_received_total")?,
+    ))
 }
 
 impl Drop for Peer {
@@ -526,7 +535,9 @@ fn measure(
     let control = master.control.clone();
     let (bin2, module2, stats2) = (bin.to_owned(), module.to_owned(), stats.clone());
     let job = std::thread::spawn(move || submit(&bin2, Some(&control), &module2, units, &stats2));
-    let announced0: u64 = (0..n).map(|i| announce_bytes(&net, i, &peers[i].ui)).sum();
+    let announced0: Vec<_> = (0..n)
+        .map(|i| announce_bytes(&net, i, &peers[i].ui))
+        .collect();
     let submitted = Instant::now();
     let bytes0 = net.bytes_to_hosts();
     let mut reached_all = None;
@@ -543,9 +554,17 @@ fn measure(
     }
     let job_rate = per_peer_rate(&bytes0, &net.bytes_to_hosts(), submitted.elapsed());
     let job_time = submitted.elapsed();
-    let announced: u64 = (0..n).map(|i| announce_bytes(&net, i, &peers[i].ui)).sum();
-    let announce_rate =
-        announced.saturating_sub(announced0) as f64 / n as f64 / job_time.as_secs_f64();
+    // Per peer read both times: what it received during the job.
+    let deltas: Vec<(u64, u64)> = (0..n)
+        .filter_map(|i| {
+            let (a0, b0) = announced0[i]?;
+            let (a, b) = announce_bytes(&net, i, &peers[i].ui)?;
+            Some((a.saturating_sub(a0), b.saturating_sub(b0)))
+        })
+        .collect();
+    let read = deltas.len().max(1) as f64 * job_time.as_secs_f64();
+    let announce_rate = deltas.iter().map(|d| d.0).sum::<u64>() as f64 / read;
+    let announce_once = deltas.iter().map(|d| d.1).sum::<u64>() as f64 / read;
     let (wall, s) = job.join().expect("submit thread")?;
     let cpu = cpu_time(pid).saturating_sub(cpu0);
     let per_peer = s["per_peer"].as_object().context("no per_peer")?;
@@ -565,8 +584,12 @@ fn measure(
         conns.last().unwrap_or(&0),
     );
     println!(
-        "       idle traffic {:.0} B/s per peer; during the job {:.0} B/s per peer, of which announcements {:.0} B/s (duplicates included)",
-        idle_rate, job_rate, announce_rate
+        "       idle traffic {:.0} B/s per peer; during the job {:.0} B/s per peer, of which announcements {:.0} B/s with duplicates, {:.0} B/s each once ({} peers read)",
+        idle_rate,
+        job_rate,
+        announce_rate,
+        announce_once,
+        deltas.len()
     );
     println!(
         "       job of {units} taskunits: reached every peer {}, {worked}/{n} peers worked, wall {:.2}s vs ideal {:.2}s ({:.2}x)",

@@ -372,7 +372,7 @@ fn a_worker_with_the_runner_fetches_only_a_new_jobs_files() {
     let m = PeerProc::loopback(dir.path(), "m", &["--ui", "127.0.0.1:0"]);
     let ui = m.ui.clone().expect("the peer prints its UI address");
     // A cache of its own: w fetches what it runs from m.
-    let (w, w_cache) = PeerProc::own_cache_worker(dir.path(), "w", &m, &[]);
+    let (w, w_cache) = PeerProc::own_cache_worker(dir.path(), "w", &m, &["--ui", "127.0.0.1:0"]);
     let job = dir.path().join("edited.py");
     let served = || {
         let metrics = http_get(&ui, "/metrics");
@@ -406,6 +406,22 @@ fn a_worker_with_the_runner_fetches_only_a_new_jobs_files() {
             // still be compiling the runner (slow in a debug build).
             assert!(module > 30e6, "the whole module went to w: {module} bytes");
             assert_eq!(files, 0.0);
+            // The job was announced, and w got the announcements each
+            // once: no more than m published.
+            let sent = metric_value(
+                &http_get(&ui, "/metrics"),
+                "antnest_announcement_bytes_sent_total",
+            );
+            let w_ui = w.ui.clone().expect("w prints its UI address");
+            let got = metric_value(
+                &http_get(&w_ui, "/metrics"),
+                "antnest_announcement_bytes_received_total",
+            );
+            let (sent, got) = (sent.unwrap_or(0.0), got.unwrap_or(0.0));
+            assert!(
+                got > 0.0 && got <= sent,
+                "announcement bytes: m sent {sent}, w got {got}"
+            );
             eventually(
                 std::time::Duration::from_secs(300),
                 "w compiled the runner",

@@ -310,6 +310,9 @@ pub struct EventLoop {
     departed: std::collections::VecDeque<PeerId>,
     /// libp2p's metrics, recorded from the swarm's events.
     metrics: libp2p::metrics::Metrics,
+    /// Bytes of job announcements published here, and delivered here
+    /// (each once: gossipsub drops duplicates before they reach us).
+    announced: [prometheus_client::metrics::counter::Counter; 2],
 }
 
 fn setup_err(e: impl std::fmt::Display) -> NetError {
@@ -477,6 +480,17 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (ev_tx, ev_rx) = mpsc::channel(256);
     let metrics = libp2p::metrics::Metrics::new(&mut registry);
+    let announced: [prometheus_client::metrics::counter::Counter; 2] = Default::default();
+    registry.register(
+        "antnest_announcement_bytes_sent",
+        "Bytes of job announcements this peer published.",
+        announced[0].clone(),
+    );
+    registry.register(
+        "antnest_announcement_bytes_received",
+        "Bytes of job announcements delivered to this peer, each once (duplicates are dropped before).",
+        announced[1].clone(),
+    );
     Ok((
         Client {
             tx: cmd_tx,
@@ -504,6 +518,7 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
             reached: HashMap::new(),
             departed: Default::default(),
             metrics,
+            announced,
         },
     ))
 }
@@ -620,9 +635,12 @@ impl EventLoop {
                 let bytes =
                     cbor4ii::serde::to_vec(Vec::new(), &*announce).expect("announce encodes");
                 let topic = self.topic.clone();
+                let len = bytes.len() as u64;
                 if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
                     // InsufficientPeers just means nobody is around yet.
                     debug!("announce not published: {e}");
+                } else {
+                    self.announced[0].inc_by(len);
                 }
             }
             Command::Peers(reply) => {
@@ -895,37 +913,10 @@ impl EventLoop {
                 propagation_source,
                 message,
                 ..
-            })) => match cbor4ii::serde::from_slice::<Announce>(&message.data) {
-                // A job's master is the announcement's signer (gossipsub
-                // checks the signature, `ValidationMode::Strict`): a peer
-                // cannot announce a job in another master's name.
-                Ok(announce)
-                    if message
-                        .source
-                        .is_some_and(|a| a.to_bytes() == announce.master) =>
-                {
-                    let from = message.source.unwrap_or(propagation_source);
-                    // Reached through the gossip mesh: where the master
-                    // listens, so a pull can dial it.
-                    if !self.swarm.is_connected(&from)
-                        && !self.known.contains_key(&from)
-                        && self.known.len() < MAX_KNOWN_FROM_GOSSIP
-                    {
-                        let addrs = announce
-                            .addrs
-                            .iter()
-                            .take(antnest_proto::msg::MAX_ANNOUNCED_ADDRS);
-                        for addr in addrs.filter_map(|a| Multiaddr::try_from(a.to_vec()).ok()) {
-                            self.learn(from, addr);
-                        }
-                    }
-                    self.emit(Event::Announced { from, announce });
-                }
-                Ok(_) => {
-                    debug!(%propagation_source, "announcement not signed by its master ignored")
-                }
-                Err(e) => debug!(%propagation_source, "malformed announcement ignored: {e}"),
-            },
+            })) => {
+                self.announced[1].inc_by(message.data.len() as u64);
+                self.on_announcement(propagation_source, message);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Rr(event)) => self.handle_rr(event).await,
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => {
                 info!(?event, "relay client");
@@ -950,6 +941,42 @@ impl EventLoop {
                 self.swarm.close_connection(connection);
             }
             _ => {}
+        }
+    }
+
+    /// A job announcement from the gossip mesh: passed on to the peer if
+    /// its signer is the job's master.
+    fn on_announcement(&mut self, propagation_source: PeerId, message: gossipsub::Message) {
+        match cbor4ii::serde::from_slice::<Announce>(&message.data) {
+            // A job's master is the announcement's signer (gossipsub
+            // checks the signature, `ValidationMode::Strict`): a peer
+            // cannot announce a job in another master's name.
+            Ok(announce)
+                if message
+                    .source
+                    .is_some_and(|a| a.to_bytes() == announce.master) =>
+            {
+                let from = message.source.unwrap_or(propagation_source);
+                // Reached through the gossip mesh: where the master
+                // listens, so a pull can dial it.
+                if !self.swarm.is_connected(&from)
+                    && !self.known.contains_key(&from)
+                    && self.known.len() < MAX_KNOWN_FROM_GOSSIP
+                {
+                    let addrs = announce
+                        .addrs
+                        .iter()
+                        .take(antnest_proto::msg::MAX_ANNOUNCED_ADDRS);
+                    for addr in addrs.filter_map(|a| Multiaddr::try_from(a.to_vec()).ok()) {
+                        self.learn(from, addr);
+                    }
+                }
+                self.emit(Event::Announced { from, announce });
+            }
+            Ok(_) => {
+                debug!(%propagation_source, "announcement not signed by its master ignored")
+            }
+            Err(e) => debug!(%propagation_source, "malformed announcement ignored: {e}"),
         }
     }
 
