@@ -56,7 +56,8 @@ def _native_main():
                     taken += 4
                     return None
                 if have >= 4 + n:
-                    data = bytes(pending[taken + 4 : taken + 4 + n])
+                    with memoryview(pending) as view:
+                        data = bytes(view[taken + 4 : taken + 4 + n])
                     taken += 4 + n
                     return data
                 want = 4 + n - have

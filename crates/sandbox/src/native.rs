@@ -47,6 +47,8 @@ const IN_FLIGHT: usize = 64;
 const IN_FLIGHT_BYTES: usize = 16 << 10;
 /// What one read from a process's answers asks for at least.
 const READ_CHUNK: usize = 64 << 10;
+/// The pipes to and from a process, in bytes (Linux's most by default).
+const PIPE_SIZE: usize = 1 << 20;
 /// The end of a process's own stderr kept, for when it dies.
 const STDERR_TAIL: usize = 4 << 10;
 /// The frame length that ends a combine's results.
@@ -516,6 +518,11 @@ impl NativeRunner {
         // Reads and writes wait with poll, to keep to a deadline.
         non_blocking(process.stdin.as_fd());
         non_blocking(process.stdout.as_fd());
+        // A big taskunit (a W3 chunk is 1 MB) crosses in a few pieces, not
+        // sixteen 64 KiB ones, each a wake-up of the process.
+        for fd in [process.stdin.as_fd(), process.stdout.as_fd()] {
+            pipe_size(fd, PIPE_SIZE);
+        }
         let files = self.files.clone();
         let started = process.call(&files, Instant::now() + START_MAX, usize::MAX);
         match started {
@@ -644,6 +651,15 @@ fn ready(fd: BorrowedFd<'_>, events: libc::c_short, deadline: Instant) -> Result
         if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
             return Err(Stop::Died(std::io::Error::last_os_error().to_string()));
         }
+    }
+}
+
+/// Ask for a pipe of `size` bytes (Linux; past `/proc/sys/fs/pipe-max-size`
+/// it stays as it was, which only costs speed).
+fn pipe_size(fd: BorrowedFd<'_>, size: usize) {
+    // SAFETY: fcntl on a descriptor `fd` keeps open.
+    unsafe {
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int);
     }
 }
 
