@@ -376,13 +376,7 @@ impl NativeRunner {
         mut self,
         results: impl Iterator<Item = Vec<u8>>,
     ) -> Result<Option<Vec<u8>>, TaskError> {
-        let Some(mut process) = self.start_as(&["combine"])? else {
-            let why = self
-                .load_error
-                .take()
-                .expect("no process: the import failed");
-            return Err(TaskError::Guest(why));
-        };
+        let mut process = self.start_once("combine")?;
         let limit = self.limits.combined_output();
         let mut sent = Ok(());
         for result in results {
@@ -417,13 +411,7 @@ impl NativeRunner {
         mut input: impl Read,
         emit: &mut dyn FnMut(SharedBytes) -> Result<(), String>,
     ) -> Result<SplitOutcome, TaskError> {
-        let Some(mut process) = self.start_as(&["split"])? else {
-            let why = self
-                .load_error
-                .take()
-                .expect("no process: the import failed");
-            return Err(TaskError::Guest(why));
-        };
+        let mut process = self.start_once("split")?;
         let stopped = |runner: &Self, process: &Process, stop| match stop {
             Stop::TooLarge(size) => TaskError::Guest(format!(
                 "split made a taskunit of {size} bytes, over the {MAX_TASKUNIT}-byte limit"
@@ -465,6 +453,19 @@ impl NativeRunner {
             }
             // Waiting on the input or on workers is not the split's time.
             deadline += waited.elapsed();
+        }
+    }
+
+    /// A process with the job imported, for one call of `mode` (`split`
+    /// or `combine`); the import's error if it failed.
+    fn start_once(&mut self, mode: &str) -> Result<Process, TaskError> {
+        match self.start_as(&[mode])? {
+            Some(process) => Ok(process),
+            None => Err(TaskError::Guest(
+                self.load_error
+                    .take()
+                    .expect("no process: the import failed"),
+            )),
         }
     }
 
