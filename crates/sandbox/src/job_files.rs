@@ -50,12 +50,20 @@ impl Bundle {
     }
 }
 
-/// Whether a job's `files` may define a combine: they name it somewhere.
-/// A job whose files never say `combine` has none. Only where a combine
-/// runs depends on this, never what it gives: a job that has none answers
-/// so from either runtime.
+/// Whether a job's `files` may define a combine: a line of them defines,
+/// assigns or imports something named `combine`. A job that only names it
+/// in a comment or a docstring has none. Only where a combine runs
+/// depends on this, never what it gives: a job that has none answers so
+/// from either runtime, and a combine made some other way runs in wasm.
 pub fn may_combine(files: &[u8]) -> bool {
-    files.windows(b"combine".len()).any(|w| w == b"combine")
+    files.split(|&b| b == b'\n').any(|line| {
+        let line = line.trim_ascii_start();
+        let has = |s: &[u8]| line.windows(s.len()).any(|w| w == s);
+        line.starts_with(b"def combine")
+            || line.starts_with(b"combine =")
+            || line.starts_with(b"combine=")
+            || ((line.starts_with(b"from ") || line.starts_with(b"import ")) && has(b"combine"))
+    })
 }
 
 /// `component` with `bundle` appended as its [`SECTION`].
@@ -170,5 +178,24 @@ mod tests {
         let mut module = append(&component(), &Bundle::new("job"));
         module.extend_from_slice(&[0, 3, 2, b'h', b'i']);
         assert!(split(&module).is_none());
+    }
+
+    #[test]
+    fn a_combine_is_found_where_it_is_defined_or_imported_not_where_it_is_only_named() {
+        for job in [
+            "def combine(results):\n    return 1\n",
+            "class A:\n    pass\n\n    def combine(self):\n        pass\n",
+            "combine = sum\n",
+            "from helpers import split, combine\n",
+        ] {
+            assert!(may_combine(job.as_bytes()), "{job}");
+        }
+        for job in [
+            "\"\"\"The results are joined by newlines (no combine() given).\"\"\"\n",
+            "# combine is left to the host\ndef processor(x):\n    return x\n",
+            "def processor(x):\n    return combined(x)\n",
+        ] {
+            assert!(!may_combine(job.as_bytes()), "{job}");
+        }
     }
 }
