@@ -50,20 +50,43 @@ impl Bundle {
     }
 }
 
-/// Whether a job's `files` may define a combine: a line of them defines,
-/// assigns or imports something named `combine`. A job that only names it
-/// in a comment or a docstring has none. Only where a combine runs
-/// depends on this, never what it gives: a job that has none answers so
-/// from either runtime, and a combine made some other way runs in wasm.
+/// Whether a job's files (a [`Bundle`]'s bytes) may define a combine: a
+/// line of its main module defines, assigns or imports something named
+/// `combine`. A job that only names it in a comment or a docstring, or
+/// whose helper modules beside it define one, has none. Only where a
+/// combine runs depends on this, never what it gives: a job that has none
+/// answers so from either runtime, and a combine made some other way runs
+/// in wasm.
 pub fn may_combine(files: &[u8]) -> bool {
-    files.split(|&b| b == b'\n').any(|line| {
-        let line = line.trim_ascii_start();
-        let has = |s: &[u8]| line.windows(s.len()).any(|w| w == s);
-        line.starts_with(b"def combine")
-            || line.starts_with(b"combine =")
-            || line.starts_with(b"combine=")
-            || ((line.starts_with(b"from ") || line.starts_with(b"import ")) && has(b"combine"))
+    main_source(files).is_some_and(|source| {
+        source.split(|&b| b == b'\n').any(|line| {
+            let line = line.trim_ascii_start();
+            let has = |s: &[u8]| line.windows(s.len()).any(|w| w == s);
+            line.starts_with(b"def combine")
+                || line.starts_with(b"combine =")
+                || line.starts_with(b"combine=")
+                || ((line.starts_with(b"from ") || line.starts_with(b"import ")) && has(b"combine"))
+        })
     })
+}
+
+/// The source of a bundle's main module; `None` if it is not well formed.
+fn main_source(bundle: &[u8]) -> Option<&[u8]> {
+    let mut rest = bundle;
+    let mut field = || {
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let bytes = rest.get(4..4 + len)?;
+        rest = &rest[4 + len..];
+        Some(bytes)
+    };
+    let main = field()?;
+    let wanted = [[main, b".py"].concat(), [main, b"/__init__.py"].concat()];
+    loop {
+        let (path, _label, contents) = (field()?, field()?, field()?);
+        if wanted.iter().any(|w| w == path) {
+            return Some(contents);
+        }
+    }
 }
 
 /// `component` with `bundle` appended as its [`SECTION`].
@@ -180,6 +203,19 @@ mod tests {
         assert!(split(&module).is_none());
     }
 
+    /// A bundle of the job `main.py` with `source`, and a helper beside
+    /// it that defines a combine of its own.
+    fn bundle(source: &str) -> Vec<u8> {
+        let mut b = Bundle::new("main");
+        b.file(
+            "helper.py",
+            "helper.py",
+            b"def combine(results):\n    pass\n",
+        );
+        b.file("main.py", "main.py", source.as_bytes());
+        b.bytes
+    }
+
     #[test]
     fn a_combine_is_found_where_it_is_defined_or_imported_not_where_it_is_only_named() {
         for job in [
@@ -188,14 +224,14 @@ mod tests {
             "combine = sum\n",
             "from helpers import split, combine\n",
         ] {
-            assert!(may_combine(job.as_bytes()), "{job}");
+            assert!(may_combine(&bundle(job)), "{job}");
         }
         for job in [
             "\"\"\"The results are joined by newlines (no combine() given).\"\"\"\n",
             "# combine is left to the host\ndef processor(x):\n    return x\n",
             "def processor(x):\n    return combined(x)\n",
         ] {
-            assert!(!may_combine(job.as_bytes()), "{job}");
+            assert!(!may_combine(&bundle(job)), "{job}");
         }
     }
 }
