@@ -78,22 +78,27 @@ def combine(results):
         "[('a', 2), ('bb', 2), ('ccc', 1), ('z', 1)] 6 b'\\x80!'"
     );
     assert_eq!(stats_of(&stats)["native_tasks"], 3);
-    assert_eq!(stats_of(&stats)["combined_natively"], true);
+    // Small results: combined in wasm, which can.
+    assert_eq!(stats_of(&stats)["combined_natively"], false);
 
-    // Where the combine ran shows in what it sees. The job's name is a
-    // module the wasm runner has imported already: the job's own wins.
+    // Where the combine ran shows in what it sees: big results (over a
+    // MiB in all) are combined natively where the taskunits ran natively.
+    // The job's name is a module the wasm runner has imported already: the
+    // job's own wins.
     let platform = dir.path().join("platform.py");
     std::fs::write(
         &platform,
-        "import sys\n\ndef processor(x):\n    return x\n\n\
+        "import sys\n\ndef processor(x):\n    return x * 700_000\n\n\
          def combine(results):\n    return f\"{len(results)} on {sys.platform}\"\n",
     )
     .unwrap();
     for (runtime, want) in [("wasm", "2 on wasi"), ("native", "2 on linux")] {
         let args = ["--allow-native-python", "--runtime", runtime];
-        let out = submit_with(&platform, &with(&args, &[]), b"a\nb\n");
+        let out = submit_with(&platform, &with(&stats_arg, &args), b"a\nb\n");
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert_eq!(text(&out.stdout), want, "{runtime}");
+        let native = runtime == "native";
+        assert_eq!(stats_of(&stats)["combined_natively"], native, "{runtime}");
     }
     // A native combine that fails says where, as in wasm.
     let broken = dir.path().join("broken.py");
@@ -340,17 +345,21 @@ fn the_numpy_sample_runs_natively() {
         eprintln!("skipped: numpy is not installed for python3 (tests/setup.sh installs it)");
         return;
     }
-    let out = submit_local(
+    let dir = scratch();
+    let stats = dir.path().join("s.json");
+    let args = with(&NATIVE, &["--stats-json", stats.to_str().unwrap()]);
+    let out = submit_with(
         Path::new("jobs/numpy_norms.py"),
-        &NATIVE,
+        &args,
         b"3 4\n6 8\n0 0 5\n",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "3 vectors, total norm 20.000000");
+    // Its results are small, so wasm tried first, and could not import it.
+    assert_eq!(stats_of(&stats)["combined_natively"], true);
 
     // A split of its own that needs numpy runs natively too (wasm cannot
     // import the job), and reads the input through the host.
-    let dir = scratch();
     let job = dir.path().join("pairs.py");
     std::fs::write(
         &job,

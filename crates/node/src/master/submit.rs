@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use antnest_proto::control::{FinishedJob, InputSpec, JobEvent, JobReport, JobSpec, JobStats};
 use antnest_proto::limits::{MAX_MODULE, MAX_WEIGHT};
 use antnest_proto::{ByteBuf, JobId, ModuleHash, TaskError};
-use antnest_sandbox::NativeRunner;
 use antnest_sandbox::mapped::Damage;
+use antnest_sandbox::{NativePython, NativeRunner};
 use antnest_sched::{JobBook, Journal, JournalError, split_channel};
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
@@ -24,6 +24,22 @@ use crate::state::Peer;
 
 /// How far (in bytes of taskunits) a job's split may run ahead of its workers.
 pub(crate) const SPLIT_AHEAD_BYTES: usize = 32 << 20;
+/// A Python job whose results are expected to come to this many bytes or
+/// more has its combine run natively from the start, where it may.
+const NATIVE_COMBINE_FROM: u64 = 1 << 20;
+/// How many taskunits a job will have: all of them once its split has
+/// ended, else those made so far, scaled up by how much of its input
+/// (if its size is known) they came from.
+fn expected_units(p: &antnest_proto::control::Progress) -> u64 {
+    match (p.total, p.input_size) {
+        (Some(total), _) => total,
+        (None, Some(size)) if p.input_bytes > 0 => {
+            (p.made as u128 * size as u128 / p.input_bytes as u128) as u64
+        }
+        (None, _) => p.made,
+    }
+}
+
 /// How often a job's loop looks at its book unwoken: for progress reports,
 /// announcements, and to nudge idle slots and waiting workers (a lease
 /// expired, a straggler to back up).
@@ -265,13 +281,17 @@ impl Peer {
         // runs in this peer's own CPython (if it has one at all), and so
         // does its split if wasm cannot import the job.
         let native = self.native_for(id).zip(env.job_files(&hash));
+        // A native combine costs a process start (tens of ms of a core,
+        // while taskunits still run) and decodes and merges big results
+        // several times faster than wasm: it runs natively at once if its
+        // results are big (see `NATIVE_COMBINE_FROM`), else in wasm, and
+        // natively again if wasm fails (numpy in a combine, say).
         let native_combine = native
             .clone()
             .filter(|(_, files)| antnest_sandbox::job_files::may_combine(files));
-        let combined_natively = native_combine.is_some();
-        let start_combine = |feed_rx| {
+        let mut combined_natively = false;
+        let start_combine = |feed_rx, native: Option<(NativePython, Arc<[u8]>)>| {
             let (env, component) = (env.clone(), component.clone());
-            let native = native_combine.clone();
             tokio::task::spawn_blocking(move || {
                 let results = InOrder::new(feed_rx);
                 match native {
@@ -333,6 +353,8 @@ impl Peer {
         // Results accepted and not yet passed to the combine.
         let mut unfed: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut unfed_bytes = 0;
+        // Results accepted so far: how many, and their bytes.
+        let mut seen = (0u64, 0u64);
         loop {
             let (finished, has_work, all_issued, prog, accepted, logs) = {
                 let mut book = master.book.lock().unwrap();
@@ -364,12 +386,24 @@ impl Peer {
             // In pieces of some size: each send may wake the combine's
             // thread, which takes a core from a slot. Small results wait
             // (the combine merges a few small ones at the end in no time).
-            unfed_bytes += accepted.iter().map(|(_, r)| r.len()).sum::<usize>();
+            let accepted_bytes = accepted.iter().map(|(_, r)| r.len() as u64).sum::<u64>();
+            seen = (seen.0 + accepted.len() as u64, seen.1 + accepted_bytes);
+            unfed_bytes += accepted_bytes as usize;
             unfed.extend(accepted);
             let feeding =
                 !unfed.is_empty() && (finished || enough_to_feed(unfed.len(), unfed_bytes));
-            if combiner.is_none() && (feeding || finished || all_issued) {
-                combiner = feed_rx.take().map(start_combine);
+            let start = match &native_combine {
+                // Where it runs depends on how big the results are: some
+                // must be in to tell.
+                Some(_) => finished || (seen.0 > 0 && (feeding || all_issued)),
+                None => feeding || finished || all_issued,
+            };
+            if combiner.is_none() && start {
+                // The results' bytes, told from those in so far.
+                let expected = seen.1 / seen.0.max(1) * expected_units(&prog).max(seen.0);
+                let native = (native_combine.clone()).filter(|_| expected >= NATIVE_COMBINE_FROM);
+                combined_natively = native.is_some();
+                combiner = feed_rx.take().map(|rx| start_combine(rx, native));
             }
             if feeding {
                 let _ = feed.send(std::mem::take(&mut unfed));
@@ -504,9 +538,21 @@ impl Peer {
         debug!(job = %id, ms = started.elapsed().as_millis() as u64, "all results in");
         let combiner = match combiner {
             Some(c) => c,
-            None => start_combine(feed_rx.take().expect("the combine starts once")),
+            None => start_combine(feed_rx.take().expect("the combine starts once"), None),
         };
-        let output = match combiner.await.expect("combine task") {
+        let mut combined = combiner.await.expect("combine task");
+        if let (Err(e), Some((python, files)), false) =
+            (&combined, native_combine, combined_natively)
+        {
+            debug!(job = %id, "the combine failed in wasm, so it runs natively: {e}");
+            let results: Vec<Vec<u8>> = results.values().cloned().collect();
+            let runner = NativeRunner::new(python, files, limits);
+            combined = tokio::task::spawn_blocking(move || runner.combine(results.into_iter()))
+                .await
+                .expect("combine task");
+            report.stats.combined_natively = true;
+        }
+        let output = match combined {
             // A caught worker's results reached the job's own combine (or
             // the submitter) before it was caught: no output built on them.
             Ok(out) if passed_on > 0 && (out.is_some() || master.streams) => {
