@@ -66,7 +66,7 @@ struct Peer {
 /// (gossipsub's own count), and each once (antnest's count of what
 /// gossipsub delivered), from the peer's /metrics; `None` if it could not
 /// be read (a peer left out of the sums, rather than counted from zero).
-fn announce_bytes(net: &bridge::Bridge, i: usize, ui: &str) -> Option<(u64, u64)> {
+fn announce_bytes(net: &bridge::Bridge, i: usize, ui: &str) -> Option<(u64, u64, u64)> {
     let out = net
         .cmd(i, Path::new("curl"))
         .args(["-sf", "--max-time", "10", &format!("{ui}metrics")])
@@ -83,7 +83,19 @@ fn announce_bytes(net: &bridge::Bridge, i: usize, ui: &str) -> Option<(u64, u64)
     Some((
         sum("gossipsub_topic_msg_recv_bytes_unfiltered_total{")?,
         sum("antnest_announcement_bytes_received_total")?,
+        sum("antnest_announcement_bytes_sent_total")?,
     ))
+}
+
+/// [`announce_bytes`] of every peer, read at once (read one after
+/// another, 100 busy peers take longer than a job runs).
+fn all_announce_bytes(net: &bridge::Bridge, peers: &[Peer]) -> Vec<Option<(u64, u64, u64)>> {
+    std::thread::scope(|s| {
+        let reads: Vec<_> = (peers.iter().enumerate())
+            .map(|(i, p)| s.spawn(move || announce_bytes(net, i, &p.ui)))
+            .collect();
+        reads.into_iter().map(|r| r.join().ok().flatten()).collect()
+    })
 }
 
 impl Drop for Peer {
@@ -534,10 +546,8 @@ fn measure(
     let stats = dir.path().join("stats.json");
     let control = master.control.clone();
     let (bin2, module2, stats2) = (bin.to_owned(), module.to_owned(), stats.clone());
+    let announced0 = all_announce_bytes(&net, &peers);
     let job = std::thread::spawn(move || submit(&bin2, Some(&control), &module2, units, &stats2));
-    let announced0: Vec<_> = (0..n)
-        .map(|i| announce_bytes(&net, i, &peers[i].ui))
-        .collect();
     let submitted = Instant::now();
     let bytes0 = net.bytes_to_hosts();
     let mut reached_all = None;
@@ -555,13 +565,18 @@ fn measure(
     let job_rate = per_peer_rate(&bytes0, &net.bytes_to_hosts(), submitted.elapsed());
     let job_time = submitted.elapsed();
     // Per peer read both times: what it received during the job.
-    let deltas: Vec<(u64, u64)> = (0..n)
+    let announced = all_announce_bytes(&net, &peers);
+    let deltas: Vec<(u64, u64, u64)> = (0..n)
         .filter_map(|i| {
-            let (a0, b0) = announced0[i]?;
-            let (a, b) = announce_bytes(&net, i, &peers[i].ui)?;
-            Some((a.saturating_sub(a0), b.saturating_sub(b0)))
+            let ((a0, b0, c0), (a, b, c)) = (announced0[i]?, announced[i]?);
+            Some((
+                a.saturating_sub(a0),
+                b.saturating_sub(b0),
+                c.saturating_sub(c0),
+            ))
         })
         .collect();
+    let published = deltas.iter().map(|d| d.2).sum::<u64>() as f64 / job_time.as_secs_f64();
     let read = deltas.len().max(1) as f64 * job_time.as_secs_f64();
     let announce_rate = deltas.iter().map(|d| d.0).sum::<u64>() as f64 / read;
     let announce_once = deltas.iter().map(|d| d.1).sum::<u64>() as f64 / read;
@@ -584,12 +599,13 @@ fn measure(
         conns.last().unwrap_or(&0),
     );
     println!(
-        "       idle traffic {:.0} B/s per peer; during the job {:.0} B/s per peer, of which announcements {:.0} B/s with duplicates, {:.0} B/s each once ({} peers read)",
+        "       idle traffic {:.0} B/s per peer; during the job {:.0} B/s per peer, of which announcements {:.0} B/s with duplicates, {:.0} B/s each once ({} peers read; {:.0} B/s published by all)",
         idle_rate,
         job_rate,
         announce_rate,
         announce_once,
-        deltas.len()
+        deltas.len(),
+        published
     );
     println!(
         "       job of {units} taskunits: reached every peer {}, {worked}/{n} peers worked, wall {:.2}s vs ideal {:.2}s ({:.2}x)",
