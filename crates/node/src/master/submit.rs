@@ -277,15 +277,15 @@ impl Peer {
         // Started when there are results to pass it, or nothing is left to
         // hand out (a slot of this peer is about to be free), not with the
         // split: at a job's start the cores are busy enough.
-        // A Python job whose taskunits may run natively here: its combine
-        // runs in this peer's own CPython (if it has one at all), and so
-        // does its split if wasm cannot import the job.
+        // A Python job whose taskunits may run natively here may have its
+        // split and combine run in this peer's own CPython too: the split
+        // if wasm cannot import the job (see `split_job`), the combine (if
+        // it has one) as follows. A native combine costs a process start
+        // (tens of ms of a core, while taskunits still run) and decodes and
+        // merges big results several times faster than wasm: it runs
+        // natively at once if its results are big (`NATIVE_COMBINE_FROM`),
+        // else in wasm, and natively again if wasm fails (numpy, say).
         let native = self.native_for(id).zip(env.job_files(&hash));
-        // A native combine costs a process start (tens of ms of a core,
-        // while taskunits still run) and decodes and merges big results
-        // several times faster than wasm: it runs natively at once if its
-        // results are big (see `NATIVE_COMBINE_FROM`), else in wasm, and
-        // natively again if wasm fails (numpy in a combine, say).
         let native_combine = native
             .clone()
             .filter(|(_, files)| antnest_sandbox::job_files::may_combine(files));
