@@ -285,7 +285,9 @@ impl Peer {
         // merges big results several times faster than wasm: it runs
         // natively at once if its results are big (`NATIVE_COMBINE_FROM`),
         // else in wasm, and natively again if wasm fails (numpy, say).
-        let native = self.native_for(id).zip(env.job_files(&hash));
+        // (The files are read only for such a job: a module's files may
+        // have to be read from the disk cache.)
+        let native = (self.native_for(id)).and_then(|python| Some((python, env.job_files(&hash)?)));
         let native_combine = native
             .clone()
             .filter(|(_, files)| antnest_sandbox::job_files::may_combine(files));
