@@ -26,6 +26,7 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, Transport, gossipsub, identify, identity, kad, mdns,
     noise, pnet, tcp, yamux,
 };
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -312,7 +313,8 @@ pub struct EventLoop {
     metrics: libp2p::metrics::Metrics,
     /// Bytes of job announcements published here, and delivered here
     /// (each once: gossipsub drops duplicates before they reach us).
-    announced: [prometheus_client::metrics::counter::Counter; 2],
+    announced_sent: Counter,
+    announced_received: Counter,
 }
 
 fn setup_err(e: impl std::fmt::Display) -> NetError {
@@ -480,16 +482,16 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (ev_tx, ev_rx) = mpsc::channel(256);
     let metrics = libp2p::metrics::Metrics::new(&mut registry);
-    let announced: [prometheus_client::metrics::counter::Counter; 2] = Default::default();
+    let (announced_sent, announced_received) = (Counter::default(), Counter::default());
     registry.register(
         "antnest_announcement_bytes_sent",
         "Bytes of job announcements this peer published.",
-        announced[0].clone(),
+        announced_sent.clone(),
     );
     registry.register(
         "antnest_announcement_bytes_received",
         "Bytes of job announcements delivered to this peer, each once (duplicates are dropped before).",
-        announced[1].clone(),
+        announced_received.clone(),
     );
     Ok((
         Client {
@@ -518,7 +520,8 @@ pub fn new(config: NetConfig) -> Result<(Client, mpsc::Receiver<Event>, EventLoo
             reached: HashMap::new(),
             departed: Default::default(),
             metrics,
-            announced,
+            announced_sent,
+            announced_received,
         },
     ))
 }
@@ -640,7 +643,7 @@ impl EventLoop {
                     // InsufficientPeers just means nobody is around yet.
                     debug!("announce not published: {e}");
                 } else {
-                    self.announced[0].inc_by(len);
+                    self.announced_sent.inc_by(len);
                 }
             }
             Command::Peers(reply) => {
@@ -914,7 +917,7 @@ impl EventLoop {
                 message,
                 ..
             })) => {
-                self.announced[1].inc_by(message.data.len() as u64);
+                self.announced_received.inc_by(message.data.len() as u64);
                 self.on_announcement(propagation_source, message);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rr(event)) => self.handle_rr(event).await,

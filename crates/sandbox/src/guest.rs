@@ -2,7 +2,6 @@
 //! for `split`, results for `combine`), WASI with no files, network or
 //! environment, the memory limiter, and how a failed call is named.
 
-use std::io::Read as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -330,18 +329,8 @@ impl bindings::antnest::job::host::Host for GuestState {
             return Err(host_misuse("read-input"));
         };
         uncharged(&mut self.deadline, || {
-            let mut buf = vec![0; (max as usize).min(4 << 20)];
-            let n = loop {
-                match input.read(&mut buf) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        return Err(wasmtime::Error::msg(format!("reading job input: {e}")));
-                    }
-                }
-            };
-            buf.truncate(n);
-            Ok(buf)
+            crate::input::read_block(input, max)
+                .map_err(|e| wasmtime::Error::msg(format!("reading job input: {e}")))
         })
     }
 

@@ -53,3 +53,20 @@ pub fn open(input: &InputSpec) -> std::io::Result<(SplitInput, Option<Damage>)> 
         ),
     })
 }
+
+/// The most one ask of a split for its input gets.
+const MAX_BLOCK: usize = 4 << 20;
+
+/// What a split asking for up to `max` bytes of its input gets: what one
+/// read gives (at most [`MAX_BLOCK`]), empty at the input's end.
+pub(crate) fn read_block(input: &mut impl Read, max: u32) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0; (max as usize).min(MAX_BLOCK)];
+    let n = loop {
+        match input.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            read => break read?,
+        }
+    };
+    buf.truncate(n);
+    Ok(buf)
+}

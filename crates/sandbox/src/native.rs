@@ -53,9 +53,15 @@ const PIPE_SIZE: usize = 1 << 20;
 const STDERR_TAIL: usize = 4 << 10;
 /// The frame length that ends a combine's results.
 const END: u32 = u32::MAX;
-/// A split's or combine's answer: the job has none.
+/// An answer's tag: a result, a job error, out of memory (see
+/// `antnest_native.py`)...
+const OK: u8 = 0;
+const ERROR: u8 = 1;
+const NO_MEMORY: u8 = 2;
+/// ... a split's or combine's answer: the job has none ...
 const NOT_HERE: u8 = 3;
-/// A split's asks: input (the most bytes wanted), and a taskunit made.
+/// ... and a split's asks: input (the most bytes wanted), and a taskunit
+/// made.
 const READ: u8 = 4;
 const EMIT: u8 = 5;
 
@@ -317,8 +323,8 @@ impl NativeRunner {
             alone = alone.saturating_sub(1);
             let (tag, _) = in_flight.pop_front().expect("one in flight at least");
             match answer {
-                Ok((0, payload, printed)) => done(tag, Ok(payload), printed),
-                Ok((1, payload, printed)) => done(
+                Ok((OK, payload, printed)) => done(tag, Ok(payload), printed),
+                Ok((ERROR, payload, printed)) => done(
                     tag,
                     Err(TaskError::Guest(String::from_utf8_lossy(&payload).into())),
                     printed,
@@ -393,9 +399,9 @@ impl NativeRunner {
             let _ = write_until(&mut process.stdin, &END.to_le_bytes(), end);
         }
         match process.answer(Instant::now() + self.limits.time, limit) {
-            Ok((0, output, _)) => Ok(Some(output)),
+            Ok((OK, output, _)) => Ok(Some(output)),
             Ok((NOT_HERE, _, _)) => Ok(None),
-            Ok((1, why, _)) => Err(TaskError::Guest(String::from_utf8_lossy(&why).into())),
+            Ok((ERROR, why, _)) => Err(TaskError::Guest(String::from_utf8_lossy(&why).into())),
             Ok(_) => Err(TaskError::OutOfMemory(self.limits.memory)),
             Err(Stop::TooLarge(size)) => Err(TaskError::OutputTooLarge { size, limit }),
             Err(stop) => Err(self.stopped(stop, &process.stderr_tail())),
@@ -428,15 +434,8 @@ impl NativeRunner {
             match tag {
                 READ => {
                     let want = u32::from_le_bytes(payload.try_into().unwrap_or_default());
-                    let mut block = vec![0; (want as usize).clamp(1, 4 << 20)];
-                    let n = loop {
-                        match input.read(&mut block) {
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                            read => break read,
-                        }
-                    }
-                    .map_err(|e| TaskError::Guest(format!("reading job input: {e}")))?;
-                    block.truncate(n);
+                    let block = crate::input::read_block(&mut input, want)
+                        .map_err(|e| TaskError::Guest(format!("reading job input: {e}")))?;
                     process
                         .send(&block, Instant::now() + self.limits.time)
                         .map_err(|stop| stopped(&self, &process, stop))?;
@@ -445,10 +444,10 @@ impl NativeRunner {
                     emit(SharedBytes::from(payload)).map_err(TaskError::Guest)?;
                     emitted += 1;
                 }
-                0 => return Ok(SplitOutcome::Emitted(emitted)),
+                OK => return Ok(SplitOutcome::Emitted(emitted)),
                 NOT_HERE if emitted == 0 => return Ok(SplitOutcome::Default),
-                1 => return Err(TaskError::Guest(String::from_utf8_lossy(&payload).into())),
-                2 => return Err(TaskError::OutOfMemory(self.limits.memory)),
+                ERROR => return Err(TaskError::Guest(String::from_utf8_lossy(&payload).into())),
+                NO_MEMORY => return Err(TaskError::OutOfMemory(self.limits.memory)),
                 _ => return Err(TaskError::Trap(format!("the split answered {tag}"))),
             }
             // Waiting on the input or on workers is not the split's time.
@@ -527,7 +526,7 @@ impl NativeRunner {
         let files = self.files.clone();
         let started = process.call(&files, Instant::now() + START_MAX, usize::MAX);
         match started {
-            Ok((0, _, _)) => {}
+            Ok((OK, _, _)) => {}
             Ok((_, why, _)) => {
                 self.load_error = Some(String::from_utf8_lossy(&why).into());
                 return Ok(None);
